@@ -1,0 +1,1 @@
+//! On-disk record layout (see docs/format.md).

@@ -1,0 +1,9 @@
+//! Types and protocols shared by Lode's processes: digests, the Lode image
+//! format (bootstrap reader and writer), OCI packaging and registry access.
+
+pub mod digest;
+pub mod format;
+pub mod oci;
+pub mod registry;
+
+pub use digest::Digest;
