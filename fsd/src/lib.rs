@@ -1,1 +1,24 @@
+//! `lode-fsd`: serves a Lode image instance over FUSE, read-only, fetching file
+//! data lazily from a registry (or a local blob directory) and keeping verified
+//! chunks in a persistent cache.
+//!
+//! - [`ops`]: the filesystem's logic as plain functions returning errnos;
+//!   [`fuse`] adapts it to `fuser::Filesystem`.
+//! - [`fetch`]: the read path (cache, merged range requests, readahead,
+//!   in-flight dedup, deadlines) over a [`backend::BlobBackend`] and the
+//!   [`cache::ChunkCache`].
+//! - [`mount`]: mounting and unmounting, kept apart from the filesystem type.
+//! - [`daemon`]: wires it together for the `lode-fsd` binary.
 
+pub mod backend;
+pub mod cache;
+pub mod errno;
+pub mod fetch;
+mod inflight;
+pub mod metrics;
+pub mod ops;
+mod pool;
+mod verify;
+
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,324 @@
+//! Where data blobs come from: the [`BlobBackend`] trait and its two
+//! implementations, a registry (HTTP range requests) and a local directory.
+//!
+//! Backends are called from the fetch worker threads and block them; the
+//! registry backend drives its requests with the daemon's tokio runtime handle
+//! from the calling thread, so no tokio thread ever blocks on disk or on a reader.
+
+use std::fmt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use bytes::Bytes;
+use lode_common::format::BlobRecord;
+use lode_common::registry::{Reference, RegistryClient, RegistryError};
+
+/// Reads stored (maybe compressed) bytes of data blobs.
+pub trait BlobBackend: Send + Sync {
+    /// Returns exactly `len` bytes at `offset` of `blob`. Blocks the calling
+    /// thread; must not be called from an async context.
+    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError>;
+
+    /// Names the source in log lines (`registry://host/repo`, `dir:///path`).
+    fn describe(&self) -> String;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("blob {digest}: {path}: {source}")]
+    Io {
+        digest: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("blob {digest}: range {offset}+{len} is outside the blob's {size} bytes")]
+    OutOfRange {
+        digest: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("blob {digest}: asked for {expected} bytes at {offset}, got {actual}")]
+    Short {
+        digest: String,
+        offset: u64,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Checks a range against the blob's recorded size before any I/O, so a
+/// corrupt bootstrap cannot make a backend read (or allocate) past the blob.
+fn check_range(blob: &BlobRecord, offset: u64, len: u64) -> Result<(), BackendError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= blob.compressed_size => Ok(()),
+        _ => Err(BackendError::OutOfRange {
+            digest: blob.digest.to_string(),
+            offset,
+            len,
+            size: blob.compressed_size,
+        }),
+    }
+}
+
+/// `--blob-source`: where the image's data blobs are read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobSource {
+    /// `registry://HOST[:PORT]/REPO`: range requests against a registry repository.
+    Registry(Reference),
+    /// `dir:///PATH`: files named by blob digest hex in a local directory.
+    Dir(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid blob source {input:?}: {reason} (expected registry://HOST[:PORT]/REPO or dir:///PATH)"
+)]
+pub struct BlobSourceError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for BlobSource {
+    type Err = BlobSourceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| BlobSourceError {
+            input: s.chars().take(200).collect(),
+            reason,
+        };
+        if let Some(path) = s.strip_prefix("dir://") {
+            if !path.starts_with('/') {
+                return Err(err("the directory must be an absolute path"));
+            }
+            return Ok(BlobSource::Dir(PathBuf::from(path)));
+        }
+        let rest = s
+            .strip_prefix("registry://")
+            .ok_or_else(|| err("unknown scheme"))?;
+        let (host, repository) = rest.split_once('/').ok_or_else(|| err("no repository"))?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !host_ok {
+            return Err(err("invalid registry host"));
+        }
+        let repo_ok = !repository.is_empty()
+            && !repository.starts_with('/')
+            && !repository.ends_with('/')
+            && !repository.contains("//")
+            && repository
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
+        if !repo_ok {
+            return Err(err("invalid repository name"));
+        }
+        Ok(BlobSource::Registry(Reference {
+            registry: host.to_string(),
+            repository: repository.to_string(),
+            tag: None,
+            digest: None,
+        }))
+    }
+}
+
+impl fmt::Display for BlobSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobSource::Registry(r) => write!(f, "registry://{}/{}", r.registry, r.repository),
+            BlobSource::Dir(p) => write!(f, "dir://{}", p.display()),
+        }
+    }
+}
+
+/// Blobs stored as files named by their digest's hex in one directory.
+pub struct DirBackend {
+    dir: PathBuf,
+}
+
+impl DirBackend {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl BlobBackend for DirBackend {
+    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        check_range(blob, offset, len)?;
+        let path = self.dir.join(blob.digest.hex());
+        let io_err = |source| BackendError::Io {
+            digest: blob.digest.to_string(),
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io_err)?;
+        let want = usize::try_from(len).map_err(|_| BackendError::OutOfRange {
+            digest: blob.digest.to_string(),
+            offset,
+            len,
+            size: blob.compressed_size,
+        })?;
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        if filled != want {
+            return Err(BackendError::Short {
+                digest: blob.digest.to_string(),
+                offset,
+                expected: len,
+                actual: filled as u64,
+            });
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    fn describe(&self) -> String {
+        format!("dir://{}", self.dir.display())
+    }
+}
+
+/// Range requests against one registry repository, run on the daemon's runtime.
+pub struct RegistryBackend {
+    client: RegistryClient,
+    reference: Reference,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RegistryBackend {
+    pub fn new(
+        client: RegistryClient,
+        reference: Reference,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            client,
+            reference,
+            runtime,
+        }
+    }
+}
+
+impl BlobBackend for RegistryBackend {
+    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        check_range(blob, offset, len)?;
+        // The request runs on this (non-runtime) thread inside the runtime's
+        // context, so its I/O is driven by the runtime and no tokio worker
+        // ever waits for us.
+        let bytes = self.runtime.block_on(self.client.pull_blob_range(
+            &self.reference,
+            &blob.digest,
+            offset,
+            len,
+        ))?;
+        let digest = blob.digest;
+        if bytes.len() as u64 != len {
+            return Err(BackendError::Short {
+                digest: digest.to_string(),
+                offset,
+                expected: len,
+                actual: bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "registry://{}/{}",
+            self.reference.registry, self.reference.repository
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lode_common::format::ChunkIndex;
+    use lode_common::Digest;
+
+    fn blob_of(data: &[u8]) -> BlobRecord {
+        BlobRecord {
+            digest: Digest::of(data),
+            compressed_size: data.len() as u64,
+            uncompressed_size: data.len() as u64,
+            first_chunk: ChunkIndex(0),
+            chunk_count: 1,
+        }
+    }
+
+    #[test]
+    fn parses_blob_sources() {
+        let s: BlobSource = "registry://127.0.0.1:5000/library/app".parse().unwrap();
+        match &s {
+            BlobSource::Registry(r) => {
+                assert_eq!(r.registry, "127.0.0.1:5000");
+                assert_eq!(r.repository, "library/app");
+                assert_eq!(r.tag, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.to_string(), "registry://127.0.0.1:5000/library/app");
+        assert_eq!(
+            "dir:///var/blobs".parse::<BlobSource>().unwrap(),
+            BlobSource::Dir(PathBuf::from("/var/blobs"))
+        );
+        for bad in [
+            "",
+            "http://host/repo",
+            "registry://host",
+            "registry:///repo",
+            "registry://host/Repo",
+            "registry://host/repo/",
+            "dir://relative",
+        ] {
+            assert!(bad.parse::<BlobSource>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn dir_backend_reads_exact_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let blob = blob_of(&data);
+        std::fs::write(dir.path().join(blob.digest.hex()), &data).unwrap();
+        let backend = DirBackend::new(dir.path());
+        assert_eq!(
+            &backend.read_range(&blob, 10, 20).unwrap()[..],
+            &data[10..30]
+        );
+        assert_eq!(backend.read_range(&blob, 0, 1000).unwrap().len(), 1000);
+        assert!(matches!(
+            backend.read_range(&blob, 990, 20),
+            Err(BackendError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn dir_backend_reports_missing_and_short_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 100];
+        let blob = blob_of(&data);
+        let backend = DirBackend::new(dir.path());
+        let err = backend.read_range(&blob, 0, 10).unwrap_err();
+        assert!(err.to_string().contains(&blob.digest.hex()), "{err}");
+        std::fs::write(dir.path().join(blob.digest.hex()), &data[..50]).unwrap();
+        assert!(matches!(
+            backend.read_range(&blob, 40, 20),
+            Err(BackendError::Short { actual: 10, .. })
+        ));
+    }
+}

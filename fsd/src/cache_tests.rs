@@ -1,0 +1,242 @@
+use super::*;
+use lode_common::format::{BlobIndex, ChunkIndex};
+
+/// A blob of `n` chunks of `size` bytes each (the last one shorter), with
+/// deterministic content per chunk.
+fn layout(n: u32, size: u32) -> (BlobRecord, Vec<ChunkRecord>, Vec<Vec<u8>>) {
+    let mut chunks = Vec::new();
+    let mut contents = Vec::new();
+    let mut offset = 0u64;
+    for i in 0..n {
+        let len = if i + 1 == n { size / 2 + 1 } else { size };
+        let data: Vec<u8> = (0..len).map(|j| (i * 31 + j * 7) as u8).collect();
+        chunks.push(ChunkRecord {
+            digest: Digest::of(&data),
+            blob: BlobIndex(0),
+            compressed_offset: offset,
+            compressed_size: len,
+            uncompressed_offset: offset,
+            uncompressed_size: len,
+            compressed: false,
+        });
+        offset += u64::from(len);
+        contents.push(data);
+    }
+    let blob = BlobRecord {
+        digest: Digest::of(format!("blob-{n}-{size}").as_bytes()),
+        compressed_size: offset,
+        uncompressed_size: offset,
+        first_chunk: ChunkIndex(0),
+        chunk_count: n,
+    };
+    (blob, chunks, contents)
+}
+
+fn read_chunk(cache: &BlobCache, rel: u32, rec: &ChunkRecord) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; rec.uncompressed_size as usize];
+    cache.read_at(rel, rec, 0, &mut buf).unwrap().then_some(buf)
+}
+
+#[test]
+fn written_chunks_read_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(4, 4096);
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    assert!(read_chunk(&b, 1, &chunks[1]).is_none());
+    b.write_chunk(1, &chunks[1], &contents[1]).unwrap();
+    b.write_chunk(3, &chunks[3], &contents[3]).unwrap();
+    assert_eq!(read_chunk(&b, 1, &chunks[1]).unwrap(), contents[1]);
+    assert_eq!(read_chunk(&b, 3, &chunks[3]).unwrap(), contents[3]);
+    assert!(read_chunk(&b, 0, &chunks[0]).is_none());
+    let mut part = vec![0u8; 100];
+    assert!(b.read_at(1, &chunks[1], 50, &mut part).unwrap());
+    assert_eq!(part, contents[1][50..150]);
+    assert_eq!(b.present_count(), 2);
+    // The same blob opened twice in one process is one object.
+    assert!(Arc::ptr_eq(&b, &cache.blob(&blob, &chunks).unwrap()));
+}
+
+#[test]
+fn reads_past_a_chunk_and_bad_writes_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(2, 4096);
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    b.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+    let mut buf = vec![0u8; 10];
+    assert!(b.read_at(0, &chunks[0], 4090, &mut buf).is_err());
+    assert!(b.write_chunk(0, &chunks[0], &contents[0][..10]).is_err());
+    assert!(b.write_chunk(7, &chunks[0], &contents[0]).is_err());
+    let fresh = ChunkCache::open(dir.path()).unwrap();
+    assert!(fresh.blob(&blob, &chunks[..1]).is_err());
+}
+
+#[test]
+fn presence_survives_reopen_only_after_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(3, 4096);
+    {
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        let b = cache.blob(&blob, &chunks).unwrap();
+        b.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+        // No flush: the data may be in the file, but the map does not say so.
+    }
+    {
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        let b = cache.blob(&blob, &chunks).unwrap();
+        assert_eq!(b.present_count(), 0);
+        assert!(read_chunk(&b, 0, &chunks[0]).is_none());
+        b.write_chunk(2, &chunks[2], &contents[2]).unwrap();
+        cache.flush().unwrap();
+    }
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    assert_eq!(b.present_count(), 1);
+    assert_eq!(read_chunk(&b, 2, &chunks[2]).unwrap(), contents[2]);
+    assert!(read_chunk(&b, 0, &chunks[0]).is_none());
+}
+
+fn flushed_cache(dir: &Path) -> (BlobRecord, Vec<ChunkRecord>) {
+    let (blob, chunks, contents) = layout(3, 4096);
+    let cache = ChunkCache::open(dir).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    for i in 0..3 {
+        b.write_chunk(i, &chunks[i as usize], &contents[i as usize])
+            .unwrap();
+    }
+    cache.flush().unwrap();
+    (blob, chunks)
+}
+
+fn map_path(dir: &Path, blob: &BlobRecord) -> PathBuf {
+    dir.join(format!("{}.map", blob.digest.hex()))
+}
+
+fn present_after_reopen(dir: &Path, blob: &BlobRecord, chunks: &[ChunkRecord]) -> usize {
+    ChunkCache::open(dir)
+        .unwrap()
+        .blob(blob, chunks)
+        .unwrap()
+        .present_count()
+}
+
+#[test]
+fn short_map_is_treated_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks) = flushed_cache(dir.path());
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 3);
+    let map = map_path(dir.path(), &blob);
+    let len = std::fs::metadata(&map).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&map)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 0);
+    // The reset map has the right size again and records new flushes.
+    assert_eq!(std::fs::metadata(&map).unwrap().len(), len);
+}
+
+#[test]
+fn garbage_in_map_is_treated_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks) = flushed_cache(dir.path());
+    let map = map_path(dir.path(), &blob);
+    let f = OpenOptions::new().write(true).open(&map).unwrap();
+    f.write_all_at(&[7], MAP_HEADER_LEN + 1).unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 0);
+
+    let (blob, chunks) = flushed_cache(dir.path());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(map_path(dir.path(), &blob))
+        .unwrap();
+    f.write_all_at(b"XXXX", 0).unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 0);
+}
+
+#[test]
+fn map_of_another_layout_is_treated_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, mut chunks) = flushed_cache(dir.path());
+    chunks[1].digest = Digest::of(b"something else");
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 0);
+}
+
+#[test]
+fn truncated_data_file_forgets_the_chunks_past_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks) = flushed_cache(dir.path());
+    let data = dir.path().join(blob.digest.hex());
+    OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 1);
+    // The forgetting is persistent, not only in memory.
+    std::fs::write(&data, vec![0u8; 3 * 4096]).unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 1);
+}
+
+#[test]
+fn chunks_made_durable_by_another_process_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(3, 4096);
+    let a = ChunkCache::open(dir.path()).unwrap();
+    let b = ChunkCache::open(dir.path()).unwrap();
+    let ba = a.blob(&blob, &chunks).unwrap();
+    let bb = b.blob(&blob, &chunks).unwrap();
+    ba.write_chunk(1, &chunks[1], &contents[1]).unwrap();
+    assert!(
+        read_chunk(&bb, 1, &chunks[1]).is_none(),
+        "visible before it was durable"
+    );
+    a.flush().unwrap();
+    assert_eq!(read_chunk(&bb, 1, &chunks[1]).unwrap(), contents[1]);
+    assert!(bb.is_present(1));
+}
+
+#[test]
+fn concurrent_writers_in_two_caches_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(64, 8192);
+    let caches = [
+        ChunkCache::open(dir.path()).unwrap(),
+        ChunkCache::open(dir.path()).unwrap(),
+    ];
+    std::thread::scope(|s| {
+        for t in 0..8u32 {
+            let cache = &caches[(t % 2) as usize];
+            let (blob, chunks, contents) = (&blob, &chunks, &contents);
+            s.spawn(move || {
+                let b = cache.blob(blob, chunks).unwrap();
+                for k in 0..64u32 {
+                    // Each thread walks the chunks in its own order.
+                    let rel = (k * (2 * t + 1) + t) % 64;
+                    b.write_chunk(rel, &chunks[rel as usize], &contents[rel as usize])
+                        .unwrap();
+                    if k % 16 == 0 {
+                        cache.flush().unwrap();
+                    }
+                }
+            });
+        }
+    });
+    for cache in &caches {
+        cache.flush().unwrap();
+    }
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    assert_eq!(b.present_count(), 64);
+    for rel in 0..64u32 {
+        assert_eq!(
+            read_chunk(&b, rel, &chunks[rel as usize]).unwrap(),
+            contents[rel as usize],
+            "chunk {rel}"
+        );
+    }
+}

@@ -1,0 +1,616 @@
+//! The read path: file range → chunks → cache or range requests → bytes.
+//!
+//! A read looks its chunks up in the cache; for the missing ones it either
+//! joins a fetch in flight or starts one. Started fetches become jobs of
+//! chunks adjacent in their blob (one range request each, up to the merge
+//! limit), extended forward over the file's following missing chunks. Jobs run
+//! on the worker pool; the reader waits for its chunks until the deadline.
+//! Once a file is read sequentially, jobs for the next `readahead_bytes` are
+//! queued in the background so the network stays busy while the reader
+//! consumes what has arrived.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lode_common::format::{
+    BlobIndex, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord, FormatError, Ino, InodeKind,
+};
+use lode_common::Digest;
+use lode_config::FetchConfig;
+use tracing::{debug, error, warn};
+
+use crate::backend::{BackendError, BlobBackend};
+use crate::cache::{BlobCache, CacheError, ChunkCache};
+use crate::inflight::{ChunkKey, Inflight, Pending};
+use crate::metrics::Metrics;
+use crate::pool::{Job, Priority, WorkerPool};
+use crate::verify::{decode_chunk, ChunkDefect};
+
+/// Why a read could not be served. Cloneable: one fetch's outcome goes to
+/// every reader waiting for it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("inode {ino}: {source}")]
+    Format { ino: u64, source: Arc<FormatError> },
+    #[error("inode {ino} is not a regular file")]
+    NotAFile { ino: u64 },
+    #[error("inode {ino}: inconsistent bootstrap: {reason}")]
+    BadFile { ino: u64, reason: String },
+    #[error("blob {blob}: range {offset}+{len}: {source}")]
+    Backend {
+        blob: Digest,
+        offset: u64,
+        len: u64,
+        source: Arc<BackendError>,
+    },
+    #[error("chunk {chunk} of blob {blob} is corrupt: {defect}")]
+    Corrupt {
+        chunk: Digest,
+        blob: Digest,
+        defect: ChunkDefect,
+    },
+    #[error("chunk {chunk} of blob {blob}: not fetched within {deadline:?}")]
+    Timeout {
+        chunk: Digest,
+        blob: Digest,
+        deadline: Duration,
+    },
+    #[error(transparent)]
+    Cache(Arc<CacheError>),
+    #[error("chunk {chunk} of blob {blob}: the fetcher is shutting down")]
+    Shutdown { chunk: Digest, blob: Digest },
+}
+
+impl From<CacheError> for FetchError {
+    fn from(e: CacheError) -> Self {
+        FetchError::Cache(Arc::new(e))
+    }
+}
+
+/// The read path's tunables (see [`FetchConfig`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FetchSettings {
+    pub merge_limit: u64,
+    pub readahead: u64,
+    pub deadline: Duration,
+    pub workers: usize,
+}
+
+impl From<&FetchConfig> for FetchSettings {
+    fn from(c: &FetchConfig) -> Self {
+        Self {
+            merge_limit: c.merge_limit_bytes,
+            readahead: c.readahead_bytes,
+            deadline: c.deadline(),
+            workers: c.workers,
+        }
+    }
+}
+
+/// One chunk of a file with everything needed to fetch or read it.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    file_idx: u32,
+    rec: ChunkRecord,
+    blob_index: BlobIndex,
+    blob: BlobRecord,
+    /// Index of the chunk within its blob.
+    rel: u32,
+}
+
+impl Piece {
+    fn key(&self) -> ChunkKey {
+        ChunkKey {
+            blob: self.blob.digest,
+            rel: self.rel,
+        }
+    }
+
+    /// Whether `next` directly follows this chunk in the same blob.
+    fn adjacent(&self, next: &Piece) -> bool {
+        self.blob_index == next.blob_index
+            && self
+                .rec
+                .compressed_offset
+                .checked_add(u64::from(self.rec.compressed_size))
+                == Some(next.rec.compressed_offset)
+    }
+}
+
+/// What jobs need besides their chunks.
+struct JobContext {
+    backend: Arc<dyn BlobBackend>,
+    inflight: Inflight,
+    metrics: Arc<Metrics>,
+}
+
+/// Per-file sequential-read tracking (process-local; the kernel depends on none of it).
+#[derive(Clone, Copy, Debug, Default)]
+struct Stream {
+    /// End offset of the previous read.
+    next: u64,
+    /// File chunks before this index have had readahead scheduled.
+    ra_until: u32,
+}
+
+/// Streams tracked at most; beyond this the table is cleared (a reader that
+/// loses its entry only loses readahead until its next read).
+const MAX_STREAMS: usize = 4096;
+
+/// Serves file reads of one image instance.
+pub struct Fetcher {
+    bootstrap: Arc<Bootstrap>,
+    cache: Arc<ChunkCache>,
+    blob_caches: Box<[OnceLock<Arc<BlobCache>>]>,
+    ctx: Arc<JobContext>,
+    pool: WorkerPool,
+    metrics: Arc<Metrics>,
+    settings: FetchSettings,
+    streams: Mutex<HashMap<u64, Stream>>,
+}
+
+impl Fetcher {
+    pub fn new(
+        bootstrap: Arc<Bootstrap>,
+        backend: Arc<dyn BlobBackend>,
+        cache: Arc<ChunkCache>,
+        metrics: Arc<Metrics>,
+        settings: FetchSettings,
+    ) -> std::io::Result<Self> {
+        let blob_caches = (0..bootstrap.blob_count())
+            .map(|_| OnceLock::new())
+            .collect();
+        Ok(Self {
+            bootstrap,
+            cache,
+            blob_caches,
+            ctx: Arc::new(JobContext {
+                backend,
+                inflight: Inflight::default(),
+                metrics: Arc::clone(&metrics),
+            }),
+            pool: WorkerPool::new(settings.workers)?,
+            metrics,
+            settings,
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn bootstrap(&self) -> &Arc<Bootstrap> {
+        &self.bootstrap
+    }
+
+    /// Reads up to `size` bytes at `offset` of regular file `ino` (fewer at
+    /// the end of the file, none past it).
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FetchError> {
+        let fmt = |source| FetchError::Format {
+            ino: ino.0,
+            source: Arc::new(source),
+        };
+        let inode = self.bootstrap.inode(ino).map_err(fmt)?;
+        if inode.kind != InodeKind::File {
+            return Err(FetchError::NotAFile { ino: ino.0 });
+        }
+        if offset >= inode.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = inode.size.min(offset + u64::from(size));
+        let cs = u64::from(self.bootstrap.chunk_size());
+        let bad = |reason: String| FetchError::BadFile { ino: ino.0, reason };
+        let first =
+            u32::try_from(offset / cs).map_err(|_| bad("offset beyond chunk table".into()))?;
+        let last =
+            u32::try_from((end - 1) / cs).map_err(|_| bad("size beyond chunk table".into()))?;
+        let chunk_count = self.bootstrap.file_chunk_count(ino).map_err(fmt)?;
+        if u64::from(chunk_count) != inode.size.div_ceil(cs) {
+            return Err(bad(format!(
+                "{chunk_count} chunks for {} bytes",
+                inode.size
+            )));
+        }
+
+        let mut out = vec![0u8; (end - offset) as usize];
+        // (piece, pending, range in chunk, position in out)
+        let mut waits = Vec::new();
+        let mut leads = Vec::new();
+        for idx in first..=last {
+            let piece = self.piece(ino, idx, inode.size)?;
+            let chunk_start = u64::from(idx) * cs;
+            let lo = offset.saturating_sub(chunk_start) as u32;
+            let hi = (end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;
+            let at = (chunk_start + u64::from(lo) - offset) as usize;
+            let dest = &mut out[at..at + (hi - lo) as usize];
+            let cache = self.blob_cache(&piece)?;
+            if cache.read_at(piece.rel, &piece.rec, lo, dest)? {
+                Metrics::add(&self.metrics.cache_hits, 1);
+                continue;
+            }
+            Metrics::add(&self.metrics.cache_misses, 1);
+            let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
+            if leader {
+                // A job may have stored the chunk between our lookup and our lead.
+                if cache.is_present(piece.rel) {
+                    let mut whole = vec![0u8; piece.rec.uncompressed_size as usize];
+                    let result = match cache.read_at(piece.rel, &piece.rec, 0, &mut whole) {
+                        Ok(true) => Ok(Bytes::from(whole)),
+                        Ok(false) => Err(bad("cached chunk vanished".into())),
+                        Err(e) => Err(FetchError::from(e)),
+                    };
+                    self.ctx.inflight.finish(piece.key(), &pending, result);
+                } else {
+                    leads.push((piece, Arc::clone(&pending), cache));
+                }
+            } else {
+                Metrics::add(&self.metrics.inflight_joins, 1);
+            }
+            waits.push((piece, pending, lo..hi, at));
+        }
+
+        let extended_to = self.start_demand_jobs(ino, inode.size, chunk_count, last, leads);
+        if self.settings.readahead > 0 && self.is_sequential(ino, offset, end, cs) {
+            self.readahead(ino, inode.size, chunk_count, extended_to.max(last + 1));
+        }
+
+        let deadline = Instant::now() + self.settings.deadline;
+        for (piece, pending, range, at) in waits {
+            let data = match pending.wait(deadline) {
+                Some(result) => result?,
+                None => {
+                    Metrics::add(&self.metrics.fetch_timeouts, 1);
+                    // Later readers start a fresh fetch instead of joining this one.
+                    self.ctx.inflight.forget(piece.key(), &pending);
+                    return Err(FetchError::Timeout {
+                        chunk: piece.rec.digest,
+                        blob: piece.blob.digest,
+                        deadline: self.settings.deadline,
+                    });
+                }
+            };
+            let src = data
+                .get(range.start as usize..range.end as usize)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "chunk {} shorter than its record",
+                        piece.rec.digest
+                    ))
+                })?;
+            out[at..at + src.len()].copy_from_slice(src);
+        }
+        Metrics::add(&self.metrics.bytes_read, out.len() as u64);
+        Ok(out)
+    }
+
+    /// Forgets the sequential-read state of `ino` (its last handle closed).
+    pub fn forget_stream(&self, ino: Ino) {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino.0);
+    }
+
+    /// Cancels queued fetches; readers waiting for them get an error.
+    pub fn shutdown(&self) {
+        self.pool.shutdown();
+    }
+
+    /// Resolves file chunk `idx` of `ino` and checks it against the file.
+    fn piece(&self, ino: Ino, idx: u32, file_size: u64) -> Result<Piece, FetchError> {
+        let fmt = |source| FetchError::Format {
+            ino: ino.0,
+            source: Arc::new(source),
+        };
+        let bad = |reason: String| FetchError::BadFile { ino: ino.0, reason };
+        let chunk = self.bootstrap.file_chunk(ino, idx).map_err(fmt)?;
+        let rec = self.bootstrap.chunk(chunk).map_err(fmt)?;
+        let blob = self.bootstrap.blob(rec.blob).map_err(fmt)?;
+        let cs = u64::from(self.bootstrap.chunk_size());
+        let expected = file_size
+            .checked_sub(u64::from(idx) * cs)
+            .filter(|&left| left > 0)
+            .ok_or_else(|| bad(format!("chunk {idx} lies past the end of the file")))?
+            .min(cs);
+        if u64::from(rec.uncompressed_size) != expected {
+            return Err(bad(format!(
+                "chunk {idx} ({}) has {} bytes, the file needs {expected}",
+                rec.digest, rec.uncompressed_size
+            )));
+        }
+        let rel = chunk
+            .0
+            .checked_sub(blob.first_chunk.0)
+            .filter(|&rel| rel < blob.chunk_count)
+            .ok_or_else(|| bad(format!("chunk {} is not among its blob's chunks", chunk.0)))?;
+        Ok(Piece {
+            file_idx: idx,
+            rec,
+            blob_index: rec.blob,
+            blob,
+            rel,
+        })
+    }
+
+    fn blob_cache(&self, piece: &Piece) -> Result<Arc<BlobCache>, FetchError> {
+        let slot = self
+            .blob_caches
+            .get(piece.blob_index.0 as usize)
+            .ok_or_else(|| FetchError::BadFile {
+                ino: 0,
+                reason: format!("blob index {} out of range", piece.blob_index.0),
+            })?;
+        if let Some(cache) = slot.get() {
+            return Ok(Arc::clone(cache));
+        }
+        let blob = &piece.blob;
+        let chunks = (0..blob.chunk_count)
+            .map(|rel| self.bootstrap.chunk(ChunkIndex(blob.first_chunk.0 + rel)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| FetchError::Format {
+                ino: 0,
+                source: Arc::new(source),
+            })?;
+        let cache = self.cache.blob(blob, &chunks)?;
+        let _ = slot.set(Arc::clone(&cache));
+        Ok(cache)
+    }
+
+    /// Groups the chunks this read leads into jobs and queues them. A job
+    /// that ends at the read's last chunk is extended over the following
+    /// missing chunks. Returns the file chunk index after the last one queued.
+    fn start_demand_jobs(
+        &self,
+        ino: Ino,
+        file_size: u64,
+        chunk_count: u32,
+        last: u32,
+        leads: Vec<(Piece, Arc<Pending>, Arc<BlobCache>)>,
+    ) -> u32 {
+        let mut queued_to = last + 1;
+        let mut leads = leads.into_iter().peekable();
+        while let Some((piece, pending, cache)) = leads.next() {
+            let mut job = self.new_job(piece, pending, cache, false);
+            while let Some((next, _, _)) = leads.peek() {
+                if next.file_idx != job.last_file_idx() + 1
+                    || !job.accepts(next, self.settings.merge_limit)
+                {
+                    break;
+                }
+                let (next, pending, _) = leads.next().expect("peeked");
+                job.push(next, pending);
+            }
+            if job.last_file_idx() == last {
+                queued_to = self.extend_job(&mut job, ino, file_size, chunk_count);
+            }
+            self.pool.submit(Priority::Demand, Box::new(job));
+        }
+        queued_to
+    }
+
+    /// Adds the file's next chunks to `job` while they are missing, not in
+    /// flight, adjacent in the blob and within the merge limit. Returns the
+    /// file chunk index after the job's last chunk.
+    fn extend_job(&self, job: &mut FetchJob, ino: Ino, file_size: u64, chunk_count: u32) -> u32 {
+        loop {
+            let idx = job.last_file_idx() + 1;
+            if idx >= chunk_count {
+                return idx;
+            }
+            let Ok(next) = self.piece(ino, idx, file_size) else {
+                return idx;
+            };
+            if !job.accepts(&next, self.settings.merge_limit) || job.cache.is_present(next.rel) {
+                return idx;
+            }
+            let Some(pending) = self.ctx.inflight.try_lead(next.key()) else {
+                return idx;
+            };
+            job.push(next, pending);
+        }
+    }
+
+    fn new_job(
+        &self,
+        piece: Piece,
+        pending: Arc<Pending>,
+        cache: Arc<BlobCache>,
+        background: bool,
+    ) -> FetchJob {
+        FetchJob {
+            ctx: Arc::clone(&self.ctx),
+            blob: piece.blob,
+            cache,
+            chunks: vec![(piece, pending)],
+            background,
+        }
+    }
+
+    /// Records the read and says whether it continues the previous one.
+    fn is_sequential(&self, ino: Ino, offset: u64, end: u64, cs: u64) -> bool {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams.len() >= MAX_STREAMS && !streams.contains_key(&ino.0) {
+            streams.clear();
+        }
+        let stream = streams.entry(ino.0).or_default();
+        // Kernel readahead requests run on several threads and may arrive a
+        // little out of order; anything within a chunk of the previous end counts.
+        let sequential = stream.next > 0 && offset.abs_diff(stream.next) <= cs;
+        if sequential {
+            stream.next = stream.next.max(end);
+        } else {
+            stream.next = end;
+            stream.ra_until = 0;
+        }
+        sequential
+    }
+
+    /// Queues background jobs for the file's missing chunks from `from` up to
+    /// `readahead` bytes ahead, continuing where the previous call stopped.
+    fn readahead(&self, ino: Ino, file_size: u64, chunk_count: u32, from: u32) {
+        let cs = u64::from(self.bootstrap.chunk_size());
+        let window = u32::try_from(self.settings.readahead.div_ceil(cs)).unwrap_or(u32::MAX);
+        let target = from.saturating_add(window).min(chunk_count);
+        let start = {
+            let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            streams.get(&ino.0).map_or(from, |s| s.ra_until.max(from))
+        };
+        let max_queued = self.settings.workers * 2;
+        let mut idx = start;
+        let mut job: Option<FetchJob> = None;
+        while idx < target {
+            if job.is_none() && self.pool.background_queued() >= max_queued {
+                break;
+            }
+            let Ok(piece) = self.piece(ino, idx, file_size) else {
+                break;
+            };
+            let Ok(cache) = self.blob_cache(&piece) else {
+                break;
+            };
+            let skip = cache.is_present(piece.rel) || self.ctx.inflight.contains(&piece.key());
+            if let Some(j) = job.as_mut() {
+                if skip || !j.accepts(&piece, self.settings.merge_limit) {
+                    self.submit_background(job.take());
+                }
+            }
+            if !skip {
+                if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
+                    match job.as_mut() {
+                        Some(j) => j.push(piece, pending),
+                        None => job = Some(self.new_job(piece, pending, cache, true)),
+                    }
+                }
+            }
+            idx += 1;
+        }
+        self.submit_background(job);
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stream) = streams.get_mut(&ino.0) {
+            stream.ra_until = stream.ra_until.max(idx);
+        }
+    }
+
+    fn submit_background(&self, job: Option<FetchJob>) {
+        if let Some(job) = job {
+            debug!(blob = %job.blob.digest, chunks = job.chunks.len(), "readahead");
+            self.pool.submit(Priority::Background, Box::new(job));
+        }
+    }
+}
+
+/// One range request covering chunks adjacent in one blob.
+struct FetchJob {
+    ctx: Arc<JobContext>,
+    blob: BlobRecord,
+    cache: Arc<BlobCache>,
+    chunks: Vec<(Piece, Arc<Pending>)>,
+    background: bool,
+}
+
+impl FetchJob {
+    fn last(&self) -> &Piece {
+        &self.chunks.last().expect("a job has at least one chunk").0
+    }
+
+    fn last_file_idx(&self) -> u32 {
+        self.last().file_idx
+    }
+
+    fn stored_len(&self) -> u64 {
+        self.chunks
+            .iter()
+            .map(|(p, _)| u64::from(p.rec.compressed_size))
+            .sum()
+    }
+
+    fn accepts(&self, next: &Piece, merge_limit: u64) -> bool {
+        self.last().adjacent(next)
+            && self.stored_len() + u64::from(next.rec.compressed_size) <= merge_limit
+    }
+
+    fn push(&mut self, piece: Piece, pending: Arc<Pending>) {
+        self.chunks.push((piece, pending));
+    }
+
+    fn finish_all(&self, error: FetchError) {
+        for (piece, pending) in &self.chunks {
+            self.ctx
+                .inflight
+                .finish(piece.key(), pending, Err(error.clone()));
+        }
+    }
+}
+
+impl Job for FetchJob {
+    fn run(self: Box<Self>) {
+        let metrics = &self.ctx.metrics;
+        let offset = self.chunks[0].0.rec.compressed_offset;
+        let len = self.stored_len();
+        Metrics::add(&metrics.backend_requests, 1);
+        if self.background {
+            Metrics::add(&metrics.readahead_requests, 1);
+        }
+        let stored = match self.ctx.backend.read_range(&self.blob, offset, len) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                Metrics::add(&metrics.backend_errors, 1);
+                error!(blob = %self.blob.digest, offset, len, source = %self.ctx.backend.describe(), error = %e, "range request failed");
+                self.finish_all(FetchError::Backend {
+                    blob: self.blob.digest,
+                    offset,
+                    len,
+                    source: Arc::new(e),
+                });
+                return;
+            }
+        };
+        Metrics::add(&metrics.bytes_fetched, stored.len() as u64);
+        for (piece, pending) in &self.chunks {
+            let rec = &piece.rec;
+            let start = (rec.compressed_offset - offset) as usize;
+            let end = start + rec.compressed_size as usize;
+            let result = match stored.get(start..end) {
+                Some(_) => decode_chunk(rec, stored.slice(start..end)),
+                None => Err(ChunkDefect::StoredSize {
+                    expected: rec.compressed_size,
+                    actual: stored.len().saturating_sub(start),
+                }),
+            };
+            let result = match result {
+                Ok(data) => {
+                    Metrics::add(&metrics.chunks_verified, 1);
+                    match self.cache.write_chunk(piece.rel, rec, &data) {
+                        Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
+                        Err(e) => {
+                            Metrics::add(&metrics.cache_write_errors, 1);
+                            warn!(error = %e, "cannot cache chunk; serving it uncached");
+                        }
+                    }
+                    Ok(data)
+                }
+                Err(defect) => {
+                    Metrics::add(&metrics.digest_errors, 1);
+                    error!(chunk = %rec.digest, blob = %self.blob.digest, defect = %defect, "chunk failed verification");
+                    Err(FetchError::Corrupt {
+                        chunk: rec.digest,
+                        blob: self.blob.digest,
+                        defect,
+                    })
+                }
+            };
+            self.ctx.inflight.finish(piece.key(), pending, result);
+        }
+    }
+
+    fn cancel(self: Box<Self>) {
+        let (piece, _) = &self.chunks[0];
+        self.finish_all(FetchError::Shutdown {
+            chunk: piece.rec.digest,
+            blob: self.blob.digest,
+        });
+    }
+}
+
+#[cfg(test)]
+#[path = "fetch_tests.rs"]
+mod tests;

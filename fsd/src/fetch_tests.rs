@@ -1,0 +1,314 @@
+use super::*;
+use crate::backend::DirBackend;
+use crate::testutil::{
+    pattern, wait_until, CountingBackend, GatedBackend, ImageBuilder, TestImage,
+};
+
+const CS: u32 = 64 * 1024;
+
+fn settings(merge_chunks: u64, readahead_chunks: u64) -> FetchSettings {
+    FetchSettings {
+        merge_limit: merge_chunks * u64::from(CS),
+        readahead: readahead_chunks * u64::from(CS),
+        deadline: Duration::from_secs(10),
+        workers: 4,
+    }
+}
+
+fn fetcher(
+    image: &TestImage,
+    backend: Arc<dyn BlobBackend>,
+    settings: FetchSettings,
+) -> (Fetcher, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(ChunkCache::open(&image.cache_dir).unwrap());
+    let f = Fetcher::new(
+        Arc::clone(&image.bootstrap),
+        backend,
+        cache,
+        Arc::clone(&metrics),
+        settings,
+    )
+    .unwrap();
+    (f, metrics)
+}
+
+fn ino_of(image: &TestImage, name: &str) -> Ino {
+    image
+        .bootstrap
+        .lookup(Ino::ROOT, name.as_bytes())
+        .unwrap()
+        .unwrap()
+        .ino
+}
+
+/// Raw chunks, so stored offsets are file offsets and request ranges are easy to predict.
+fn one_file(chunks: usize, compress: bool) -> (TestImage, Vec<u8>) {
+    let data = pattern(chunks * CS as usize - 100, 7);
+    let mut b = ImageBuilder::new(CS, compress);
+    b.file("f", &data);
+    (b.build(), data)
+}
+
+#[test]
+fn reads_ranges_across_chunks_raw_and_zstd() {
+    for compress in [false, true] {
+        let (image, data) = one_file(5, compress);
+        let (f, metrics) = fetcher(
+            &image,
+            Arc::new(DirBackend::new(&image.blob_dir)),
+            settings(4, 0),
+        );
+        let ino = ino_of(&image, "f");
+        let n = data.len() as u64;
+        for (offset, size) in [
+            (0u64, 10u32),
+            (CS as u64 - 5, 10),
+            (1000, 3 * CS),
+            (n - 50, 4096),
+            (0, 6 * CS),
+        ] {
+            let got = f.read(ino, offset, size).unwrap();
+            let end = (offset + u64::from(size)).min(n) as usize;
+            assert_eq!(
+                got,
+                data[offset as usize..end],
+                "compress={compress} offset={offset} size={size}"
+            );
+        }
+        assert!(f.read(ino, n, 10).unwrap().is_empty());
+        assert!(f.read(ino, n + 100, 10).unwrap().is_empty());
+        assert!(matches!(
+            f.read(Ino::ROOT, 0, 10),
+            Err(FetchError::NotAFile { .. })
+        ));
+        assert_eq!(metrics.snapshot().digest_errors, 0);
+    }
+}
+
+#[test]
+fn adjacent_missing_chunks_are_merged_up_to_the_limit() {
+    let (image, data) = one_file(8, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(3, 0));
+    let ino = ino_of(&image, "f");
+    let got = f.read(ino, 0, 8 * CS).unwrap();
+    assert_eq!(got, data);
+    let cs = u64::from(CS);
+    let mut calls = backend.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        vec![(0, 3 * cs), (3 * cs, 3 * cs), (6 * cs, 2 * cs - 100)]
+    );
+    // Everything is cached now.
+    assert_eq!(f.read(ino, 0, 8 * CS).unwrap(), data);
+    assert_eq!(backend.calls().len(), 3);
+    let s = metrics.snapshot();
+    assert_eq!((s.cache_misses, s.cache_hits), (8, 8));
+    assert_eq!(s.backend_requests, 3);
+    assert_eq!(s.bytes_fetched, data.len() as u64);
+}
+
+#[test]
+fn a_miss_extends_its_request_over_the_following_chunks() {
+    let (image, data) = one_file(8, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, _) = fetcher(&image, backend.clone(), settings(4, 0));
+    let ino = ino_of(&image, "f");
+    assert_eq!(f.read(ino, 10, 100).unwrap(), data[10..110]);
+    let cs = u64::from(CS);
+    assert_eq!(backend.calls(), vec![(0, 4 * cs)]);
+    // Chunks 1..4 came with the first request.
+    assert_eq!(
+        f.read(ino, 3 * cs + 5, 100).unwrap(),
+        data[3 * CS as usize + 5..][..100]
+    );
+    assert_eq!(backend.calls().len(), 1);
+    assert_eq!(
+        f.read(ino, 4 * cs, 100).unwrap(),
+        data[4 * CS as usize..][..100]
+    );
+    assert_eq!(backend.calls(), vec![(0, 4 * cs), (4 * cs, 4 * cs - 100)]);
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_error_counted_and_never_cached() {
+    let (image, data) = one_file(3, true);
+    let mut blob = std::fs::read(image.blob_path()).unwrap();
+    let pristine = blob.clone();
+    // Flip a byte inside the second chunk's frame.
+    let rec = image.bootstrap.chunk(ChunkIndex(1)).unwrap();
+    blob[(rec.compressed_offset + u64::from(rec.compressed_size) / 2) as usize] ^= 0xff;
+    std::fs::write(image.blob_path(), &blob).unwrap();
+
+    let (f, metrics) = fetcher(
+        &image,
+        Arc::new(DirBackend::new(&image.blob_dir)),
+        settings(1, 0),
+    );
+    let ino = ino_of(&image, "f");
+    let err = f.read(ino, u64::from(CS), 10).unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&rec.digest.to_string()), "{err}");
+    assert_eq!(metrics.snapshot().digest_errors, 1);
+    assert_eq!(f.read(ino, 0, 10).unwrap(), data[..10]);
+
+    // Nothing of the bad chunk reached the cache, in memory or on disk.
+    f.cache.flush().unwrap();
+    drop(f);
+    std::fs::write(image.blob_path(), &pristine).unwrap();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, _) = fetcher(&image, backend.clone(), settings(1, 0));
+    assert_eq!(
+        f.read(ino, u64::from(CS), 10).unwrap(),
+        data[CS as usize..][..10]
+    );
+    assert_eq!(
+        backend.calls().len(),
+        1,
+        "the corrupt chunk was served from the cache"
+    );
+}
+
+#[test]
+fn concurrent_readers_of_a_chunk_share_one_request() {
+    let data = pattern(1000, 3);
+    let mut b = ImageBuilder::new(CS, true);
+    b.file("small", &data);
+    let image = b.build();
+    let backend = Arc::new(GatedBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 4));
+    let ino = ino_of(&image, "small");
+    const READERS: u64 = 8;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..READERS)
+            .map(|_| s.spawn(|| f.read(ino, 0, 1000)))
+            .collect();
+        wait_until("every reader to miss", || {
+            metrics.snapshot().cache_misses == READERS
+        });
+        backend.open();
+        for h in handles {
+            assert_eq!(h.join().unwrap().unwrap(), data);
+        }
+    });
+    assert_eq!(backend.inner.calls().len(), 1);
+    assert_eq!(metrics.snapshot().inflight_joins, READERS - 1);
+}
+
+#[test]
+fn a_hanging_backend_fails_the_read_at_the_deadline() {
+    let (image, data) = one_file(2, false);
+    let backend = Arc::new(GatedBackend::new(&image));
+    let mut s = settings(1, 0);
+    s.deadline = Duration::from_millis(200);
+    let (f, metrics) = fetcher(&image, backend.clone(), s);
+    let ino = ino_of(&image, "f");
+    let start = Instant::now();
+    let err = f.read(ino, 0, 10).unwrap_err();
+    assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(metrics.snapshot().fetch_timeouts, 1);
+    // Once the source answers, reads work again.
+    backend.open();
+    assert_eq!(f.read(ino, 0, 10).unwrap(), data[..10]);
+}
+
+#[test]
+fn a_failing_backend_is_an_error_not_a_hang() {
+    let (image, _) = one_file(2, false);
+    std::fs::remove_file(image.blob_path()).unwrap();
+    let (f, metrics) = fetcher(
+        &image,
+        Arc::new(DirBackend::new(&image.blob_dir)),
+        settings(1, 0),
+    );
+    let err = f.read(ino_of(&image, "f"), 0, 10).unwrap_err();
+    assert!(matches!(err, FetchError::Backend { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&image.blob_digest.to_string()),
+        "{err}"
+    );
+    assert_eq!(metrics.snapshot().backend_errors, 1);
+}
+
+#[test]
+fn sequential_reads_start_background_readahead() {
+    let (image, data) = one_file(16, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 8));
+    let ino = ino_of(&image, "f");
+    let cs = u64::from(CS);
+    assert_eq!(f.read(ino, 0, CS).unwrap(), data[..CS as usize]);
+    assert_eq!(
+        metrics.snapshot().readahead_requests,
+        0,
+        "one read is not a pattern"
+    );
+    assert_eq!(
+        f.read(ino, cs, CS).unwrap(),
+        data[CS as usize..][..CS as usize]
+    );
+    // Chunks 2..10 are fetched in the background, two per request.
+    wait_until("readahead to cover 8 chunks", || {
+        let calls = backend.calls();
+        calls.iter().map(|c| c.1).sum::<u64>() >= 10 * cs
+    });
+    let s = metrics.snapshot();
+    assert!(s.readahead_requests >= 4, "{s:?}");
+    // The next read finds its chunks cached or in flight: no chunk is
+    // requested twice (it may start more readahead past them).
+    assert_eq!(
+        f.read(ino, 2 * cs, (8 * cs) as u32).unwrap(),
+        data[2 * CS as usize..][..8 * CS as usize]
+    );
+    let mut calls = backend.calls();
+    calls.sort();
+    for pair in calls.windows(2) {
+        assert!(
+            pair[0].0 + pair[0].1 <= pair[1].0,
+            "overlapping requests {calls:?}"
+        );
+    }
+    for (_, len) in backend.calls() {
+        assert!(len <= 2 * cs, "request of {len} bytes over the merge limit");
+    }
+}
+
+#[test]
+fn a_restarted_fetcher_serves_flushed_chunks_from_the_cache() {
+    let (image, data) = one_file(3, true);
+    {
+        let (f, _) = fetcher(
+            &image,
+            Arc::new(DirBackend::new(&image.blob_dir)),
+            settings(4, 0),
+        );
+        assert_eq!(f.read(ino_of(&image, "f"), 0, 3 * CS).unwrap(), data);
+        f.cache.flush().unwrap();
+    }
+    std::fs::remove_file(image.blob_path()).unwrap();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 0));
+    assert_eq!(f.read(ino_of(&image, "f"), 0, 3 * CS).unwrap(), data);
+    assert!(backend.calls().is_empty());
+    assert_eq!(metrics.snapshot().cache_hits, 3);
+}
+
+#[test]
+fn shared_chunks_are_fetched_once() {
+    let chunk = pattern(CS as usize, 11);
+    let mut b = ImageBuilder::new(CS, false);
+    b.file("a", &chunk);
+    b.file("b", &[chunk.clone(), chunk.clone()].concat());
+    let image = b.build();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, _) = fetcher(&image, backend.clone(), settings(4, 0));
+    assert_eq!(
+        f.read(ino_of(&image, "b"), 0, 2 * CS).unwrap(),
+        [chunk.clone(), chunk.clone()].concat()
+    );
+    assert_eq!(f.read(ino_of(&image, "a"), 0, CS).unwrap(), chunk);
+    assert_eq!(backend.calls().len(), 1);
+}

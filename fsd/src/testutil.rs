@@ -1,0 +1,307 @@
+//! Real images for unit tests: a tree of files written with the format writer,
+//! one data blob in a directory (for the `dir://` backend), and backend
+//! wrappers that count or hold back range requests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lode_common::format::{
+    write_bootstrap, BlobIndex, BlobInfo, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord,
+    ImageTree, Meta, Node, NodeId, NodeKind,
+};
+use lode_common::Digest;
+
+use crate::backend::{BackendError, BlobBackend, DirBackend};
+
+pub const MTIME: i64 = 1_700_000_000;
+
+pub struct ImageBuilder {
+    tree: ImageTree,
+    chunk_size: u32,
+    compress: bool,
+    blob: Vec<u8>,
+    uncompressed_len: u64,
+    chunks: Vec<ChunkRecord>,
+    by_digest: HashMap<Digest, ChunkIndex>,
+}
+
+pub struct TestImage {
+    pub _tmp: tempfile::TempDir,
+    pub blob_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub bootstrap_path: PathBuf,
+    pub bootstrap: Arc<Bootstrap>,
+    pub blob_digest: Digest,
+}
+
+fn meta(perm: u32) -> Meta {
+    Meta {
+        perm,
+        uid: 0,
+        gid: 0,
+        mtime_sec: MTIME,
+        mtime_nsec: 0,
+        xattrs: BTreeMap::new(),
+    }
+}
+
+impl ImageBuilder {
+    pub fn new(chunk_size: u32, compress: bool) -> Self {
+        Self {
+            tree: ImageTree::new(meta(0o755)),
+            chunk_size,
+            compress,
+            blob: Vec::new(),
+            uncompressed_len: 0,
+            chunks: Vec::new(),
+            by_digest: HashMap::new(),
+        }
+    }
+
+    /// The directory at `path` ("" is the root), created with its parents.
+    pub fn dir(&mut self, path: &str) -> NodeId {
+        let mut node = ImageTree::ROOT;
+        for name in path.split('/').filter(|n| !n.is_empty()) {
+            let existing = match &self.tree.node(node).kind {
+                NodeKind::Dir { entries } => entries.get(name.as_bytes()).copied(),
+                _ => panic!("{path}: not a directory"),
+            };
+            node = match existing {
+                Some(id) => id,
+                None => {
+                    let id = self.tree.add(Node {
+                        meta: meta(0o755),
+                        kind: NodeKind::Dir {
+                            entries: BTreeMap::new(),
+                        },
+                    });
+                    self.link_into(node, name, id);
+                    id
+                }
+            };
+        }
+        node
+    }
+
+    fn link_into(&mut self, dir: NodeId, name: &str, id: NodeId) {
+        match &mut self.tree.node_mut(dir).kind {
+            NodeKind::Dir { entries } => {
+                entries.insert(name.as_bytes().to_vec(), id);
+            }
+            _ => panic!("not a directory"),
+        }
+    }
+
+    fn add_at(&mut self, path: &str, node: Node) -> NodeId {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let dir = self.dir(parent);
+        let id = self.tree.add(node);
+        self.link_into(dir, name, id);
+        id
+    }
+
+    pub fn file(&mut self, path: &str, data: &[u8]) -> NodeId {
+        let mut chunks = Vec::new();
+        for piece in data.chunks(self.chunk_size as usize) {
+            chunks.push(self.chunk(piece));
+        }
+        self.add_at(
+            path,
+            Node {
+                meta: meta(0o644),
+                kind: NodeKind::File {
+                    size: data.len() as u64,
+                    chunks,
+                },
+            },
+        )
+    }
+
+    fn chunk(&mut self, data: &[u8]) -> ChunkIndex {
+        let digest = Digest::of(data);
+        if let Some(&index) = self.by_digest.get(&digest) {
+            return index;
+        }
+        let stored = if self.compress {
+            zstd::bulk::compress(data, 1).unwrap()
+        } else {
+            data.to_vec()
+        };
+        let index = ChunkIndex(self.chunks.len() as u32);
+        self.chunks.push(ChunkRecord {
+            digest,
+            blob: BlobIndex(0),
+            compressed_offset: self.blob.len() as u64,
+            compressed_size: stored.len() as u32,
+            uncompressed_offset: self.uncompressed_len,
+            uncompressed_size: data.len() as u32,
+            compressed: self.compress,
+        });
+        self.blob.extend_from_slice(&stored);
+        self.uncompressed_len += data.len() as u64;
+        self.by_digest.insert(digest, index);
+        index
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) -> NodeId {
+        self.add_at(
+            path,
+            Node {
+                meta: meta(0o777),
+                kind: NodeKind::Symlink {
+                    target: target.as_bytes().to_vec(),
+                },
+            },
+        )
+    }
+
+    /// A node of any kind without content (device, fifo, socket).
+    pub fn special(&mut self, path: &str, kind: NodeKind) -> NodeId {
+        self.add_at(
+            path,
+            Node {
+                meta: meta(0o600),
+                kind,
+            },
+        )
+    }
+
+    /// Another name for node `id`.
+    pub fn hardlink(&mut self, path: &str, id: NodeId) {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let dir = self.dir(parent);
+        self.link_into(dir, name, id);
+    }
+
+    pub fn xattr(&mut self, id: NodeId, name: &str, value: &[u8]) {
+        self.tree
+            .node_mut(id)
+            .meta
+            .xattrs
+            .insert(name.as_bytes().to_vec(), value.to_vec());
+    }
+
+    pub fn build(self) -> TestImage {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob_dir = tmp.path().join("blobs");
+        let cache_dir = tmp.path().join("cache");
+        std::fs::create_dir_all(&blob_dir).unwrap();
+        let blob_digest = Digest::of(&self.blob);
+        std::fs::write(blob_dir.join(blob_digest.hex()), &self.blob).unwrap();
+        let blobs = [BlobInfo {
+            digest: blob_digest,
+            compressed_size: self.blob.len() as u64,
+        }];
+        let bytes =
+            write_bootstrap(&self.tree, self.chunk_size, &blobs, &self.chunks, &[]).unwrap();
+        let bootstrap_path = tmp.path().join("bootstrap");
+        std::fs::write(&bootstrap_path, &bytes).unwrap();
+        let bootstrap = Arc::new(Bootstrap::open(&bootstrap_path).unwrap());
+        TestImage {
+            _tmp: tmp,
+            blob_dir,
+            cache_dir,
+            bootstrap_path,
+            bootstrap,
+            blob_digest,
+        }
+    }
+}
+
+impl TestImage {
+    pub fn blob_path(&self) -> PathBuf {
+        self.blob_dir.join(self.blob_digest.hex())
+    }
+}
+
+/// Deterministic, incompressible-ish bytes.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Polls `cond` until it holds or 10 s pass.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The dir backend, recording every range request.
+pub struct CountingBackend {
+    inner: DirBackend,
+    pub calls: Mutex<Vec<(u64, u64)>>,
+}
+
+impl CountingBackend {
+    pub fn new(image: &TestImage) -> Self {
+        Self {
+            inner: DirBackend::new(&image.blob_dir),
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn calls(&self) -> Vec<(u64, u64)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl BlobBackend for CountingBackend {
+    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        self.calls.lock().unwrap().push((offset, len));
+        self.inner.read_range(blob, offset, len)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The counting backend behind a gate that holds every request until opened.
+pub struct GatedBackend {
+    pub inner: CountingBackend,
+    open: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl GatedBackend {
+    pub fn new(image: &TestImage) -> Self {
+        Self {
+            inner: CountingBackend::new(image),
+            open: Mutex::new(false),
+            changed: Condvar::new(),
+        }
+    }
+
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
+}
+
+impl BlobBackend for GatedBackend {
+    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.changed.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.read_range(blob, offset, len)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
