@@ -5,11 +5,23 @@
 //! every request, token refresh on 401, credentials from `~/.docker/config.json`,
 //! and plain HTTP only for loopback hosts or when asked.
 
+mod auth;
+mod credentials;
+#[cfg(test)]
+mod fake_server;
+mod pull;
+mod push;
 mod reference;
+#[cfg(test)]
+mod tests;
+mod transport;
 
+pub use credentials::Credentials;
 pub use reference::{Reference, ReferenceError};
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,13 +62,33 @@ pub enum RegistryError {
     #[error("{reference}: access denied: {message}")]
     Unauthorized { reference: String, message: String },
     #[error("{reference}: request timed out after {timeout:?}: {what}")]
-    Timeout { reference: String, what: String, timeout: Duration },
+    Timeout {
+        reference: String,
+        what: String,
+        timeout: Duration,
+    },
     #[error("{reference}: {what}: {message}")]
-    Request { reference: String, what: String, message: String },
+    Request {
+        reference: String,
+        what: String,
+        message: String,
+    },
     #[error("{reference}: blob {digest}: content digest mismatch (got {actual})")]
-    DigestMismatch { reference: String, digest: Digest, actual: Digest },
-    #[error("{reference}: blob {digest}: asked for {expected} bytes at offset {offset}, got {actual}")]
-    ShortRange { reference: String, digest: Digest, offset: u64, expected: u64, actual: u64 },
+    DigestMismatch {
+        reference: String,
+        digest: Digest,
+        actual: Digest,
+    },
+    #[error(
+        "{reference}: blob {digest}: asked for {expected} bytes at offset {offset}, got {actual}"
+    )]
+    ShortRange {
+        reference: String,
+        digest: Digest,
+        offset: u64,
+        expected: u64,
+        actual: u64,
+    },
     #[error("docker config {path}: {message}")]
     Credentials { path: String, message: String },
     #[error("{path}: {source}")]
@@ -76,45 +108,85 @@ pub struct RawManifest {
 }
 
 /// A client for one or more registries. Cheap to clone; safe to share between threads.
+///
+/// All clones share one HTTP connection pool and one cache of authorization
+/// tokens. Requests to loopback registries (and every registry when
+/// [`RegistryOptions::plain_http`] is set) use plain HTTP, others HTTPS.
+///
+/// Whole-blob transfers ([`Self::pull_blob`], [`Self::pull_blob_to_file`])
+/// can legitimately take longer than one request deadline; for them the
+/// deadline applies to the response headers and to every read of the body
+/// (a stalled transfer fails, a slow but progressing one does not).
 #[derive(Clone)]
 pub struct RegistryClient {
-    // Filled in by the implementation.
+    inner: Arc<transport::Transport>,
+}
+
+impl fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("options", &self.inner.options)
+            .field("credentials", self.inner.auth.credentials())
+            .finish()
+    }
 }
 
 impl RegistryClient {
+    /// Builds a client and loads registry credentials (see
+    /// [`RegistryOptions::docker_config`]).
     pub fn new(options: RegistryOptions) -> Result<Self, RegistryError> {
-        let _ = options;
-        todo!()
+        let credentials = credentials::CredentialStore::load(options.docker_config.as_deref())?;
+        let setup_error = |message: String| RegistryError::Request {
+            reference: "(none)".to_owned(),
+            what: "client setup".to_owned(),
+            message,
+        };
+        let auth =
+            auth::Authenticator::new(credentials, options.request_timeout).map_err(setup_error)?;
+        let inner = transport::Transport::new(options, auth).map_err(setup_error)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
-    /// Fetches the manifest or index `reference` names (by tag or digest),
-    /// accepting OCI and docker v2 media types. Verifies the digest when the
-    /// reference has one.
+    /// The options this client was built with.
+    pub fn options(&self) -> &RegistryOptions {
+        &self.inner.options
+    }
+
+    /// Fetches the manifest or index `reference` names (by digest if it has
+    /// one, else by tag, else `latest`), accepting OCI and docker v2 media
+    /// types. Verifies the digest when the reference has one, and against
+    /// the registry's `Docker-Content-Digest` header.
     pub async fn pull_manifest(&self, reference: &Reference) -> Result<RawManifest, RegistryError> {
-        let _ = reference;
-        todo!()
+        self.inner.pull_manifest(reference).await
     }
 
     /// Fetches a whole blob into memory and verifies its digest.
-    pub async fn pull_blob(&self, reference: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let _ = (reference, digest);
-        todo!()
+    pub async fn pull_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<Bytes, RegistryError> {
+        self.inner.pull_blob(reference, digest).await
     }
 
     /// Streams a whole blob into `path` (created or truncated), verifies its
-    /// digest, and returns its size.
+    /// digest, and returns its size. A transfer interrupted by a transient
+    /// failure resumes where it stopped.
     pub async fn pull_blob_to_file(
         &self,
         reference: &Reference,
         digest: &Digest,
         path: &Path,
     ) -> Result<u64, RegistryError> {
-        let _ = (reference, digest, path);
-        todo!()
+        self.inner.pull_blob_to_file(reference, digest, path).await
     }
 
     /// Fetches exactly `len` bytes at `offset` of a blob with one HTTP Range
-    /// request (retried on transient errors).
+    /// request (retried on transient errors). Fewer bytes (a range past the
+    /// end of the blob) is [`RegistryError::ShortRange`]. The content is not
+    /// verified: callers check chunk digests.
     pub async fn pull_blob_range(
         &self,
         reference: &Reference,
@@ -122,36 +194,51 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, RegistryError> {
-        let _ = (reference, digest, offset, len);
-        todo!()
+        self.inner
+            .pull_blob_range(reference, digest, offset, len)
+            .await
     }
 
-    pub async fn blob_exists(&self, reference: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
-        let _ = (reference, digest);
-        todo!()
+    pub async fn blob_exists(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<bool, RegistryError> {
+        self.inner
+            .blob_exists(reference, digest, transport::Access::Pull)
+            .await
     }
 
     /// Uploads a blob held in memory unless the registry already has it.
-    pub async fn push_blob(&self, reference: &Reference, digest: &Digest, data: Bytes) -> Result<(), RegistryError> {
-        let _ = (reference, digest, data);
-        todo!()
+    pub async fn push_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        data: Bytes,
+    ) -> Result<(), RegistryError> {
+        self.inner.push_blob(reference, digest, data).await
     }
 
-    /// Uploads the blob stored in `path` (streamed, not read into memory)
-    /// unless the registry already has it.
-    pub async fn push_blob_file(&self, reference: &Reference, digest: &Digest, path: &Path) -> Result<(), RegistryError> {
-        let _ = (reference, digest, path);
-        todo!()
+    /// Uploads the blob stored in `path` (streamed in bounded chunks, not
+    /// read into memory) unless the registry already has it.
+    pub async fn push_blob_file(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        self.inner.push_blob_file(reference, digest, path).await
     }
 
-    /// Uploads a manifest under the reference's tag (or digest); returns its digest.
+    /// Uploads a manifest under the reference's tag (or, without a tag, by
+    /// its digest); returns its digest. A digest in the reference must match
+    /// the bytes.
     pub async fn push_manifest(
         &self,
         reference: &Reference,
         bytes: Vec<u8>,
         media_type: &str,
     ) -> Result<Digest, RegistryError> {
-        let _ = (reference, bytes, media_type);
-        todo!()
+        self.inner.push_manifest(reference, bytes, media_type).await
     }
 }
