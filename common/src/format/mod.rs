@@ -10,11 +10,23 @@
 //! - [`writer`]: serialises an [`ImageTree`] into bootstrap bytes.
 //! - [`reader`]: [`Bootstrap`], bounds-checked access to bootstrap bytes.
 //! - [`layout`]: the on-disk record layout shared by both.
+//! - [`rules`]: validity rules (names, symlink targets, xattrs, chunk geometry)
+//!   that the writer enforces and the reader checks.
 
 pub mod layout;
+mod open;
 pub mod reader;
+pub mod rules;
 pub mod tree;
+mod verify;
 pub mod writer;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests_corruption;
+#[cfg(test)]
+mod tests_roundtrip;
 
 pub use reader::{Bootstrap, DirEntry, Inode, InodeKind};
 pub use tree::{ImageTree, Meta, Node, NodeId, NodeKind};
@@ -105,6 +117,10 @@ pub enum FormatError {
     WrongKind { ino: u64, expected: &'static str },
     #[error("invalid chunk size {0} (must be a power of two between 64 KiB and 16 MiB)")]
     InvalidChunkSize(u32),
+    /// An index passed by the caller (a file's chunk number, a chunk or blob
+    /// index) is past the end of what it indexes.
+    #[error("index out of range: {0}")]
+    OutOfRange(String),
     #[error("cannot write bootstrap: {0}")]
     Invalid(String),
 }

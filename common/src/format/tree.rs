@@ -26,13 +26,26 @@ pub struct Meta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     /// Entries are sorted by name (raw bytes; names may be non-UTF-8).
-    Dir { entries: BTreeMap<Vec<u8>, NodeId> },
+    Dir {
+        entries: BTreeMap<Vec<u8>, NodeId>,
+    },
     /// A regular file. `chunks[i]` indexes the chunk table given to the writer
     /// and covers bytes `i * chunk_size .. min((i + 1) * chunk_size, size)`.
-    File { size: u64, chunks: Vec<ChunkIndex> },
-    Symlink { target: Vec<u8> },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    File {
+        size: u64,
+        chunks: Vec<ChunkIndex>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     Socket,
 }
