@@ -12,10 +12,13 @@
 
 pub mod backend;
 pub mod cache;
+pub mod daemon;
 pub mod errno;
 pub mod fetch;
+pub mod fuse;
 mod inflight;
 pub mod metrics;
+pub mod mount;
 pub mod ops;
 mod pool;
 mod verify;

@@ -1,1 +1,115 @@
-fn main() {}
+//! `lode-fsd`: mounts one Lode image instance read-only over FUSE.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use lode_config::FsdConfig;
+use lode_fsd::backend::BlobSource;
+use lode_fsd::daemon::{self, DaemonOptions};
+
+/// Serves a Lode image read-only over FUSE, fetching file data lazily.
+///
+/// Readiness protocol: with --ready-fd N the daemon writes the line "ready"
+/// to descriptor N once the mount serves requests, then closes N. If start-up
+/// fails, N is closed without that line and the daemon exits non-zero. Read N
+/// to end-of-file to learn which. SIGTERM or SIGINT unmounts and exits 0;
+/// SIGUSR1 logs the metrics as JSON. Logging goes to stderr, filtered by
+/// RUST_LOG (default "info").
+#[derive(Parser, Debug)]
+#[command(name = "lode-fsd", version, verbatim_doc_comment)]
+struct Args {
+    /// The image's bootstrap file.
+    #[arg(long, value_name = "FILE")]
+    bootstrap: PathBuf,
+
+    /// Where data blobs are read: registry://HOST[:PORT]/REPO (HTTP range
+    /// requests) or dir:///PATH (files named by digest hex).
+    #[arg(long, value_name = "SOURCE")]
+    blob_source: BlobSource,
+
+    /// Use plain HTTP for the registry (overrides registry.plain_http).
+    #[arg(long)]
+    plain_http: bool,
+
+    /// Chunk cache directory (overrides cache.dir).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Directory to mount the image on.
+    #[arg(long, value_name = "DIR")]
+    mountpoint: PathBuf,
+
+    /// TOML configuration file (see misc/fsd.sample.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// FUSE worker threads (overrides fuse.threads).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
+    /// Write the daemon's pid here once the mount is ready; removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+
+    /// Write "ready\n" to this inherited descriptor once the mount is ready,
+    /// then close it.
+    #[arg(long, value_name = "N")]
+    ready_fd: Option<RawFd>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    // Take the descriptor first, so it is closed (failure seen) on every error path.
+    let ready = args.ready_fd.map(take_fd).transpose()?;
+
+    let mut config = match &args.config {
+        Some(path) => FsdConfig::load(path)?,
+        None => FsdConfig::default(),
+    };
+    if let Some(dir) = args.cache_dir {
+        config.cache.dir = Some(dir);
+    }
+    if args.plain_http {
+        config.registry.plain_http = true;
+    }
+    if let Some(threads) = args.threads {
+        config.fuse.threads = threads;
+    }
+    config.validate()?;
+
+    let options = DaemonOptions {
+        bootstrap: args.bootstrap,
+        blob_source: args.blob_source,
+        mountpoint: args.mountpoint,
+        config,
+    };
+    daemon::run(options, args.pid_file.as_deref(), ready).context("lode-fsd")?;
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor after checking it is open.
+fn take_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    if fd < 3 {
+        bail!("--ready-fd {fd}: must not be stdin, stdout or stderr");
+    }
+    nix::fcntl::fcntl(
+        // SAFETY: only used for this F_GETFD probe, which fails harmlessly
+        // with EBADF if `fd` is not open.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .with_context(|| format!("--ready-fd {fd} is not an open descriptor"))?;
+    // SAFETY: the descriptor is open (checked above), was handed to us by our
+    // parent for this purpose, and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
