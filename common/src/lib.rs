@@ -3,6 +3,7 @@
 
 pub mod digest;
 pub mod format;
+pub mod image;
 pub mod oci;
 pub mod registry;
 
