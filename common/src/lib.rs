@@ -4,6 +4,7 @@
 pub mod digest;
 pub mod format;
 pub mod image;
+pub mod mountinfo;
 pub mod oci;
 pub mod registry;
 
