@@ -248,7 +248,15 @@ impl Transport {
             file: tokio::io::BufWriter::with_capacity(1 << 20, file),
             path,
         };
-        self.pull_blob_into(reference, digest, &mut sink).await
+        let result = self.pull_blob_into(reference, digest, &mut sink).await;
+        if result.is_err() {
+            // A partial or corrupt file must not pass for the blob later.
+            drop(sink);
+            if let Err(e) = tokio::fs::remove_file(path).await {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove incomplete blob file");
+            }
+        }
+        result
     }
 }
 

@@ -303,6 +303,15 @@ async fn corrupted_blob_is_a_digest_mismatch_without_retries() {
         other => panic!("unexpected {other}"),
     }
     assert_eq!(server.requests().len(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blob");
+    let err = client(2000, 0)
+        .pull_blob_to_file(&server.reference("app"), &digest(), &path)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert!(!path.exists(), "a blob that failed verification is removed");
 }
 
 /// A registry with a token service: blob requests need `Bearer <token>` with
