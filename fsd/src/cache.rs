@@ -126,6 +126,10 @@ pub struct BlobCache {
     /// Serialises flushes so that a map byte is never written before the
     /// fdatasync covering its chunk has returned.
     flushing: Mutex<()>,
+    /// Serialises this process's writes to the data file: the filesystem
+    /// takes the inode lock for each buffered write anyway, and waiting here
+    /// sleeps where contending for that lock spins.
+    writing: Mutex<()>,
 }
 
 impl BlobCache {
@@ -173,6 +177,7 @@ impl BlobCache {
             state: (0..chunks.len()).map(|_| AtomicU8::new(ABSENT)).collect(),
             dirty: Mutex::new(Vec::new()),
             flushing: Mutex::new(()),
+            writing: Mutex::new(()),
         };
         cache.load_map(&header, chunks, data_len)?;
         Ok(cache)
@@ -354,9 +359,12 @@ impl BlobCache {
         if state.load(Ordering::Acquire) != ABSENT {
             return Ok(());
         }
-        self.data
-            .write_all_at(data, rec.uncompressed_offset)
-            .map_err(|e| self.io_err(false, "write chunk", e))?;
+        {
+            let _serial = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+            self.data
+                .write_all_at(data, rec.uncompressed_offset)
+                .map_err(|e| self.io_err(false, "write chunk", e))?;
+        }
         if state
             .compare_exchange(ABSENT, WRITTEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()

@@ -19,14 +19,15 @@ use lode_common::format::{
 };
 use lode_common::Digest;
 use lode_config::FetchConfig;
-use tracing::{debug, error, warn};
+use tracing::debug;
 
 use crate::backend::{BackendError, BlobBackend};
 use crate::cache::{BlobCache, CacheError, ChunkCache};
 use crate::inflight::{ChunkKey, Inflight, Pending};
+use crate::job::{FetchJob, JobContext};
 use crate::metrics::Metrics;
-use crate::pool::{Job, Priority, WorkerPool};
-use crate::verify::{decode_chunk, ChunkDefect};
+use crate::pool::{Priority, WorkerPool};
+use crate::verify::ChunkDefect;
 
 /// Why a read could not be served. Cloneable: one fetch's outcome goes to
 /// every reader waiting for it.
@@ -91,17 +92,17 @@ impl From<&FetchConfig> for FetchSettings {
 
 /// One chunk of a file with everything needed to fetch or read it.
 #[derive(Clone, Copy, Debug)]
-struct Piece {
-    file_idx: u32,
-    rec: ChunkRecord,
-    blob_index: BlobIndex,
-    blob: BlobRecord,
+pub(crate) struct Piece {
+    pub(crate) file_idx: u32,
+    pub(crate) rec: ChunkRecord,
+    pub(crate) blob_index: BlobIndex,
+    pub(crate) blob: BlobRecord,
     /// Index of the chunk within its blob.
-    rel: u32,
+    pub(crate) rel: u32,
 }
 
 impl Piece {
-    fn key(&self) -> ChunkKey {
+    pub(crate) fn key(&self) -> ChunkKey {
         ChunkKey {
             blob: self.blob.digest,
             rel: self.rel,
@@ -109,7 +110,7 @@ impl Piece {
     }
 
     /// Whether `next` directly follows this chunk in the same blob.
-    fn adjacent(&self, next: &Piece) -> bool {
+    pub(crate) fn adjacent(&self, next: &Piece) -> bool {
         self.blob_index == next.blob_index
             && self
                 .rec
@@ -117,13 +118,6 @@ impl Piece {
                 .checked_add(u64::from(self.rec.compressed_size))
                 == Some(next.rec.compressed_offset)
     }
-}
-
-/// What jobs need besides their chunks.
-struct JobContext {
-    backend: Arc<dyn BlobBackend>,
-    inflight: Inflight,
-    metrics: Arc<Metrics>,
 }
 
 /// Per-file sequential-read tracking (process-local; the kernel depends on none of it).
@@ -454,6 +448,15 @@ impl Fetcher {
             let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
             streams.get(&ino.0).map_or(from, |s| s.ra_until.max(from))
         };
+        // Top the window up only once a whole merged request's worth has been
+        // consumed, so background requests are full-sized rather than one
+        // chunk per read.
+        let merge_chunks = u32::try_from(self.settings.merge_limit / cs)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        if start < target && start > from && target - start < merge_chunks.min(window) {
+            return;
+        }
         let max_queued = self.settings.workers * 2;
         let mut idx = start;
         let mut job: Option<FetchJob> = None;
@@ -495,119 +498,6 @@ impl Fetcher {
             debug!(blob = %job.blob.digest, chunks = job.chunks.len(), "readahead");
             self.pool.submit(Priority::Background, Box::new(job));
         }
-    }
-}
-
-/// One range request covering chunks adjacent in one blob.
-struct FetchJob {
-    ctx: Arc<JobContext>,
-    blob: BlobRecord,
-    cache: Arc<BlobCache>,
-    chunks: Vec<(Piece, Arc<Pending>)>,
-    background: bool,
-}
-
-impl FetchJob {
-    fn last(&self) -> &Piece {
-        &self.chunks.last().expect("a job has at least one chunk").0
-    }
-
-    fn last_file_idx(&self) -> u32 {
-        self.last().file_idx
-    }
-
-    fn stored_len(&self) -> u64 {
-        self.chunks
-            .iter()
-            .map(|(p, _)| u64::from(p.rec.compressed_size))
-            .sum()
-    }
-
-    fn accepts(&self, next: &Piece, merge_limit: u64) -> bool {
-        self.last().adjacent(next)
-            && self.stored_len() + u64::from(next.rec.compressed_size) <= merge_limit
-    }
-
-    fn push(&mut self, piece: Piece, pending: Arc<Pending>) {
-        self.chunks.push((piece, pending));
-    }
-
-    fn finish_all(&self, error: FetchError) {
-        for (piece, pending) in &self.chunks {
-            self.ctx
-                .inflight
-                .finish(piece.key(), pending, Err(error.clone()));
-        }
-    }
-}
-
-impl Job for FetchJob {
-    fn run(self: Box<Self>) {
-        let metrics = &self.ctx.metrics;
-        let offset = self.chunks[0].0.rec.compressed_offset;
-        let len = self.stored_len();
-        Metrics::add(&metrics.backend_requests, 1);
-        if self.background {
-            Metrics::add(&metrics.readahead_requests, 1);
-        }
-        let stored = match self.ctx.backend.read_range(&self.blob, offset, len) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                Metrics::add(&metrics.backend_errors, 1);
-                error!(blob = %self.blob.digest, offset, len, source = %self.ctx.backend.describe(), error = %e, "range request failed");
-                self.finish_all(FetchError::Backend {
-                    blob: self.blob.digest,
-                    offset,
-                    len,
-                    source: Arc::new(e),
-                });
-                return;
-            }
-        };
-        Metrics::add(&metrics.bytes_fetched, stored.len() as u64);
-        for (piece, pending) in &self.chunks {
-            let rec = &piece.rec;
-            let start = (rec.compressed_offset - offset) as usize;
-            let end = start + rec.compressed_size as usize;
-            let result = match stored.get(start..end) {
-                Some(_) => decode_chunk(rec, stored.slice(start..end)),
-                None => Err(ChunkDefect::StoredSize {
-                    expected: rec.compressed_size,
-                    actual: stored.len().saturating_sub(start),
-                }),
-            };
-            let result = match result {
-                Ok(data) => {
-                    Metrics::add(&metrics.chunks_verified, 1);
-                    match self.cache.write_chunk(piece.rel, rec, &data) {
-                        Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
-                        Err(e) => {
-                            Metrics::add(&metrics.cache_write_errors, 1);
-                            warn!(error = %e, "cannot cache chunk; serving it uncached");
-                        }
-                    }
-                    Ok(data)
-                }
-                Err(defect) => {
-                    Metrics::add(&metrics.digest_errors, 1);
-                    error!(chunk = %rec.digest, blob = %self.blob.digest, defect = %defect, "chunk failed verification");
-                    Err(FetchError::Corrupt {
-                        chunk: rec.digest,
-                        blob: self.blob.digest,
-                        defect,
-                    })
-                }
-            };
-            self.ctx.inflight.finish(piece.key(), pending, result);
-        }
-    }
-
-    fn cancel(self: Box<Self>) {
-        let (piece, _) = &self.chunks[0];
-        self.finish_all(FetchError::Shutdown {
-            chunk: piece.rec.digest,
-            blob: self.blob.digest,
-        });
     }
 }
 

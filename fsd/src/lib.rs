@@ -17,6 +17,7 @@ pub mod errno;
 pub mod fetch;
 pub mod fuse;
 mod inflight;
+mod job;
 pub mod metrics;
 pub mod mount;
 pub mod ops;
