@@ -113,6 +113,8 @@ impl Flusher {
 /// A mounted, serving image instance.
 pub struct Daemon {
     mountpoint: PathBuf,
+    /// Device number of the mount (0 if unknown); names its FUSE connection.
+    dev: u64,
     session: JoinHandle<std::io::Result<()>>,
     fetcher: Arc<Fetcher>,
     flusher: Flusher,
@@ -180,7 +182,13 @@ impl Daemon {
         let fs = Arc::new(LodeFs::new(Arc::clone(&fetcher), ttls));
         let flusher = Flusher::start(cache, Duration::from_millis(config.cache.flush_interval_ms))?;
 
-        let fd = mount::mount_fuse(&options.mountpoint, &MountOptions::lode(root.mode))?;
+        let fd = match mount::mount_fuse(&options.mountpoint, &MountOptions::lode(root.mode)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                flusher.stop();
+                return Err(e.into());
+            }
+        };
         let session = match start_session(fs, &metrics, config, fd, events) {
             Ok(session) => session,
             Err(e) => {
@@ -191,7 +199,16 @@ impl Daemon {
                 return Err(e);
             }
         };
-        mount::set_read_ahead(&options.mountpoint, config.fuse.read_ahead_kb);
+        let dev = match mount::mounted_dev(&options.mountpoint) {
+            Ok(dev) => dev,
+            Err(e) => {
+                warn!(error = %e, "cannot stat the mount; readahead and abort unavailable");
+                0
+            }
+        };
+        if dev != 0 {
+            mount::set_read_ahead(dev, config.fuse.read_ahead_kb);
+        }
         info!(
             mountpoint = %options.mountpoint.display(),
             bootstrap = %options.bootstrap.display(),
@@ -200,6 +217,7 @@ impl Daemon {
         );
         Ok(Self {
             mountpoint: options.mountpoint,
+            dev,
             session,
             fetcher,
             flusher,
@@ -219,6 +237,18 @@ impl Daemon {
     /// Unmounts; the session then ends and [`Event::SessionEnded`] follows.
     pub fn unmount(&self) -> Result<(), DaemonError> {
         Ok(mount::unmount(&self.mountpoint)?)
+    }
+
+    /// Ends the session at once, even while the mount is still in use
+    /// (lazily detached): requests in flight fail with ENOTCONN.
+    pub fn abort(&self) -> Result<(), DaemonError> {
+        if self.dev == 0 {
+            return Err(DaemonError::Io {
+                what: "abort FUSE connection".into(),
+                source: std::io::Error::other("device number of the mount unknown"),
+            });
+        }
+        mount::abort_connection(self.dev).map_err(io_err("abort FUSE connection"))
     }
 
     /// Waits for the session to end, then stops fetching and makes the cache durable.
@@ -278,7 +308,9 @@ fn handled_signals() -> SigSet {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (unmount, then exit) or an external
-/// unmount. SIGUSR1 logs the metrics as JSON. Writes `pid_file` once serving
+/// unmount. A busy mount is detached lazily and served until its last user
+/// lets go; a second SIGTERM/SIGINT then aborts the connection. SIGUSR1 logs
+/// the metrics as JSON. Writes `pid_file` once serving
 /// and removes it at exit; writes `ready\n` to `ready` once serving.
 pub fn run(
     options: DaemonOptions,

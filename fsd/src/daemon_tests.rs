@@ -158,3 +158,39 @@ fn mounts_serves_and_unmounts() {
         chunks.len()
     );
 }
+
+#[test]
+fn busy_mount_is_detached_and_abort_ends_the_session() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping busy_mount_is_detached_and_abort_ends_the_session: {reason}");
+        return;
+    }
+    let (image, _) = image();
+    let mnt = tempfile::tempdir().unwrap();
+    let mut config = FsdConfig::default();
+    config.cache.dir = Some(image.cache_dir.clone());
+    let (events, received) = mpsc::channel();
+    let daemon = Daemon::start(
+        DaemonOptions {
+            bootstrap: image.bootstrap_path.clone(),
+            blob_source: BlobSource::Dir(image.blob_dir.clone()),
+            mountpoint: mnt.path().to_path_buf(),
+            config,
+        },
+        events,
+    )
+    .unwrap();
+    let busy = std::fs::File::open(mnt.path().join("etc/hosts")).unwrap();
+    daemon.unmount().unwrap();
+    assert!(!mount::is_mounted(mnt.path(), "lode"), "still attached");
+    // Detached but in use: the open file still reads.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &busy, &mut text).unwrap();
+    assert_eq!(text, "127.0.0.1 localhost\n");
+    assert!(received.try_recv().is_err(), "session ended while in use");
+
+    daemon.abort().unwrap();
+    let ended = received.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(matches!(ended, Event::SessionEnded), "{ended:?}");
+    daemon.wait().unwrap();
+}

@@ -114,23 +114,46 @@ pub fn unmount(mountpoint: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Sets the mount's readahead window (the FUSE INIT reply cannot raise it
-/// above the kernel's default). Best effort: sysfs may be read-only here.
-pub fn set_read_ahead(mountpoint: &Path, kib: u32) {
+/// The device number of the filesystem mounted at `mountpoint`.
+pub fn mounted_dev(mountpoint: &Path) -> std::io::Result<u64> {
+    std::fs::metadata(mountpoint).map(|m| m.dev())
+}
+
+/// Sets the readahead window of the mount with device `dev` (the FUSE INIT
+/// reply cannot raise it above the kernel's default). Best effort: sysfs may
+/// be read-only here.
+pub fn set_read_ahead(dev: u64, kib: u32) {
     if kib == 0 {
         return;
     }
-    let path = match std::fs::metadata(mountpoint) {
-        Ok(m) => bdi_path(m.dev()),
-        Err(e) => {
-            warn!(mountpoint = %mountpoint.display(), error = %e, "cannot stat mountpoint to set readahead");
-            return;
-        }
-    };
+    let path = bdi_path(dev);
     match std::fs::write(&path, format!("{kib}\n")) {
         Ok(()) => info!(path = %path.display(), kib, "readahead set"),
         Err(e) => warn!(path = %path.display(), error = %e, "cannot set readahead"),
     }
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Aborts the FUSE connection of the mount with device `dev`: every pending
+/// and future request fails with ENOTCONN and the session's readers see
+/// ENODEV. The way out when a lazily detached mount is still in use. Mounts
+/// the fusectl filesystem if it is not mounted yet.
+pub fn abort_connection(dev: u64) -> std::io::Result<()> {
+    let dir = PathBuf::from(FUSECTL).join(libc::minor(dev).to_string());
+    if !dir.exists() {
+        nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL,
+            Some("fusectl"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    std::fs::write(dir.join("abort"), "1\n")?;
+    warn!(connection = %dir.display(), "FUSE connection aborted");
+    Ok(())
 }
 
 fn bdi_path(dev: u64) -> PathBuf {
