@@ -1,1 +1,4 @@
+//! Lode's containerd snapshotter side: image conversion and the `lodectl`
+//! command line.
 
+pub mod convert;
