@@ -75,6 +75,8 @@ impl From<CacheError> for FetchError {
 pub struct FetchSettings {
     pub merge_limit: u64,
     pub readahead: u64,
+    /// Merge limit of background readahead requests.
+    pub readahead_request: u64,
     pub deadline: Duration,
     pub workers: usize,
 }
@@ -84,6 +86,7 @@ impl From<&FetchConfig> for FetchSettings {
         Self {
             merge_limit: c.merge_limit_bytes,
             readahead: c.readahead_bytes,
+            readahead_request: c.readahead_request_bytes,
             deadline: c.deadline(),
             workers: c.workers,
         }
@@ -451,7 +454,7 @@ impl Fetcher {
         // Top the window up only once a whole merged request's worth has been
         // consumed, so background requests are full-sized rather than one
         // chunk per read.
-        let merge_chunks = u32::try_from(self.settings.merge_limit / cs)
+        let merge_chunks = u32::try_from(self.settings.readahead_request / cs)
             .unwrap_or(u32::MAX)
             .max(1);
         if start < target && start > from && target - start < merge_chunks.min(window) {
@@ -472,7 +475,7 @@ impl Fetcher {
             };
             let skip = cache.is_present(piece.rel) || self.ctx.inflight.contains(&piece.key());
             if let Some(j) = job.as_mut() {
-                if skip || !j.accepts(&piece, self.settings.merge_limit) {
+                if skip || !j.accepts(&piece, self.settings.readahead_request) {
                     self.submit_background(job.take());
                 }
             }

@@ -10,6 +10,7 @@ fn settings(merge_chunks: u64, readahead_chunks: u64) -> FetchSettings {
     FetchSettings {
         merge_limit: merge_chunks * u64::from(CS),
         readahead: readahead_chunks * u64::from(CS),
+        readahead_request: merge_chunks * u64::from(CS),
         deadline: Duration::from_secs(10),
         workers: 4,
     }
@@ -105,7 +106,10 @@ fn adjacent_missing_chunks_are_merged_up_to_the_limit() {
     assert_eq!(f.read(ino, 0, 8 * CS).unwrap(), data);
     assert_eq!(backend.calls().len(), 3);
     let s = metrics.snapshot();
-    assert_eq!((s.cache_misses, s.cache_hits), (8, 8));
+    // A chunk read back before its job has cached it joins the finished fetch
+    // (a miss served from memory), hence no exact split.
+    assert_eq!(s.cache_misses + s.cache_hits, 16);
+    assert!(s.cache_misses >= 8);
     assert_eq!(s.backend_requests, 3);
     assert_eq!(s.bytes_fetched, data.len() as u64);
 }
@@ -237,7 +241,9 @@ fn a_failing_backend_is_an_error_not_a_hang() {
 fn sequential_reads_start_background_readahead() {
     let (image, data) = one_file(16, false);
     let backend = Arc::new(CountingBackend::new(&image));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 8));
+    let mut s = settings(2, 8);
+    s.readahead_request = 4 * u64::from(CS);
+    let (f, metrics) = fetcher(&image, backend.clone(), s);
     let ino = ino_of(&image, "f");
     let cs = u64::from(CS);
     assert_eq!(f.read(ino, 0, CS).unwrap(), data[..CS as usize]);
@@ -250,13 +256,13 @@ fn sequential_reads_start_background_readahead() {
         f.read(ino, cs, CS).unwrap(),
         data[CS as usize..][..CS as usize]
     );
-    // Chunks 2..10 are fetched in the background, two per request.
+    // Chunks 2..10 are fetched in the background, up to four per request.
     wait_until("readahead to cover 8 chunks", || {
         let calls = backend.calls();
         calls.iter().map(|c| c.1).sum::<u64>() >= 10 * cs
     });
     let s = metrics.snapshot();
-    assert!(s.readahead_requests >= 4, "{s:?}");
+    assert!(s.readahead_requests >= 2, "{s:?}");
     // The next read finds its chunks cached or in flight: no chunk is
     // requested twice (it may start more readahead past them).
     assert_eq!(
@@ -271,9 +277,22 @@ fn sequential_reads_start_background_readahead() {
             "overlapping requests {calls:?}"
         );
     }
-    for (_, len) in backend.calls() {
-        assert!(len <= 2 * cs, "request of {len} bytes over the merge limit");
+    let calls = backend.calls();
+    assert_eq!(
+        calls[0],
+        (0, 2 * cs),
+        "the demand request uses the merge limit"
+    );
+    for (_, len) in &calls {
+        assert!(
+            *len <= 4 * cs,
+            "request of {len} bytes over the readahead request limit"
+        );
     }
+    assert!(
+        calls.iter().any(|c| c.1 > 2 * cs),
+        "no readahead request above the merge limit: {calls:?}"
+    );
 }
 
 #[test]

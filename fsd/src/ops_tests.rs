@@ -34,6 +34,7 @@ fn fixture() -> Fixture {
     let settings = FetchSettings {
         merge_limit: 4 << 20,
         readahead: 0,
+        readahead_request: 4 << 20,
         deadline: Duration::from_secs(10),
         workers: 2,
     };
