@@ -311,10 +311,33 @@ impl BlobCache {
         if state.load(Ordering::Acquire) == ABSENT && !self.durable_elsewhere(rel)? {
             return Ok(false);
         }
-        self.data
+        match self
+            .data
             .read_exact_at(buf, rec.uncompressed_offset + u64::from(offset))
-            .map_err(|e| self.io_err(false, "read chunk", e))?;
-        Ok(true)
+        {
+            Ok(()) => Ok(true),
+            // The data file was truncated under us: the chunk is simply not
+            // cached any more, and is fetched again.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                warn!(path = %self.data_path.display(), blob = %self.digest, chunk = rel, "cached chunk missing from the data file; forgetting it");
+                self.forget(rel)?;
+                Ok(false)
+            }
+            Err(e) => Err(self.io_err(false, "read chunk", e)),
+        }
+    }
+
+    /// Marks chunk `rel` absent, in memory and in the map.
+    fn forget(&self, rel: u32) -> Result<(), CacheError> {
+        let _serial = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        self.state[rel as usize].store(ABSENT, Ordering::Release);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&r| r != rel);
+        self.map
+            .write_all_at(&[0], MAP_HEADER_LEN + u64::from(rel))
+            .map_err(|e| self.io_err(true, "write map file", e))
     }
 
     /// Whether another process has made chunk `rel` durable since we loaded the map.

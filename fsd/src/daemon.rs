@@ -59,6 +59,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError
     move |source| DaemonError::Io { what, source }
 }
 
+/// How long stopping waits for running fetches to finish and cache their chunks.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// What to serve and where.
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
@@ -260,7 +263,9 @@ impl Daemon {
                 source: std::io::Error::other("session thread panicked"),
             }),
         };
-        self.fetcher.shutdown();
+        if !self.fetcher.shutdown(SHUTDOWN_GRACE) {
+            warn!("fetches still running at exit; their chunks stay uncached");
+        }
         self.flusher.stop();
         self.runtime.shutdown_timeout(Duration::from_secs(1));
         result

@@ -132,6 +132,23 @@ struct Stream {
     ra_until: u32,
 }
 
+/// The part of a file one read covers.
+struct Span {
+    ino: Ino,
+    file_size: u64,
+    offset: u64,
+    end: u64,
+    /// First and last file chunk indices of the span.
+    first: u32,
+    last: u32,
+}
+
+/// A chunk a read waits for: the fetch, the range within the chunk, and
+/// where the bytes go in the read's buffer.
+type Wait = (Piece, Arc<Pending>, std::ops::Range<u32>, usize);
+/// A fetch a read created, waiting for a job.
+type Lead = (Piece, Arc<Pending>, Arc<BlobCache>);
+
 /// Streams tracked at most; beyond this the table is cleared (a reader that
 /// loses its entry only loses readahead until its next read).
 const MAX_STREAMS: usize = 4096;
@@ -193,7 +210,7 @@ impl Fetcher {
         if offset >= inode.size || size == 0 {
             return Ok(Vec::new());
         }
-        let end = inode.size.min(offset + u64::from(size));
+        let end = inode.size.min(offset.saturating_add(u64::from(size)));
         let cs = u64::from(self.bootstrap.chunk_size());
         let bad = |reason: String| FetchError::BadFile { ino: ino.0, reason };
         let first =
@@ -209,40 +226,24 @@ impl Fetcher {
         }
 
         let mut out = vec![0u8; (end - offset) as usize];
-        // (piece, pending, range in chunk, position in out)
         let mut waits = Vec::new();
         let mut leads = Vec::new();
-        for idx in first..=last {
-            let piece = self.piece(ino, idx, inode.size)?;
-            let chunk_start = u64::from(idx) * cs;
-            let lo = offset.saturating_sub(chunk_start) as u32;
-            let hi = (end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;
-            let at = (chunk_start + u64::from(lo) - offset) as usize;
-            let dest = &mut out[at..at + (hi - lo) as usize];
-            let cache = self.blob_cache(&piece)?;
-            if cache.read_at(piece.rel, &piece.rec, lo, dest)? {
-                Metrics::add(&self.metrics.cache_hits, 1);
-                continue;
+        let span = Span {
+            ino,
+            file_size: inode.size,
+            offset,
+            end,
+            first,
+            last,
+        };
+        if let Err(e) = self.serve_or_join(&span, &mut out, &mut waits, &mut leads) {
+            // Fetches this read created must not stay in flight without a job.
+            for (piece, pending, _) in leads {
+                self.ctx
+                    .inflight
+                    .finish(piece.key(), &pending, Err(e.clone()));
             }
-            Metrics::add(&self.metrics.cache_misses, 1);
-            let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
-            if leader {
-                // A job may have stored the chunk between our lookup and our lead.
-                if cache.is_present(piece.rel) {
-                    let mut whole = vec![0u8; piece.rec.uncompressed_size as usize];
-                    let result = match cache.read_at(piece.rel, &piece.rec, 0, &mut whole) {
-                        Ok(true) => Ok(Bytes::from(whole)),
-                        Ok(false) => Err(bad("cached chunk vanished".into())),
-                        Err(e) => Err(FetchError::from(e)),
-                    };
-                    self.ctx.inflight.finish(piece.key(), &pending, result);
-                } else {
-                    leads.push((piece, Arc::clone(&pending), cache));
-                }
-            } else {
-                Metrics::add(&self.metrics.inflight_joins, 1);
-            }
-            waits.push((piece, pending, lo..hi, at));
+            return Err(e);
         }
 
         let extended_to = self.start_demand_jobs(ino, inode.size, chunk_count, last, leads);
@@ -279,6 +280,57 @@ impl Fetcher {
         Ok(out)
     }
 
+    /// Copies the span's cached chunks into `out`; for the others joins the
+    /// fetch in flight or creates one (returned in `leads` for jobs to be
+    /// started). `waits` gets every chunk still to be copied.
+    fn serve_or_join(
+        &self,
+        span: &Span,
+        out: &mut [u8],
+        waits: &mut Vec<Wait>,
+        leads: &mut Vec<Lead>,
+    ) -> Result<(), FetchError> {
+        let cs = u64::from(self.bootstrap.chunk_size());
+        for idx in span.first..=span.last {
+            let piece = self.piece(span.ino, idx, span.file_size)?;
+            let chunk_start = u64::from(idx) * cs;
+            let lo = span.offset.saturating_sub(chunk_start) as u32;
+            let hi = (span.end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;
+            let at = (chunk_start + u64::from(lo) - span.offset) as usize;
+            let cache = self.blob_cache(&piece)?;
+            if cache.read_at(
+                piece.rel,
+                &piece.rec,
+                lo,
+                &mut out[at..at + (hi - lo) as usize],
+            )? {
+                Metrics::add(&self.metrics.cache_hits, 1);
+                continue;
+            }
+            Metrics::add(&self.metrics.cache_misses, 1);
+            let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
+            if !leader {
+                Metrics::add(&self.metrics.inflight_joins, 1);
+            } else if cache.is_present(piece.rel) {
+                // A job stored the chunk between our lookup and our lead.
+                let mut whole = vec![0u8; piece.rec.uncompressed_size as usize];
+                let result = match cache.read_at(piece.rel, &piece.rec, 0, &mut whole) {
+                    Ok(true) => Ok(Bytes::from(whole)),
+                    Ok(false) => Err(FetchError::BadFile {
+                        ino: span.ino.0,
+                        reason: format!("cached chunk {} vanished", piece.rec.digest),
+                    }),
+                    Err(e) => Err(FetchError::from(e)),
+                };
+                self.ctx.inflight.finish(piece.key(), &pending, result);
+            } else {
+                leads.push((piece, Arc::clone(&pending), cache));
+            }
+            waits.push((piece, pending, lo..hi, at));
+        }
+        Ok(())
+    }
+
     /// Forgets the sequential-read state of `ino` (its last handle closed).
     pub fn forget_stream(&self, ino: Ino) {
         self.streams
@@ -287,9 +339,11 @@ impl Fetcher {
             .remove(&ino.0);
     }
 
-    /// Cancels queued fetches; readers waiting for them get an error.
-    pub fn shutdown(&self) {
-        self.pool.shutdown();
+    /// Cancels queued fetches (readers waiting for them get an error) and
+    /// waits up to `grace` for running ones, so that what they fetched is
+    /// cached before a final flush. Returns whether they all finished.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        self.pool.shutdown(grace)
     }
 
     /// Resolves file chunk `idx` of `ino` and checks it against the file.
@@ -361,7 +415,7 @@ impl Fetcher {
         file_size: u64,
         chunk_count: u32,
         last: u32,
-        leads: Vec<(Piece, Arc<Pending>, Arc<BlobCache>)>,
+        leads: Vec<Lead>,
     ) -> u32 {
         let mut queued_to = last + 1;
         let mut leads = leads.into_iter().peekable();

@@ -305,6 +305,7 @@ fn a_restarted_fetcher_serves_flushed_chunks_from_the_cache() {
             settings(4, 0),
         );
         assert_eq!(f.read(ino_of(&image, "f"), 0, 3 * CS).unwrap(), data);
+        wait_cached(&f, 3);
         f.cache.flush().unwrap();
     }
     std::fs::remove_file(image.blob_path()).unwrap();
@@ -329,5 +330,72 @@ fn shared_chunks_are_fetched_once() {
         [chunk.clone(), chunk.clone()].concat()
     );
     assert_eq!(f.read(ino_of(&image, "a"), 0, CS).unwrap(), chunk);
+    assert_eq!(backend.calls().len(), 1);
+}
+
+#[test]
+fn a_read_failing_midway_leaves_no_orphaned_fetch() {
+    // "f" is [y, x]: y in the second blob, x shared from the first.
+    let (x, y) = (pattern(CS as usize, 1), pattern(CS as usize, 2));
+    let mut b = ImageBuilder::new(CS, false);
+    b.file("g", &x);
+    b.next_blob();
+    b.file("f", &[y.clone(), x].concat());
+    let image = b.build();
+    // The first blob's cache cannot be opened: its map path is a directory.
+    let map = image
+        .cache_dir
+        .join(format!("{}.map", image.blob_digests[0].hex()));
+    std::fs::create_dir_all(map).unwrap();
+    let mut s = settings(1, 0);
+    s.deadline = Duration::from_secs(2);
+    let (f, _) = fetcher(&image, Arc::new(DirBackend::new(&image.blob_dir)), s);
+    let ino = ino_of(&image, "f");
+    // Chunk 0 (y) is led, then chunk 1 (x) fails.
+    let err = f.read(ino, 0, 2 * CS).unwrap_err();
+    assert!(matches!(err, FetchError::Cache(_)), "{err}");
+    // y's fetch was not left in flight for later readers to wait on.
+    assert_eq!(f.read(ino, 0, 10).unwrap(), y[..10]);
+}
+
+/// Waits until every chunk of the first blob is in the fetcher's cache
+/// (jobs cache chunks just after handing them to readers).
+fn wait_cached(f: &Fetcher, count: usize) {
+    wait_until("chunks to be cached", || {
+        f.blob_caches[0]
+            .get()
+            .is_some_and(|c| c.present_count() == count)
+    });
+}
+
+#[test]
+fn a_cached_chunk_whose_bytes_vanished_is_fetched_again() {
+    let (image, data) = one_file(3, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, _) = fetcher(&image, backend.clone(), settings(1, 0));
+    let ino = ino_of(&image, "f");
+    let cs = u64::from(CS);
+    assert_eq!(f.read(ino, cs, 10).unwrap(), data[CS as usize..][..10]);
+    wait_cached(&f, 1);
+    f.cache.flush().unwrap();
+    let cache_file = image.cache_dir.join(image.blob_digest.hex());
+    let truncate = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cache_file)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    };
+    truncate();
+    assert_eq!(f.read(ino, 0, 2 * CS).unwrap(), data[..2 * CS as usize]);
+    assert_eq!(backend.calls().len(), 3, "chunk 1 was not fetched again");
+    // The map forgot it too: a new fetcher over an emptied data file fetches.
+    wait_cached(&f, 2);
+    drop(f);
+    truncate();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, _) = fetcher(&image, backend.clone(), settings(1, 0));
+    assert_eq!(f.read(ino, cs, 10).unwrap(), data[CS as usize..][..10]);
     assert_eq!(backend.calls().len(), 1);
 }

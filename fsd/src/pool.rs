@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tracing::error;
 
@@ -28,12 +29,16 @@ pub enum Priority {
 struct Queues {
     demand: VecDeque<Box<dyn Job>>,
     background: VecDeque<Box<dyn Job>>,
+    /// Jobs being run right now.
+    running: usize,
     shutdown: bool,
 }
 
 struct Shared {
     queues: Mutex<Queues>,
     ready: Condvar,
+    /// Signalled when a job finishes.
+    finished: Condvar,
 }
 
 pub struct WorkerPool {
@@ -46,6 +51,7 @@ impl WorkerPool {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             ready: Condvar::new(),
+            finished: Condvar::new(),
         });
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers.max(1) {
@@ -88,9 +94,11 @@ impl WorkerPool {
             .len()
     }
 
-    /// Cancels queued jobs and lets the workers exit after their current job.
-    /// Does not wait for them (a backend call may be stuck until its timeout).
-    pub fn shutdown(&self) {
+    /// Cancels queued jobs, lets the workers exit after their current job,
+    /// and waits up to `grace` for those jobs to finish (a backend call may
+    /// be stuck until its own timeout; it is not waited for beyond `grace`).
+    /// Returns whether every job finished in time.
+    pub fn shutdown(&self, grace: Duration) -> bool {
         let cancelled: Vec<_> = {
             let mut q = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
             q.shutdown = true;
@@ -101,16 +109,33 @@ impl WorkerPool {
         for job in cancelled {
             job.cancel();
         }
+        let deadline = Instant::now() + grace;
+        let mut q = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+        while q.running > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = self
+                .shared
+                .finished
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(q);
+        // Workers exit on their own; joining could wait on a stuck backend call.
         self.threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        true
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(Duration::ZERO);
     }
 }
 
@@ -123,6 +148,7 @@ fn worker(shared: &Shared) {
                     return;
                 }
                 if let Some(job) = q.demand.pop_front().or_else(|| q.background.pop_front()) {
+                    q.running += 1;
                     break job;
                 }
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -133,6 +159,12 @@ fn worker(shared: &Shared) {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
             error!("fetch job panicked");
         }
+        shared
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running -= 1;
+        shared.finished.notify_all();
     }
 }
 
@@ -187,10 +219,15 @@ mod tests {
         barrier.wait();
         let (tx, rx) = mpsc::channel();
         pool.submit(Priority::Background, Box::new(Send(tx.clone(), "ran")));
-        pool.shutdown();
+        // The blocked job cannot finish within the grace period.
+        assert!(!pool.shutdown(std::time::Duration::from_millis(10)));
         assert_eq!(rx.try_recv().unwrap(), "cancelled");
         pool.submit(Priority::Demand, Box::new(Send(tx, "ran")));
         assert_eq!(rx.try_recv().unwrap(), "cancelled");
         barrier.wait();
+        assert!(
+            pool.shutdown(std::time::Duration::from_secs(10)),
+            "running job not seen finishing"
+        );
     }
 }

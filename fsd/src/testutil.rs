@@ -1,5 +1,5 @@
 //! Real images for unit tests: a tree of files written with the format writer,
-//! one data blob in a directory (for the `dir://` backend), and backend
+//! data blobs in a directory (for the `dir://` backend), and backend
 //! wrappers that count or hold back range requests.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +22,8 @@ pub struct ImageBuilder {
     tree: ImageTree,
     chunk_size: u32,
     compress: bool,
+    /// Finished blobs, then the one being filled.
+    done: Vec<Vec<u8>>,
     blob: Vec<u8>,
     uncompressed_len: u64,
     chunks: Vec<ChunkRecord>,
@@ -34,7 +36,9 @@ pub struct TestImage {
     pub cache_dir: PathBuf,
     pub bootstrap_path: PathBuf,
     pub bootstrap: Arc<Bootstrap>,
+    /// Digest of the first blob.
     pub blob_digest: Digest,
+    pub blob_digests: Vec<Digest>,
 }
 
 fn meta(perm: u32) -> Meta {
@@ -54,6 +58,7 @@ impl ImageBuilder {
             tree: ImageTree::new(meta(0o755)),
             chunk_size,
             compress,
+            done: Vec::new(),
             blob: Vec::new(),
             uncompressed_len: 0,
             chunks: Vec::new(),
@@ -133,7 +138,7 @@ impl ImageBuilder {
         let index = ChunkIndex(self.chunks.len() as u32);
         self.chunks.push(ChunkRecord {
             digest,
-            blob: BlobIndex(0),
+            blob: BlobIndex(self.done.len() as u32),
             compressed_offset: self.blob.len() as u64,
             compressed_size: stored.len() as u32,
             uncompressed_offset: self.uncompressed_len,
@@ -144,6 +149,13 @@ impl ImageBuilder {
         self.uncompressed_len += data.len() as u64;
         self.by_digest.insert(digest, index);
         index
+    }
+
+    /// New chunks go to a new blob from now on (chunks already stored are
+    /// still shared from their blob).
+    pub fn next_blob(&mut self) {
+        self.done.push(std::mem::take(&mut self.blob));
+        self.uncompressed_len = 0;
     }
 
     pub fn symlink(&mut self, path: &str, target: &str) -> NodeId {
@@ -189,12 +201,17 @@ impl ImageBuilder {
         let blob_dir = tmp.path().join("blobs");
         let cache_dir = tmp.path().join("cache");
         std::fs::create_dir_all(&blob_dir).unwrap();
-        let blob_digest = Digest::of(&self.blob);
-        std::fs::write(blob_dir.join(blob_digest.hex()), &self.blob).unwrap();
-        let blobs = [BlobInfo {
-            digest: blob_digest,
-            compressed_size: self.blob.len() as u64,
-        }];
+        let mut all = self.done;
+        all.push(self.blob);
+        let mut blobs = Vec::new();
+        for blob in &all {
+            let digest = Digest::of(blob);
+            std::fs::write(blob_dir.join(digest.hex()), blob).unwrap();
+            blobs.push(BlobInfo {
+                digest,
+                compressed_size: blob.len() as u64,
+            });
+        }
         let bytes =
             write_bootstrap(&self.tree, self.chunk_size, &blobs, &self.chunks, &[]).unwrap();
         let bootstrap_path = tmp.path().join("bootstrap");
@@ -206,7 +223,8 @@ impl ImageBuilder {
             cache_dir,
             bootstrap_path,
             bootstrap,
-            blob_digest,
+            blob_digest: blobs[0].digest,
+            blob_digests: blobs.iter().map(|b| b.digest).collect(),
         }
     }
 }
