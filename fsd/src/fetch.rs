@@ -421,13 +421,10 @@ impl Fetcher {
         let mut leads = leads.into_iter().peekable();
         while let Some((piece, pending, cache)) = leads.next() {
             let mut job = self.new_job(piece, pending, cache, false);
-            while let Some((next, _, _)) = leads.peek() {
-                if next.file_idx != job.last_file_idx() + 1
-                    || !job.accepts(next, self.settings.merge_limit)
-                {
-                    break;
-                }
-                let (next, pending, _) = leads.next().expect("peeked");
+            let merge_limit = self.settings.merge_limit;
+            while let Some((next, pending, _)) = leads.next_if(|(next, _, _)| {
+                next.file_idx == job.last_file_idx() + 1 && job.accepts(next, merge_limit)
+            }) {
                 job.push(next, pending);
             }
             if job.last_file_idx() == last {

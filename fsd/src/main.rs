@@ -14,7 +14,11 @@ use lode_fsd::daemon::{self, DaemonOptions};
 /// Readiness protocol: with --ready-fd N the daemon writes the line "ready"
 /// to descriptor N once the mount serves requests, then closes N. If start-up
 /// fails, N is closed without that line and the daemon exits non-zero. Read N
-/// to end-of-file to learn which. SIGTERM or SIGINT unmounts and exits 0;
+/// to end-of-file to learn which. The --pid-file is written before "ready".
+///
+/// SIGTERM or SIGINT unmounts and exits 0 once the kernel ends the session;
+/// a mount still in use is detached lazily and served until its last user
+/// lets go, and a second SIGTERM/SIGINT then aborts the FUSE connection.
 /// SIGUSR1 logs the metrics as JSON. Logging goes to stderr, filtered by
 /// RUST_LOG (default "info").
 #[derive(Parser, Debug)]
