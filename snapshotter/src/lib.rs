@@ -2,3 +2,4 @@
 //! command line.
 
 pub mod convert;
+pub mod ctl;

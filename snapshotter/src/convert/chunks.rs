@@ -2,27 +2,30 @@
 //! (zstd frame, or raw when zstd does not make it smaller) in the current
 //! layer's data blob, and builds the chunk table.
 //!
-//! Chunks are queued in batches so that hashing and compression run on
-//! several threads while the tar stream is read on one; batches are written
-//! in queue order, which keeps blobs and chunk tables identical from run to
-//! run whatever the thread count.
+//! This is the reading side: chunks are queued in batches for the layer's
+//! writer thread ([`super::blob_writer`]), so the tar stream is read and
+//! decompressed while earlier chunks are hashed and compressed. Chunk
+//! indices are only known once the writer is done, so files' chunk lists are
+//! filled in at the end of the layer.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
-use lode_common::digest::Hasher;
-use lode_common::format::{
-    BlobIndex, BlobInfo, ChunkIndex, ChunkRecord, ImageTree, NodeId, NodeKind,
-};
+use lode_common::format::{BlobIndex, BlobInfo, ChunkRecord, ImageTree, NodeId, NodeKind};
 use lode_common::Digest;
 
+use super::blob_writer::{too_many, BlobWriter, ChunkTable, Written};
 use super::error::ConvertError;
 
-/// Uncompressed bytes queued before a batch is hashed and compressed (at
-/// least two chunks, so that two threads have work).
+/// Uncompressed bytes sent to the writer at a time (at least two chunks, so
+/// that two threads have work).
 const BATCH_BYTES: usize = 8 << 20;
+/// Batches queued for the writer while it works on one: memory stays
+/// bounded by a few batches whatever the layer size.
+const QUEUED_BATCHES: usize = 1;
 
 /// A data blob finished for one layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,44 +62,31 @@ pub struct ChunkStore {
     chunk_size: u32,
     zstd_level: i32,
     threads: usize,
-    records: Vec<ChunkRecord>,
-    by_digest: HashMap<Digest, ChunkIndex>,
+    /// Lent to the layer's writer thread while a layer is open.
+    table: ChunkTable,
     blobs: Vec<BlobInfo>,
-    layer: Option<OpenBlob>,
+    layer: Option<OpenLayer>,
 }
 
-struct OpenBlob {
-    path: PathBuf,
-    out: BufWriter<File>,
-    hasher: Hasher,
-    index: BlobIndex,
-    compressed_len: u64,
-    uncompressed_len: u64,
+/// The reading side of the layer being converted.
+struct OpenLayer {
     batch: Vec<Vec<u8>>,
     batch_bytes: usize,
-    /// Chunk index of every queued chunk, by queue position.
-    resolved: Vec<ChunkIndex>,
+    /// Chunks queued so far (sent or in `batch`).
+    queued: usize,
     files: Vec<(NodeId, Vec<usize>)>,
     counters: ChunkCounters,
+    sender: SyncSender<Vec<Vec<u8>>>,
+    writer: JoinHandle<(ChunkTable, Result<Written, ConvertError>)>,
 }
 
-impl std::fmt::Debug for OpenBlob {
+impl std::fmt::Debug for OpenLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenBlob")
-            .field("path", &self.path)
-            .field("index", &self.index)
-            .field("compressed_len", &self.compressed_len)
-            .field("queued", &self.batch.len())
+        f.debug_struct("OpenLayer")
+            .field("queued", &self.queued)
+            .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
-}
-
-enum Plan {
-    Known(ChunkIndex),
-    /// Index into the list of chunks to compress.
-    New(usize),
-    /// Same digest as a new chunk earlier in the batch.
-    Repeat(Digest),
 }
 
 impl ChunkStore {
@@ -105,8 +95,7 @@ impl ChunkStore {
             chunk_size,
             zstd_level,
             threads: threads.max(1),
-            records: Vec::new(),
-            by_digest: HashMap::new(),
+            table: ChunkTable::default(),
             blobs: Vec::new(),
             layer: None,
         }
@@ -117,8 +106,9 @@ impl ChunkStore {
     }
 
     /// The chunk table: grouped by blob, sorted by offset within a blob.
+    /// Complete between layers.
     pub fn records(&self) -> &[ChunkRecord] {
-        &self.records
+        &self.table.records
     }
 
     /// The data blobs written so far, in order.
@@ -126,37 +116,57 @@ impl ChunkStore {
         &self.blobs
     }
 
-    /// Opens `path` as the data blob of the next layer.
+    /// Opens `path` as the data blob of the next layer and starts its writer.
     pub fn begin_layer(&mut self, path: &Path) -> Result<(), ConvertError> {
+        if self.layer.is_some() {
+            return Err(ConvertError::Task("a layer is already open".to_owned()));
+        }
         let file = File::create(path).map_err(ConvertError::io(format!(
             "create data blob {}",
             path.display()
         )))?;
-        self.layer = Some(OpenBlob {
-            path: path.to_path_buf(),
-            out: BufWriter::with_capacity(1 << 20, file),
-            hasher: Hasher::new(),
-            index: BlobIndex(u32::try_from(self.blobs.len()).map_err(|_| too_many("blobs"))?),
-            compressed_len: 0,
-            uncompressed_len: 0,
+        let index = BlobIndex(u32::try_from(self.blobs.len()).map_err(|_| too_many("blobs"))?);
+        let blob = BlobWriter::new(
+            path.to_path_buf(),
+            file,
+            index,
+            self.threads,
+            self.zstd_level,
+        );
+        let table = std::mem::take(&mut self.table);
+        let (sender, batches) = sync_channel(QUEUED_BATCHES);
+        let writer = std::thread::Builder::new()
+            .name("lode-blob-writer".to_owned())
+            .spawn(move || blob.run(table, batches))
+            .map_err(ConvertError::io("start the blob writer thread"))?;
+        self.layer = Some(OpenLayer {
             batch: Vec::new(),
             batch_bytes: 0,
-            resolved: Vec::new(),
+            queued: 0,
             files: Vec::new(),
             counters: ChunkCounters::default(),
+            sender,
+            writer,
         });
         Ok(())
     }
 
-    /// Reads a file's content to its end and queues its chunks.
-    pub(crate) fn add_file(&mut self, content: &mut dyn Read) -> Result<PendingFile, AddError> {
+    /// Reads a file's content to its end and queues its chunks. `size_hint`
+    /// (the size the tar header declares) only sizes buffers: queued chunks
+    /// of small files must not each hold a whole chunk's worth of memory.
+    pub(crate) fn add_file(
+        &mut self,
+        content: &mut dyn Read,
+        size_hint: u64,
+    ) -> Result<PendingFile, AddError> {
         let cs = self.chunk_size as usize;
         let mut pending = PendingFile {
             size: 0,
             ids: Vec::new(),
         };
         loop {
-            let mut buf = Vec::with_capacity(cs);
+            let expected = size_hint.saturating_sub(pending.size);
+            let mut buf = Vec::with_capacity(cs.min(usize::try_from(expected).unwrap_or(cs)));
             let n = content
                 .take(cs as u64)
                 .read_to_end(&mut buf)
@@ -180,134 +190,94 @@ impl ChunkStore {
         }
     }
 
-    /// Writes what is still queued, fills in the chunk lists of the layer's
-    /// files in `tree`, and closes the blob. A layer that stored no chunk
-    /// gets no blob (its file is removed).
+    /// Waits for the writer to store what is queued, fills in the chunk lists
+    /// of the layer's files in `tree`, and closes the blob. A layer that
+    /// stored no chunk gets no blob (its file is removed).
     pub fn finish_layer(
         &mut self,
         tree: &mut ImageTree,
     ) -> Result<(Option<LayerBlob>, ChunkCounters), ConvertError> {
-        self.flush()?;
+        self.send_batch()?;
         let Some(layer) = self.layer.take() else {
             return Ok((None, ChunkCounters::default()));
         };
+        drop(layer.sender);
+        let written = self.join_writer(layer.writer)?;
+        let mut counters = layer.counters;
+        counters.new_chunks = written.new_chunks;
+        counters.stored_bytes = written.compressed_len;
         for (node, ids) in &layer.files {
             if let NodeKind::File { chunks, .. } = &mut tree.node_mut(*node).kind {
-                *chunks = ids.iter().map(|&id| layer.resolved[id]).collect();
+                *chunks = ids.iter().map(|&id| written.resolved[id]).collect();
             }
         }
-        let write_err = ConvertError::io(format!("write data blob {}", layer.path.display()));
-        layer
-            .out
-            .into_inner()
-            .map_err(|e| write_err(e.into_error()))?;
-        if layer.compressed_len == 0 {
-            std::fs::remove_file(&layer.path).map_err(ConvertError::io(format!(
+        if written.compressed_len == 0 {
+            std::fs::remove_file(&written.path).map_err(ConvertError::io(format!(
                 "remove empty data blob {}",
-                layer.path.display()
+                written.path.display()
             )))?;
-            return Ok((None, layer.counters));
+            return Ok((None, counters));
         }
-        let digest = layer.hasher.finish();
         self.blobs.push(BlobInfo {
-            digest,
-            compressed_size: layer.compressed_len,
+            digest: written.digest,
+            compressed_size: written.compressed_len,
         });
         let blob = LayerBlob {
-            path: layer.path,
-            digest,
-            size: layer.compressed_len,
+            path: written.path,
+            digest: written.digest,
+            size: written.compressed_len,
         };
-        Ok((Some(blob), layer.counters))
+        Ok((Some(blob), counters))
     }
 
     fn queue(&mut self, chunk: Vec<u8>) -> Result<usize, ConvertError> {
-        let cs = self.chunk_size as usize;
+        let limit = BATCH_BYTES.max(2 * self.chunk_size as usize);
         let layer = self.layer.as_mut().ok_or_else(no_layer)?;
-        let id = layer.resolved.len() + layer.batch.len();
+        let id = layer.queued;
+        layer.queued += 1;
         layer.counters.file_bytes += chunk.len() as u64;
         layer.counters.chunks += 1;
         layer.batch_bytes += chunk.len();
         layer.batch.push(chunk);
-        if layer.batch_bytes >= BATCH_BYTES.max(2 * cs) {
-            self.flush()?;
+        if layer.batch_bytes >= limit {
+            self.send_batch()?;
         }
         Ok(id)
     }
 
-    /// Hashes the batch, decides which chunks are new, compresses those, and
-    /// appends them to the blob in queue order.
-    fn flush(&mut self) -> Result<(), ConvertError> {
+    /// Hands the current batch to the writer (waiting while it is busy with
+    /// earlier ones).
+    fn send_batch(&mut self) -> Result<(), ConvertError> {
         let Some(layer) = self.layer.as_mut() else {
             return Ok(());
         };
         let batch = std::mem::take(&mut layer.batch);
         layer.batch_bytes = 0;
-        if batch.is_empty() {
+        if batch.is_empty() || layer.sender.send(batch).is_ok() {
             return Ok(());
         }
-        let digests = parallel_map(&batch, self.threads, |data| Digest::of(data));
-        let mut plans = Vec::with_capacity(batch.len());
-        let mut fresh = Vec::new();
-        let mut seen = HashSet::new();
-        for (i, digest) in digests.iter().enumerate() {
-            plans.push(if let Some(&known) = self.by_digest.get(digest) {
-                Plan::Known(known)
-            } else if !seen.insert(*digest) {
-                Plan::Repeat(*digest)
-            } else {
-                fresh.push(i);
-                Plan::New(fresh.len() - 1)
-            });
+        // The writer stopped early: its error says why.
+        let Some(layer) = self.layer.take() else {
+            return Ok(());
+        };
+        drop(layer.sender);
+        match self.join_writer(layer.writer) {
+            Ok(_) => Err(ConvertError::Task(
+                "the blob writer stopped before the layer ended".to_owned(),
+            )),
+            Err(e) => Err(e),
         }
-        let level = self.zstd_level;
-        let compressed: Vec<Option<Vec<u8>>> =
-            parallel_map(&fresh, self.threads, |&i| compress(&batch[i], level))
-                .into_iter()
-                .collect::<io::Result<_>>()
-                .map_err(ConvertError::io("zstd compression"))?;
+    }
 
-        for ((data, digest), plan) in batch.iter().zip(&digests).zip(plans) {
-            let index = match plan {
-                Plan::Known(index) => index,
-                Plan::Repeat(digest) => *self
-                    .by_digest
-                    .get(&digest)
-                    .ok_or_else(|| ConvertError::Task(format!("chunk {digest} lost")))?,
-                Plan::New(k) => {
-                    let frame = compressed[k].as_deref();
-                    let stored = frame.unwrap_or(data);
-                    let index = ChunkIndex(
-                        u32::try_from(self.records.len()).map_err(|_| too_many("chunks"))?,
-                    );
-                    layer
-                        .out
-                        .write_all(stored)
-                        .map_err(ConvertError::io(format!(
-                            "write data blob {}",
-                            layer.path.display()
-                        )))?;
-                    layer.hasher.update(stored);
-                    self.records.push(ChunkRecord {
-                        digest: *digest,
-                        blob: layer.index,
-                        compressed_offset: layer.compressed_len,
-                        compressed_size: stored.len() as u32,
-                        uncompressed_offset: layer.uncompressed_len,
-                        uncompressed_size: data.len() as u32,
-                        compressed: frame.is_some(),
-                    });
-                    layer.compressed_len += stored.len() as u64;
-                    layer.uncompressed_len += data.len() as u64;
-                    layer.counters.new_chunks += 1;
-                    layer.counters.stored_bytes += stored.len() as u64;
-                    self.by_digest.insert(*digest, index);
-                    index
-                }
-            };
-            layer.resolved.push(index);
-        }
-        Ok(())
+    fn join_writer(
+        &mut self,
+        writer: JoinHandle<(ChunkTable, Result<Written, ConvertError>)>,
+    ) -> Result<Written, ConvertError> {
+        let (table, result) = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        self.table = table;
+        result
     }
 }
 
@@ -315,7 +285,7 @@ impl ChunkStore {
 #[derive(Debug)]
 pub(crate) enum AddError {
     /// Reading the tar entry failed (the layer is damaged).
-    Read(io::Error),
+    Read(std::io::Error),
     Convert(ConvertError),
 }
 
@@ -323,40 +293,6 @@ impl From<ConvertError> for AddError {
     fn from(e: ConvertError) -> Self {
         AddError::Convert(e)
     }
-}
-
-/// A zstd frame of `data`, or `None` when the frame would not be smaller.
-fn compress(data: &[u8], level: i32) -> io::Result<Option<Vec<u8>>> {
-    let frame = zstd::bulk::compress(data, level)?;
-    Ok((frame.len() < data.len()).then_some(frame))
-}
-
-/// `items.iter().map(f)` on up to `threads` scoped threads, in order.
-fn parallel_map<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    if threads <= 1 || items.len() <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let per_thread = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = items
-            .chunks(per_thread)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
-}
-
-fn too_many(what: &str) -> ConvertError {
-    ConvertError::Format(lode_common::format::FormatError::Invalid(format!(
-        "more than 2^32 {what}"
-    )))
 }
 
 fn no_layer() -> ConvertError {

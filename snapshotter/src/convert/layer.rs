@@ -167,7 +167,8 @@ impl Converter {
                 entries: BTreeMap::new(),
             },
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let pending = self.store.add_file(entry).map_err(|e| match e {
+                let size_hint = entry.size();
+                let pending = self.store.add_file(entry, size_hint).map_err(|e| match e {
                     AddError::Read(e) => Failure::Read(e),
                     AddError::Convert(e) => Failure::Other(e),
                 })?;

@@ -1,0 +1,61 @@
+//! The `lodectl` command line. Each subcommand is a module here with its
+//! clap arguments and a `run` that calls the library; adding one means a
+//! module, a [`Command`] variant, a [`CtlError`] variant for its library
+//! error, and a match arm in [`Command::run`].
+
+pub mod convert;
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+use crate::convert::ConvertError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lodectl",
+    version,
+    about = "Build and inspect Lode lazy-loading images"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Convert an OCI image into a Lode image; prints the new manifest digest.
+    Convert(convert::ConvertArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Command {
+    /// Runs the subcommand; its result (e.g. a digest) goes to `out`.
+    pub fn run(self, out: &mut dyn Write) -> Result<(), CtlError> {
+        match self {
+            Command::Convert(args) => convert::run(args, out),
+        }
+    }
+}
+
+/// The async runtime for subcommands that talk to registries or daemons.
+pub fn runtime() -> Result<tokio::runtime::Runtime, CtlError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CtlError::Io {
+            what: "start the async runtime".to_owned(),
+            source,
+        })
+}
