@@ -513,6 +513,60 @@ async fn damaged_and_hostile_sources_are_refused() {
     );
 }
 
+/// Rewrites a layout image's manifest with docker v2 media types.
+fn as_docker_manifest(built: &BuiltImage) -> Digest {
+    let mut manifest: Value = serde_json::from_slice(&built.manifest).unwrap();
+    manifest["mediaType"] = json!("application/vnd.docker.distribution.manifest.v2+json");
+    manifest["config"]["mediaType"] = json!("application/vnd.docker.container.image.v1+json");
+    for layer in manifest["layers"].as_array_mut().unwrap() {
+        layer["mediaType"] = json!("application/vnd.docker.image.rootfs.diff.tar.gzip");
+    }
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let digest = Digest::of(&bytes);
+    std::fs::write(blob_path(&built.layout_dir, &digest), &bytes).unwrap();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "digest": digest.to_string(),
+            "size": bytes.len(),
+        }],
+    });
+    std::fs::write(
+        built.layout_dir.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_manifests_and_zstd_behind_a_gzip_media_type_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let built = OciLayoutBuilder::new()
+        .layer(Layer::gzip(vec![TarEntry::file("a", "gzip layer")]))
+        .layer(Layer::zstd(vec![TarEntry::file("b", "zstd layer")]))
+        .write(&src, "v1")
+        .unwrap();
+    let docker = as_docker_manifest(&built);
+    let bootstrap_out = tmp.path().join("bootstrap");
+    let mut opts = options(
+        ImageLocation::Layout {
+            dir: src,
+            tag: None,
+        },
+        layout(&tmp.path().join("out"), "lode"),
+    );
+    opts.bootstrap_out = Some(bootstrap_out.clone());
+    let outcome = convert(&opts).await.expect("convert");
+    assert_eq!(outcome.source_manifest_digest, docker);
+    let boot = Bootstrap::open(&bootstrap_out).unwrap();
+    let got = read_back(&boot, &tmp.path().join("out"));
+    assert_eq!(got[&b"a".to_vec()].data, b"gzip layer");
+    assert_eq!(got[&b"b".to_vec()].data, b"zstd layer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lode_image_is_not_converted_again() {
     let tmp = tempfile::tempdir().unwrap();
