@@ -36,6 +36,10 @@ pub struct CacheConfig {
     /// this process as soon as they are written; a crash loses at most this
     /// much of the cache's recent content, never its integrity.
     pub flush_interval_ms: u64,
+    /// Write page-aligned chunks with O_DIRECT, bypassing the page cache (the
+    /// kernel already caches file data above FUSE). Falls back to buffered
+    /// writes where the filesystem does not support it.
+    pub direct_io: bool,
 }
 
 impl Default for CacheConfig {
@@ -43,6 +47,7 @@ impl Default for CacheConfig {
         Self {
             dir: None,
             flush_interval_ms: 1000,
+            direct_io: true,
         }
     }
 }

@@ -13,12 +13,18 @@
 //! that did not reach the disk. Several processes may write the same chunk:
 //! they write identical (verified) bytes. A chunk another process made durable
 //! is found through its map byte on a miss.
+//!
+//! Chunks whose offset and length are page-aligned are written with O_DIRECT
+//! when the filesystem allows: the kernel already caches file data above FUSE,
+//! and a second copy in the cache file's page cache would cost memory and a
+//! copy into freshly allocated pages for every byte fetched.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lode_common::format::{BlobRecord, ChunkRecord};
@@ -29,6 +35,9 @@ use tracing::{debug, warn};
 const MAP_MAGIC: &[u8; 8] = b"LODEMAP1";
 /// magic (8) + chunk count (4) + reserved (4) + uncompressed size (8) + layout hash (32) + pad.
 const MAP_HEADER_LEN: u64 = 64;
+
+/// Alignment of file offsets, lengths and memory that O_DIRECT needs.
+const DIRECT_ALIGN: usize = 4096;
 
 const ABSENT: u8 = 0;
 /// Written to the data file, not yet fdatasync'ed.
@@ -60,6 +69,7 @@ pub enum CacheError {
 pub struct ChunkCache {
     dir: PathBuf,
     blobs: Mutex<HashMap<Digest, Arc<BlobCache>>>,
+    direct_io: bool,
 }
 
 impl ChunkCache {
@@ -72,7 +82,15 @@ impl ChunkCache {
         Ok(Self {
             dir: dir.to_path_buf(),
             blobs: Mutex::new(HashMap::new()),
+            direct_io: true,
         })
+    }
+
+    /// Whether aligned chunks are written with O_DIRECT (default on; blobs
+    /// opened before the change keep their setting).
+    pub fn with_direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -90,7 +108,7 @@ impl ChunkCache {
         if let Some(existing) = blobs.get(&blob.digest) {
             return Ok(Arc::clone(existing));
         }
-        let opened = Arc::new(BlobCache::open(&self.dir, blob, chunks)?);
+        let opened = Arc::new(BlobCache::open(&self.dir, blob, chunks, self.direct_io)?);
         blobs.insert(blob.digest, Arc::clone(&opened));
         Ok(opened)
     }
@@ -119,6 +137,10 @@ pub struct BlobCache {
     data_path: PathBuf,
     map_path: PathBuf,
     data: File,
+    /// The data file opened with O_DIRECT, for aligned chunks.
+    direct: Option<File>,
+    /// Cleared when the filesystem refuses a direct write.
+    direct_ok: AtomicBool,
     map: File,
     state: Box<[AtomicU8]>,
     /// Chunks in state WRITTEN, waiting for the next flush.
@@ -133,7 +155,12 @@ pub struct BlobCache {
 }
 
 impl BlobCache {
-    fn open(dir: &Path, blob: &BlobRecord, chunks: &[ChunkRecord]) -> Result<Self, CacheError> {
+    fn open(
+        dir: &Path,
+        blob: &BlobRecord,
+        chunks: &[ChunkRecord],
+        direct_io: bool,
+    ) -> Result<Self, CacheError> {
         if chunks.len() != blob.chunk_count as usize {
             return Err(CacheError::Layout {
                 digest: blob.digest.to_string(),
@@ -160,6 +187,18 @@ impl BlobCache {
             .truncate(false)
             .open(&data_path)
             .map_err(|e| io(&data_path, "open data file", e))?;
+        // Not every filesystem supports O_DIRECT (tmpfs before 6.6); then
+        // every chunk goes through the page cache.
+        let direct = if direct_io {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&data_path)
+                .map_err(|e| debug!(path = %data_path.display(), error = %e, "no O_DIRECT for the cache"))
+                .ok()
+        } else {
+            None
+        };
         let header = map_header(blob, chunks);
         let map = open_map(&map_path, &header, chunks.len())
             .map_err(|e| io(&map_path, "open map file", e))?;
@@ -173,6 +212,8 @@ impl BlobCache {
             data_path,
             map_path,
             data,
+            direct_ok: AtomicBool::new(direct.is_some()),
+            direct,
             map,
             state: (0..chunks.len()).map(|_| AtomicU8::new(ABSENT)).collect(),
             dirty: Mutex::new(Vec::new()),
@@ -384,9 +425,11 @@ impl BlobCache {
         }
         {
             let _serial = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-            self.data
-                .write_all_at(data, rec.uncompressed_offset)
-                .map_err(|e| self.io_err(false, "write chunk", e))?;
+            if !self.write_direct(data, rec.uncompressed_offset)? {
+                self.data
+                    .write_all_at(data, rec.uncompressed_offset)
+                    .map_err(|e| self.io_err(false, "write chunk", e))?;
+            }
         }
         if state
             .compare_exchange(ABSENT, WRITTEN, Ordering::AcqRel, Ordering::Acquire)
@@ -398,6 +441,41 @@ impl BlobCache {
                 .push(rel);
         }
         Ok(())
+    }
+
+    /// Writes an aligned chunk with O_DIRECT through a per-thread aligned
+    /// copy; `Ok(false)` when it must go through the page cache instead.
+    fn write_direct(&self, data: &[u8], offset: u64) -> Result<bool, CacheError> {
+        let Some(direct) = &self.direct else {
+            return Ok(false);
+        };
+        let mask = DIRECT_ALIGN - 1;
+        let aligned = !data.is_empty() && data.len() & mask == 0 && offset & mask as u64 == 0;
+        if !aligned || !self.direct_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        thread_local! {
+            static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let result = BOUNCE.with(|bounce| {
+            let mut buf = bounce.borrow_mut();
+            if buf.len() < data.len() + DIRECT_ALIGN {
+                buf.resize(data.len() + DIRECT_ALIGN, 0);
+            }
+            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            let aligned_buf = &mut buf[start..start + data.len()];
+            aligned_buf.copy_from_slice(data);
+            direct.write_all_at(aligned_buf, offset)
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warn!(path = %self.data_path.display(), error = %e, "O_DIRECT refused; caching through the page cache");
+                self.direct_ok.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(self.io_err(false, "write chunk (O_DIRECT)", e)),
+        }
     }
 
     /// Fdatasyncs the data file, then records the chunks written before it in

@@ -167,7 +167,7 @@ impl Daemon {
             BlobSource::Dir(dir) => Arc::new(DirBackend::new(dir)),
         };
         let cache_dir = config.cache.dir.as_deref().unwrap_or(Path::new("."));
-        let cache = Arc::new(ChunkCache::open(cache_dir)?);
+        let cache = Arc::new(ChunkCache::open(cache_dir)?.with_direct_io(config.cache.direct_io));
         let fetcher = Arc::new(
             Fetcher::new(
                 Arc::clone(&bootstrap),

@@ -182,7 +182,9 @@ impl Fetcher {
             blob_caches,
             ctx: Arc::new(JobContext {
                 backend,
-                inflight: Inflight::default(),
+                // Twice the window: readahead runs up to a window ahead of a
+                // reader that may be up to a window behind what it consumes.
+                inflight: Inflight::new(settings.readahead.saturating_mul(2)),
                 metrics: Arc::clone(&metrics),
             }),
             pool: WorkerPool::new(settings.workers)?,
@@ -275,6 +277,11 @@ impl Fetcher {
                     ))
                 })?;
             out[at..at + src.len()].copy_from_slice(src);
+            // A reader that got to the chunk's end is done with it; once it
+            // is cached, memory need not keep it any longer.
+            if range.end == piece.rec.uncompressed_size && pending.consume() {
+                self.ctx.inflight.forget(piece.key(), &pending);
+            }
         }
         Metrics::add(&self.metrics.bytes_read, out.len() as u64);
         Ok(out)
@@ -298,6 +305,16 @@ impl Fetcher {
             let hi = (span.end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;
             let at = (chunk_start + u64::from(lo) - span.offset) as usize;
             let cache = self.blob_cache(&piece)?;
+            if let Some(pending) = self.ctx.inflight.get(&piece.key()) {
+                let counter = if pending.is_done() {
+                    &self.metrics.prefetch_hits
+                } else {
+                    &self.metrics.inflight_joins
+                };
+                Metrics::add(counter, 1);
+                waits.push((piece, pending, lo..hi, at));
+                continue;
+            }
             if cache.read_at(
                 piece.rel,
                 &piece.rec,
@@ -307,11 +324,11 @@ impl Fetcher {
                 Metrics::add(&self.metrics.cache_hits, 1);
                 continue;
             }
-            Metrics::add(&self.metrics.cache_misses, 1);
             let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
             if !leader {
                 Metrics::add(&self.metrics.inflight_joins, 1);
             } else if cache.is_present(piece.rel) {
+                Metrics::add(&self.metrics.cache_hits, 1);
                 // A job stored the chunk between our lookup and our lead.
                 let mut whole = vec![0u8; piece.rec.uncompressed_size as usize];
                 let result = match cache.read_at(piece.rel, &piece.rec, 0, &mut whole) {
@@ -324,6 +341,7 @@ impl Fetcher {
                 };
                 self.ctx.inflight.finish(piece.key(), &pending, result);
             } else {
+                Metrics::add(&self.metrics.cache_misses, 1);
                 leads.push((piece, Arc::clone(&pending), cache));
             }
             waits.push((piece, pending, lo..hi, at));

@@ -104,7 +104,8 @@ impl Job for FetchJob {
                 Ok(data) => {
                     Metrics::add(&metrics.chunks_verified, 1);
                     // Waiters get the bytes before they are cached; new readers
-                    // keep joining the completed fetch until the cache has them.
+                    // keep joining the completed fetch at least until the
+                    // cache has them.
                     pending.complete(Ok(data.clone()));
                     match self.cache.write_chunk(piece.rel, rec, &data) {
                         Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
@@ -113,7 +114,11 @@ impl Job for FetchJob {
                             warn!(error = %e, "cannot cache chunk; serving it uncached");
                         }
                     }
-                    self.ctx.inflight.forget(piece.key(), pending);
+                    // Kept for a sequential reader still to come.
+                    pending.settle();
+                    self.ctx
+                        .inflight
+                        .retain(piece.key(), pending, data.len() as u64);
                 }
                 Err(defect) => {
                     Metrics::add(&metrics.digest_errors, 1);

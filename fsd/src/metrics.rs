@@ -72,10 +72,13 @@ pub struct Metrics {
     pub bytes_read: AtomicU64,
     /// Chunks a read found in the cache.
     pub cache_hits: AtomicU64,
-    /// Chunks a read did not find in the cache (fetched, or joined a fetch in flight).
+    /// Chunks a read found nowhere and started fetching. Every chunk a read
+    /// touches counts once: as a cache hit, a prefetch hit, a join or a miss.
     pub cache_misses: AtomicU64,
-    /// Reads that joined a fetch another read or readahead had started.
+    /// Chunks a read joined while another read or readahead was fetching them.
     pub inflight_joins: AtomicU64,
+    /// Chunks a read took from a completed fetch kept in memory (readahead).
+    pub prefetch_hits: AtomicU64,
     /// Range requests sent to the blob source.
     pub backend_requests: AtomicU64,
     /// Range requests that failed (after the client's own retries).
@@ -105,6 +108,7 @@ pub struct MetricsSnapshot {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub inflight_joins: u64,
+    pub prefetch_hits: u64,
     pub backend_requests: u64,
     pub backend_errors: u64,
     pub readahead_requests: u64,
@@ -158,6 +162,7 @@ impl Metrics {
             cache_hits: get(&self.cache_hits),
             cache_misses: get(&self.cache_misses),
             inflight_joins: get(&self.inflight_joins),
+            prefetch_hits: get(&self.prefetch_hits),
             backend_requests: get(&self.backend_requests),
             backend_errors: get(&self.backend_errors),
             readahead_requests: get(&self.readahead_requests),
