@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Library errors already spell out their causes.
-            eprintln!("lodectl: {e}");
+            eprintln!("Error: {e}");
             ExitCode::FAILURE
         }
     }

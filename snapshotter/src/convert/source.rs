@@ -21,7 +21,8 @@ use super::location::PlatformSpec;
 const MAX_JSON_SIZE: u64 = 16 << 20;
 /// Indexes may point at indexes; this many levels are followed.
 const MAX_INDEX_DEPTH: usize = 4;
-const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+/// Annotation naming a manifest's tag in a layout's `index.json`.
+pub(crate) const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 const DOCKER_CONFIG_MEDIA_TYPE: &str = "application/vnd.docker.container.image.v1+json";
 
 /// One layer of the source image.

@@ -14,9 +14,8 @@ use tracing::info;
 use super::chunks::LayerBlob;
 use super::error::ConvertError;
 use super::package::BootstrapLayer;
-use super::source::blob_path;
+use super::source::{blob_path, REF_NAME_ANNOTATION};
 
-const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// Tag of a layout target given without one.
 pub const DEFAULT_LAYOUT_TAG: &str = "latest";
 
