@@ -148,9 +148,10 @@ pub struct BlobCache {
     /// Serialises flushes so that a map byte is never written before the
     /// fdatasync covering its chunk has returned.
     flushing: Mutex<()>,
-    /// Serialises this process's writes to the data file: the filesystem
-    /// takes the inode lock for each buffered write anyway, and waiting here
-    /// sleeps where contending for that lock spins.
+    /// Serialises this process's buffered writes to the data file: the
+    /// filesystem takes the inode lock for each anyway, and waiting here
+    /// sleeps where contending for that lock spins. Direct writes wait for
+    /// the disk and are not serialised here.
     writing: Mutex<()>,
 }
 
@@ -424,8 +425,8 @@ impl BlobCache {
             return Ok(());
         }
         {
-            let _serial = self.writing.lock().unwrap_or_else(|e| e.into_inner());
             if !self.write_direct(data, rec.uncompressed_offset)? {
+                let _serial = self.writing.lock().unwrap_or_else(|e| e.into_inner());
                 self.data
                     .write_all_at(data, rec.uncompressed_offset)
                     .map_err(|e| self.io_err(false, "write chunk", e))?;
