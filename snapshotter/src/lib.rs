@@ -3,3 +3,4 @@
 
 pub mod convert;
 pub mod ctl;
+pub mod localmount;

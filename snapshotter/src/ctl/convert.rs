@@ -158,7 +158,9 @@ mod tests {
             "oci:/tmp/out:lode",
         ])
         .unwrap();
-        let Command::Convert(args) = cli.command;
+        let Command::Convert(args) = cli.command else {
+            panic!("parsed as another subcommand")
+        };
         let options = args.into_options().unwrap();
         assert_eq!(options.chunk_size, 256 << 10);
         assert!(options.registry.plain_http);
@@ -173,7 +175,9 @@ mod tests {
         assert!(matches!(options.source, ImageLocation::Registry(_)));
 
         let defaults = Cli::try_parse_from(["lodectl", "convert", "oci:/a", "oci:/b"]).unwrap();
-        let Command::Convert(args) = defaults.command;
+        let Command::Convert(args) = defaults.command else {
+            panic!("parsed as another subcommand")
+        };
         let options = args.into_options().unwrap();
         assert_eq!(options.chunk_size, DEFAULT_CHUNK_SIZE);
         assert_eq!(options.platform, PlatformSpec::default());

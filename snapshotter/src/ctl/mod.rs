@@ -4,12 +4,14 @@
 //! error, and a match arm in [`Command::run`].
 
 pub mod convert;
+pub mod mount;
 
 use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
 use crate::convert::ConvertError;
+use crate::localmount::MountError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,12 +28,18 @@ pub struct Cli {
 pub enum Command {
     /// Convert an OCI image into a Lode image; prints the new manifest digest.
     Convert(convert::ConvertArgs),
+    /// Serve a Lode image from its registry at a directory (starts lode-fsd).
+    Mount(mount::MountArgs),
+    /// Stop serving a directory mounted with `lodectl mount`.
+    Umount(mount::UmountArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -45,6 +53,8 @@ impl Command {
     pub fn run(self, out: &mut dyn Write) -> Result<(), CtlError> {
         match self {
             Command::Convert(args) => convert::run(args, out),
+            Command::Mount(args) => mount::run_mount(args, out),
+            Command::Umount(args) => mount::run_umount(args),
         }
     }
 }
