@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Read-path benchmark of lode-fsd against baselines measured in the same run.
+#
+#   (1) cold sequential read of a large file through fsd (empty cache, registry
+#       on loopback) vs `curl` of the same blob from the same registry
+#   (2) warm re-read through fsd (chunks in fsd's cache) vs the same file on
+#       local disk; both with the page cache dropped first, and both hot
+#   (3) `find -type f | xargs stat` on the mount vs on a local extraction
+#   (4) fsd peak RSS
+#
+# Needs root (FUSE mount, drop_caches) and release binaries
+# (`cargo build --release --workspace --bins`). Sizes can be lowered for a
+# quick run: BENCH_BIG_MIB=1024 BENCH_SMALL_FILES=20000 (defaults).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+big_mib=${BENCH_BIG_MIB:-1024}
+small_files=${BENCH_SMALL_FILES:-20000}
+bin=${LODE_BIN_DIR:-target/release}
+for b in lodectl lode-fsd; do
+    [[ -x $bin/$b ]] || { echo "missing $bin/$b: run cargo build --release --workspace --bins" >&2; exit 1; }
+done
+[[ $(id -u) -eq 0 ]] || { echo "the benchmark needs root (FUSE, drop_caches)" >&2; exit 1; }
+tests/install-deps.sh
+
+work=$(mktemp -d /var/tmp/lode-bench.XXXXXX)
+registry_pid=
+cleanup() {
+    set +e
+    "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null
+    [[ -n $registry_pid ]] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# Seconds taken by a command, its output discarded.
+timed() { local t0 t1; t0=$(now); "$@" > /dev/null; t1=$(now); elapsed "$t0" "$t1"; }
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$work/registry"
+cat > "$work/registry.yml" <<YML
+version: 0.1
+log: { level: warn }
+storage: { filesystem: { rootdirectory: $work/registry } }
+http: { addr: 127.0.0.1:$port }
+YML
+docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
+registry_pid=$!
+for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/v2/" > /dev/null && break; sleep 0.05; done
+curl -sf "http://127.0.0.1:$port/v2/" > /dev/null || { echo "registry did not start" >&2; cat "$work/registry.log"; exit 1; }
+
+echo "== building a source image: ${big_mib} MiB file + $small_files small files"
+umoci init --layout "$work/oci" > /dev/null
+umoci new --image "$work/oci:src" > /dev/null
+umoci unpack --image "$work/oci:src" "$work/bundle" > /dev/null
+rootfs=$work/bundle/rootfs
+head -c "$((big_mib * 1024 * 1024))" /dev/urandom > "$rootfs/big.bin"
+python3 - "$rootfs" "$small_files" <<'PY'
+import os, random, sys
+root, count = sys.argv[1], int(sys.argv[2])
+rng = random.Random(7)
+for i in range(count):
+    d = os.path.join(root, "small", f"d{i // 1000:03d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:06d}.txt"), "wb") as f:
+        f.write(rng.randbytes(rng.randint(200, 8192)))
+PY
+umoci repack --image "$work/oci:src" "$work/bundle" > /dev/null
+skopeo copy -q --dest-tls-verify=false "oci:$work/oci:src" "docker://127.0.0.1:$port/bench/src:v1"
+
+echo "== converting"
+t=$(timed "$bin/lodectl" convert "127.0.0.1:$port/bench/src:v1" "127.0.0.1:$port/bench/lode:v1")
+echo "convert: ${t}s"
+manifest=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:$port/v2/bench/lode/manifests/v1")
+# The source image has one layer, so the Lode image has one data blob.
+blob=$(jq -r '[.layers[] | select(.annotations["lode.blob"] == "true")][0].digest' <<< "$manifest")
+blob_size=$(jq -r '[.layers[] | select(.annotations["lode.blob"] == "true")][0].size' <<< "$manifest")
+
+mkdir -p "$work/mnt"
+"$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" \
+    "127.0.0.1:$port/bench/lode:v1" "$work/mnt" > /dev/null
+fsd_pid=$(jq -r .pid "$work"/state/mounts/*.json)
+
+echo "== (1) cold sequential read vs curl of the blob"
+drop_caches
+t_curl=$(timed curl -sf -o /dev/null "http://127.0.0.1:$port/v2/bench/lode/blobs/$blob")
+drop_caches
+t_cold=$(timed cat "$work/mnt/big.bin")
+file_bytes=$((big_mib * 1024 * 1024))
+curl_mbps=$(python3 -c "print(f'{$blob_size / 1048576 / $t_curl:.0f}')")
+cold_mbps=$(python3 -c "print(f'{$file_bytes / 1048576 / $t_cold:.0f}')")
+cold_ratio=$(ratio "$cold_mbps" "$curl_mbps")
+echo "curl blob ($blob_size bytes): ${t_curl}s = ${curl_mbps} MiB/s"
+echo "fsd cold read: ${t_cold}s = ${cold_mbps} MiB/s"
+
+echo "== (2) warm re-read vs local disk"
+drop_caches
+t_warm=$(timed cat "$work/mnt/big.bin")
+drop_caches
+t_local=$(timed cat "$rootfs/big.bin")
+warm_ratio=$(ratio "$t_local" "$t_warm")
+t_warm_hot=$(timed cat "$work/mnt/big.bin")
+t_local_hot=$(timed cat "$rootfs/big.bin")
+hot_ratio=$(ratio "$t_local_hot" "$t_warm_hot")
+echo "fsd warm (page cache dropped): ${t_warm}s, local: ${t_local}s"
+echo "fsd warm (page cache hot): ${t_warm_hot}s, local: ${t_local_hot}s"
+
+echo "== (3) find | xargs stat"
+stat_all() { (cd "$1" && find . -type f -print0 | xargs -0 stat > /dev/null); }
+stat_all "$work/mnt"; stat_all "$rootfs"
+t_stat_fsd=$(timed stat_all "$work/mnt")
+t_stat_local=$(timed stat_all "$rootfs")
+stat_ratio=$(ratio "$t_stat_local" "$t_stat_fsd")
+echo "fsd: ${t_stat_fsd}s, local: ${t_stat_local}s"
+
+rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
+
+cat <<REPORT
+
+== results (ratios: >1 means fsd is faster than the baseline)
+(1) cold read throughput / curl throughput : $cold_ratio  (goal >= 0.8)
+(2) warm re-read, page cache dropped       : $warm_ratio  (goal >= 0.8)
+    warm re-read, page cache hot           : $hot_ratio
+(3) stat of all files, warm                : $stat_ratio  (goal >= 0.5)
+(4) fsd peak RSS                           : $((rss_kib / 1024)) MiB
+REPORT
