@@ -1,0 +1,97 @@
+//! Reading a Lode image's bootstrap in tests: where a file's chunks are.
+
+use std::path::{Path, PathBuf};
+
+use lode_common::format::{Bootstrap, Ino, InodeKind};
+use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
+use lode_common::Digest;
+
+use crate::KitError;
+
+/// Downloads the bootstrap of Lode image `image` into `dir` (plain HTTP);
+/// returns the manifest digest the reference resolved to and the file.
+pub fn fetch_bootstrap(image: &Reference, dir: &Path) -> Result<(Digest, PathBuf), KitError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(KitError::io("start tokio runtime"))?;
+    runtime.block_on(async {
+        let client = RegistryClient::new(RegistryOptions {
+            plain_http: true,
+            ..RegistryOptions::default()
+        })
+        .map_err(|e| KitError::Invalid(format!("registry client: {e}")))?;
+        let lode = lode_common::image::resolve(&client, image)
+            .await
+            .map_err(|e| KitError::Invalid(format!("resolve {image}: {e}")))?;
+        let path = lode_common::image::fetch_bootstrap(&client, image, &lode, dir)
+            .await
+            .map_err(|e| KitError::Invalid(format!("bootstrap of {image}: {e}")))?;
+        Ok((lode.manifest_digest, path))
+    })
+}
+
+/// Where one chunk of a file lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The data blob (a layer digest of the Lode image).
+    pub blob: Digest,
+    /// Offset and length of the stored bytes in the blob.
+    pub offset: u64,
+    pub stored_size: u32,
+    pub uncompressed_size: u32,
+    /// Stored as a zstd frame (otherwise raw).
+    pub compressed: bool,
+}
+
+/// The chunks of the regular file at `path` (relative to the image root,
+/// `/`-separated), in file order.
+pub fn file_chunks(bootstrap: &Bootstrap, path: &[u8]) -> Result<Vec<ChunkLocation>, KitError> {
+    let bad = |e: lode_common::format::FormatError| {
+        KitError::Invalid(format!("bootstrap, {}: {e}", path.escape_ascii()))
+    };
+    let mut ino = Ino::ROOT;
+    for name in path.split(|b| *b == b'/').filter(|n| !n.is_empty()) {
+        ino = bootstrap
+            .lookup(ino, name)
+            .map_err(bad)?
+            .ok_or_else(|| KitError::Invalid(format!("bootstrap has no {}", path.escape_ascii())))?
+            .ino;
+    }
+    let inode = bootstrap.inode(ino).map_err(bad)?;
+    if inode.kind != InodeKind::File {
+        return Err(KitError::Invalid(format!(
+            "{} is a {:?}, not a regular file",
+            path.escape_ascii(),
+            inode.kind
+        )));
+    }
+    let count = bootstrap.file_chunk_count(ino).map_err(bad)?;
+    let mut out = Vec::new();
+    for i in 0..count {
+        let chunk = bootstrap
+            .chunk(bootstrap.file_chunk(ino, i).map_err(bad)?)
+            .map_err(bad)?;
+        let blob = bootstrap.blob(chunk.blob).map_err(bad)?;
+        out.push(ChunkLocation {
+            blob: blob.digest,
+            offset: chunk.compressed_offset,
+            stored_size: chunk.compressed_size,
+            uncompressed_size: chunk.uncompressed_size,
+            compressed: chunk.compressed,
+        });
+    }
+    Ok(out)
+}
+
+/// Digests and stored sizes of every data blob of the bootstrap.
+pub fn data_blobs(bootstrap: &Bootstrap) -> Result<Vec<(Digest, u64)>, KitError> {
+    (0..bootstrap.blob_count())
+        .map(|i| {
+            bootstrap
+                .blob(lode_common::format::BlobIndex(i))
+                .map(|b| (b.digest, b.compressed_size))
+                .map_err(|e| KitError::Invalid(format!("bootstrap blob {i}: {e}")))
+        })
+        .collect()
+}
