@@ -7,5 +7,6 @@ pub mod image;
 pub mod mountinfo;
 pub mod oci;
 pub mod registry;
+pub mod supervisor;
 
 pub use digest::Digest;
