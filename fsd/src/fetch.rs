@@ -3,8 +3,10 @@
 //! A read looks its chunks up in the cache; for the missing ones it either
 //! joins a fetch in flight or starts one. Started fetches become jobs of
 //! chunks adjacent in their blob (one range request each, up to the merge
-//! limit), extended forward over the file's following missing chunks. Jobs run
-//! on the worker pool; the reader waits for its chunks until the deadline.
+//! limit), extended forward over the blob's following missing chunks whichever
+//! files they belong to: files are stored in tar order, so a cold walk over a
+//! directory of small files reads what one request brought. Jobs run on the
+//! worker pool; the reader waits for its chunks until the deadline.
 //! Once a file is read sequentially, jobs for the next `readahead_bytes` are
 //! queued in the background so the network stays busy while the reader
 //! consumes what has arrived.
@@ -96,7 +98,6 @@ impl From<&FetchConfig> for FetchSettings {
 /// One chunk of a file with everything needed to fetch or read it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Piece {
-    pub(crate) file_idx: u32,
     pub(crate) rec: ChunkRecord,
     pub(crate) blob_index: BlobIndex,
     pub(crate) blob: BlobRecord,
@@ -147,7 +148,13 @@ struct Span {
 /// where the bytes go in the read's buffer.
 type Wait = (Piece, Arc<Pending>, std::ops::Range<u32>, usize);
 /// A fetch a read created, waiting for a job.
-type Lead = (Piece, Arc<Pending>, Arc<BlobCache>);
+struct Lead {
+    /// Index of the chunk within the file read.
+    idx: u32,
+    piece: Piece,
+    pending: Arc<Pending>,
+    cache: Arc<BlobCache>,
+}
 
 /// Streams tracked at most; beyond this the table is cleared (a reader that
 /// loses its entry only loses readahead until its next read).
@@ -240,10 +247,10 @@ impl Fetcher {
         };
         if let Err(e) = self.serve_or_join(&span, &mut out, &mut waits, &mut leads) {
             // Fetches this read created must not stay in flight without a job.
-            for (piece, pending, _) in leads {
+            for lead in leads {
                 self.ctx
                     .inflight
-                    .finish(piece.key(), &pending, Err(e.clone()));
+                    .finish(lead.piece.key(), &lead.pending, Err(e.clone()));
             }
             return Err(e);
         }
@@ -342,7 +349,12 @@ impl Fetcher {
                 self.ctx.inflight.finish(piece.key(), &pending, result);
             } else {
                 Metrics::add(&self.metrics.cache_misses, 1);
-                leads.push((piece, Arc::clone(&pending), cache));
+                leads.push(Lead {
+                    idx,
+                    piece,
+                    pending: Arc::clone(&pending),
+                    cache,
+                });
             }
             waits.push((piece, pending, lo..hi, at));
         }
@@ -392,7 +404,6 @@ impl Fetcher {
             .filter(|&rel| rel < blob.chunk_count)
             .ok_or_else(|| bad(format!("chunk {} is not among its blob's chunks", chunk.0)))?;
         Ok(Piece {
-            file_idx: idx,
             rec,
             blob_index: rec.blob,
             blob,
@@ -424,9 +435,10 @@ impl Fetcher {
         Ok(cache)
     }
 
-    /// Groups the chunks this read leads into jobs and queues them. A job
-    /// that ends at the read's last chunk is extended over the following
-    /// missing chunks. Returns the file chunk index after the last one queued.
+    /// Groups the chunks this read leads into jobs and queues them. The job
+    /// that ends at the read's last chunk is extended over the chunks that
+    /// follow in the blob. Returns the file chunk index after the last one
+    /// queued.
     fn start_demand_jobs(
         &self,
         ino: Ino,
@@ -435,44 +447,77 @@ impl Fetcher {
         last: u32,
         leads: Vec<Lead>,
     ) -> u32 {
+        let merge_limit = self.settings.merge_limit;
         let mut queued_to = last + 1;
         let mut leads = leads.into_iter().peekable();
-        while let Some((piece, pending, cache)) = leads.next() {
-            let mut job = self.new_job(piece, pending, cache, false);
-            let merge_limit = self.settings.merge_limit;
-            while let Some((next, pending, _)) = leads.next_if(|(next, _, _)| {
-                next.file_idx == job.last_file_idx() + 1 && job.accepts(next, merge_limit)
-            }) {
-                job.push(next, pending);
+        while let Some(lead) = leads.next() {
+            let mut job_last = lead.idx;
+            let mut job = self.new_job(lead.piece, lead.pending, lead.cache, false);
+            while let Some(next) =
+                leads.next_if(|n| n.idx == job_last + 1 && job.accepts(&n.piece, merge_limit))
+            {
+                job_last = next.idx;
+                job.push(next.piece, next.pending);
             }
-            if job.last_file_idx() == last {
-                queued_to = self.extend_job(&mut job, ino, file_size, chunk_count);
+            if job_last == last {
+                self.extend_job(&mut job);
+                queued_to = self.covered_to(ino, file_size, chunk_count, last, &job);
             }
             self.pool.submit(Priority::Demand, Box::new(job));
         }
         queued_to
     }
 
-    /// Adds the file's next chunks to `job` while they are missing, not in
-    /// flight, adjacent in the blob and within the merge limit. Returns the
-    /// file chunk index after the job's last chunk.
-    fn extend_job(&self, job: &mut FetchJob, ino: Ino, file_size: u64, chunk_count: u32) -> u32 {
-        loop {
-            let idx = job.last_file_idx() + 1;
-            if idx >= chunk_count {
-                return idx;
-            }
-            let Ok(next) = self.piece(ino, idx, file_size) else {
-                return idx;
-            };
+    /// Adds the chunks that follow the job's last one in its blob while they
+    /// are missing, not in flight, adjacent and within the merge limit. They
+    /// may belong to any file; a reader of one joins this fetch.
+    fn extend_job(&self, job: &mut FetchJob) {
+        while let Some(next) = self.next_in_blob(job.last()) {
             if !job.accepts(&next, self.settings.merge_limit) || job.cache.is_present(next.rel) {
-                return idx;
+                return;
             }
             let Some(pending) = self.ctx.inflight.try_lead(next.key()) else {
-                return idx;
+                return;
             };
             job.push(next, pending);
         }
+    }
+
+    /// The chunk after `piece` in the chunk table, if it is in the same blob.
+    fn next_in_blob(&self, piece: &Piece) -> Option<Piece> {
+        let rel = piece
+            .rel
+            .checked_add(1)
+            .filter(|&rel| rel < piece.blob.chunk_count)?;
+        let index = piece.blob.first_chunk.0.checked_add(rel)?;
+        let rec = self.bootstrap.chunk(ChunkIndex(index)).ok()?;
+        Some(Piece {
+            rec,
+            blob_index: rec.blob,
+            blob: piece.blob,
+            rel,
+        })
+    }
+
+    /// The file chunk index after `last` from which the file's chunks are no
+    /// longer among those `job` fetches.
+    fn covered_to(
+        &self,
+        ino: Ino,
+        file_size: u64,
+        chunk_count: u32,
+        last: u32,
+        job: &FetchJob,
+    ) -> u32 {
+        let mut idx = last + 1;
+        while idx < chunk_count
+            && self
+                .piece(ino, idx, file_size)
+                .is_ok_and(|piece| job.covers(&piece))
+        {
+            idx += 1;
+        }
+        idx
     }
 
     fn new_job(

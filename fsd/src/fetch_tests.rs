@@ -416,3 +416,123 @@ fn a_cached_chunk_whose_bytes_vanished_is_fetched_again() {
     assert_eq!(f.read(ino, cs, 10).unwrap(), data[CS as usize..][..10]);
     assert_eq!(backend.calls().len(), 1);
 }
+
+/// Files `f0`..`f{count}` of `size` bytes each, stored one after the other
+/// in one blob, one chunk each.
+fn small_files(count: usize, size: usize, compress: bool) -> (TestImage, Vec<Vec<u8>>) {
+    let mut b = ImageBuilder::new(CS, compress);
+    let files: Vec<Vec<u8>> = (0..count).map(|i| pattern(size, 100 + i as u32)).collect();
+    for (i, data) in files.iter().enumerate() {
+        b.file(&format!("f{i}"), data);
+    }
+    (b.build(), files)
+}
+
+fn file_name(i: usize) -> String {
+    format!("f{i}")
+}
+
+#[test]
+fn a_miss_fetches_the_following_files_of_the_blob_up_to_the_limit() {
+    let (image, files) = small_files(10, 1000, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let mut s = settings(1, 0);
+    // Four of the 1000-byte chunks fit, a fifth does not.
+    s.merge_limit = 4500;
+    let (f, metrics) = fetcher(&image, backend.clone(), s);
+    let read = |i: usize| f.read(ino_of(&image, &file_name(i)), 0, 4096).unwrap();
+    assert_eq!(read(0), files[0]);
+    assert_eq!(backend.calls(), vec![(0, 4000)]);
+    wait_cached(&f, 4);
+    for (i, data) in files.iter().enumerate().take(4).skip(1) {
+        assert_eq!(&read(i), data, "f{i}");
+    }
+    assert_eq!(backend.calls().len(), 1, "a neighbour was fetched again");
+    assert_eq!(read(4), files[4]);
+    assert_eq!(backend.calls(), vec![(0, 4000), (4000, 4000)]);
+    // A present chunk ends the extension: with f9 read first, a read of f8
+    // fetches f8 alone.
+    assert_eq!(read(9), files[9]);
+    wait_cached(&f, 9);
+    assert_eq!(read(8), files[8]);
+    assert_eq!(
+        backend.calls(),
+        vec![(0, 4000), (4000, 4000), (9000, 1000), (8000, 1000)]
+    );
+    let s = metrics.snapshot();
+    assert_eq!(s.cache_misses, 4);
+    assert_eq!(s.digest_errors, 0);
+    assert_eq!(s.bytes_fetched, 10_000);
+}
+
+#[test]
+fn a_merge_limit_of_one_chunk_fetches_no_neighbour() {
+    let (image, files) = small_files(3, 3000, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let mut s = settings(1, 0);
+    s.merge_limit = 5999;
+    let (f, _) = fetcher(&image, backend.clone(), s);
+    assert_eq!(f.read(ino_of(&image, "f1"), 0, 4096).unwrap(), files[1]);
+    assert_eq!(backend.calls(), vec![(3000, 3000)]);
+}
+
+#[test]
+fn a_corrupt_neighbour_fails_only_its_own_readers_and_is_not_cached() {
+    let (image, files) = small_files(4, 5000, true);
+    let mut blob = std::fs::read(image.blob_path()).unwrap();
+    let bad = image.bootstrap.chunk(ChunkIndex(1)).unwrap();
+    blob[(bad.compressed_offset + u64::from(bad.compressed_size) / 2) as usize] ^= 0xff;
+    std::fs::write(image.blob_path(), &blob).unwrap();
+
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 0));
+    assert_eq!(f.read(ino_of(&image, "f0"), 0, 8192).unwrap(), files[0]);
+    assert_eq!(backend.calls().len(), 1);
+    assert_eq!(backend.calls()[0].0, 0);
+    // f0, f2 and f3 arrive; f1 is counted and left out.
+    wait_cached(&f, 3);
+    let cache = f.blob_caches[0].get().unwrap();
+    assert!(!cache.is_present(1), "the corrupt neighbour was cached");
+    assert!(cache.is_present(2) && cache.is_present(3));
+    assert_eq!(metrics.snapshot().digest_errors, 1);
+
+    assert_eq!(f.read(ino_of(&image, "f3"), 0, 8192).unwrap(), files[3]);
+    assert_eq!(
+        backend.calls().len(),
+        1,
+        "a good neighbour was fetched again"
+    );
+    // A reader of the bad chunk fetches it anew and gets the error.
+    let err = f.read(ino_of(&image, "f1"), 0, 8192).unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&bad.digest.to_string()), "{err}");
+    assert_eq!(backend.calls().len(), 2);
+    assert_eq!(metrics.snapshot().digest_errors, 2);
+}
+
+#[test]
+fn a_reader_of_a_neighbour_joins_the_request_in_flight() {
+    let (image, files) = small_files(3, 1000, true);
+    let backend = Arc::new(GatedBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 0));
+    let neighbour = ChunkKey {
+        blob: image.blob_digest,
+        rel: 2,
+    };
+    std::thread::scope(|s| {
+        let first = s.spawn(|| f.read(ino_of(&image, "f0"), 0, 4096));
+        wait_until("the neighbour to be in flight", || {
+            f.ctx.inflight.contains(&neighbour)
+        });
+        let second = s.spawn(|| f.read(ino_of(&image, "f2"), 0, 4096));
+        wait_until("the second reader to join", || {
+            metrics.snapshot().inflight_joins == 1
+        });
+        backend.open();
+        assert_eq!(first.join().unwrap().unwrap(), files[0]);
+        assert_eq!(second.join().unwrap().unwrap(), files[2]);
+    });
+    assert_eq!(backend.inner.calls().len(), 1);
+    let s = metrics.snapshot();
+    assert_eq!((s.cache_misses, s.inflight_joins), (1, 1));
+}

@@ -32,12 +32,14 @@ pub(crate) struct FetchJob {
 }
 
 impl FetchJob {
-    fn last(&self) -> &Piece {
+    pub(crate) fn last(&self) -> &Piece {
         &self.chunks.last().expect("a job has at least one chunk").0
     }
 
-    pub(crate) fn last_file_idx(&self) -> u32 {
-        self.last().file_idx
+    /// Whether `piece` lies within the job's range of its blob.
+    pub(crate) fn covers(&self, piece: &Piece) -> bool {
+        let first = &self.chunks[0].0;
+        piece.blob_index == first.blob_index && (first.rel..=self.last().rel).contains(&piece.rel)
     }
 
     fn stored_len(&self) -> u64 {
