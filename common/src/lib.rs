@@ -1,6 +1,7 @@
 //! Types and protocols shared by Lode's processes: digests, the Lode image
 //! format (bootstrap reader and writer), OCI packaging and registry access.
 
+pub mod api;
 pub mod digest;
 pub mod format;
 pub mod image;

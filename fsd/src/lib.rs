@@ -10,6 +10,7 @@
 //! - [`mount`]: mounting and unmounting, kept apart from the filesystem type.
 //! - [`daemon`]: wires it together for the `lode-fsd` binary.
 
+pub mod api;
 pub mod backend;
 pub mod cache;
 pub mod daemon;
@@ -22,6 +23,8 @@ pub mod metrics;
 pub mod mount;
 pub mod ops;
 mod pool;
+pub mod state;
+pub mod takeover;
 mod verify;
 
 #[cfg(test)]

@@ -1,0 +1,116 @@
+//! Serves the API over a unix socket (mode 0600) with hyper, on the daemon's
+//! tokio runtime. Each request body is read up to [`MAX_BODY`]; the control
+//! call runs on a blocking thread because mounting does I/O.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tracing::{debug, info, warn};
+
+use super::parse::HttpError;
+use super::router::{handle, Reply};
+use super::{DaemonControl, MAX_BODY};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds `path` (replacing a stale socket file) with mode 0600. Must be
+/// called inside the runtime that will serve it.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |source| ServerError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "removed stale API socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    info!(path = %path.display(), "API listening");
+    Ok(listener)
+}
+
+async fn answer(
+    control: Arc<dyn DaemonControl>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let reply = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => {
+            let body = collected.to_bytes();
+            let method = parts.method.clone();
+            let path = parts.uri.path().to_owned();
+            let query = parts.uri.query().map(str::to_owned);
+            tokio::task::spawn_blocking(move || {
+                handle(control.as_ref(), &method, &path, query.as_deref(), &body)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("request handler failed: {e}"),
+                )
+            })
+        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Reply::from_http_error(&HttpError::TooLarge)
+        }
+        Err(e) => Reply::from_http_error(&HttpError::BadRequest(format!(
+            "cannot read the request body: {e}"
+        ))),
+    };
+    let mut response = Response::new(Full::new(reply.body));
+    *response.status_mut() = reply.status;
+    if reply.status != StatusCode::NO_CONTENT {
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+    }
+    Ok(response)
+}
+
+/// Accepts connections until the task is dropped.
+pub async fn serve(listener: UnixListener, control: Arc<dyn DaemonControl>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "API accept failed");
+                // Out of descriptors, typically: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let control = Arc::clone(&control);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(Arc::clone(&control), req));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
