@@ -24,7 +24,6 @@ pub mod mount;
 pub mod ops;
 mod pool;
 pub mod state;
-pub mod takeover;
 mod verify;
 
 #[cfg(test)]
