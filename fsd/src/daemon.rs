@@ -29,6 +29,7 @@ use crate::fuse::{FuseFs, KernelTuning};
 use crate::metrics::Metrics;
 use crate::mount::{self, MountError, MountOptions};
 use crate::ops::{LodeFs, Ttls};
+use crate::takeover::{self, Failover, TakeoverError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -46,6 +47,8 @@ pub enum DaemonError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Mount(#[from] MountError),
+    #[error(transparent)]
+    Takeover(#[from] TakeoverError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -123,12 +126,34 @@ pub struct Daemon {
     flusher: Flusher,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Runtime,
+    /// Our own reference to the connection, for the supervisor.
+    fuse: OwnedFd,
+    /// What a successor needs to resume serving.
+    handover: lode_common::supervisor::DaemonState,
+    failover: Failover,
 }
 
 impl Daemon {
     /// Builds the read path, mounts and starts serving. `events` receives
     /// [`Event::SessionEnded`] when the session ends for any reason.
     pub fn start(options: DaemonOptions, events: mpsc::Sender<Event>) -> Result<Self, DaemonError> {
+        Self::start_with(options, events, &Failover::default())
+    }
+
+    /// Like [`Daemon::start`]; with `failover.takeover` resumes the
+    /// connection the supervisor holds instead of mounting, and with a
+    /// supervisor hands it the state once serving.
+    pub fn start_with(
+        options: DaemonOptions,
+        events: mpsc::Sender<Event>,
+        failover: &Failover,
+    ) -> Result<Self, DaemonError> {
+        let predecessor = if failover.takeover {
+            Some(takeover::fetch(failover, &options.mountpoint)?)
+        } else {
+            takeover::check_not_mounted(&options.mountpoint)?;
+            None
+        };
         let config = &options.config;
         config.validate()?;
         let bootstrap =
@@ -185,23 +210,67 @@ impl Daemon {
         let fs = Arc::new(LodeFs::new(Arc::clone(&fetcher), ttls));
         let flusher = Flusher::start(cache, Duration::from_millis(config.cache.flush_interval_ms))?;
 
-        let fd = match mount::mount_fuse(&options.mountpoint, &MountOptions::lode(root.mode)) {
-            Ok(fd) => fd,
-            Err(e) => {
-                flusher.stop();
-                return Err(e.into());
-            }
+        let fs = FuseFs::new(
+            fs,
+            Arc::clone(&metrics),
+            KernelTuning {
+                max_background: config.fuse.max_background,
+            },
+        );
+        let started = match &predecessor {
+            Some(p) => takeover::start_resumed(fs, &p.fd, &p.params, session_config(config))
+                .map(|session| (p.fd.try_clone(), p.params.clone(), session))
+                .map_err(DaemonError::from),
+            None => match mount::mount_fuse(&options.mountpoint, &MountOptions::lode(root.mode)) {
+                Ok(fd) => match takeover::start_fresh(fs, &fd, session_config(config)) {
+                    Ok((session, params)) => Ok((Ok(fd), params, session)),
+                    Err(e) => {
+                        if let Err(u) = mount::unmount(&options.mountpoint) {
+                            error!(error = %u, "cannot unmount after a failed start");
+                        }
+                        Err(e.into())
+                    }
+                },
+                Err(e) => Err(e.into()),
+            },
         };
-        let session = match start_session(fs, &metrics, config, fd, events) {
-            Ok(session) => session,
+        let (fuse, params, session) = match started {
+            Ok((Ok(fuse), params, session)) => (fuse, params, session),
+            Ok((Err(e), _, _)) => {
+                flusher.stop();
+                return Err(io_err("duplicate /dev/fuse descriptor")(e));
+            }
             Err(e) => {
-                if let Err(u) = mount::unmount(&options.mountpoint) {
-                    error!(error = %u, "cannot unmount after a failed start");
-                }
                 flusher.stop();
                 return Err(e);
             }
         };
+        let session = match spawn_session(session, events) {
+            Ok(session) => session,
+            Err(e) => {
+                flusher.stop();
+                return Err(e);
+            }
+        };
+        let handover = takeover::single_instance_state(
+            &failover.id,
+            &params,
+            lode_common::supervisor::InstanceState {
+                id: failover.id.clone(),
+                seq: 1,
+                mountpoint: options.mountpoint.display().to_string(),
+                bootstrap: options.bootstrap.display().to_string(),
+                blob_source: options.blob_source.to_string(),
+                image_ref: None,
+                config: serde_json::to_string(&options.config).unwrap_or_default(),
+            },
+        );
+        if let Some(p) = &predecessor {
+            match fuse.try_clone() {
+                Ok(fd) => takeover::resend_after_exit(p.state.pid, fd),
+                Err(e) => warn!(error = %e, "cannot watch the predecessor"),
+            }
+        }
         let dev = match mount::mounted_dev(&options.mountpoint) {
             Ok(dev) => dev,
             Err(e) => {
@@ -226,7 +295,47 @@ impl Daemon {
             flusher,
             metrics,
             runtime,
-        })
+            fuse,
+            handover,
+            failover: failover.clone(),
+        }
+        .reported())
+    }
+
+    fn reported(self) -> Self {
+        if let Err(e) = self.report_to_supervisor() {
+            error!(error = %e, "cannot hand the state to the supervisor; no takeover possible");
+        }
+        self
+    }
+
+    /// Hands the current state and the /dev/fuse descriptor to the
+    /// supervisor, if there is one. Call after every change of the instances.
+    pub fn report_to_supervisor(&self) -> Result<(), DaemonError> {
+        match &self.failover.supervisor {
+            Some(path) => Ok(takeover::report(path, &self.handover, &self.fuse)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops without unmounting, leaving the connection to the supervisor
+    /// and a successor: reports the state once more, makes the cache
+    /// durable and lets the process exit with the session still reading.
+    /// Requests this process read but did not answer are resent by the
+    /// successor.
+    pub fn detach(self) -> Result<(), DaemonError> {
+        let reported = self.report_to_supervisor();
+        self.flusher.stop();
+        self.runtime.shutdown_background();
+        info!(mountpoint = %self.mountpoint.display(), "detached; the mount stays for a successor");
+        reported
+    }
+
+    /// Tells the supervisor this daemon's connection is gone.
+    fn forget_at_supervisor(&self) {
+        if let Some(path) = &self.failover.supervisor {
+            takeover::forget(path, &self.failover.id);
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -272,27 +381,20 @@ impl Daemon {
     }
 }
 
-fn start_session(
-    fs: Arc<LodeFs>,
-    metrics: &Arc<Metrics>,
-    config: &FsdConfig,
-    fd: OwnedFd,
-    events: mpsc::Sender<Event>,
-) -> Result<JoinHandle<std::io::Result<()>>, DaemonError> {
-    let tuning = KernelTuning {
-        max_background: config.fuse.max_background,
-    };
+fn session_config(config: &FsdConfig) -> fuser::Config {
     let mut session_config = fuser::Config::default();
     session_config.n_threads = Some(config.fuse.threads);
-    session_config.clone_fd = true;
-    // Reads the INIT request the kernel queued at mount time and answers it.
-    let session = fuser::Session::from_fd(
-        FuseFs::new(fs, Arc::clone(metrics), tuning),
-        fd,
-        fuser::SessionACL::All,
-        session_config,
-    )
-    .map_err(io_err("FUSE handshake"))?;
+    // One descriptor shared by all workers: a cloned descriptor is a kernel
+    // file of its own with its own list of requests being processed, which a
+    // successor could neither resend nor keep open.
+    session_config.clone_fd = false;
+    session_config
+}
+
+fn spawn_session(
+    session: fuser::Session<FuseFs>,
+    events: mpsc::Sender<Event>,
+) -> Result<JoinHandle<std::io::Result<()>>, DaemonError> {
     std::thread::Builder::new()
         .name("lode-session".into())
         .spawn(move || {
@@ -306,7 +408,12 @@ fn start_session(
 /// Signals the daemon handles; blocked in every thread and taken by `sigwait`.
 fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         set.add(s);
     }
     set
@@ -315,10 +422,13 @@ fn handled_signals() -> SigSet {
 /// Runs the daemon until SIGTERM/SIGINT (unmount, then exit) or an external
 /// unmount. A busy mount is detached lazily and served until its last user
 /// lets go; a second SIGTERM/SIGINT then aborts the connection. SIGUSR1 logs
-/// the metrics as JSON. Writes `pid_file` once serving
-/// and removes it at exit; writes `ready\n` to `ready` once serving.
+/// the metrics as JSON. SIGUSR2 exits without unmounting, leaving the
+/// connection to the supervisor for a successor (upgrade). Writes `pid_file`
+/// once serving and removes it at exit; writes `ready\n` to `ready` once
+/// serving.
 pub fn run(
     options: DaemonOptions,
+    failover: &Failover,
     pid_file: Option<&Path>,
     ready: Option<OwnedFd>,
 ) -> Result<(), DaemonError> {
@@ -341,7 +451,7 @@ pub fn run(
         })
         .map_err(io_err("spawn signal thread"))?;
 
-    let daemon = Daemon::start(options, events)?;
+    let daemon = Daemon::start_with(options, events, failover)?;
     if let Some(path) = pid_file {
         write_pid_file(path)?;
     }
@@ -349,10 +459,16 @@ pub fn run(
         notify_ready(fd);
     }
     let mut unmount_error = None;
+    let mut detach = false;
     while let Ok(event) = received.recv() {
         match event {
             Event::Signal(Signal::SIGUSR1) => {
                 info!(metrics = %daemon.metrics().to_json(), "metrics")
+            }
+            Event::Signal(Signal::SIGUSR2) => {
+                info!("leaving the mount to a successor on SIGUSR2");
+                detach = true;
+                break;
             }
             Event::Signal(signal) => {
                 info!(%signal, "unmounting on signal");
@@ -368,9 +484,13 @@ pub fn run(
     let metrics = Arc::clone(daemon.metrics());
     // A failed unmount leaves the session serving; exit anyway (the kernel
     // answers ENOTCONN once we are gone) rather than hang on the join.
-    let result = match unmount_error {
-        Some(e) => Err(e),
-        None => daemon.wait(),
+    let result = match (detach, unmount_error) {
+        (true, _) => daemon.detach(),
+        (false, Some(e)) => Err(e),
+        (false, None) => {
+            daemon.forget_at_supervisor();
+            daemon.wait()
+        }
     };
     info!(metrics = %metrics.to_json(), "exiting");
     if let Some(path) = pid_file {

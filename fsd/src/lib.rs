@@ -24,6 +24,7 @@ pub mod mount;
 pub mod ops;
 mod pool;
 pub mod state;
+pub mod takeover;
 mod verify;
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use clap::Parser;
 use lode_config::FsdConfig;
 use lode_fsd::backend::BlobSource;
 use lode_fsd::daemon::{self, DaemonOptions};
+use lode_fsd::takeover::Failover;
 
 /// Serves a Lode image read-only over FUSE, fetching file data lazily.
 ///
@@ -19,7 +20,8 @@ use lode_fsd::daemon::{self, DaemonOptions};
 /// SIGTERM or SIGINT unmounts and exits 0 once the kernel ends the session;
 /// a mount still in use is detached lazily and served until its last user
 /// lets go, and a second SIGTERM/SIGINT then aborts the FUSE connection.
-/// SIGUSR1 logs the metrics as JSON. Logging goes to stderr, filtered by
+/// SIGUSR1 logs the metrics as JSON. SIGUSR2 exits without unmounting: with
+/// --supervisor, a successor started with --takeover serves the mount on. Logging goes to stderr, filtered by
 /// RUST_LOG (default "info").
 #[derive(Parser, Debug)]
 #[command(name = "lode-fsd", version, verbatim_doc_comment)]
@@ -61,6 +63,20 @@ struct Args {
     /// then close it.
     #[arg(long, value_name = "N")]
     ready_fd: Option<RawFd>,
+
+    /// Supervisor socket: the daemon hands it its state and /dev/fuse
+    /// descriptor once serving, so that a successor can take the mount over.
+    #[arg(long, value_name = "PATH")]
+    supervisor: Option<PathBuf>,
+
+    /// Name of this daemon at the supervisor (default: the mountpoint).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+
+    /// Take over the mount the supervisor holds for --id (after a crash, or
+    /// from a daemon that exits on SIGUSR2) instead of mounting.
+    #[arg(long, requires = "supervisor")]
+    takeover: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,13 +108,20 @@ fn main() -> anyhow::Result<()> {
     }
     config.validate()?;
 
+    let failover = Failover {
+        id: args
+            .id
+            .unwrap_or_else(|| args.mountpoint.display().to_string()),
+        supervisor: args.supervisor,
+        takeover: args.takeover,
+    };
     let options = DaemonOptions {
         bootstrap: args.bootstrap,
         blob_source: args.blob_source,
         mountpoint: args.mountpoint,
         config,
     };
-    daemon::run(options, args.pid_file.as_deref(), ready).context("lode-fsd")?;
+    daemon::run(options, &failover, args.pid_file.as_deref(), ready).context("lode-fsd")?;
     Ok(())
 }
 

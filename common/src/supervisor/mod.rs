@@ -62,6 +62,9 @@ pub enum SupervisorError {
 pub struct DaemonState {
     /// Names the daemon to the supervisor; a successor asks for it.
     pub id: String,
+    /// The process that sent the state; a successor taking over from a live
+    /// predecessor waits for it to exit before the final resend.
+    pub pid: u32,
     /// How the daemon serves its instances (e.g. "dedicated", "shared").
     pub mode: String,
     /// One entry per descriptor sent with the state, in the same order.

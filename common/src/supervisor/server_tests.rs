@@ -9,6 +9,7 @@ use crate::supervisor::{FuseConnParams, InstanceState, SupervisorClient};
 fn state(id: &str, conns: usize) -> DaemonState {
     DaemonState {
         id: id.into(),
+        pid: 42,
         mode: "dedicated".into(),
         fuse: (0..conns)
             .map(|i| FuseConnParams {
