@@ -93,7 +93,11 @@ impl Filesystem for FuseFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "lookup", parent.0);
         match self.fs.lookup(ino(parent), name.as_bytes()) {
             Ok(attr) => {
                 self.ok(Fop::Lookup);
@@ -103,7 +107,11 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "getattr", i.0);
         match self.fs.getattr(ino(i)) {
             Ok(attr) => {
                 self.ok(Fop::Getattr);
@@ -113,7 +121,11 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, i: INodeNo, reply: ReplyData) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "readlink", i.0);
         match self.fs.readlink(ino(i)) {
             Ok(target) => {
                 self.ok(Fop::Readlink);
@@ -123,7 +135,8 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _inflight = self.metrics.inflight_ops.enter(req.unique().0, "open", i.0);
         match self.fs.open(ino(i), flags.0) {
             Ok((fh, open_flags)) => {
                 self.ok(Fop::Open);
@@ -135,7 +148,7 @@ impl Filesystem for FuseFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -144,7 +157,11 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino(i), offset, size) {
+        let _inflight = self.metrics.inflight_ops.enter(req.unique().0, "read", i.0);
+        let started = std::time::Instant::now();
+        let result = self.fs.read(ino(i), offset, size);
+        self.metrics.read_latency.record(started.elapsed());
+        match result {
             Ok(data) => {
                 self.ok(Fop::Read);
                 reply.data(&data);
@@ -190,7 +207,11 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "opendir", i.0);
         match self.fs.opendir(ino(i)) {
             Ok((fh, flags)) => {
                 self.ok(Fop::Open);
@@ -202,12 +223,16 @@ impl Filesystem for FuseFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "readdir", i.0);
         let result = self.fs.readdir(ino(i), offset, false, |item, _| {
             reply.add(
                 INodeNo(item.ino.0),
@@ -227,12 +252,16 @@ impl Filesystem for FuseFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "readdirplus", i.0);
         let ttl = self.fs.ttls.entry;
         let result = self
             .fs
@@ -285,7 +314,11 @@ impl Filesystem for FuseFs {
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
     }
 
-    fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "getxattr", i.0);
         match self.fs.getxattr(ino(i), name.as_bytes(), size) {
             Ok(XattrReply::Size(n)) => {
                 self.ok(Fop::Getxattr);
@@ -299,7 +332,11 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        let _inflight = self
+            .metrics
+            .inflight_ops
+            .enter(req.unique().0, "listxattr", i.0);
         match self.fs.listxattr(ino(i), size) {
             Ok(XattrReply::Size(n)) => {
                 self.ok(Fop::Listxattr);

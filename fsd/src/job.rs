@@ -76,7 +76,10 @@ impl Job for FetchJob {
         if self.background {
             Metrics::add(&metrics.readahead_requests, 1);
         }
-        let stored = match self.ctx.backend.read_range(&self.blob, offset, len) {
+        let started = std::time::Instant::now();
+        let stored = self.ctx.backend.read_range(&self.blob, offset, len);
+        metrics.backend_latency.record(started.elapsed());
+        let stored = match stored {
             Ok(bytes) => bytes,
             Err(e) => {
                 Metrics::add(&metrics.backend_errors, 1);

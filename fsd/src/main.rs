@@ -5,9 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use lode_common::api::{DaemonMode, InstanceConfig, MountRequest};
 use lode_config::FsdConfig;
 use lode_fsd::backend::BlobSource;
 use lode_fsd::daemon::{self, DaemonOptions};
+use lode_fsd::instances::HostOptions;
+use lode_fsd::managed::{self, ManagedOptions};
 use lode_fsd::takeover::Failover;
 
 /// Serves a Lode image read-only over FUSE, fetching file data lazily.
@@ -26,14 +29,29 @@ use lode_fsd::takeover::Failover;
 #[derive(Parser, Debug)]
 #[command(name = "lode-fsd", version, verbatim_doc_comment)]
 struct Args {
-    /// The image's bootstrap file.
-    #[arg(long, value_name = "FILE")]
-    bootstrap: PathBuf,
+    /// The image's bootstrap file. Optional with --apisock (then an
+    /// instance can be mounted through the API).
+    #[arg(long, value_name = "FILE", required_unless_present = "apisock")]
+    bootstrap: Option<PathBuf>,
 
     /// Where data blobs are read: registry://HOST[:PORT]/REPO (HTTP range
     /// requests) or dir:///PATH (files named by digest hex).
-    #[arg(long, value_name = "SOURCE")]
-    blob_source: BlobSource,
+    #[arg(long, value_name = "SOURCE", required_unless_present = "apisock")]
+    blob_source: Option<BlobSource>,
+
+    /// Serve the control API (docs/api.md) on this unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    apisock: Option<PathBuf>,
+
+    /// dedicated: one instance at the mount root; shared: instances as
+    /// subdirectories of the mount (with --apisock).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "dedicated",
+        requires = "apisock"
+    )]
+    mode: DaemonMode,
 
     /// Use plain HTTP for the registry (overrides registry.plain_http).
     #[arg(long)]
@@ -108,16 +126,50 @@ fn main() -> anyhow::Result<()> {
     }
     config.validate()?;
 
+    let id = args
+        .id
+        .unwrap_or_else(|| args.mountpoint.display().to_string());
+    if let Some(apisock) = args.apisock {
+        let initial = match (args.bootstrap, args.blob_source) {
+            (Some(bootstrap), Some(source)) => Some(MountRequest {
+                source: bootstrap,
+                config: InstanceConfig {
+                    blob_source: source.to_string(),
+                    plain_http: args.plain_http,
+                    docker_config: None,
+                },
+                seq: 0,
+                image_ref: None,
+            }),
+            (None, None) => None,
+            _ => bail!("--bootstrap and --blob-source go together"),
+        };
+        let options = ManagedOptions {
+            host: HostOptions {
+                id,
+                mode: args.mode,
+                mountpoint: args.mountpoint,
+                config,
+                supervisor: args.supervisor,
+            },
+            apisock,
+            initial,
+            supervision: None,
+        };
+        managed::run_managed(options, args.pid_file.as_deref(), ready).context("lode-fsd")?;
+        return Ok(());
+    }
+    let (Some(bootstrap), Some(blob_source)) = (args.bootstrap, args.blob_source) else {
+        bail!("--bootstrap and --blob-source are required without --apisock");
+    };
     let failover = Failover {
-        id: args
-            .id
-            .unwrap_or_else(|| args.mountpoint.display().to_string()),
+        id,
         supervisor: args.supervisor,
         takeover: args.takeover,
     };
     let options = DaemonOptions {
-        bootstrap: args.bootstrap,
-        blob_source: args.blob_source,
+        bootstrap,
+        blob_source,
         mountpoint: args.mountpoint,
         config,
     };

@@ -97,6 +97,12 @@ pub struct Metrics {
     pub cache_write_errors: AtomicU64,
     /// Chunk bytes written to the cache.
     pub cache_bytes_written: AtomicU64,
+    /// Time to answer FUSE reads.
+    pub read_latency: crate::latency::LatencyHistogram,
+    /// Time of range requests to the blob source.
+    pub backend_latency: crate::latency::LatencyHistogram,
+    /// FUSE requests being answered.
+    pub inflight_ops: crate::latency::InflightOps,
     fop_count: [AtomicU64; FOPS],
     fop_errors: [AtomicU64; FOPS],
 }
@@ -143,6 +149,14 @@ impl Metrics {
         if !ok {
             self.fop_errors[fop.slot()].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Count and failures of one operation.
+    pub fn fop_counts(&self, fop: Fop) -> (u64, u64) {
+        (
+            self.fop_count[fop.slot()].load(Ordering::Relaxed),
+            self.fop_errors[fop.slot()].load(Ordering::Relaxed),
+        )
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {

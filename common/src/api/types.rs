@@ -202,3 +202,20 @@ pub struct InflightOp {
 pub struct InflightMetrics {
     pub ops: Vec<InflightOp>,
 }
+
+/// An instance as a successor daemon needs it to serve the same inodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedInstance {
+    pub info: InstanceInfo,
+    pub request: MountRequest,
+}
+
+/// Everything a daemon hands over besides its FUSE descriptor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonSnapshot {
+    pub id: String,
+    pub mode: DaemonMode,
+    pub mountpoint: PathBuf,
+    pub state: DaemonState,
+    pub instances: Vec<SavedInstance>,
+}

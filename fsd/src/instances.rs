@@ -1,0 +1,425 @@
+//! The managed daemon: the instance list and daemon state behind the API
+//! ([`Host`], which implements [`DaemonControl`]), and [`run_managed`], the
+//! main loop of `lode-fsd --apisock`.
+//!
+//! In dedicated mode the daemon serves one instance at the mount root; its
+//! unmount (API or external) ends the daemon. Shared mode is answered with
+//! `not_supported` for now.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lode_common::api::{
+    BackendMetrics, BuildVersion, CacheMetrics, DaemonInfo, DaemonMode, DaemonSnapshot, FopCount,
+    FsMetrics, InflightMetrics, InstanceInfo, MountRequest, SavedInstance,
+};
+use lode_config::FsdConfig;
+use tracing::info;
+
+use crate::api::{ApiRequest, ApiResponse, ControlError, DaemonControl};
+use crate::backend::BlobSource;
+use crate::daemon::{Daemon, DaemonError, DaemonOptions, Event};
+use crate::metrics::{Fop, Metrics};
+use crate::state::{DaemonState, StateEvent, StateMachine};
+
+/// Hand-over to a supervisor; provided by the takeover module when the
+/// daemon has a supervisor socket.
+pub trait Supervision: Send + Sync {
+    /// Gives the supervisor the daemon's state (and its FUSE descriptor).
+    fn send_fd(&self, snapshot: &DaemonSnapshot) -> Result<(), String>;
+    /// Takes the connection and state a predecessor left with the supervisor.
+    fn takeover(&self) -> Result<(), String>;
+}
+
+/// Who the daemon is and how it serves.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    pub id: String,
+    pub mode: DaemonMode,
+    /// The FUSE mount.
+    pub mountpoint: PathBuf,
+    /// Defaults for every instance; a mount request overrides its subset.
+    pub config: FsdConfig,
+    pub supervisor: Option<PathBuf>,
+}
+
+/// What the main loop of [`run_managed`] reacts to.
+#[derive(Debug)]
+pub enum HostEvent {
+    Daemon(Event),
+    /// `PUT /daemon/exit`: leave without unmounting.
+    Exit,
+}
+
+struct Mounted {
+    daemon: Daemon,
+    saved: SavedInstance,
+}
+
+/// The daemon's state and instances, as the API sees them.
+pub struct Host {
+    options: HostOptions,
+    state: StateMachine,
+    instance: Mutex<Option<Mounted>>,
+    events: mpsc::Sender<HostEvent>,
+    supervision: Option<Arc<dyn Supervision>>,
+}
+
+fn build_version() -> BuildVersion {
+    BuildVersion {
+        package: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: env!("LODE_GIT_COMMIT").to_owned(),
+        build_time: env!("LODE_BUILD_TIME").to_owned(),
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Instance sequence numbers must fit the inode layout of shared mode.
+pub const MAX_SEQ: u32 = 1 << 23;
+
+fn illegal(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Conflict(e.to_string())
+}
+
+fn daemon_error(e: DaemonError) -> ControlError {
+    match e {
+        DaemonError::Bootstrap { .. } | DaemonError::Config(_) => {
+            ControlError::InvalidArgument(e.to_string())
+        }
+        other => ControlError::Internal(other.to_string()),
+    }
+}
+
+impl Host {
+    pub fn new(
+        options: HostOptions,
+        events: mpsc::Sender<HostEvent>,
+        supervision: Option<Arc<dyn Supervision>>,
+    ) -> Self {
+        Self {
+            options,
+            state: StateMachine::new(),
+            instance: Mutex::new(None),
+            events,
+            supervision,
+        }
+    }
+
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    fn instance(&self) -> std::sync::MutexGuard<'_, Option<Mounted>> {
+        self.instance.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> DaemonSnapshot {
+        DaemonSnapshot {
+            id: self.options.id.clone(),
+            mode: self.options.mode,
+            mountpoint: self.options.mountpoint.clone(),
+            state: self.state.get(),
+            instances: self.instance().iter().map(|m| m.saved.clone()).collect(),
+        }
+    }
+
+    fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            id: self.options.id.clone(),
+            version: build_version(),
+            pid: std::process::id(),
+            mode: self.options.mode,
+            state: self.state.get(),
+            supervisor: self.options.supervisor.clone(),
+            instances: self
+                .instance()
+                .iter()
+                .map(|m| m.saved.info.clone())
+                .collect(),
+        }
+    }
+
+    fn check_mountpoint(&self, mountpoint: &Path) -> Result<(), ControlError> {
+        if self.options.mode == DaemonMode::Shared {
+            return Err(ControlError::NotSupported(
+                "instances of a shared daemon are not supported yet".into(),
+            ));
+        }
+        if mountpoint != self.options.mountpoint {
+            return Err(ControlError::InvalidArgument(format!(
+                "mountpoint {}: a dedicated daemon serves only {}",
+                mountpoint.display(),
+                self.options.mountpoint.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Mounts the dedicated instance and starts serving it.
+    pub fn mount(&self, mountpoint: &Path, request: MountRequest) -> Result<(), ControlError> {
+        self.check_mountpoint(mountpoint)?;
+        if request.seq >= MAX_SEQ {
+            return Err(ControlError::InvalidArgument(format!(
+                "seq {} is not below {MAX_SEQ}",
+                request.seq
+            )));
+        }
+        let blob_source: BlobSource = request
+            .config
+            .blob_source
+            .parse()
+            .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
+        let mut slot = self.instance();
+        if slot.is_some() {
+            return Err(ControlError::Conflict(format!(
+                "{} is already mounted",
+                mountpoint.display()
+            )));
+        }
+        let state = self.state.get();
+        if state != DaemonState::Init {
+            return Err(ControlError::Conflict(format!(
+                "daemon is {state}; a dedicated daemon mounts only from INIT"
+            )));
+        }
+        let mut config = self.options.config.clone();
+        config.registry.plain_http |= request.config.plain_http;
+        if let Some(path) = &request.config.docker_config {
+            config.registry.docker_config = Some(path.clone());
+        }
+        let (daemon_events, received) = mpsc::channel();
+        let forward = self.events.clone();
+        std::thread::Builder::new()
+            .name("lode-events".into())
+            .spawn(move || {
+                while let Ok(event) = received.recv() {
+                    if forward.send(HostEvent::Daemon(event)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| ControlError::Internal(format!("spawn event thread: {e}")))?;
+        let daemon = Daemon::start(
+            DaemonOptions {
+                bootstrap: request.source.clone(),
+                blob_source,
+                mountpoint: mountpoint.to_path_buf(),
+                config,
+            },
+            daemon_events,
+        )
+        .map_err(daemon_error)?;
+        self.state.apply(StateEvent::FuseReady).map_err(illegal)?;
+        // Without a supervisor nobody else would say "start".
+        if self.supervision.is_none() {
+            self.state.apply(StateEvent::Start).map_err(illegal)?;
+        }
+        let info = InstanceInfo {
+            id: self.options.id.clone(),
+            seq: request.seq,
+            mountpoint: mountpoint.to_path_buf(),
+            bootstrap: request.source.clone(),
+            image_ref: request.image_ref.clone(),
+            mounted_at: now_secs(),
+        };
+        info!(daemon_id = %self.options.id, mountpoint = %mountpoint.display(), "instance mounted");
+        *slot = Some(Mounted {
+            daemon,
+            saved: SavedInstance { info, request },
+        });
+        Ok(())
+    }
+
+    /// Removes the instance (its session has ended, or the daemon stops).
+    pub fn take_daemon(&self) -> Option<Daemon> {
+        self.instance().take().map(|m| m.daemon)
+    }
+
+    /// Metrics of the mounted instance, if any, as one line of JSON.
+    pub fn metrics_json(&self) -> Option<String> {
+        self.instance()
+            .as_ref()
+            .map(|m| m.daemon.metrics().to_json())
+    }
+
+    pub fn umount(&self, mountpoint: &Path) -> Result<(), ControlError> {
+        self.check_mountpoint(mountpoint)?;
+        let slot = self.instance();
+        let mounted = slot.as_ref().ok_or_else(|| {
+            ControlError::NotFound(format!("nothing mounted at {}", mountpoint.display()))
+        })?;
+        // The session then ends and the main loop stops the daemon.
+        mounted
+            .daemon
+            .unmount()
+            .map_err(|e| ControlError::Internal(e.to_string()))
+    }
+
+    /// Runs `f` on the metrics of instance `id` (the only one if `None`).
+    fn with_metrics<T>(
+        &self,
+        id: Option<&str>,
+        f: impl FnOnce(&str, &Metrics) -> T,
+    ) -> Result<T, ControlError> {
+        if self.state.get() == DaemonState::Init {
+            return Err(ControlError::NotReady("no instance mounted yet".into()));
+        }
+        let slot = self.instance();
+        match slot.as_ref() {
+            Some(m) if id.is_none_or(|id| id == m.saved.info.id) => {
+                Ok(f(&m.saved.info.id, m.daemon.metrics()))
+            }
+            _ => Err(ControlError::NotFound(format!(
+                "no instance {}",
+                id.unwrap_or("mounted")
+            ))),
+        }
+    }
+
+    fn supervision(&self, what: &str) -> Result<&Arc<dyn Supervision>, ControlError> {
+        self.supervision.as_ref().ok_or_else(|| {
+            ControlError::NotSupported(format!(
+                "{what} needs a supervisor (start lode-fsd with a supervisor socket)"
+            ))
+        })
+    }
+}
+
+fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {
+    let snapshot = m.snapshot();
+    let (opens, _) = m.fop_counts(Fop::Open);
+    let (releases, _) = m.fop_counts(Fop::Release);
+    FsMetrics {
+        id: id.to_owned(),
+        bytes_read: snapshot.bytes_read,
+        fops: snapshot
+            .fops
+            .iter()
+            .map(|(name, c)| {
+                (
+                    (*name).to_owned(),
+                    FopCount {
+                        count: c.count,
+                        errors: c.errors,
+                    },
+                )
+            })
+            .collect(),
+        read_latency: m.read_latency.snapshot(),
+        open_files: opens.saturating_sub(releases),
+    }
+}
+
+fn cache_metrics(id: &str, m: &Metrics) -> CacheMetrics {
+    let s = m.snapshot();
+    CacheMetrics {
+        id: id.to_owned(),
+        hits: s.cache_hits,
+        misses: s.cache_misses,
+        inflight_joins: s.inflight_joins,
+        prefetch_hits: s.prefetch_hits,
+        readahead_requests: s.readahead_requests,
+        bytes_fetched: s.bytes_fetched,
+        chunks_cached: s.chunks_verified,
+        bytes_cached: s.cache_bytes_written,
+        write_errors: s.cache_write_errors,
+        digest_errors: s.digest_errors,
+        fetch_timeouts: s.fetch_timeouts,
+    }
+}
+
+fn backend_metrics(id: &str, m: &Metrics) -> BackendMetrics {
+    let s = m.snapshot();
+    BackendMetrics {
+        id: id.to_owned(),
+        requests: s.backend_requests,
+        bytes: s.bytes_fetched,
+        errors: s.backend_errors,
+        latency: m.backend_latency.snapshot(),
+    }
+}
+
+impl DaemonControl for Host {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ControlError> {
+        match request {
+            ApiRequest::GetDaemon => Ok(ApiResponse::Daemon(Box::new(self.info()))),
+            ApiRequest::Mount {
+                mountpoint,
+                request,
+            } => self
+                .mount(&mountpoint, request)
+                .map(|()| ApiResponse::Empty),
+            ApiRequest::Umount { mountpoint } => {
+                self.umount(&mountpoint).map(|()| ApiResponse::Empty)
+            }
+            ApiRequest::Remount { mountpoint, .. } => {
+                self.check_mountpoint(&mountpoint)?;
+                Err(ControlError::NotSupported(
+                    "remount (swapping an instance's blob source) is not supported yet".into(),
+                ))
+            }
+            ApiRequest::FsMetrics { id } => self
+                .with_metrics(id.as_deref(), fs_metrics)
+                .map(ApiResponse::FsMetrics),
+            ApiRequest::CacheMetrics { id } => self
+                .with_metrics(id.as_deref(), cache_metrics)
+                .map(ApiResponse::CacheMetrics),
+            ApiRequest::BackendMetrics { id } => self
+                .with_metrics(id.as_deref(), backend_metrics)
+                .map(ApiResponse::BackendMetrics),
+            ApiRequest::Inflight => {
+                let ops = self
+                    .instance()
+                    .as_ref()
+                    .map(|m| m.daemon.metrics().inflight_ops.snapshot())
+                    .unwrap_or_default();
+                Ok(ApiResponse::Inflight(InflightMetrics { ops }))
+            }
+            ApiRequest::Start => {
+                self.state.apply(StateEvent::Start).map_err(illegal)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::Exit => {
+                self.state.apply(StateEvent::Stop).map_err(illegal)?;
+                let _ = self.events.send(HostEvent::Exit);
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::SendFd => {
+                let state = self.state.get();
+                if !matches!(state, DaemonState::Ready | DaemonState::Running) {
+                    return Err(ControlError::Conflict(format!(
+                        "daemon is {state}: no FUSE connection to send"
+                    )));
+                }
+                let snapshot = self.snapshot();
+                self.supervision("sendfd")?
+                    .send_fd(&snapshot)
+                    .map_err(ControlError::Internal)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::Takeover => {
+                let state = self.state.get();
+                if state != DaemonState::Init {
+                    return Err(ControlError::Conflict(format!(
+                        "daemon is {state}: only a daemon in INIT can take over"
+                    )));
+                }
+                self.supervision("takeover")?
+                    .takeover()
+                    .map_err(ControlError::Internal)?;
+                Ok(ApiResponse::Empty)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "instances_tests.rs"]
+mod tests;
