@@ -3,9 +3,10 @@
 //! A read looks its chunks up in the cache; for the missing ones it either
 //! joins a fetch in flight or starts one. Started fetches become jobs of
 //! chunks adjacent in their blob (one range request each, up to the merge
-//! limit), extended forward over the blob's following missing chunks whichever
-//! files they belong to: files are stored in tar order, so a cold walk over a
-//! directory of small files reads what one request brought. Jobs run on the
+//! limit), extended over the blob's missing chunks around them whichever
+//! files they belong to, forward first, then backward: files are stored in tar
+//! order, so a cold walk over a directory of small files reads what one
+//! request brought. Jobs run on the
 //! worker pool; the reader waits for its chunks until the deadline.
 //! Once a file is read sequentially, jobs for the next `readahead_bytes` are
 //! queued in the background so the network stays busy while the reader
@@ -468,58 +469,6 @@ impl Fetcher {
         queued_to
     }
 
-    /// Adds the chunks that follow the job's last one in its blob while they
-    /// are missing, not in flight, adjacent and within the merge limit. They
-    /// may belong to any file; a reader of one joins this fetch.
-    fn extend_job(&self, job: &mut FetchJob) {
-        while let Some(next) = self.next_in_blob(job.last()) {
-            if !job.accepts(&next, self.settings.merge_limit) || job.cache.is_present(next.rel) {
-                return;
-            }
-            let Some(pending) = self.ctx.inflight.try_lead(next.key()) else {
-                return;
-            };
-            job.push(next, pending);
-        }
-    }
-
-    /// The chunk after `piece` in the chunk table, if it is in the same blob.
-    fn next_in_blob(&self, piece: &Piece) -> Option<Piece> {
-        let rel = piece
-            .rel
-            .checked_add(1)
-            .filter(|&rel| rel < piece.blob.chunk_count)?;
-        let index = piece.blob.first_chunk.0.checked_add(rel)?;
-        let rec = self.bootstrap.chunk(ChunkIndex(index)).ok()?;
-        Some(Piece {
-            rec,
-            blob_index: rec.blob,
-            blob: piece.blob,
-            rel,
-        })
-    }
-
-    /// The file chunk index after `last` from which the file's chunks are no
-    /// longer among those `job` fetches.
-    fn covered_to(
-        &self,
-        ino: Ino,
-        file_size: u64,
-        chunk_count: u32,
-        last: u32,
-        job: &FetchJob,
-    ) -> u32 {
-        let mut idx = last + 1;
-        while idx < chunk_count
-            && self
-                .piece(ino, idx, file_size)
-                .is_ok_and(|piece| job.covers(&piece))
-        {
-            idx += 1;
-        }
-        idx
-    }
-
     fn new_job(
         &self,
         piece: Piece,
@@ -617,6 +566,9 @@ impl Fetcher {
         }
     }
 }
+
+#[path = "fetch_neighbours.rs"]
+mod neighbours;
 
 #[cfg(test)]
 #[path = "fetch_tests.rs"]

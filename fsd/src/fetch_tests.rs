@@ -450,17 +450,15 @@ fn a_miss_fetches_the_following_files_of_the_blob_up_to_the_limit() {
     assert_eq!(backend.calls().len(), 1, "a neighbour was fetched again");
     assert_eq!(read(4), files[4]);
     assert_eq!(backend.calls(), vec![(0, 4000), (4000, 4000)]);
-    // A present chunk ends the extension: with f9 read first, a read of f8
-    // fetches f8 alone.
+    // With nothing after it, f9's request takes the chunk before it, and a
+    // present chunk (f7) ends the extension.
     assert_eq!(read(9), files[9]);
-    wait_cached(&f, 9);
+    assert_eq!(backend.calls(), vec![(0, 4000), (4000, 4000), (8000, 2000)]);
+    wait_cached(&f, 10);
     assert_eq!(read(8), files[8]);
-    assert_eq!(
-        backend.calls(),
-        vec![(0, 4000), (4000, 4000), (9000, 1000), (8000, 1000)]
-    );
+    assert_eq!(backend.calls().len(), 3);
     let s = metrics.snapshot();
-    assert_eq!(s.cache_misses, 4);
+    assert_eq!(s.cache_misses, 3);
     assert_eq!(s.digest_errors, 0);
     assert_eq!(s.bytes_fetched, 10_000);
 }
@@ -535,4 +533,23 @@ fn a_reader_of_a_neighbour_joins_the_request_in_flight() {
     assert_eq!(backend.inner.calls().len(), 1);
     let s = metrics.snapshot();
     assert_eq!((s.cache_misses, s.inflight_joins), (1, 1));
+}
+
+#[test]
+fn a_backward_walk_gets_the_files_before_the_one_read() {
+    let (image, files) = small_files(9, 1000, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let mut s = settings(1, 0);
+    s.merge_limit = 4500;
+    let (f, _) = fetcher(&image, backend.clone(), s);
+    for i in (0..9).rev() {
+        assert_eq!(
+            f.read(ino_of(&image, &file_name(i)), 0, 4096).unwrap(),
+            files[i],
+            "f{i}"
+        );
+    }
+    // f8 brings f5..f7, f4 brings f1..f3: the limit is spent forwards
+    // first, then backwards.
+    assert_eq!(backend.calls(), vec![(5000, 4000), (1000, 4000), (0, 1000)]);
 }
