@@ -114,3 +114,7 @@ pub async fn serve(listener: UnixListener, control: Arc<dyn DaemonControl>) {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
