@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lode_common::api::MountRequest;
 use nix::sys::signal::{SigSet, Signal};
@@ -78,7 +78,8 @@ pub fn run_managed(
         server::bind(&options.apisock).map_err(|e| io_err("bind", std::io::Error::other(e)))?
     };
     let control: Arc<dyn DaemonControl> = Arc::clone(&host) as Arc<dyn DaemonControl>;
-    runtime.spawn(server::serve(listener, control));
+    let connections = Arc::new(server::Connections::default());
+    let server = runtime.spawn(server::serve(listener, control, Arc::clone(&connections)));
 
     let result = (|| {
         if let Some(request) = options.initial {
@@ -99,6 +100,12 @@ pub fn run_managed(
         main_loop(&host, &received, &mountpoint)
     })();
     let _ = host.state().apply(StateEvent::Stop);
+    // Answer the requests being served (the exit request, typically) first.
+    server.abort();
+    let drained = runtime.block_on(connections.drained(Instant::now() + Duration::from_secs(2)));
+    if !drained {
+        warn!("API connections still open at exit");
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     let _ = std::fs::remove_file(&options.apisock);
     if let Some(path) = pid_file {

@@ -5,7 +5,9 @@
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -90,20 +92,57 @@ async fn answer(
     Ok(response)
 }
 
+/// Connections being served; lets the daemon finish answering (e.g. the
+/// `exit` request itself) before it stops.
+#[derive(Debug, Default)]
+pub struct Connections(AtomicUsize);
+
+impl Connections {
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open or `deadline` passes.
+    pub async fn drained(&self, deadline: Instant) -> bool {
+        while self.open() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+struct Open(Arc<Connections>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Accepts connections until the task is dropped.
-pub async fn serve(listener: UnixListener, control: Arc<dyn DaemonControl>) {
+pub async fn serve(
+    listener: UnixListener,
+    control: Arc<dyn DaemonControl>,
+    connections: Arc<Connections>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 warn!(error = %e, "API accept failed");
                 // Out of descriptors, typically: back off instead of spinning.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let control = Arc::clone(&control);
+        connections.0.fetch_add(1, Ordering::SeqCst);
+        let open = Open(Arc::clone(&connections));
         tokio::spawn(async move {
+            let _open = open;
             let service = service_fn(move |req| answer(Arc::clone(&control), req));
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

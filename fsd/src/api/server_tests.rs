@@ -29,7 +29,11 @@ async fn typed_client_over_the_socket() {
     let meta = std::fs::metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    let server = tokio::spawn(serve(listener, Arc::clone(&host) as Arc<dyn DaemonControl>));
+    let server = tokio::spawn(serve(
+        listener,
+        Arc::clone(&host) as Arc<dyn DaemonControl>,
+        Arc::default(),
+    ));
 
     let client = DaemonClient::new(&sock);
     let info = client

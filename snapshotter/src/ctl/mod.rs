@@ -4,6 +4,7 @@
 //! error, and a match arm in [`Command::run`].
 
 pub mod convert;
+pub mod daemon;
 pub mod mount;
 
 use std::io::Write;
@@ -32,6 +33,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Stop serving a directory mounted with `lodectl mount`.
     Umount(mount::UmountArgs),
+    /// Query a lode-fsd through its API socket.
+    Daemon(daemon::DaemonArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub enum CtlError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Mount(#[from] MountError),
+    #[error(transparent)]
+    Daemon(#[from] lode_common::api::ClientError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -55,6 +60,7 @@ impl Command {
             Command::Convert(args) => convert::run(args, out),
             Command::Mount(args) => mount::run_mount(args, out),
             Command::Umount(args) => mount::run_umount(args),
+            Command::Daemon(args) => daemon::run(args, out),
         }
     }
 }
