@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod errno;
 pub mod fetch;
 pub mod fuse;
+pub mod inode_map;
 pub mod instances;
 mod inflight;
 mod job;
