@@ -3,8 +3,9 @@
 //! main loop of `lode-fsd --apisock`.
 //!
 //! In dedicated mode the daemon serves one instance at the mount root; its
-//! unmount (API or external) ends the daemon. Shared mode is answered with
-//! `not_supported` for now.
+//! unmount (API or external) ends the daemon. In shared mode the daemon
+//! mounts a pseudo root at start and instances come and go as its
+//! subdirectories ([`crate::shared_host`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -21,6 +22,7 @@ use crate::api::{ApiRequest, ApiResponse, ControlError, DaemonControl};
 use crate::backend::BlobSource;
 use crate::daemon::{Daemon, DaemonError, DaemonOptions, Event};
 use crate::metrics::{Fop, Metrics};
+use crate::shared_host::SharedMount;
 use crate::state::{DaemonState, StateEvent, StateMachine};
 
 /// Hand-over to a supervisor; provided by the takeover module when the
@@ -62,6 +64,7 @@ pub struct Host {
     options: HostOptions,
     state: StateMachine,
     instance: Mutex<Option<Mounted>>,
+    shared: std::sync::OnceLock<SharedMount>,
     events: mpsc::Sender<HostEvent>,
     supervision: Option<Arc<dyn Supervision>>,
 }
@@ -107,6 +110,7 @@ impl Host {
             options,
             state: StateMachine::new(),
             instance: Mutex::new(None),
+            shared: std::sync::OnceLock::new(),
             events,
             supervision,
         }
@@ -126,7 +130,7 @@ impl Host {
             mode: self.options.mode,
             mountpoint: self.options.mountpoint.clone(),
             state: self.state.get(),
-            instances: self.instance().iter().map(|m| m.saved.clone()).collect(),
+            instances: self.saved(),
         }
     }
 
@@ -146,11 +150,121 @@ impl Host {
         }
     }
 
+    fn saved(&self) -> Vec<SavedInstance> {
+        match self.shared.get() {
+            Some(shared) => shared.saved(),
+            None => self.instance().iter().map(|m| m.saved.clone()).collect(),
+        }
+    }
+
+    /// The instance id a shared-mode mountpoint `<mnt>/<id>` names.
+    fn shared_id(&self, mountpoint: &Path) -> Result<String, ControlError> {
+        let id = mountpoint
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|_| mountpoint.parent() == Some(self.options.mountpoint.as_path()));
+        match id {
+            Some(id) if !id.is_empty() && id != "." && id != ".." => Ok(id.to_owned()),
+            _ => Err(ControlError::InvalidArgument(format!(
+                "mountpoint {}: a shared daemon's instances are {}/<id>",
+                mountpoint.display(),
+                self.options.mountpoint.display()
+            ))),
+        }
+    }
+
+    /// Mounts the shared pseudo root and starts serving it (shared mode).
+    pub fn start_shared(&self) -> Result<(), DaemonError> {
+        let (daemon_events, received) = mpsc::channel();
+        let forward = self.events.clone();
+        std::thread::Builder::new()
+            .name("lode-events".into())
+            .spawn(move || {
+                while let Ok(event) = received.recv() {
+                    if forward.send(HostEvent::Daemon(event)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| DaemonError::Io {
+                what: "spawn event thread".into(),
+                source,
+            })?;
+        let shared = SharedMount::start(
+            &self.options.mountpoint,
+            &self.options.config,
+            daemon_events,
+        )?;
+        let _ = self.shared.set(shared);
+        let state_err = |e: crate::state::IllegalTransition| DaemonError::Io {
+            what: "daemon state".into(),
+            source: std::io::Error::other(e),
+        };
+        self.state.apply(StateEvent::FuseReady).map_err(state_err)?;
+        if self.supervision.is_none() {
+            self.state.apply(StateEvent::Start).map_err(state_err)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts everything the daemon serves; the session end follows.
+    pub fn unmount_all(&self) -> Result<(), DaemonError> {
+        if let Some(shared) = self.shared.get() {
+            return shared.unmount();
+        }
+        match self.instance().as_ref() {
+            Some(m) => m.daemon.unmount(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a FUSE mount is being served.
+    pub fn serving(&self) -> bool {
+        self.shared.get().is_some() || self.instance().is_some()
+    }
+
+    /// After the session ended: stops every instance.
+    pub fn finish(&self) -> Result<(), DaemonError> {
+        if let Some(shared) = self.shared.get() {
+            return shared.wait();
+        }
+        match self.take_daemon() {
+            Some(daemon) => daemon.wait(),
+            None => Ok(()),
+        }
+    }
+
+    fn mount_shared(&self, mountpoint: &Path, request: MountRequest) -> Result<(), ControlError> {
+        let id = self.shared_id(mountpoint)?;
+        let state = self.state.get();
+        let shared = match (state, self.shared.get()) {
+            (DaemonState::Running, Some(shared)) => shared,
+            (DaemonState::Init | DaemonState::Ready, _) => {
+                return Err(ControlError::NotReady(format!("daemon is {state}")))
+            }
+            _ => return Err(ControlError::Conflict(format!("daemon is {state}"))),
+        };
+        let blob_source: BlobSource = request
+            .config
+            .blob_source
+            .parse()
+            .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
+        let config = self.instance_config(&request);
+        shared.add(&id, request, &blob_source, &config, now_secs())
+    }
+
+    fn instance_config(&self, request: &MountRequest) -> FsdConfig {
+        let mut config = self.options.config.clone();
+        config.registry.plain_http |= request.config.plain_http;
+        if let Some(path) = &request.config.docker_config {
+            config.registry.docker_config = Some(path.clone());
+        }
+        config
+    }
+
     fn check_mountpoint(&self, mountpoint: &Path) -> Result<(), ControlError> {
         if self.options.mode == DaemonMode::Shared {
-            return Err(ControlError::NotSupported(
-                "instances of a shared daemon are not supported yet".into(),
-            ));
+            return self.shared_id(mountpoint).map(|_| ());
         }
         if mountpoint != self.options.mountpoint {
             return Err(ControlError::InvalidArgument(format!(
@@ -164,6 +278,9 @@ impl Host {
 
     /// Mounts the dedicated instance and starts serving it.
     pub fn mount(&self, mountpoint: &Path, request: MountRequest) -> Result<(), ControlError> {
+        if self.options.mode == DaemonMode::Shared {
+            return self.mount_shared(mountpoint, request);
+        }
         self.check_mountpoint(mountpoint)?;
         if request.seq >= MAX_SEQ {
             return Err(ControlError::InvalidArgument(format!(
@@ -189,11 +306,7 @@ impl Host {
                 "daemon is {state}; a dedicated daemon mounts only from INIT"
             )));
         }
-        let mut config = self.options.config.clone();
-        config.registry.plain_http |= request.config.plain_http;
-        if let Some(path) = &request.config.docker_config {
-            config.registry.docker_config = Some(path.clone());
-        }
+        let config = self.instance_config(&request);
         let (daemon_events, received) = mpsc::channel();
         let forward = self.events.clone();
         std::thread::Builder::new()
@@ -250,6 +363,13 @@ impl Host {
     }
 
     pub fn umount(&self, mountpoint: &Path) -> Result<(), ControlError> {
+        if self.options.mode == DaemonMode::Shared {
+            let id = self.shared_id(mountpoint)?;
+            return match self.shared.get() {
+                Some(shared) => shared.remove(&id),
+                None => Err(ControlError::NotFound(format!("no instance {id}"))),
+            };
+        }
         self.check_mountpoint(mountpoint)?;
         let slot = self.instance();
         let mounted = slot.as_ref().ok_or_else(|| {
@@ -270,6 +390,23 @@ impl Host {
     ) -> Result<T, ControlError> {
         if self.state.get() == DaemonState::Init {
             return Err(ControlError::NotReady("no instance mounted yet".into()));
+        }
+        if let Some(shared) = self.shared.get() {
+            let id = match id {
+                Some(id) => id.to_owned(),
+                None => match shared.saved().as_slice() {
+                    [only] => only.info.id.clone(),
+                    _ => {
+                        return Err(ControlError::InvalidArgument(
+                            "query parameter id is required with several instances".into(),
+                        ))
+                    }
+                },
+            };
+            let metrics = shared
+                .metrics(&id)
+                .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
+            return Ok(f(&id, &metrics));
         }
         let slot = self.instance();
         match slot.as_ref() {
@@ -374,6 +511,14 @@ impl DaemonControl for Host {
             ApiRequest::BackendMetrics { id } => self
                 .with_metrics(id.as_deref(), backend_metrics)
                 .map(ApiResponse::BackendMetrics),
+            ApiRequest::Inflight if self.shared.get().is_some() => {
+                let ops = self
+                    .shared
+                    .get()
+                    .map(|s| s.table().inflight.snapshot())
+                    .unwrap_or_default();
+                Ok(ApiResponse::Inflight(InflightMetrics { ops }))
+            }
             ApiRequest::Inflight => {
                 let ops = self
                     .instance()

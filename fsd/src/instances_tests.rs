@@ -128,9 +128,14 @@ fn mount_requests_are_validated_before_mounting() {
 
     let (events, _received) = mpsc::channel();
     let shared = Host::new(options(DaemonMode::Shared, mnt), events, None);
+    // Instances live at <mnt>/<id>, and only once the shared mount serves.
     assert!(matches!(
-        shared.handle(mount(mnt, request(boot, "dir:///b", 0))),
-        Err(ControlError::NotSupported(_))
+        shared.handle(mount(mnt, request(boot, "dir:///b", 1))),
+        Err(ControlError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        shared.handle(mount(&mnt.join("a"), request(boot, "dir:///b", 1))),
+        Err(ControlError::NotReady(_))
     ));
 }
 

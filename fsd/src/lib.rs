@@ -27,6 +27,8 @@ pub mod metrics;
 pub mod mount;
 pub mod ops;
 mod pool;
+pub mod shared;
+pub mod shared_host;
 pub mod state;
 pub mod takeover;
 mod verify;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use lode_common::api::MountRequest;
+use lode_common::api::{DaemonMode, MountRequest};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
@@ -72,6 +72,7 @@ pub fn run_managed(
         .build()
         .map_err(|e| io_err("start the API runtime", e))?;
     let mountpoint = options.host.mountpoint.clone();
+    let mode = options.host.mode;
     let host = Arc::new(Host::new(options.host, events, options.supervision));
     let listener = {
         let _entered = runtime.enter();
@@ -82,6 +83,9 @@ pub fn run_managed(
     let server = runtime.spawn(server::serve(listener, control, Arc::clone(&connections)));
 
     let result = (|| {
+        if mode == DaemonMode::Shared {
+            host.start_shared()?;
+        }
         if let Some(request) = options.initial {
             host.mount(&mountpoint, request)
                 .map_err(|e| io_err("mount", std::io::Error::other(e)))?;
@@ -97,7 +101,7 @@ pub fn run_managed(
                 warn!(error = %e, "cannot write readiness notification");
             }
         }
-        main_loop(&host, &received, &mountpoint)
+        main_loop(&host, &received)
     })();
     let _ = host.state().apply(StateEvent::Stop);
     // Answer the requests being served (the exit request, typically) first.
@@ -114,11 +118,7 @@ pub fn run_managed(
     result
 }
 
-fn main_loop(
-    host: &Host,
-    received: &mpsc::Receiver<HostEvent>,
-    mountpoint: &Path,
-) -> Result<(), DaemonError> {
+fn main_loop(host: &Host, received: &mpsc::Receiver<HostEvent>) -> Result<(), DaemonError> {
     while let Ok(event) = received.recv() {
         match event {
             HostEvent::Daemon(Event::Signal(Signal::SIGUSR1)) => {
@@ -128,20 +128,17 @@ fn main_loop(
             }
             HostEvent::Daemon(Event::Signal(signal)) => {
                 info!(%signal, "stopping on signal");
-                if host.metrics_json().is_none() {
+                if !host.serving() {
                     return Ok(());
                 }
-                if let Err(e) = host.umount(mountpoint) {
+                if let Err(e) = host.unmount_all() {
                     error!(error = %e, "unmount failed");
-                    return Err(io_err("unmount", std::io::Error::other(e)));
+                    return Err(e);
                 }
             }
             HostEvent::Daemon(Event::SessionEnded) => {
                 let _ = host.state().apply(StateEvent::Stop);
-                return match host.take_daemon() {
-                    Some(daemon) => daemon.wait(),
-                    None => Ok(()),
-                };
+                return host.finish();
             }
             HostEvent::Exit => {
                 // Leave the mount and its connection as they are: a

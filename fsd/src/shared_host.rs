@@ -1,0 +1,249 @@
+//! A shared daemon's mount: mounts the pseudo root at start, builds each
+//! instance's read path when the API adds it, and tears it down when the
+//! API removes it, without disturbing the other instances.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use lode_common::api::{InstanceInfo, MountRequest, SavedInstance};
+use lode_common::format::Bootstrap;
+use lode_common::registry::{RegistryClient, RegistryOptions};
+use lode_config::FsdConfig;
+use tracing::{info, warn};
+
+use crate::api::ControlError;
+use crate::backend::{BlobBackend, BlobSource, DirBackend, RegistryBackend};
+use crate::cache::ChunkCache;
+use crate::daemon::{DaemonError, Event};
+use crate::fetch::{FetchSettings, Fetcher};
+use crate::inode_map::InstanceSeq;
+use crate::metrics::Metrics;
+use crate::mount::{self, MountOptions};
+use crate::ops::{LodeFs, Ttls};
+use crate::shared::{SharedFuse, SharedInstance, SharedTable};
+
+/// How long removing an instance waits for its running fetches.
+const REMOVE_GRACE: Duration = Duration::from_secs(5);
+
+struct Record {
+    saved: SavedInstance,
+    fetcher: Arc<Fetcher>,
+    cache: Arc<ChunkCache>,
+}
+
+pub struct SharedMount {
+    mountpoint: PathBuf,
+    table: Arc<SharedTable>,
+    records: Mutex<HashMap<String, Record>>,
+    runtime: tokio::runtime::Runtime,
+    session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Internal(e.to_string())
+}
+
+impl SharedMount {
+    /// Mounts the pseudo root at `mountpoint` and starts serving it.
+    pub fn start(
+        mountpoint: &Path,
+        config: &FsdConfig,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Self, DaemonError> {
+        let table = Arc::new(SharedTable::default());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lode-net")
+            .enable_all()
+            .build()
+            .map_err(io("start tokio runtime"))?;
+        let fd = mount::mount_fuse(mountpoint, &MountOptions::lode(0o040_755))?;
+        let mut session_config = fuser::Config::default();
+        session_config.n_threads = Some(config.fuse.threads);
+        session_config.clone_fd = true;
+        let fs = SharedFuse::new(
+            Arc::clone(&table),
+            Duration::from_secs(config.fuse.entry_timeout_secs),
+        );
+        let session = match fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, session_config)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = mount::unmount(mountpoint);
+                return Err(io("FUSE handshake")(e));
+            }
+        };
+        let session = std::thread::Builder::new()
+            .name("lode-session".into())
+            .spawn(move || {
+                let result = session.run();
+                let _ = events.send(Event::SessionEnded);
+                result
+            })
+            .map_err(io("spawn FUSE session"))?;
+        info!(mountpoint = %mountpoint.display(), "shared mount serving");
+        Ok(Self {
+            mountpoint: mountpoint.to_path_buf(),
+            table,
+            records: Mutex::new(HashMap::new()),
+            runtime,
+            session: Mutex::new(Some(session)),
+        })
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Builds instance `id`'s read path and makes it visible as `<mnt>/<id>`.
+    pub fn add(
+        &self,
+        id: &str,
+        request: MountRequest,
+        blob_source: &BlobSource,
+        config: &FsdConfig,
+        mounted_at: u64,
+    ) -> Result<(), ControlError> {
+        let seq = InstanceSeq::new(request.seq)
+            .map_err(|e| ControlError::InvalidArgument(e.to_string()))?;
+        let mut records = self.records();
+        if records.contains_key(id) {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is already mounted"
+            )));
+        }
+        let bootstrap = Bootstrap::open(&request.source).map_err(|e| {
+            ControlError::InvalidArgument(format!("bootstrap {}: {e}", request.source.display()))
+        })?;
+        let backend: Arc<dyn BlobBackend> = match blob_source {
+            BlobSource::Registry(reference) => {
+                let client = RegistryClient::new(RegistryOptions {
+                    plain_http: config.registry.plain_http,
+                    request_timeout: config.registry.request_timeout(),
+                    max_retries: config.registry.max_retries,
+                    docker_config: config.registry.docker_config.clone(),
+                })
+                .map_err(internal)?;
+                Arc::new(RegistryBackend::new(
+                    client,
+                    reference.clone(),
+                    self.runtime.handle().clone(),
+                ))
+            }
+            BlobSource::Dir(dir) => Arc::new(DirBackend::new(dir)),
+        };
+        let cache_dir = config.cache.dir.as_deref().unwrap_or(Path::new("."));
+        let cache = Arc::new(
+            ChunkCache::open(cache_dir)
+                .map_err(internal)?
+                .with_direct_io(config.cache.direct_io),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let fetcher = Arc::new(
+            Fetcher::new(
+                Arc::new(bootstrap),
+                backend,
+                Arc::clone(&cache),
+                Arc::clone(&metrics),
+                FetchSettings::from(&config.fetch),
+            )
+            .map_err(internal)?,
+        );
+        let ttls = Ttls {
+            entry: Duration::from_secs(config.fuse.entry_timeout_secs),
+            attr: Duration::from_secs(config.fuse.attr_timeout_secs),
+        };
+        let instance = Arc::new(SharedInstance {
+            id: id.to_owned(),
+            seq,
+            fs: Arc::new(LodeFs::new(Arc::clone(&fetcher), ttls)),
+            metrics,
+        });
+        self.table
+            .insert(instance)
+            .map_err(|e| ControlError::Conflict(e.to_string()))?;
+        let info = InstanceInfo {
+            id: id.to_owned(),
+            seq: request.seq,
+            mountpoint: self.mountpoint.join(id),
+            bootstrap: request.source.clone(),
+            image_ref: request.image_ref.clone(),
+            mounted_at,
+        };
+        info!(instance = id, seq = request.seq, "instance added");
+        records.insert(
+            id.to_owned(),
+            Record {
+                saved: SavedInstance { info, request },
+                fetcher,
+                cache,
+            },
+        );
+        Ok(())
+    }
+
+    /// Hides instance `id` (its inodes answer ENOENT from now on), then
+    /// stops its fetches and makes its cache durable.
+    pub fn remove(&self, id: &str) -> Result<(), ControlError> {
+        let record = self
+            .records()
+            .remove(id)
+            .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
+        self.table.remove(id);
+        if !record.fetcher.shutdown(REMOVE_GRACE) {
+            warn!(instance = id, "fetches still running at removal");
+        }
+        if let Err(e) = record.cache.flush() {
+            warn!(instance = id, error = %e, "cache flush at removal failed");
+        }
+        info!(instance = id, "instance removed");
+        Ok(())
+    }
+
+    pub fn saved(&self) -> Vec<SavedInstance> {
+        let mut all: Vec<_> = self.records().values().map(|r| r.saved.clone()).collect();
+        all.sort_by_key(|s| s.info.seq);
+        all
+    }
+
+    pub fn metrics(&self, id: &str) -> Option<Arc<Metrics>> {
+        self.table.get(id).map(|i| Arc::clone(&i.metrics))
+    }
+
+    pub fn table(&self) -> &Arc<SharedTable> {
+        &self.table
+    }
+
+    pub fn unmount(&self) -> Result<(), DaemonError> {
+        Ok(mount::unmount(&self.mountpoint)?)
+    }
+
+    /// Waits for the session to end, then stops every instance.
+    pub fn wait(&self) -> Result<(), DaemonError> {
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let result = match session.map(JoinHandle::join) {
+            Some(Ok(r)) => r.map_err(io("FUSE session")),
+            Some(Err(_)) => Err(io("FUSE session")(std::io::Error::other("panicked"))),
+            None => Ok(()),
+        };
+        let ids: Vec<String> = self.records().keys().cloned().collect();
+        for id in ids {
+            let _ = self.remove(&id);
+        }
+        result
+    }
+}

@@ -1,0 +1,169 @@
+//! Shared mode through a real FUSE mount (root only): instances added and
+//! removed through the API while readers keep reading the others.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use lode_common::api::{DaemonMode, InstanceConfig, MountRequest};
+use lode_config::FsdConfig;
+
+use crate::api::{ApiRequest, ApiResponse, ControlError, DaemonControl};
+use crate::daemon::Event;
+use crate::inode_map::{to_global, InstanceSeq};
+use crate::instances::{Host, HostEvent, HostOptions};
+use crate::testutil::{pattern, ImageBuilder, TestImage};
+
+fn image(seed: u32) -> (TestImage, Vec<u8>) {
+    let data = pattern(200_000 + seed as usize * 1000, seed);
+    let mut b = ImageBuilder::new(64 * 1024, true);
+    b.file("data/file", &data);
+    b.file("small", format!("instance {seed}\n").as_bytes());
+    (b.build(), data)
+}
+
+fn mount_request(image: &TestImage, seq: u32) -> MountRequest {
+    MountRequest {
+        source: image.bootstrap_path.clone(),
+        config: InstanceConfig {
+            blob_source: format!("dir://{}", image.blob_dir.display()),
+            plain_http: false,
+            docker_config: None,
+        },
+        seq,
+        image_ref: None,
+    }
+}
+
+fn call(host: &Host, request: ApiRequest) -> Result<ApiResponse, ControlError> {
+    host.handle(request)
+}
+
+#[test]
+fn instances_come_and_go_while_others_are_read() {
+    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping instances_come_and_go_while_others_are_read: needs root and /dev/fuse");
+        return;
+    }
+    let images: Vec<_> = (1..=3).map(image).collect();
+    let mnt = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = FsdConfig::default();
+    config.cache.dir = Some(cache.path().to_path_buf());
+    config.fuse.threads = 4;
+    let (events, received) = mpsc::channel();
+    let host = Arc::new(Host::new(
+        HostOptions {
+            id: "shared".into(),
+            mode: DaemonMode::Shared,
+            mountpoint: mnt.path().to_path_buf(),
+            config,
+            supervisor: None,
+        },
+        events,
+        None,
+    ));
+    host.start_shared().unwrap();
+    let at = |id: &str| mnt.path().join(id);
+    let mount = |i: usize| {
+        call(
+            &host,
+            ApiRequest::Mount {
+                mountpoint: at(&format!("i{i}")),
+                request: mount_request(&images[i].0, i as u32 + 1),
+            },
+        )
+    };
+    let umount = |i: usize| {
+        call(
+            &host,
+            ApiRequest::Umount {
+                mountpoint: at(&format!("i{i}")),
+            },
+        )
+    };
+    for i in 0..3 {
+        assert_eq!(mount(i), Ok(ApiResponse::Empty));
+    }
+    assert!(matches!(mount(1), Err(ControlError::Conflict(_))));
+    let mut names: Vec<_> = std::fs::read_dir(mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["i0", "i1", "i2"]);
+    // Inode numbers are the documented function of (seq, bootstrap inode).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(at("i1")).unwrap());
+    let seq2 = InstanceSeq::new(2).unwrap();
+    assert_eq!(
+        ino,
+        to_global(seq2, lode_common::format::Ino::ROOT).unwrap().0
+    );
+
+    // Instance 0 is read throughout; 1 and 2 come and go around it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, reads) = (Arc::clone(&stop), Arc::clone(&reads));
+        let path = at("i0").join("data/file");
+        let expected = images[0].1.clone();
+        std::thread::spawn(move || {
+            let mut errors = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match std::fs::read(&path) {
+                    Ok(d) if d == expected => {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            errors
+        })
+    };
+    for (i, expected) in [(1, &images[1].1), (2, &images[2].1)] {
+        assert_eq!(
+            &std::fs::read(at(&format!("i{i}")).join("data/file")).unwrap(),
+            expected
+        );
+    }
+    assert_eq!(umount(1), Ok(ApiResponse::Empty));
+    assert!(matches!(umount(1), Err(ControlError::NotFound(_))));
+    assert_eq!(mount(1), Ok(ApiResponse::Empty));
+    assert_eq!(umount(2), Ok(ApiResponse::Empty));
+    assert_eq!(
+        std::fs::read(at("i1").join("small")).unwrap(),
+        b"instance 2\n"
+    );
+    let Ok(ApiResponse::FsMetrics(m)) = call(
+        &host,
+        ApiRequest::FsMetrics {
+            id: Some("i1".into()),
+        },
+    ) else {
+        panic!("no metrics for i1");
+    };
+    assert_eq!(m.bytes_read, "instance 2\n".len() as u64);
+    let before = reads.load(Ordering::SeqCst);
+    crate::testutil::wait_until("the reader to finish two more reads", || {
+        reads.load(Ordering::SeqCst) >= before + 2
+    });
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(reader.join().unwrap(), 0, "reads of i0 failed");
+    assert_eq!(umount(0), Ok(ApiResponse::Empty));
+    assert_eq!(umount(1), Ok(ApiResponse::Empty));
+    let Ok(ApiResponse::Daemon(info)) = call(&host, ApiRequest::GetDaemon) else {
+        panic!("no daemon info");
+    };
+    assert!(info.instances.is_empty());
+
+    host.unmount_all().unwrap();
+    loop {
+        match received.recv_timeout(Duration::from_secs(10)) {
+            Ok(HostEvent::Daemon(Event::SessionEnded)) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("session did not end: {e}"),
+        }
+    }
+    host.finish().unwrap();
+}
