@@ -40,6 +40,50 @@ fn call(host: &Host, request: ApiRequest) -> Result<ApiResponse, ControlError> {
     host.handle(request)
 }
 
+/// Reads one file over and over, counting wrong answers.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Reader {
+    fn start(path: std::path::PathBuf, expected: Vec<u8>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, reads) = (Arc::clone(&stop), Arc::clone(&reads));
+            std::thread::spawn(move || {
+                let mut errors = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    match std::fs::read(&path) {
+                        Ok(d) if d == expected => {
+                            reads.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                errors
+            })
+        };
+        Self {
+            stop,
+            reads,
+            thread,
+        }
+    }
+
+    /// Stops after at least two more complete reads; returns the errors.
+    fn stop(self) -> u64 {
+        let before = self.reads.load(Ordering::SeqCst);
+        crate::testutil::wait_until("two more reads", || {
+            self.reads.load(Ordering::SeqCst) >= before + 2
+        });
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn instances_come_and_go_while_others_are_read() {
     if !nix::unistd::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
@@ -101,56 +145,29 @@ fn instances_come_and_go_while_others_are_read() {
         to_global(seq2, lode_common::format::Ino::ROOT).unwrap().0
     );
 
-    // Instance 0 is read throughout; 1 and 2 come and go around it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let (stop, reads) = (Arc::clone(&stop), Arc::clone(&reads));
-        let path = at("i0").join("data/file");
-        let expected = images[0].1.clone();
-        std::thread::spawn(move || {
-            let mut errors = 0;
-            while !stop.load(Ordering::SeqCst) {
-                match std::fs::read(&path) {
-                    Ok(d) if d == expected => {
-                        reads.fetch_add(1, Ordering::SeqCst);
-                    }
-                    _ => errors += 1,
-                }
-            }
-            errors
-        })
-    };
-    for (i, expected) in [(1, &images[1].1), (2, &images[2].1)] {
-        assert_eq!(
-            &std::fs::read(at(&format!("i{i}")).join("data/file")).unwrap(),
-            expected
-        );
-    }
+    // Readers keep verifying the instances not being changed: i0 throughout,
+    // i2 while i1 goes and comes back, the new i1 while i2 and i0 go.
+    let a = Reader::start(at("i0").join("data/file"), images[0].1.clone());
+    let b = Reader::start(at("i2").join("data/file"), images[2].1.clone());
     assert_eq!(umount(1), Ok(ApiResponse::Empty));
     assert!(matches!(umount(1), Err(ControlError::NotFound(_))));
+    assert!(std::fs::read(at("i1").join("small")).is_err());
     assert_eq!(mount(1), Ok(ApiResponse::Empty));
+    assert_eq!(b.stop(), 0, "reads of i2 failed");
+    let c = Reader::start(at("i1").join("data/file"), images[1].1.clone());
     assert_eq!(umount(2), Ok(ApiResponse::Empty));
     assert_eq!(
         std::fs::read(at("i1").join("small")).unwrap(),
         b"instance 2\n"
     );
-    let Ok(ApiResponse::FsMetrics(m)) = call(
-        &host,
-        ApiRequest::FsMetrics {
-            id: Some("i1".into()),
-        },
-    ) else {
-        panic!("no metrics for i1");
-    };
-    assert_eq!(m.bytes_read, "instance 2\n".len() as u64);
-    let before = reads.load(Ordering::SeqCst);
-    crate::testutil::wait_until("the reader to finish two more reads", || {
-        reads.load(Ordering::SeqCst) >= before + 2
-    });
-    stop.store(true, Ordering::SeqCst);
-    assert_eq!(reader.join().unwrap(), 0, "reads of i0 failed");
+    assert_eq!(a.stop(), 0, "reads of i0 failed");
     assert_eq!(umount(0), Ok(ApiResponse::Empty));
+    let Ok(ApiResponse::FsMetrics(m)) = call(&host, ApiRequest::FsMetrics { id: None }) else {
+        panic!("no metrics for the only instance");
+    };
+    assert_eq!(m.id, "i1");
+    assert!(m.bytes_read >= images[1].1.len() as u64);
+    assert_eq!(c.stop(), 0, "reads of i1 failed");
     assert_eq!(umount(1), Ok(ApiResponse::Empty));
     let Ok(ApiResponse::Daemon(info)) = call(&host, ApiRequest::GetDaemon) else {
         panic!("no daemon info");
