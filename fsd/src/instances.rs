@@ -142,11 +142,7 @@ impl Host {
             mode: self.options.mode,
             state: self.state.get(),
             supervisor: self.options.supervisor.clone(),
-            instances: self
-                .instance()
-                .iter()
-                .map(|m| m.saved.info.clone())
-                .collect(),
+            instances: self.saved().into_iter().map(|s| s.info).collect(),
         }
     }
 
@@ -496,10 +492,30 @@ impl DaemonControl for Host {
             ApiRequest::Umount { mountpoint } => {
                 self.umount(&mountpoint).map(|()| ApiResponse::Empty)
             }
+            ApiRequest::Remount {
+                mountpoint,
+                request,
+            } if self.options.mode == DaemonMode::Shared => {
+                let id = self.shared_id(&mountpoint)?;
+                let shared = self
+                    .shared
+                    .get()
+                    .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
+                let blob_source: BlobSource = request
+                    .config
+                    .blob_source
+                    .parse()
+                    .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
+                let config = self.instance_config(&request);
+                shared
+                    .remount(&id, request, &blob_source, &config)
+                    .map(|()| ApiResponse::Empty)
+            }
             ApiRequest::Remount { mountpoint, .. } => {
                 self.check_mountpoint(&mountpoint)?;
                 Err(ControlError::NotSupported(
-                    "remount (swapping an instance's blob source) is not supported yet".into(),
+                    "remount of a dedicated daemon's instance is not supported; use a shared daemon"
+                        .into(),
                 ))
             }
             ApiRequest::FsMetrics { id } => self

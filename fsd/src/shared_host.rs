@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,6 +32,36 @@ struct Record {
     saved: SavedInstance,
     fetcher: Arc<Fetcher>,
     cache: Arc<ChunkCache>,
+    backend: Arc<SwappableBackend>,
+}
+
+/// The instance's blob source, replaceable while reads go on (remount with
+/// new credentials or a new registry address); the cache stays.
+struct SwappableBackend(RwLock<Arc<dyn BlobBackend>>);
+
+impl SwappableBackend {
+    fn current(&self) -> Arc<dyn BlobBackend> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn replace(&self, backend: Arc<dyn BlobBackend>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = backend;
+    }
+}
+
+impl BlobBackend for SwappableBackend {
+    fn read_range(
+        &self,
+        blob: &lode_common::format::BlobRecord,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, crate::backend::BackendError> {
+        self.current().read_range(blob, offset, len)
+    }
+
+    fn describe(&self) -> String {
+        self.current().describe()
+    }
 }
 
 pub struct SharedMount {
@@ -125,23 +155,9 @@ impl SharedMount {
         let bootstrap = Bootstrap::open(&request.source).map_err(|e| {
             ControlError::InvalidArgument(format!("bootstrap {}: {e}", request.source.display()))
         })?;
-        let backend: Arc<dyn BlobBackend> = match blob_source {
-            BlobSource::Registry(reference) => {
-                let client = RegistryClient::new(RegistryOptions {
-                    plain_http: config.registry.plain_http,
-                    request_timeout: config.registry.request_timeout(),
-                    max_retries: config.registry.max_retries,
-                    docker_config: config.registry.docker_config.clone(),
-                })
-                .map_err(internal)?;
-                Arc::new(RegistryBackend::new(
-                    client,
-                    reference.clone(),
-                    self.runtime.handle().clone(),
-                ))
-            }
-            BlobSource::Dir(dir) => Arc::new(DirBackend::new(dir)),
-        };
+        let backend = Arc::new(SwappableBackend(RwLock::new(
+            self.backend(blob_source, config)?,
+        )));
         let cache_dir = config.cache.dir.as_deref().unwrap_or(Path::new("."));
         let cache = Arc::new(
             ChunkCache::open(cache_dir)
@@ -152,7 +168,7 @@ impl SharedMount {
         let fetcher = Arc::new(
             Fetcher::new(
                 Arc::new(bootstrap),
-                backend,
+                Arc::clone(&backend) as Arc<dyn BlobBackend>,
                 Arc::clone(&cache),
                 Arc::clone(&metrics),
                 FetchSettings::from(&config.fetch),
@@ -187,8 +203,59 @@ impl SharedMount {
                 saved: SavedInstance { info, request },
                 fetcher,
                 cache,
+                backend,
             },
         );
+        Ok(())
+    }
+
+    fn backend(
+        &self,
+        blob_source: &BlobSource,
+        config: &FsdConfig,
+    ) -> Result<Arc<dyn BlobBackend>, ControlError> {
+        Ok(match blob_source {
+            BlobSource::Registry(reference) => {
+                let client = RegistryClient::new(RegistryOptions {
+                    plain_http: config.registry.plain_http,
+                    request_timeout: config.registry.request_timeout(),
+                    max_retries: config.registry.max_retries,
+                    docker_config: config.registry.docker_config.clone(),
+                })
+                .map_err(internal)?;
+                Arc::new(RegistryBackend::new(
+                    client,
+                    reference.clone(),
+                    self.runtime.handle().clone(),
+                ))
+            }
+            BlobSource::Dir(dir) => Arc::new(DirBackend::new(dir)),
+        })
+    }
+
+    /// Replaces instance `id`'s blob source (and credentials) in place; the
+    /// image, its inodes and its cache stay.
+    pub fn remount(
+        &self,
+        id: &str,
+        request: MountRequest,
+        blob_source: &BlobSource,
+        config: &FsdConfig,
+    ) -> Result<(), ControlError> {
+        let mut records = self.records();
+        let record = records
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
+        let old = &record.saved.request;
+        if old.source != request.source || old.seq != request.seq {
+            return Err(ControlError::InvalidArgument(format!(
+                "remount of {id} cannot change the bootstrap or seq (unmount and mount instead)"
+            )));
+        }
+        record.backend.replace(self.backend(blob_source, config)?);
+        info!(instance = id, source = %blob_source, "instance blob source replaced");
+        record.saved.info.image_ref = request.image_ref.clone();
+        record.saved.request = request;
         Ok(())
     }
 

@@ -137,6 +137,16 @@ fn instances_come_and_go_while_others_are_read() {
         .collect();
     names.sort();
     assert_eq!(names, ["i0", "i1", "i2"]);
+    let Ok(ApiResponse::Daemon(info)) = call(&host, ApiRequest::GetDaemon) else {
+        panic!("no daemon info");
+    };
+    let listed: Vec<_> = info
+        .instances
+        .iter()
+        .map(|i| (i.id.as_str(), i.seq))
+        .collect();
+    assert_eq!(listed, [("i0", 1), ("i1", 2), ("i2", 3)]);
+    assert_eq!(info.instances[1].mountpoint, at("i1"));
     // Inode numbers are the documented function of (seq, bootstrap inode).
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(at("i1")).unwrap());
     let seq2 = InstanceSeq::new(2).unwrap();
@@ -173,6 +183,100 @@ fn instances_come_and_go_while_others_are_read() {
         panic!("no daemon info");
     };
     assert!(info.instances.is_empty());
+
+    host.unmount_all().unwrap();
+    loop {
+        match received.recv_timeout(Duration::from_secs(10)) {
+            Ok(HostEvent::Daemon(Event::SessionEnded)) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("session did not end: {e}"),
+        }
+    }
+    host.finish().unwrap();
+}
+
+#[test]
+fn remount_swaps_the_blob_source_and_keeps_the_instance() {
+    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping remount_swaps_the_blob_source_and_keeps_the_instance: needs root and /dev/fuse");
+        return;
+    }
+    let (image, data) = image(7);
+    let mnt = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = FsdConfig::default();
+    config.cache.dir = Some(cache.path().to_path_buf());
+    let (events, received) = mpsc::channel();
+    let host = Host::new(
+        HostOptions {
+            id: "shared".into(),
+            mode: DaemonMode::Shared,
+            mountpoint: mnt.path().to_path_buf(),
+            config,
+            supervisor: None,
+        },
+        events,
+        None,
+    );
+    host.start_shared().unwrap();
+    let at = mnt.path().join("app");
+    let request = mount_request(&image, 9);
+    assert_eq!(
+        call(
+            &host,
+            ApiRequest::Mount {
+                mountpoint: at.clone(),
+                request: request.clone(),
+            }
+        ),
+        Ok(ApiResponse::Empty)
+    );
+    // Move the blobs: only the new source can serve the (uncached) file.
+    let moved = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&image.blob_dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::rename(entry.path(), moved.path().join(entry.file_name())).unwrap();
+    }
+    let mut new_request = request.clone();
+    new_request.config.blob_source = format!("dir://{}", moved.path().display());
+    new_request.image_ref = Some("moved".into());
+    assert_eq!(
+        call(
+            &host,
+            ApiRequest::Remount {
+                mountpoint: at.clone(),
+                request: new_request.clone(),
+            }
+        ),
+        Ok(ApiResponse::Empty)
+    );
+    assert_eq!(std::fs::read(at.join("data/file")).unwrap(), data);
+    let Ok(ApiResponse::Daemon(info)) = call(&host, ApiRequest::GetDaemon) else {
+        panic!("no daemon info");
+    };
+    assert_eq!(info.instances[0].image_ref.as_deref(), Some("moved"));
+    let mut other_seq = new_request.clone();
+    other_seq.seq = 10;
+    assert!(matches!(
+        call(
+            &host,
+            ApiRequest::Remount {
+                mountpoint: at.clone(),
+                request: other_seq,
+            }
+        ),
+        Err(ControlError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        call(
+            &host,
+            ApiRequest::Remount {
+                mountpoint: mnt.path().join("nope"),
+                request: new_request,
+            }
+        ),
+        Err(ControlError::NotFound(_))
+    ));
 
     host.unmount_all().unwrap();
     loop {
