@@ -319,16 +319,15 @@ impl Daemon {
     }
 
     /// Stops without unmounting, leaving the connection to the supervisor
-    /// and a successor: reports the state once more, makes the cache
-    /// durable and lets the process exit with the session still reading.
-    /// Requests this process read but did not answer are resent by the
-    /// successor.
+    /// and a successor: makes the cache durable and lets the process exit
+    /// with the session still reading. Requests this process read but did
+    /// not answer are resent by the successor. The state is not reported
+    /// again: a successor may already have replaced it with its own.
     pub fn detach(self) -> Result<(), DaemonError> {
-        let reported = self.report_to_supervisor();
         self.flusher.stop();
         self.runtime.shutdown_background();
         info!(mountpoint = %self.mountpoint.display(), "detached; the mount stays for a successor");
-        reported
+        Ok(())
     }
 
     /// Tells the supervisor this daemon's connection is gone.
