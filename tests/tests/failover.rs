@@ -153,9 +153,11 @@ impl Fsd {
             .expect("signal lode-fsd");
     }
 
-    fn kill(mut self) {
+    /// SIGKILL without waiting: a killed daemon's thread can stay blocked
+    /// until the successor answers the connection, so it is reaped later.
+    fn kill(self) -> Child {
         self.signal(nix::sys::signal::Signal::SIGKILL);
-        self.child.wait().expect("reap lode-fsd");
+        self.child
     }
 
     fn wait(mut self) -> std::process::ExitStatus {
@@ -395,10 +397,11 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     readers.wait_progress(50, "first reads");
 
     let mut outages = Vec::with_capacity(iterations);
+    let mut killed = Vec::with_capacity(iterations);
     for i in 0..iterations {
         readers.wait_progress(20, "reads before the kill");
         let kill = Instant::now();
-        daemon.kill();
+        killed.push(daemon.kill());
         assert!(
             is_fsd_mount(&env.mountpoint),
             "mount gone after SIGKILL {i}"
@@ -421,6 +424,9 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     }
     let tally = readers.stop();
     let missing = watch.stop();
+    for mut child in killed {
+        child.wait().expect("reap a killed lode-fsd");
+    }
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(daemon.wait().success(), "{}", env.log_text());
     assert!(
