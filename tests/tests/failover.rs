@@ -380,7 +380,7 @@ fn assert_clean(tally: &Tally, missing: u64, env: &Env) {
 }
 
 #[test]
-#[ignore = "hung on its first run on the shared build machine before the first kill; run by hand: cargo test -p lode-tests --test failover -- --ignored"]
+#[ignore = "known defect: after the SIGKILL the successor never serves and the test hangs; run by hand: cargo test --release -p lode-tests --test failover -- --ignored"]
 fn sigkill_and_takeover_cycles_lose_no_read() {
     let Some((fsd, lodectl)) = prerequisites() else {
         return;

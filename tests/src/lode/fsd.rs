@@ -195,9 +195,15 @@ impl Drop for FsdDaemon {
 
 /// Whether `path` is currently an fsd mount.
 pub fn is_fsd_mount(path: &Path) -> bool {
-    // mountinfo has canonical paths; a dead daemon's mount cannot be
-    // canonicalised (ENOTCONN), so fall back to the path as given.
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    // mountinfo has canonical paths. Only the parent is canonicalised: any
+    // access to the mount itself blocks while no daemon serves it (during a
+    // takeover) and fails once its daemon is gone.
+    let path = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    };
     mountinfo::mount_at(&path)
         .ok()
         .flatten()
