@@ -169,8 +169,9 @@ impl Host {
         }
     }
 
-    /// Mounts the shared pseudo root and starts serving it (shared mode).
-    pub fn start_shared(&self) -> Result<(), DaemonError> {
+    /// A sender for a daemon's events, relayed by a thread into the host's
+    /// own event channel as [`HostEvent::Daemon`].
+    fn forward_daemon_events(&self) -> std::io::Result<mpsc::Sender<Event>> {
         let (daemon_events, received) = mpsc::channel();
         let forward = self.events.clone();
         std::thread::Builder::new()
@@ -181,7 +182,14 @@ impl Host {
                         return;
                     }
                 }
-            })
+            })?;
+        Ok(daemon_events)
+    }
+
+    /// Mounts the shared pseudo root and starts serving it (shared mode).
+    pub fn start_shared(&self) -> Result<(), DaemonError> {
+        let daemon_events = self
+            .forward_daemon_events()
             .map_err(|source| DaemonError::Io {
                 what: "spawn event thread".into(),
                 source,
@@ -303,17 +311,8 @@ impl Host {
             )));
         }
         let config = self.instance_config(&request);
-        let (daemon_events, received) = mpsc::channel();
-        let forward = self.events.clone();
-        std::thread::Builder::new()
-            .name("lode-events".into())
-            .spawn(move || {
-                while let Ok(event) = received.recv() {
-                    if forward.send(HostEvent::Daemon(event)).is_err() {
-                        return;
-                    }
-                }
-            })
+        let daemon_events = self
+            .forward_daemon_events()
             .map_err(|e| ControlError::Internal(format!("spawn event thread: {e}")))?;
         let daemon = Daemon::start(
             DaemonOptions {
