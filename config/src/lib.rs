@@ -6,8 +6,13 @@
 //! that parse but make no sense.
 
 mod fsd;
+mod snapshotter;
 
 pub use fsd::{CacheConfig, FetchConfig, FsdConfig, FuseConfig, RegistryConfig};
+pub use snapshotter::{
+    DaemonConfig, DaemonMode, MetricsConfig, MirrorConfig, RecoverPolicy, SnapshotterCacheConfig,
+    SnapshotterConfig, SnapshotterRegistryConfig,
+};
 
 use std::path::Path;
 

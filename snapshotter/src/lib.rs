@@ -1,6 +1,9 @@
-//! Lode's containerd snapshotter side: image conversion and the `lodectl`
-//! command line.
+//! Lode's containerd side: the `lode-snapshotter` proxy snapshotter (snapshot
+//! service, metadata store, daemon manager) and the `lodectl` command line.
 
 pub mod convert;
 pub mod ctl;
+pub mod daemons;
+pub mod instances;
 pub mod localmount;
+pub mod metrics;

@@ -1,0 +1,45 @@
+//! The contract between the snapshot service and the daemon manager: the
+//! service asks for a mounted instance of a Lode image when a container
+//! snapshot needs one, and gives it back when the image's last snapshot goes.
+
+use std::path::PathBuf;
+
+/// A Lode image as the snapshotter recorded it when its bootstrap layer was
+/// prepared: everything a daemon needs to serve it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LodeImage {
+    /// The bootstrap layer's digest (`sha256:...`); names the image's
+    /// instance, since two images with the same bootstrap have the same content.
+    pub bootstrap_digest: String,
+    /// The fetched, verified bootstrap file.
+    pub bootstrap_path: PathBuf,
+    /// The reference the image was pulled by, e.g. `127.0.0.1:5000/app:v1`.
+    pub image_ref: String,
+    /// Where the daemon fetches data blobs: `registry://HOST/REPO`.
+    pub blob_source: String,
+    /// Whether that registry is reached over plain HTTP.
+    pub plain_http: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("daemon {daemon_id}: {message}")]
+    Daemon { daemon_id: String, message: String },
+    #[error("image {image}: {message}")]
+    Image { image: String, message: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Serves Lode images through filesystem daemons.
+#[async_trait::async_trait]
+pub trait InstanceProvider: Send + Sync + 'static {
+    /// A directory that shows the image's merged root filesystem, mounting an
+    /// instance first if none serves it. Idempotent: every call for the same
+    /// image returns the same directory while the instance lives.
+    async fn acquire(&self, image: &LodeImage) -> Result<PathBuf, InstanceError>;
+
+    /// The image's last snapshot is gone: its instance may be unmounted.
+    /// Releasing an image without an instance is not an error.
+    async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError>;
+}
