@@ -8,11 +8,13 @@
 //! Debian package, a workspace binary) call [`skip_unless`] and return early;
 //! the reason is printed past the test harness's output capture.
 
+pub mod containerd;
 mod error;
 pub mod fstree;
 pub mod layout;
 pub mod lode;
 pub mod registry;
+pub mod snapshotter;
 mod skopeo;
 mod tar_writer;
 pub mod umoci;

@@ -1,0 +1,1 @@
+//! Starting `lode-snapshotter` for tests, with its own root and socket.
