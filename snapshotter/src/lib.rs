@@ -5,5 +5,8 @@ pub mod convert;
 pub mod ctl;
 pub mod daemons;
 pub mod instances;
+pub mod lazy;
 pub mod localmount;
 pub mod metrics;
+pub mod overlay;
+pub mod store;

@@ -1,0 +1,224 @@
+//! Recognising Lode layers when containerd prepares them, from the labels a
+//! remote-snapshotter-aware pull puts on Prepare, and fetching the image's
+//! bootstrap so that a daemon can serve it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use lode_common::image::{self, ImageError, LodeManifest};
+use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
+use lode_common::Digest;
+use lode_config::SnapshotterRegistryConfig;
+
+use crate::instances::LodeImage;
+
+/// The chain id containerd asks for; answering AlreadyExists for it tells
+/// containerd the layer needs no unpacking.
+pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Put on committed Lode layers, like other remote snapshotters do.
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+pub const REMOTE_LODE: &str = "lode";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    #[error("label {label}: {message}")]
+    BadLabel {
+        label: &'static str,
+        message: String,
+    },
+    #[error("Lode image {image_ref}: {source}")]
+    Image {
+        image_ref: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("registry client: {0}")]
+    Client(#[from] RegistryError),
+}
+
+/// What a prepared layer turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Not a Lode layer (or no labels to tell): unpacked the normal way.
+    Plain,
+    /// A Lode data blob: served by the image's instance, nothing to unpack.
+    DataBlob,
+    /// The Lode bootstrap layer, fetched; completes the image.
+    Bootstrap(LodeImage),
+}
+
+/// The labels that identify a layer of an image.
+struct LayerLabels {
+    reference: Reference,
+    layer: Digest,
+}
+
+fn layer_labels(labels: &HashMap<String, String>) -> Result<Option<LayerLabels>, LazyError> {
+    let (Some(image_ref), Some(layer)) =
+        (labels.get(LABEL_IMAGE_REF), labels.get(LABEL_LAYER_DIGEST))
+    else {
+        return Ok(None);
+    };
+    let mut reference: Reference = image_ref.parse().map_err(|e| LazyError::BadLabel {
+        label: LABEL_IMAGE_REF,
+        message: format!("{e}"),
+    })?;
+    if let Some(manifest) = labels.get(LABEL_MANIFEST_DIGEST) {
+        let digest: Digest = manifest.parse().map_err(|e| LazyError::BadLabel {
+            label: LABEL_MANIFEST_DIGEST,
+            message: format!("{e}"),
+        })?;
+        reference = reference.with_digest(digest);
+    }
+    let layer: Digest = layer.parse().map_err(|e| LazyError::BadLabel {
+        label: LABEL_LAYER_DIGEST,
+        message: format!("{e}"),
+    })?;
+    Ok(Some(LayerLabels { reference, layer }))
+}
+
+pub struct LazyLayers {
+    registry: SnapshotterRegistryConfig,
+    bootstraps_dir: PathBuf,
+    /// Manifests by reference, so that the layers of one pull cost one
+    /// manifest request. `None` records "not a Lode image".
+    manifests: Mutex<HashMap<String, Option<LodeManifest>>>,
+}
+
+impl LazyLayers {
+    pub fn new(registry: SnapshotterRegistryConfig, bootstraps_dir: PathBuf) -> Self {
+        Self {
+            registry,
+            bootstraps_dir,
+            manifests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, reference: &Reference) -> Result<RegistryClient, LazyError> {
+        Ok(RegistryClient::new(RegistryOptions {
+            plain_http: self.registry.is_plain_http(reference.host()),
+            docker_config: self.registry.docker_config.clone(),
+            ..RegistryOptions::default()
+        })?)
+    }
+
+    /// Classifies the layer a Prepare with these labels is about. A layer
+    /// whose image cannot be read is treated as plain: containerd then
+    /// unpacks it itself, or reports why it cannot.
+    pub async fn classify(&self, labels: &HashMap<String, String>) -> Result<LayerKind, LazyError> {
+        if !labels.contains_key(LABEL_TARGET_REF) {
+            return Ok(LayerKind::Plain);
+        }
+        let Some(layer) = layer_labels(labels)? else {
+            return Ok(LayerKind::Plain);
+        };
+        let client = self.client(&layer.reference)?;
+        let Some(manifest) = self.manifest(&client, &layer.reference).await else {
+            return Ok(LayerKind::Plain);
+        };
+        if manifest.data_blobs.contains(&layer.layer) {
+            return Ok(LayerKind::DataBlob);
+        }
+        if manifest.bootstrap != layer.layer {
+            return Ok(LayerKind::Plain);
+        }
+        let image_ref = layer.reference.to_string();
+        let path =
+            image::fetch_bootstrap(&client, &layer.reference, &manifest, &self.bootstraps_dir)
+                .await
+                .map_err(|source| LazyError::Image {
+                    image_ref: image_ref.clone(),
+                    source,
+                })?;
+        Ok(LayerKind::Bootstrap(LodeImage {
+            bootstrap_digest: manifest.bootstrap.to_string(),
+            bootstrap_path: path,
+            image_ref: labels.get(LABEL_IMAGE_REF).cloned().unwrap_or(image_ref),
+            blob_source: format!(
+                "registry://{}/{}",
+                layer.reference.registry, layer.reference.repository
+            ),
+            plain_http: self.registry.is_plain_http(layer.reference.host()),
+        }))
+    }
+
+    async fn manifest(
+        &self,
+        client: &RegistryClient,
+        reference: &Reference,
+    ) -> Option<LodeManifest> {
+        let key = reference.to_string();
+        if let Some(known) = self.lock().get(&key) {
+            return known.clone();
+        }
+        let resolved = match image::resolve(client, reference).await {
+            Ok(manifest) => Some(manifest),
+            Err(ImageError::NotLode { .. }) => None,
+            Err(error) => {
+                // Not cached: the registry may answer next time.
+                tracing::warn!(image_ref = %key, %error, "cannot read the image manifest; unpacking the layer normally");
+                return None;
+            }
+        };
+        self.lock().insert(key, resolved.clone());
+        resolved
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<LodeManifest>>> {
+        self.manifests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn without_labels_a_layer_is_plain() {
+        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        assert_eq!(
+            lazy.classify(&HashMap::new()).await.unwrap(),
+            LayerKind::Plain
+        );
+        let only_ref = labels(&[(LABEL_TARGET_REF, "sha256:abc")]);
+        assert_eq!(lazy.classify(&only_ref).await.unwrap(), LayerKind::Plain);
+    }
+
+    #[tokio::test]
+    async fn malformed_labels_are_named_in_the_error() {
+        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        let bad = labels(&[
+            (LABEL_TARGET_REF, "x"),
+            (LABEL_IMAGE_REF, "127.0.0.1:5000/app:v1"),
+            (LABEL_LAYER_DIGEST, "not-a-digest"),
+        ]);
+        let err = lazy.classify(&bad).await.unwrap_err().to_string();
+        assert!(err.contains(LABEL_LAYER_DIGEST), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_leaves_the_layer_to_containerd() {
+        // Port 1 on loopback refuses connections at once.
+        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        let layer = labels(&[
+            (LABEL_TARGET_REF, "x"),
+            (LABEL_IMAGE_REF, "127.0.0.1:1/app:v1"),
+            (
+                LABEL_LAYER_DIGEST,
+                "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            ),
+        ]);
+        assert_eq!(lazy.classify(&layer).await.unwrap(), LayerKind::Plain);
+    }
+}

@@ -1,0 +1,285 @@
+//! The snapshotter's metadata, in one redb file: snapshots with their
+//! parents and labels, and the Lode images recorded on committed snapshots.
+//!
+//! Every operation is one write transaction, so a kill -9 at any instant
+//! leaves either the state before or the state after it. Directories on disk
+//! are created before the transaction that records them and removed after
+//! the one that forgets them; what a crash leaves behind is a directory
+//! without a record, which `Cleanup` (and the start-up sweep) removes.
+
+mod record;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use record::{SnapshotKind, SnapshotRecord};
+
+use crate::instances::LodeImage;
+
+const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
+const IMAGES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("lode_images");
+const COUNTERS: TableDefinition<'_, &str, u64> = TableDefinition::new("counters");
+const NEXT_SNAPSHOT_ID: &str = "next_snapshot_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("snapshot {0} not found")]
+    NotFound(String),
+    #[error("snapshot {0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("metadata store {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("metadata store: {0}")]
+    Db(#[from] Box<redb::Error>),
+    #[error("metadata store: corrupt record {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+fn db_err(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(Box::new(error.into()))
+}
+
+/// The metadata store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+/// Nanoseconds since the epoch, the stored form of times.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let store = Self { db: Arc::new(db) };
+        // Create the tables so read transactions never meet a missing one.
+        let txn = store.db.begin_write().map_err(db_err)?;
+        txn.open_table(SNAPSHOTS).map_err(db_err)?;
+        txn.open_table(IMAGES).map_err(db_err)?;
+        txn.open_table(COUNTERS).map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(store)
+    }
+
+    /// The database, for modules that keep their own tables in the same file.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
+    pub fn get(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+        let value = table.get(key).map_err(db_err)?;
+        match value {
+            Some(bytes) => SnapshotRecord::decode(key, bytes.value()),
+            None => Err(StoreError::NotFound(key.to_string())),
+        }
+    }
+
+    /// Every snapshot, by key.
+    pub fn all(&self) -> Result<BTreeMap<String, SnapshotRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+        let mut all = BTreeMap::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let key = key.value().to_string();
+            let record = SnapshotRecord::decode(&key, value.value())?;
+            all.insert(key, record);
+        }
+        Ok(all)
+    }
+
+    /// Allocates the id of a snapshot about to be created (its directory is
+    /// made before the record; an id is never reused, even after a crash).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let id = {
+            let mut counters = txn.open_table(COUNTERS).map_err(db_err)?;
+            let id = counters
+                .get(NEXT_SNAPSHOT_ID)
+                .map_err(db_err)?
+                .map_or(1, |v| v.value());
+            counters.insert(NEXT_SNAPSHOT_ID, id + 1).map_err(db_err)?;
+            id
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(id)
+    }
+
+    /// Records a new active or view snapshot (or a committed one, for lazily
+    /// available layers). The parent, if any, must exist and be committed.
+    pub fn create(&self, key: &str, record: &SnapshotRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            if table.get(key).map_err(db_err)?.is_some() {
+                return Err(StoreError::AlreadyExists(key.to_string()));
+            }
+            check_parent(&table, &record.parent)?;
+            table
+                .insert(key, record.encode().as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Turns active snapshot `key` into committed snapshot `name`.
+    pub fn commit(
+        &self,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        usage: (i64, i64),
+    ) -> Result<SnapshotRecord, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let committed = {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            let active = match table.get(key).map_err(db_err)? {
+                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
+                None => return Err(StoreError::NotFound(key.to_string())),
+            };
+            if active.kind != SnapshotKind::Active {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "snapshot {key} is a {} snapshot; only active snapshots can be committed",
+                    active.kind.as_str()
+                )));
+            }
+            if table.get(name).map_err(db_err)?.is_some() {
+                return Err(StoreError::AlreadyExists(name.to_string()));
+            }
+            let now = now_ns();
+            let committed = SnapshotRecord {
+                kind: SnapshotKind::Committed,
+                labels,
+                created_ns: now,
+                updated_ns: now,
+                usage: Some(usage),
+                ..active
+            };
+            table.remove(key).map_err(db_err)?;
+            table
+                .insert(name, committed.encode().as_slice())
+                .map_err(db_err)?;
+            committed
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(committed)
+    }
+
+    /// Forgets a snapshot that no other snapshot has as parent.
+    pub fn remove(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let removed = {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            let record = match table.get(key).map_err(db_err)? {
+                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
+                None => return Err(StoreError::NotFound(key.to_string())),
+            };
+            for entry in table.iter().map_err(db_err)? {
+                let (child_key, value) = entry.map_err(db_err)?;
+                let child = SnapshotRecord::decode(child_key.value(), value.value())?;
+                if child.parent == key {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "cannot remove snapshot {key}: snapshot {} is its child",
+                        child_key.value()
+                    )));
+                }
+            }
+            table.remove(key).map_err(db_err)?;
+            record
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(removed)
+    }
+
+    /// Replaces a snapshot's labels.
+    pub fn set_labels(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let updated = {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            let mut record = match table.get(key).map_err(db_err)? {
+                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
+                None => return Err(StoreError::NotFound(key.to_string())),
+            };
+            record.labels = labels;
+            record.updated_ns = now_ns();
+            table
+                .insert(key, record.encode().as_slice())
+                .map_err(db_err)?;
+            record
+        };
+        txn.commit().map_err(db_err)?;
+        Ok(updated)
+    }
+
+    /// Records a Lode image (idempotent: the same bootstrap is the same image).
+    pub fn put_image(&self, image: &LodeImage) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(image).map_err(|e| StoreError::Corrupt {
+            key: image.bootstrap_digest.clone(),
+            message: e.to_string(),
+        })?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(IMAGES).map_err(db_err)?;
+            table
+                .insert(image.bootstrap_digest.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    pub fn image(&self, bootstrap_digest: &str) -> Result<Option<LodeImage>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(IMAGES).map_err(db_err)?;
+        let value = table.get(bootstrap_digest).map_err(db_err)?;
+        value
+            .map(|bytes| {
+                serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
+                    key: bootstrap_digest.to_string(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+}
+
+fn check_parent(table: &redb::Table<'_, &str, &[u8]>, parent: &str) -> Result<(), StoreError> {
+    if parent.is_empty() {
+        return Ok(());
+    }
+    let record = match table.get(parent).map_err(db_err)? {
+        Some(bytes) => SnapshotRecord::decode(parent, bytes.value())?,
+        None => return Err(StoreError::NotFound(format!("parent {parent}"))),
+    };
+    if record.kind != SnapshotKind::Committed {
+        return Err(StoreError::FailedPrecondition(format!(
+            "parent {parent} is a {} snapshot, not a committed one",
+            record.kind.as_str()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+use super::*;
+
+fn record(id: u64, kind: SnapshotKind, parent: &str) -> SnapshotRecord {
+    SnapshotRecord {
+        id,
+        kind,
+        parent: parent.to_string(),
+        labels: BTreeMap::new(),
+        created_ns: 1,
+        updated_ns: 1,
+        usage: None,
+        lazy: false,
+        lode_image: None,
+    }
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("meta.redb")).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn ids_are_never_reused_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let first = Store::open(&path).unwrap().next_id().unwrap();
+    let second = Store::open(&path).unwrap().next_id().unwrap();
+    assert!(second > first);
+}
+
+#[test]
+fn parent_must_exist_and_be_committed() {
+    let (_dir, store) = open();
+    let err = store.create("a", &record(1, SnapshotKind::Active, "missing"));
+    assert!(matches!(err, Err(StoreError::NotFound(_))), "{err:?}");
+    store
+        .create("a", &record(1, SnapshotKind::Active, ""))
+        .unwrap();
+    let err = store.create("b", &record(2, SnapshotKind::Active, "a"));
+    assert!(
+        matches!(err, Err(StoreError::FailedPrecondition(_))),
+        "{err:?}"
+    );
+    let err = store.create("a", &record(3, SnapshotKind::Active, ""));
+    assert!(matches!(err, Err(StoreError::AlreadyExists(_))), "{err:?}");
+}
+
+#[test]
+fn commit_renames_and_keeps_the_id() {
+    let (_dir, store) = open();
+    store
+        .create("a", &record(7, SnapshotKind::Active, ""))
+        .unwrap();
+    let committed = store.commit("a", "c", BTreeMap::new(), (10, 2)).unwrap();
+    assert_eq!(committed.id, 7);
+    assert_eq!(store.get("c").unwrap().kind, SnapshotKind::Committed);
+    assert!(matches!(store.get("a"), Err(StoreError::NotFound(_))));
+    store
+        .create("v", &record(8, SnapshotKind::View, "c"))
+        .unwrap();
+    let err = store.commit("v", "d", BTreeMap::new(), (0, 0));
+    assert!(
+        matches!(err, Err(StoreError::FailedPrecondition(_))),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_parent_cannot_be_removed_before_its_children() {
+    let (_dir, store) = open();
+    store
+        .create("a", &record(1, SnapshotKind::Active, ""))
+        .unwrap();
+    store.commit("a", "base", BTreeMap::new(), (0, 0)).unwrap();
+    store
+        .create("child", &record(2, SnapshotKind::Active, "base"))
+        .unwrap();
+    assert!(matches!(
+        store.remove("base"),
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    store.remove("child").unwrap();
+    store.remove("base").unwrap();
+    assert!(store.all().unwrap().is_empty());
+}
+
+#[test]
+fn corrupt_records_are_errors_not_panics() {
+    assert!(SnapshotRecord::decode("k", b"{not json").is_err());
+    assert!(SnapshotRecord::decode("k", &[0xff, 0x00]).is_err());
+}
