@@ -8,5 +8,7 @@ pub mod instances;
 pub mod lazy;
 pub mod localmount;
 pub mod metrics;
+pub mod metrics_http;
 pub mod overlay;
+pub mod service;
 pub mod store;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -14,9 +15,16 @@ pub struct OpLabels {
     pub op: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecoveryLabels {
+    pub how: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     op_seconds: Family<OpLabels, Histogram>,
+    daemon_deaths: Counter,
+    daemon_recoveries: Family<RecoveryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -37,9 +45,23 @@ impl Metrics {
             "Latency of snapshot API operations",
             op_seconds.clone(),
         );
+        let daemon_deaths = Counter::default();
+        registry.register(
+            "daemon_deaths",
+            "lode-fsd daemons that died (crashed or were killed)",
+            daemon_deaths.clone(),
+        );
+        let daemon_recoveries = Family::<RecoveryLabels, Counter>::default();
+        registry.register(
+            "daemon_recoveries",
+            "Daemons recovered, by how (failover: takeover of the live FUSE connection; restart: new mount)",
+            daemon_recoveries.clone(),
+        );
         Self {
             registry,
             op_seconds,
+            daemon_deaths,
+            daemon_recoveries,
         }
     }
 
@@ -48,6 +70,17 @@ impl Metrics {
         self.op_seconds
             .get_or_create(&OpLabels { op })
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn daemon_died(&self) {
+        self.daemon_deaths.inc();
+    }
+
+    /// `how` is "failover" or "restart".
+    pub fn daemon_recovered(&self, how: &'static str) {
+        self.daemon_recoveries
+            .get_or_create(&RecoveryLabels { how })
+            .inc();
     }
 
     /// The registry, for metrics other modules register.

@@ -1,2 +1,388 @@
 //! Starts, supervises and recovers the `lode-fsd` daemons that serve Lode
 //! images, and implements [`crate::instances::InstanceProvider`] on top of them.
+//!
+//! - **shared** mode: one daemon (id `shared`) with one FUSE mount at
+//!   `<root>/mnt/shared`; each image is an instance in a subdirectory.
+//! - **dedicated** mode: one daemon per image (id `d-<digest prefix>`) with
+//!   its own mount at `<root>/mnt/<digest prefix>`.
+//!
+//! Every daemon is watched through a pidfd. When one dies, the recover
+//! policy decides: `failover` starts a successor with `--takeover` that
+//! resumes the FUSE connection the supervisor socket held on to (mounts
+//! never disappear; readers pause); `restart` detaches the dead mount and
+//! starts a fresh daemon that mounts the instances again in sequence order;
+//! `none` only logs. Daemons outlive the snapshotter: on start it re-attaches
+//! to the live ones and recovers the dead ones.
+
+mod process;
+pub mod records;
+mod recover;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use lode_common::api::{DaemonClient, DaemonState, InstanceConfig, MountRequest};
+use lode_common::supervisor::SupervisorServer;
+use lode_config::{DaemonMode, RecoverPolicy, SnapshotterConfig};
+use tokio::sync::Mutex;
+
+use crate::instances::{InstanceError, InstanceProvider, LodeImage};
+use crate::metrics::Metrics;
+use records::{DaemonRecord, InstanceRecord, Records};
+
+const SHARED_ID: &str = "shared";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("daemon {daemon_id}: {message}")]
+    Daemon { daemon_id: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Records(#[from] records::RecordError),
+    #[error("supervisor: {0}")]
+    Supervisor(#[from] lode_common::supervisor::SupervisorError),
+}
+
+impl DaemonError {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn daemon(daemon_id: &str, message: impl std::fmt::Display) -> Self {
+        Self::Daemon {
+            daemon_id: daemon_id.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<DaemonError> for InstanceError {
+    fn from(error: DaemonError) -> Self {
+        match error {
+            DaemonError::Daemon { daemon_id, message } => Self::Daemon { daemon_id, message },
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+pub struct DaemonManager {
+    config: SnapshotterConfig,
+    binary: PathBuf,
+    records: Records,
+    metrics: Arc<Metrics>,
+    /// Serialises daemon and instance changes (acquire, release, recovery).
+    state: Mutex<ManagerState>,
+    this: Weak<DaemonManager>,
+}
+
+#[derive(Default)]
+struct ManagerState {
+    /// One supervisor socket per supervised daemon, by daemon id.
+    supervisors: HashMap<String, SupervisorServer>,
+}
+
+impl DaemonManager {
+    /// Opens the records, re-attaches to the daemons that still run and
+    /// recovers the rest (see [`recover`]).
+    pub async fn start(
+        config: &SnapshotterConfig,
+        db: Arc<redb::Database>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, DaemonError> {
+        for dir in [
+            config.daemons_dir(),
+            config.mounts_dir(),
+            config.cache_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(DaemonError::io(&dir))?;
+        }
+        let records = Records::new(db)?;
+        let manager = Arc::new_cyclic(|this| Self {
+            binary: resolve_binary(&config.daemon.binary),
+            config: config.clone(),
+            records,
+            metrics,
+            state: Mutex::new(ManagerState::default()),
+            this: this.clone(),
+        });
+        manager.recover_all().await;
+        Ok(manager)
+    }
+
+    /// Recorded daemons with their API clients (for metrics scraping).
+    pub fn daemons(&self) -> Vec<DaemonRecord> {
+        self.records.daemons().unwrap_or_default()
+    }
+
+    /// Recorded instances in sequence order.
+    pub fn instances(&self) -> Vec<InstanceRecord> {
+        self.records.instances().unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn daemon_record_for(&self, image: &LodeImage) -> DaemonRecord {
+        let dirs = self.config.daemons_dir();
+        let (id, mountpoint) = match self.config.daemon_mode {
+            DaemonMode::Shared => (
+                SHARED_ID.to_string(),
+                self.config.mounts_dir().join(SHARED_ID),
+            ),
+            DaemonMode::Dedicated => {
+                let short = short_digest(&image.bootstrap_digest);
+                (format!("d-{short}"), self.config.mounts_dir().join(short))
+            }
+        };
+        DaemonRecord {
+            apisock: dirs.join(format!("{id}.sock")),
+            supervisor: dirs.join(format!("{id}.supervisor")),
+            mode: self.config.daemon_mode.as_str().to_string(),
+            mountpoint,
+            pid: 0,
+            id,
+        }
+    }
+
+    fn instance_mountpoint(&self, daemon: &DaemonRecord, image: &LodeImage) -> PathBuf {
+        match self.config.daemon_mode {
+            DaemonMode::Shared => daemon
+                .mountpoint
+                .join(short_digest(&image.bootstrap_digest)),
+            DaemonMode::Dedicated => daemon.mountpoint.clone(),
+        }
+    }
+
+    fn supervised(&self) -> bool {
+        self.config.recover_policy == RecoverPolicy::Failover
+    }
+
+    /// Starts a daemon for `record` (fresh or taking over) and waits until it
+    /// serves; records its pid and watches it.
+    async fn launch(
+        &self,
+        state: &mut ManagerState,
+        mut record: DaemonRecord,
+        takeover: bool,
+    ) -> Result<DaemonRecord, DaemonError> {
+        std::fs::create_dir_all(&record.mountpoint).map_err(DaemonError::io(&record.mountpoint))?;
+        if self.supervised() && !state.supervisors.contains_key(&record.id) {
+            let server = SupervisorServer::bind(&record.supervisor)?;
+            state.supervisors.insert(record.id.clone(), server);
+        }
+        if !takeover {
+            let _ = std::fs::remove_file(&record.apisock);
+        }
+        let log = self.config.daemons_dir().join(format!("{}.log", record.id));
+        let pid = process::spawn(&process::Launch {
+            binary: &self.binary,
+            record: &record,
+            cache_dir: &self.config.cache_dir(),
+            fsd_config: self.config.daemon.config.as_deref(),
+            threads: self.config.daemon.threads,
+            supervised: self.supervised(),
+            takeover,
+            log: &log,
+        })?;
+        record.pid = pid;
+        self.records.put_daemon(&record)?;
+        self.watch(&record);
+        let client = DaemonClient::new(&record.apisock);
+        let wanted: &[DaemonState] = match (self.config.daemon_mode, takeover) {
+            (DaemonMode::Dedicated, false) => &[DaemonState::Init],
+            _ => &[DaemonState::Ready, DaemonState::Running],
+        };
+        let reached = process::wait_for_states(
+            &client,
+            &record.id,
+            wanted,
+            self.config.daemon.start_timeout(),
+        )
+        .await?;
+        if reached == DaemonState::Ready {
+            client
+                .start()
+                .await
+                .map_err(|e| DaemonError::daemon(&record.id, e))?;
+        }
+        tracing::info!(daemon_id = %record.id, pid, takeover, "daemon serving");
+        Ok(record)
+    }
+
+    /// Watches the daemon's process and runs recovery when it dies.
+    fn watch(&self, record: &DaemonRecord) {
+        let Some(pidfd) = process::pidfd(record.pid) else {
+            tracing::warn!(daemon_id = %record.id, pid = record.pid, "cannot watch daemon (no pidfd)");
+            return;
+        };
+        let this = self.this.clone();
+        let (id, pid) = (record.id.clone(), record.pid);
+        tokio::spawn(async move {
+            process::wait_for_exit(pidfd).await;
+            if let Some(manager) = this.upgrade() {
+                manager.on_death(&id, pid).await;
+            }
+        });
+    }
+
+    /// Mounts an instance of `image` in its daemon, starting the daemon first
+    /// when needed.
+    async fn mount_instance(
+        &self,
+        state: &mut ManagerState,
+        image: &LodeImage,
+        seq: u32,
+    ) -> Result<PathBuf, DaemonError> {
+        let wanted = self.daemon_record_for(image);
+        let daemon = match self
+            .records
+            .daemons()?
+            .into_iter()
+            .find(|d| d.id == wanted.id)
+        {
+            Some(d) if process::is_live_fsd(d.pid) => d,
+            _ => self.launch(state, wanted, false).await?,
+        };
+        let mountpoint = self.instance_mountpoint(&daemon, image);
+        let request = MountRequest {
+            source: image.bootstrap_path.clone(),
+            config: InstanceConfig {
+                blob_source: image.blob_source.clone(),
+                plain_http: image.plain_http,
+                docker_config: self.config.registry.docker_config.clone(),
+            },
+            seq,
+            image_ref: Some(image.image_ref.clone()),
+        };
+        let client = DaemonClient::new(&daemon.apisock);
+        client.mount(&mountpoint, &request).await.map_err(|e| {
+            DaemonError::daemon(&daemon.id, format!("mount {}: {e}", mountpoint.display()))
+        })?;
+        if self.config.daemon_mode == DaemonMode::Dedicated {
+            let deadline = self.config.daemon.start_timeout();
+            let state = process::wait_for_states(
+                &client,
+                &daemon.id,
+                &[DaemonState::Ready, DaemonState::Running],
+                deadline,
+            )
+            .await?;
+            if state == DaemonState::Ready {
+                client
+                    .start()
+                    .await
+                    .map_err(|e| DaemonError::daemon(&daemon.id, e))?;
+            }
+        }
+        self.records.put_instance(&InstanceRecord {
+            seq,
+            daemon_id: daemon.id.clone(),
+            image: image.clone(),
+            mountpoint: mountpoint.clone(),
+        })?;
+        tracing::info!(daemon_id = %daemon.id, seq, image_ref = %image.image_ref, mountpoint = %mountpoint.display(), "instance mounted");
+        Ok(mountpoint)
+    }
+}
+
+#[async_trait::async_trait]
+impl InstanceProvider for DaemonManager {
+    async fn acquire(&self, image: &LodeImage) -> Result<PathBuf, InstanceError> {
+        let mut state = self.state.lock().await;
+        let known = self
+            .records
+            .instances()
+            .map_err(DaemonError::from)?
+            .into_iter()
+            .find(|i| i.image.bootstrap_digest == image.bootstrap_digest);
+        if let Some(instance) = known {
+            return Ok(instance.mountpoint);
+        }
+        let seq = self.records.next_seq().map_err(DaemonError::from)?;
+        Ok(self.mount_instance(&mut state, image, seq).await?)
+    }
+
+    async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError> {
+        let mut state = self.state.lock().await;
+        let instances = self.records.instances().map_err(DaemonError::from)?;
+        let Some(instance) = instances
+            .into_iter()
+            .find(|i| i.image.bootstrap_digest == bootstrap_digest)
+        else {
+            return Ok(());
+        };
+        let daemon = self
+            .records
+            .daemons()
+            .map_err(DaemonError::from)?
+            .into_iter()
+            .find(|d| d.id == instance.daemon_id);
+        self.records
+            .remove_instance(bootstrap_digest)
+            .map_err(DaemonError::from)?;
+        let Some(daemon) = daemon else { return Ok(()) };
+        if self.config.daemon_mode == DaemonMode::Dedicated {
+            // Its only instance goes: the daemon exits after the unmount and
+            // must not be recovered.
+            self.records
+                .remove_daemon(&daemon.id)
+                .map_err(DaemonError::from)?;
+            state.supervisors.remove(&daemon.id);
+        }
+        let client = DaemonClient::new(&daemon.apisock);
+        if let Err(error) = client.umount(&instance.mountpoint).await {
+            tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
+            process::detach_mount(instance.mountpoint.clone()).await;
+        }
+        tracing::info!(daemon_id = %daemon.id, mountpoint = %instance.mountpoint.display(), "instance released");
+        Ok(())
+    }
+}
+
+/// The first 12 hex digits of a digest: names instance directories.
+fn short_digest(digest: &str) -> String {
+    let hex = digest.rsplit(':').next().unwrap_or(digest);
+    hex.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect()
+}
+
+/// A bare binary name is looked up beside the running executable, then PATH.
+fn resolve_binary(binary: &Path) -> PathBuf {
+    if binary.components().count() > 1 {
+        return binary.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(binary)))
+        .filter(|candidate| candidate.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_come_from_the_digest() {
+        assert_eq!(short_digest("sha256:0123456789abcdef0123"), "0123456789ab");
+        assert_eq!(short_digest("../../x"), "x");
+    }
+}

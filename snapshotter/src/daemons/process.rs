@@ -1,0 +1,167 @@
+//! Starting `lode-fsd` processes, waiting for them to serve, and noticing
+//! when they die.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lode_common::api::{DaemonClient, DaemonState};
+use tokio::io::unix::AsyncFd;
+
+use super::records::DaemonRecord;
+use super::DaemonError;
+
+/// What a new daemon process is started with.
+pub struct Launch<'a> {
+    pub binary: &'a Path,
+    pub record: &'a DaemonRecord,
+    pub cache_dir: &'a Path,
+    pub fsd_config: Option<&'a Path>,
+    pub threads: usize,
+    /// Pass `--supervisor` (failover policy): the daemon hands its FUSE
+    /// descriptor to the supervisor so a successor can take it over.
+    pub supervised: bool,
+    /// Take the connection over from the supervisor instead of mounting.
+    pub takeover: bool,
+    pub log: &'a Path,
+}
+
+/// Starts the daemon in its own process group, so that it outlives the
+/// snapshotter (and a terminal's signals to it). The child is reaped by a
+/// background task; death is noticed through a pidfd ([`wait_for_exit`]).
+pub fn spawn(launch: &Launch<'_>) -> Result<u32, DaemonError> {
+    let record = launch.record;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(launch.log)
+        .map_err(DaemonError::io(launch.log))?;
+    let log_err = log.try_clone().map_err(DaemonError::io(launch.log))?;
+    let mut command = tokio::process::Command::new(launch.binary);
+    command
+        .arg("--apisock")
+        .arg(&record.apisock)
+        .arg("--mode")
+        .arg(&record.mode)
+        .arg("--id")
+        .arg(&record.id)
+        .arg("--cache-dir")
+        .arg(launch.cache_dir)
+        .arg("--mountpoint")
+        .arg(&record.mountpoint)
+        .arg("--threads")
+        .arg(launch.threads.to_string());
+    if let Some(config) = launch.fsd_config {
+        command.arg("--config").arg(config);
+    }
+    if launch.supervised {
+        command.arg("--supervisor").arg(&record.supervisor);
+    }
+    if launch.takeover {
+        command.arg("--takeover");
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = command.spawn().map_err(|source| DaemonError::Spawn {
+        binary: launch.binary.display().to_string(),
+        source,
+    })?;
+    let pid = child.id().ok_or_else(|| DaemonError::Daemon {
+        daemon_id: record.id.clone(),
+        message: "exited at once".into(),
+    })?;
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(pid)
+}
+
+/// Waits until the daemon's API answers with one of `states`.
+pub async fn wait_for_states(
+    client: &DaemonClient,
+    daemon_id: &str,
+    states: &[DaemonState],
+    timeout: Duration,
+) -> Result<DaemonState, DaemonError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let last = match client.daemon_info().await {
+            Ok(info) if states.contains(&info.state) => return Ok(info.state),
+            Ok(info) => info.state.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(DaemonError::Daemon {
+                daemon_id: daemon_id.to_string(),
+                message: format!("not serving after {timeout:?}; last answer: {last}"),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A handle on a process that says when it has exited, whether or not it
+/// is our child (after a snapshotter restart the daemons are not).
+pub fn pidfd(pid: u32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Returns once the process behind `pidfd` has exited.
+pub async fn wait_for_exit(pidfd: OwnedFd) {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same
+    // descriptor until the AsyncFd is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(error) => {
+            tracing::warn!(error = %error.into_parts().1, "cannot watch a daemon's pidfd")
+        }
+    }
+}
+
+/// Whether `pid` is a live `lode-fsd` (not a recycled pid of something else).
+pub fn is_live_fsd(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            argv0.ends_with(b"lode-fsd")
+        })
+        .unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+}
+
+/// Detaches whatever is mounted at `path` (a dead daemon's FUSE mount);
+/// nothing mounted there is not an error. Runs off the async threads.
+pub async fn detach_mount(path: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || {
+        match nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::info!(mountpoint = %path.display(), "detached a dead daemon's mount")
+            }
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(error) => {
+                tracing::warn!(mountpoint = %path.display(), %error, "cannot detach mount")
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,189 @@
+//! The daemon manager's records, in its own tables of the snapshotter's
+//! metadata store: which daemons exist and which instances they serve, with
+//! the sequence number that orders re-mounting after a restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::instances::LodeImage;
+
+const DAEMONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("daemons");
+const INSTANCES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("instances");
+const COUNTERS: TableDefinition<'_, &str, u64> = TableDefinition::new("daemon_counters");
+const NEXT_SEQ: &str = "next_instance_seq";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonRecord {
+    pub id: String,
+    /// "shared" or "dedicated".
+    pub mode: String,
+    pub apisock: PathBuf,
+    pub supervisor: PathBuf,
+    /// The FUSE mountpoint (the shared root, or the dedicated image root).
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Monotonically increasing across the store's life; instances are
+    /// mounted again in this order.
+    pub seq: u32,
+    pub daemon_id: String,
+    pub image: LodeImage,
+    /// Where the image's root is visible.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("daemon records: {0}")]
+pub struct RecordError(String);
+
+fn err(e: impl std::fmt::Display) -> RecordError {
+    RecordError(e.to_string())
+}
+
+#[derive(Clone)]
+pub struct Records {
+    db: Arc<Database>,
+}
+
+impl Records {
+    pub fn new(db: Arc<Database>) -> Result<Self, RecordError> {
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(DAEMONS).map_err(err)?;
+        txn.open_table(INSTANCES).map_err(err)?;
+        txn.open_table(COUNTERS).map_err(err)?;
+        txn.commit().map_err(err)?;
+        Ok(Self { db })
+    }
+
+    pub fn daemons(&self) -> Result<Vec<DaemonRecord>, RecordError> {
+        self.read_all(DAEMONS)
+    }
+
+    /// Instances in sequence order.
+    pub fn instances(&self) -> Result<Vec<InstanceRecord>, RecordError> {
+        let mut all: Vec<InstanceRecord> = self.read_all(INSTANCES)?;
+        all.sort_by_key(|i| i.seq);
+        Ok(all)
+    }
+
+    pub fn put_daemon(&self, daemon: &DaemonRecord) -> Result<(), RecordError> {
+        self.put(DAEMONS, &daemon.id, daemon)
+    }
+
+    pub fn remove_daemon(&self, id: &str) -> Result<(), RecordError> {
+        self.remove(DAEMONS, id)
+    }
+
+    pub fn put_instance(&self, instance: &InstanceRecord) -> Result<(), RecordError> {
+        self.put(INSTANCES, &instance.image.bootstrap_digest, instance)
+    }
+
+    pub fn remove_instance(&self, bootstrap_digest: &str) -> Result<(), RecordError> {
+        self.remove(INSTANCES, bootstrap_digest)
+    }
+
+    /// The next instance sequence number (never reused). Starts at 1: seq 0
+    /// is the shared daemon's pseudo root.
+    pub fn next_seq(&self) -> Result<u32, RecordError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let seq = {
+            let mut table = txn.open_table(COUNTERS).map_err(err)?;
+            let seq = table.get(NEXT_SEQ).map_err(err)?.map_or(1, |v| v.value());
+            table.insert(NEXT_SEQ, seq + 1).map_err(err)?;
+            seq
+        };
+        txn.commit().map_err(err)?;
+        u32::try_from(seq).map_err(|_| RecordError(format!("instance sequence {seq} overflows")))
+    }
+
+    fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+    ) -> Result<Vec<T>, RecordError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(table).map_err(err)?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(err)? {
+            let (key, value) = entry.map_err(err)?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| RecordError(format!("record {}: {e}", key.value())))?;
+            out.insert(key.value().to_string(), record);
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), RecordError> {
+        let bytes = serde_json::to_vec(value).map_err(err)?;
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(table)
+            .map_err(err)?
+            .insert(key, bytes.as_slice())
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    fn remove(
+        &self,
+        table: TableDefinition<'_, &str, &[u8]>,
+        key: &str,
+    ) -> Result<(), RecordError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(table)
+            .map_err(err)?
+            .remove(key)
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(digest: &str) -> LodeImage {
+        LodeImage {
+            bootstrap_digest: digest.into(),
+            bootstrap_path: "/b".into(),
+            image_ref: "r".into(),
+            blob_source: "registry://h/r".into(),
+            plain_http: true,
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_increase_across_reopen_and_order_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let records = Records::new(Arc::new(Database::create(&path).unwrap())).unwrap();
+        let a = records.next_seq().unwrap();
+        let b = records.next_seq().unwrap();
+        assert!(a >= 1 && b > a);
+        for (seq, digest) in [(b, "sha256:aa"), (a, "sha256:zz")] {
+            records
+                .put_instance(&InstanceRecord {
+                    seq,
+                    daemon_id: "shared".into(),
+                    image: image(digest),
+                    mountpoint: "/m".into(),
+                })
+                .unwrap();
+        }
+        drop(records);
+        let records = Records::new(Arc::new(Database::create(&path).unwrap())).unwrap();
+        let seqs: Vec<u32> = records.instances().unwrap().iter().map(|i| i.seq).collect();
+        assert_eq!(seqs, vec![a, b]);
+        assert!(records.next_seq().unwrap() > b);
+    }
+}

@@ -1,0 +1,282 @@
+//! What happens when a daemon dies, and when the snapshotter starts again
+//! while daemons it started earlier are still running (or are not).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lode_common::api::DaemonClient;
+use lode_common::supervisor::SupervisorServer;
+use lode_config::RecoverPolicy;
+
+use super::records::DaemonRecord;
+use super::{process, DaemonError, DaemonManager, ManagerState};
+
+/// How long a live daemon may take to answer its API during re-attach.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl DaemonManager {
+    pub(super) async fn on_death(&self, id: &str, pid: u32) {
+        let mut state = self.state.lock().await;
+        let Ok(daemons) = self.records.daemons() else {
+            return;
+        };
+        let Some(record) = daemons.into_iter().find(|d| d.id == id) else {
+            return; // released on purpose
+        };
+        if record.pid != pid {
+            return; // already replaced
+        }
+        let policy = self.config.recover_policy;
+        tracing::warn!(daemon_id = id, pid, policy = policy.as_str(), "daemon died");
+        self.metrics.daemon_died();
+        let timeout = self.config.daemon.recover_timeout();
+        match policy {
+            RecoverPolicy::None => {}
+            RecoverPolicy::Failover => {
+                match tokio::time::timeout(timeout, self.launch(&mut state, record.clone(), true))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        self.metrics.daemon_recovered("failover");
+                        return;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::error!(daemon_id = id, %error, "failover failed; restarting the daemon")
+                    }
+                    Err(_) => tracing::error!(
+                        daemon_id = id,
+                        ?timeout,
+                        "failover timed out; restarting the daemon"
+                    ),
+                }
+                self.restart_logged(&mut state, record).await;
+            }
+            RecoverPolicy::Restart => self.restart_logged(&mut state, record).await,
+        }
+    }
+
+    async fn restart_logged(&self, state: &mut ManagerState, record: DaemonRecord) {
+        let id = record.id.clone();
+        let timeout = self.config.daemon.recover_timeout();
+        match tokio::time::timeout(timeout, self.restart(state, record)).await {
+            Ok(Ok(())) => self.metrics.daemon_recovered("restart"),
+            Ok(Err(error)) => tracing::error!(daemon_id = %id, %error, "daemon restart failed"),
+            Err(_) => tracing::error!(daemon_id = %id, ?timeout, "daemon restart timed out"),
+        }
+    }
+
+    /// Clears what a dead daemon left (its held FUSE descriptors, its mount,
+    /// its socket), starts a new one and mounts its instances again in
+    /// sequence order. Each instance is bounded by the recover timeout.
+    async fn restart(
+        &self,
+        state: &mut ManagerState,
+        record: DaemonRecord,
+    ) -> Result<(), DaemonError> {
+        // Dropping the supervisor's copies ends the dead connection, so the
+        // detach below cannot leave readers hanging on it.
+        state.supervisors.remove(&record.id);
+        let instances: Vec<_> = self
+            .records
+            .instances()?
+            .into_iter()
+            .filter(|i| i.daemon_id == record.id)
+            .collect();
+        for instance in &instances {
+            if instance.mountpoint != record.mountpoint {
+                process::detach_mount(instance.mountpoint.clone()).await;
+            }
+        }
+        process::detach_mount(record.mountpoint.clone()).await;
+        let _ = std::fs::remove_file(&record.apisock);
+        if instances.is_empty() {
+            self.records.remove_daemon(&record.id)?;
+            return Ok(());
+        }
+        let fresh = DaemonRecord { pid: 0, ..record };
+        self.launch(state, fresh, false).await?;
+        self.mount_missing(state, instances, &HashSet::new()).await;
+        Ok(())
+    }
+
+    /// Mounts the given instances (already in sequence order) that are not
+    /// in `mounted`, skipping those whose bootstrap is gone.
+    async fn mount_missing(
+        &self,
+        state: &mut ManagerState,
+        instances: Vec<super::records::InstanceRecord>,
+        mounted: &HashSet<PathBuf>,
+    ) {
+        let timeout = self.config.daemon.recover_timeout();
+        for instance in instances {
+            if mounted.contains(&instance.mountpoint) {
+                continue;
+            }
+            if !instance.image.bootstrap_path.is_file() {
+                tracing::warn!(image_ref = %instance.image.image_ref, bootstrap = %instance.image.bootstrap_path.display(), "bootstrap missing; not mounting the image again");
+                let _ = self
+                    .records
+                    .remove_instance(&instance.image.bootstrap_digest);
+                continue;
+            }
+            let mount = self.mount_instance(state, &instance.image, instance.seq);
+            match tokio::time::timeout(timeout, mount).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(seq = instance.seq, %error, "cannot mount instance again")
+                }
+                Err(_) => tracing::error!(
+                    seq = instance.seq,
+                    ?timeout,
+                    "mounting instance again timed out"
+                ),
+            }
+        }
+    }
+
+    /// At start: re-attach to live daemons, recover dead ones, mount the
+    /// instances that are missing, and remove what no record names.
+    pub(super) async fn recover_all(&self) {
+        let mut state = self.state.lock().await;
+        let timeout = self.config.daemon.recover_timeout();
+        for record in self.records.daemons().unwrap_or_default() {
+            let id = record.id.clone();
+            match tokio::time::timeout(timeout, self.reattach(&mut state, record)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(daemon_id = %id, %error, "cannot recover daemon"),
+                Err(_) => tracing::error!(daemon_id = %id, ?timeout, "recovering daemon timed out"),
+            }
+        }
+        // Instances whose daemon record is gone (a crash between records).
+        let daemons: HashSet<String> = self
+            .records
+            .daemons()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        let orphans: Vec<_> = self
+            .records
+            .instances()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| !daemons.contains(&i.daemon_id))
+            .collect();
+        self.mount_missing(&mut state, orphans, &HashSet::new())
+            .await;
+        self.remove_orphans().await;
+    }
+
+    async fn reattach(
+        &self,
+        state: &mut ManagerState,
+        record: DaemonRecord,
+    ) -> Result<(), DaemonError> {
+        let client = DaemonClient::new(&record.apisock);
+        let info = if process::is_live_fsd(record.pid) {
+            tokio::time::timeout(PROBE_TIMEOUT, client.daemon_info())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let Some(info) = info else {
+            tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon is gone; restarting it");
+            self.restart(state, record).await?;
+            self.metrics.daemon_recovered("restart");
+            return Ok(());
+        };
+        if self.supervised() {
+            let server = SupervisorServer::bind(&record.supervisor)?;
+            state.supervisors.insert(record.id.clone(), server);
+            // The supervisor that held the descriptor died with the old
+            // snapshotter; the daemon hands it over again.
+            if let Err(error) = client.send_fd().await {
+                tracing::warn!(daemon_id = %record.id, %error, "daemon did not hand over its FUSE descriptor; failover unavailable until it does");
+            }
+        }
+        self.watch(&record);
+        tracing::info!(daemon_id = %record.id, pid = record.pid, "re-attached to running daemon");
+        let mounted: HashSet<PathBuf> = info
+            .instances
+            .iter()
+            .map(|i| i.mountpoint.clone())
+            .collect();
+        let instances: Vec<_> = self
+            .records
+            .instances()?
+            .into_iter()
+            .filter(|i| i.daemon_id == record.id)
+            .collect();
+        self.mount_missing(state, instances, &mounted).await;
+        Ok(())
+    }
+
+    /// Sockets and mount directories that no record names.
+    async fn remove_orphans(&self) {
+        let daemons = self.records.daemons().unwrap_or_default();
+        let known_files: HashSet<PathBuf> = daemons
+            .iter()
+            .flat_map(|d| [d.apisock.clone(), d.supervisor.clone()])
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(self.config.daemons_dir()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let is_socket = matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("sock" | "supervisor")
+                );
+                if is_socket && !known_files.contains(&path) {
+                    tracing::info!(path = %path.display(), "removing orphaned daemon socket");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let known_mounts: HashSet<PathBuf> = daemons.iter().map(|d| d.mountpoint.clone()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.config.mounts_dir()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !known_mounts.contains(&path) {
+                    tracing::info!(path = %path.display(), "removing orphaned mountpoint");
+                    process::detach_mount(path.clone()).await;
+                    let _ = std::fs::remove_dir(&path);
+                }
+            }
+        }
+    }
+
+    /// Stops every daemon and unmounts everything (for a full shutdown; a
+    /// snapshotter restart leaves daemons running instead).
+    pub async fn stop_all(&self) {
+        let mut state = self.state.lock().await;
+        for record in self.records.daemons().unwrap_or_default() {
+            let _ = self.records.remove_daemon(&record.id);
+            state.supervisors.remove(&record.id);
+            if process::is_live_fsd(record.pid) {
+                if let Some(pidfd) = process::pidfd(record.pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(record.pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        process::wait_for_exit(pidfd),
+                    )
+                    .await;
+                }
+            }
+            for instance in self.records.instances().unwrap_or_default() {
+                if instance.daemon_id == record.id {
+                    let _ = self
+                        .records
+                        .remove_instance(&instance.image.bootstrap_digest);
+                }
+            }
+            process::detach_mount(record.mountpoint.clone()).await;
+            let _ = std::fs::remove_file(&record.apisock);
+            let _ = std::fs::remove_file(&record.supervisor);
+        }
+    }
+}

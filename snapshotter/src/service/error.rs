@@ -1,0 +1,58 @@
+//! The service's errors and their gRPC codes (the one place they are mapped).
+
+use containerd_snapshots::tonic::{Code, Status};
+
+use crate::instances::InstanceError;
+use crate::lazy::LazyError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
+    #[error("lazy image: {0}")]
+    Instance(#[from] InstanceError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The layer is available without unpacking (a Lode layer).
+    #[error("target snapshot {0} already exists")]
+    LayerAvailable(String),
+}
+
+impl ServiceError {
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Store(StoreError::NotFound(_)) => Code::NotFound,
+            Self::Store(StoreError::AlreadyExists(_)) | Self::LayerAvailable(_) => {
+                Code::AlreadyExists
+            }
+            Self::Store(StoreError::FailedPrecondition(_)) => Code::FailedPrecondition,
+            Self::InvalidArgument(_) | Self::Lazy(LazyError::BadLabel { .. }) => {
+                Code::InvalidArgument
+            }
+            Self::Instance(InstanceError::Unavailable(_)) => Code::Unavailable,
+            Self::Store(_) | Self::Lazy(_) | Self::Instance(_) | Self::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}

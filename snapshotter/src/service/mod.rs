@@ -1,0 +1,294 @@
+//! The snapshot service: containerd's snapshot semantics over the metadata
+//! store and overlay directories, with Lode images served by daemons.
+
+mod disk;
+pub mod error;
+pub mod filter;
+mod grpc;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::{Info, Kind};
+
+pub use error::ServiceError;
+
+use crate::instances::InstanceProvider;
+use crate::lazy::{LayerKind, LazyLayers, LABEL_REMOTE, LABEL_TARGET_REF, REMOTE_LODE};
+use crate::metrics::Metrics;
+use crate::overlay::{self, Layers};
+use crate::store::{now_ns, SnapshotKind, SnapshotRecord, Store};
+
+pub struct LodeSnapshotter {
+    store: Store,
+    snapshots_dir: PathBuf,
+    lazy: LazyLayers,
+    instances: Arc<dyn InstanceProvider>,
+    metrics: Arc<Metrics>,
+}
+
+impl LodeSnapshotter {
+    pub fn new(
+        store: Store,
+        snapshots_dir: PathBuf,
+        lazy: LazyLayers,
+        instances: Arc<dyn InstanceProvider>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServiceError> {
+        std::fs::create_dir_all(&snapshots_dir).map_err(ServiceError::io(&snapshots_dir))?;
+        Ok(Self {
+            store,
+            snapshots_dir,
+            lazy,
+            instances,
+            metrics,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir.join(id.to_string())
+    }
+
+    async fn create(
+        &self,
+        kind: SnapshotKind,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, ServiceError> {
+        if kind == SnapshotKind::Active {
+            if let Some(target) = labels.get(LABEL_TARGET_REF).cloned() {
+                if self.store.get(&target).is_ok() {
+                    return Err(ServiceError::LayerAvailable(target));
+                }
+                match self.lazy.classify(&labels).await? {
+                    LayerKind::Plain => {}
+                    LayerKind::DataBlob => {
+                        self.commit_lazy(&target, &parent, labels, None).await?;
+                        return Err(ServiceError::LayerAvailable(target));
+                    }
+                    LayerKind::Bootstrap(image) => {
+                        self.store.put_image(&image)?;
+                        let digest = image.bootstrap_digest.clone();
+                        self.commit_lazy(&target, &parent, labels, Some(digest))
+                            .await?;
+                        tracing::info!(snapshot = %target, image_ref = %image.image_ref, "Lode image ready to be served lazily");
+                        return Err(ServiceError::LayerAvailable(target));
+                    }
+                }
+            }
+        }
+        let id = self.store.next_id()?;
+        let dir = self.dir(id);
+        disk::create_snapshot_dirs(&dir, kind == SnapshotKind::Active)?;
+        let now = now_ns();
+        let record = SnapshotRecord {
+            id,
+            kind,
+            parent,
+            labels: labels.into_iter().collect(),
+            created_ns: now,
+            updated_ns: now,
+            usage: None,
+            lazy: false,
+            lode_image: None,
+        };
+        if let Err(error) = self.store.create(&key, &record) {
+            disk::remove_dir(dir).await;
+            return Err(error.into());
+        }
+        match self.mounts_of(&record).await {
+            Ok(mounts) => Ok(mounts),
+            Err(error) => {
+                // No half-made snapshot: the caller sees the error and nothing else.
+                if self.store.remove(&key).is_ok() {
+                    disk::remove_dir(self.dir(id)).await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Records a Lode layer as committed: its content comes from the
+    /// image's instance, so its directory stays empty.
+    async fn commit_lazy(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        lode_image: Option<String>,
+    ) -> Result<(), ServiceError> {
+        let id = self.store.next_id()?;
+        let dir = self.dir(id);
+        disk::create_snapshot_dirs(&dir, false)?;
+        let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+        labels.insert(LABEL_REMOTE.to_string(), REMOTE_LODE.to_string());
+        let now = now_ns();
+        let record = SnapshotRecord {
+            id,
+            kind: SnapshotKind::Committed,
+            parent: parent.to_string(),
+            labels,
+            created_ns: now,
+            updated_ns: now,
+            usage: Some((0, 0)),
+            lazy: true,
+            lode_image,
+        };
+        if let Err(error) = self.store.create(name, &record) {
+            disk::remove_dir(dir).await;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// The mounts of a view or active snapshot.
+    async fn mounts_of(&self, record: &SnapshotRecord) -> Result<Vec<Mount>, ServiceError> {
+        let own = self.dir(record.id);
+        let upper =
+            (record.kind == SnapshotKind::Active).then(|| (own.join("fs"), own.join("work")));
+        let mut lowers = Vec::new();
+        let mut parent_key = record.parent.clone();
+        while !parent_key.is_empty() {
+            let parent = self.store.get(&parent_key)?;
+            if let Some(digest) = &parent.lode_image {
+                let image = self.store.image(digest)?.ok_or_else(|| {
+                    ServiceError::InvalidArgument(format!(
+                        "snapshot {parent_key} names Lode image {digest}, which is not recorded"
+                    ))
+                })?;
+                lowers.push(self.instances.acquire(&image).await?);
+                break;
+            }
+            if !parent.lazy {
+                lowers.push(self.dir(parent.id).join("fs"));
+            }
+            parent_key = parent.parent;
+        }
+        Ok(overlay::mounts(&Layers {
+            upper,
+            own: own.join("fs"),
+            lowers,
+        }))
+    }
+
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>, ServiceError> {
+        let record = self.store.get(key)?;
+        if record.kind == SnapshotKind::Committed {
+            return Err(crate::store::StoreError::FailedPrecondition(format!(
+                "snapshot {key} is committed; only active and view snapshots have mounts"
+            ))
+            .into());
+        }
+        self.mounts_of(&record).await
+    }
+
+    async fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ServiceError> {
+        let record = self.store.get(key)?;
+        let usage = disk::usage(self.dir(record.id).join("fs")).await?;
+        self.store
+            .commit(key, name, labels.into_iter().collect(), usage)?;
+        Ok(())
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), ServiceError> {
+        let removed = self.store.remove(key)?;
+        disk::remove_dir(self.dir(removed.id)).await;
+        if let Some(digest) = removed.lode_image {
+            let still_used = self
+                .store
+                .all()?
+                .values()
+                .any(|r| r.lode_image.as_deref() == Some(digest.as_str()));
+            if !still_used {
+                if let Err(error) = self.instances.release(&digest).await {
+                    tracing::warn!(%digest, %error, "cannot release the image's instance");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn usage(&self, key: &str) -> Result<(i64, i64), ServiceError> {
+        let record = self.store.get(key)?;
+        match record.usage {
+            Some(usage) if record.kind == SnapshotKind::Committed => Ok(usage),
+            _ => disk::usage(self.dir(record.id).join("fs")).await,
+        }
+    }
+
+    fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, ServiceError> {
+        let record = self.store.get(&info.name)?;
+        let fieldpaths = fieldpaths.unwrap_or_default();
+        let mut labels = record.labels.clone();
+        if fieldpaths.is_empty() {
+            labels = info.labels.clone().into_iter().collect();
+        }
+        for path in &fieldpaths {
+            if path == "labels" {
+                labels = info.labels.clone().into_iter().collect();
+            } else if let Some(key) = path.strip_prefix("labels.") {
+                match info.labels.get(key) {
+                    Some(value) => labels.insert(key.to_string(), value.clone()),
+                    None => labels.remove(key),
+                };
+            } else {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "cannot update field {path:?} of snapshot {}: only labels are mutable",
+                    info.name
+                )));
+            }
+        }
+        let updated = self.store.set_labels(&info.name, labels)?;
+        Ok(to_info(info.name, updated))
+    }
+
+    /// Removes snapshot directories no record names (left by a crash
+    /// between making a directory and recording it, or after forgetting it).
+    async fn cleanup(&self) -> Result<(), ServiceError> {
+        let ids: std::collections::HashSet<u64> =
+            self.store.all()?.values().map(|r| r.id).collect();
+        let entries = std::fs::read_dir(&self.snapshots_dir)
+            .map_err(ServiceError::io(&self.snapshots_dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let known = name
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id));
+            if !known {
+                tracing::info!(path = %entry.path().display(), "removing orphaned snapshot directory");
+                disk::remove_dir(entry.path()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_info(name: String, record: SnapshotRecord) -> Info {
+    let time = |ns: u64| UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    Info {
+        kind: match record.kind {
+            SnapshotKind::View => Kind::View,
+            SnapshotKind::Active => Kind::Active,
+            SnapshotKind::Committed => Kind::Committed,
+        },
+        name,
+        parent: record.parent,
+        labels: record.labels.into_iter().collect(),
+        created_at: time(record.created_ns),
+        updated_at: time(record.updated_ns),
+    }
+}
