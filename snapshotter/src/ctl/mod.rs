@@ -6,6 +6,8 @@
 pub mod convert;
 pub mod daemon;
 pub mod mount;
+pub mod pull;
+mod pull_content;
 
 use std::io::Write;
 
@@ -33,6 +35,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Stop serving a directory mounted with `lodectl mount`.
     Umount(mount::UmountArgs),
+    /// Pull an image into containerd lazily through the lode snapshotter.
+    Pull(pull::PullArgs),
     /// Query a lode-fsd through its API socket.
     Daemon(daemon::DaemonArgs),
 }
@@ -43,6 +47,8 @@ pub enum CtlError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Mount(#[from] MountError),
+    #[error(transparent)]
+    Pull(#[from] pull::PullError),
     #[error(transparent)]
     Daemon(#[from] lode_common::api::ClientError),
     #[error("{what}: {source}")]
@@ -60,6 +66,7 @@ impl Command {
             Command::Convert(args) => convert::run(args, out),
             Command::Mount(args) => mount::run_mount(args, out),
             Command::Umount(args) => mount::run_umount(args),
+            Command::Pull(args) => pull::run(args, out),
             Command::Daemon(args) => daemon::run(args, out),
         }
     }

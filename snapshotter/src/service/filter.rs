@@ -55,12 +55,13 @@ impl Filter {
         self.0.iter().all(|condition| {
             let value = match &condition.field {
                 Field::Name => Some(candidate.name),
-                Field::Parent => Some(candidate.parent).filter(|p| !p.is_empty()),
+                Field::Parent => Some(candidate.parent),
                 Field::Kind => Some(candidate.kind),
                 Field::Label(key) => candidate.labels.get(key).map(String::as_str),
             };
             match (&condition.test, value) {
-                (Test::Present, value) => value.is_some(),
+                // An empty value (no parent) counts as absent.
+                (Test::Present, value) => value.is_some_and(|v| !v.is_empty()),
                 (Test::Equals(want), value) => value == Some(want.as_str()),
                 (Test::NotEquals(want), value) => value != Some(want.as_str()),
             }
@@ -171,6 +172,8 @@ mod tests {
         assert!(!parse("kind==active,name==sha256:abc").matches(&c));
         assert!(parse("labels.\"containerd.io/snapshot.ref\"").matches(&c));
         assert!(!parse("parent").matches(&c));
+        // containerd looks for a layer's snapshot with parent=="" for the first layer.
+        assert!(parse("parent==\"\"").matches(&c));
         assert!(parse("kind!=view").matches(&c));
         assert!(any_matches(
             &[parse("kind==view"), parse("kind==committed")],
