@@ -1,25 +1,43 @@
 #!/usr/bin/env bash
-# Quickstart: builds Lode, makes a sample image, converts it to the Lode
-# format in a local registry, mounts it lazily and runs a program from it,
-# then shows how little of the image was fetched. Run as root on Debian.
+# Quickstart: builds Lode, makes a sample image (busybox + 200 MiB of
+# application data), converts it to the Lode format in a local registry, runs
+# containerd with Lode as its proxy snapshotter, pulls the image lazily and
+# runs a container from it. The same image is then pulled and run the usual
+# way (containerd's overlayfs snapshotter) for comparison: start times and
+# bytes fetched from the registry are printed side by side. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-[[ $(id -u) -eq 0 ]] || { echo "quickstart.sh needs root (FUSE mount, chroot)" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || { echo "quickstart.sh needs root (containerd, FUSE, overlayfs)" >&2; exit 1; }
 tests/install-deps.sh
 echo "== building (release)"
 cargo build --release --workspace --bins -q
 bin=$PWD/target/release
 
 work=$(mktemp -d /var/tmp/lode-quickstart.XXXXXX)
-registry_pid=
+pids=()
 cleanup() {
     set +e
-    "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null
-    [[ -n $registry_pid ]] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+    [[ -S $work/containerd.sock ]] && for ns in lazy plain; do
+        ctr -a "$work/containerd.sock" -n "$ns" tasks kill -s KILL demo 2>/dev/null
+        ctr -a "$work/containerd.sock" -n "$ns" containers rm demo 2>/dev/null
+    done
+    for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do
+        kill "${pids[i]}" 2>/dev/null && wait "${pids[i]}" 2>/dev/null
+    done
+    # Daemons outlive the snapshotter on purpose; stop them and their mounts.
+    pkill -TERM -f "lode-fsd .*$work" 2>/dev/null
+    for _ in $(seq 100); do pgrep -f "lode-fsd .*$work" > /dev/null || break; sleep 0.05; done
+    grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+wait_for() { # wait_for DESCRIPTION COMMAND...: polls for up to 10 s
+    local what=$1; shift
+    for _ in $(seq 200); do "$@" > /dev/null 2>&1 && return 0; sleep 0.05; done
+    echo "timed out waiting for $what" >&2; exit 1
+}
 
 echo "== starting a registry on 127.0.0.1"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -31,8 +49,8 @@ storage: { filesystem: { rootdirectory: $work/registry } }
 http: { addr: 127.0.0.1:$port }
 YML
 docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
-registry_pid=$!
-for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/v2/" > /dev/null && break; sleep 0.05; done
+pids+=($!)
+wait_for "the registry" curl -sf "http://127.0.0.1:$port/v2/"
 registry=127.0.0.1:$port
 
 echo "== building a sample image (busybox + 200 MiB of application data)"
@@ -52,27 +70,71 @@ skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$work/oci:sample" 
 
 echo "== converting to the Lode format"
 "$bin/lodectl" convert "$registry/sample:v1" "$registry/sample:v1-lode"
-manifest=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-    "http://$registry/v2/sample/manifests/v1-lode")
-image_bytes=$(jq '[.layers[] | select(.annotations["lode.blob"] == "true") | .size] | add' <<< "$manifest")
 
-echo "== mounting lazily"
-mkdir -p "$work/mnt"
-before=$(date +%s%N)
-"$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" "$registry/sample:v1-lode" "$work/mnt"
-mounted=$(date +%s%N)
-echo "-- running /bin/sh from the image:"
-chroot "$work/mnt" /bin/sh -c 'cat /etc/motd; ls /app/models | wc -l; head -c 64 /app/assets/asset-7.txt; echo; sha256sum /app/models/model-3.bin'
-ran=$(date +%s%N)
+echo "== starting lode-snapshotter and containerd"
+cat > "$work/lode.toml" <<TOML
+root = "$work/lode"
+address = "$work/lode.sock"
+[daemon]
+binary = "$bin/lode-fsd"
+[metrics]
+address = "127.0.0.1:0"
+TOML
+"$bin/lode-snapshotter" --config "$work/lode.toml" > "$work/snapshotter.log" 2>&1 &
+pids+=($!)
+wait_for "lode-snapshotter" test -S "$work/lode.sock"
+cat > "$work/containerd.toml" <<TOML
+version = 2
+root = "$work/containerd/root"
+state = "$work/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/containerd.sock"
+[proxy_plugins.lode]
+  type = "snapshot"
+  address = "$work/lode.sock"
+TOML
+containerd --config "$work/containerd.toml" > "$work/containerd.log" 2>&1 &
+pids+=($!)
+wait_for "containerd" ctr -a "$work/containerd.sock" version
+ctr_() { local ns=$1; shift; ctr -a "$work/containerd.sock" -n "$ns" "$@"; }
 
-# Bytes of data blobs the registry served, from its access log (combined
-# format: ... "GET /v2/<repo>/blobs/<digest> HTTP/1.1" <status> <bytes> ...).
-data_blobs=$(jq -r '.layers[] | select(.annotations["lode.blob"] == "true") | .digest' <<< "$manifest")
-fetched=$(grep -F -f <(echo "$data_blobs") "$work/registry.log" \
-    | awk '$6 == "\"GET" && ($9 == 200 || $9 == 206) { sum += $10 } END { print sum + 0 }')
+# Bytes the registry served for the given blob digests (combined access log:
+# ... "GET /v2/<repo>/blobs/<digest> HTTP/1.1" <status> <bytes> ...).
+bytes_served() {
+    grep -F -f <(printf '%s\n' "$@") "$work/registry.log" \
+        | awk '$6 == "\"GET" && ($9 == 200 || $9 == 206) { sum += $10 } END { print sum + 0 }'
+}
+layers_of() {
+    curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$registry/v2/sample/manifests/$1" \
+        | jq -r '.layers[].digest'
+}
+demo='cat /etc/motd; ls /app/models | wc -l; head -c 64 /app/assets/asset-7.txt; echo; sha256sum /app/models/model-3.bin'
+
+echo "== lazy: lodectl pull + ctr run --snapshotter lode"
+start=$(date +%s%N)
+"$bin/lodectl" pull --plain-http --address "$work/containerd.sock" --namespace lazy "$registry/sample:v1-lode"
+lazy_pull=$(ms_since "$start")
+start=$(date +%s%N)
+ctr_ lazy run --rm --snapshotter lode "$registry/sample:v1-lode" demo /bin/sh -c "$demo"
+lazy_run=$(ms_since "$start")
+mapfile -t lode_layers < <(layers_of v1-lode)
+lazy_bytes=$(bytes_served "${lode_layers[@]}")
+
+echo "== plain: ctr image pull + ctr run (overlayfs)"
+start=$(date +%s%N)
+ctr_ plain image pull --plain-http "$registry/sample:v1" > /dev/null
+plain_pull=$(ms_since "$start")
+start=$(date +%s%N)
+ctr_ plain run --rm "$registry/sample:v1" demo /bin/sh -c "$demo"
+plain_run=$(ms_since "$start")
+mapfile -t plain_layers < <(layers_of v1)
+plain_bytes=$(bytes_served "${plain_layers[@]}")
+
 echo
-echo "== summary"
-echo "mount ready after:      $(( (mounted - before) / 1000000 )) ms (bootstrap fetched, daemon started)"
-echo "program ran after:      $(( (ran - mounted) / 1000000 )) ms more"
-echo "image data (blobs):     $((image_bytes / 1024 / 1024)) MiB"
-echo "fetched from registry:  $((fetched / 1024 / 1024)) MiB ($(( fetched * 100 / image_bytes ))% of the image data)"
+echo "== summary (same image, same container command)"
+printf '%-28s %12s %12s\n' "" "lode (lazy)" "overlayfs"
+printf '%-28s %9s ms %9s ms\n' "pull" "$lazy_pull" "$plain_pull"
+printf '%-28s %9s ms %9s ms\n' "run (start to exit)" "$lazy_run" "$plain_run"
+printf '%-28s %9s ms %9s ms\n' "pull + run" "$((lazy_pull + lazy_run))" "$((plain_pull + plain_run))"
+printf '%-28s %8s MiB %8s MiB\n' "layer bytes from registry" "$((lazy_bytes / 1048576))" "$((plain_bytes / 1048576))"

@@ -255,7 +255,7 @@ async fn unpack(
     );
     pull_content::store(
         grpc,
-        &config_desc.digest().to_string(),
+        config_desc.digest().as_ref(),
         config_bytes,
         config_labels,
     )
