@@ -24,6 +24,7 @@ use crate::daemon::{Daemon, DaemonError, DaemonOptions, Event};
 use crate::metrics::{Fop, Metrics};
 use crate::shared_host::SharedMount;
 use crate::state::{DaemonState, StateEvent, StateMachine};
+use crate::takeover::{self, Failover};
 
 /// Hand-over to a supervisor; provided by the takeover module when the
 /// daemon has a supervisor socket.
@@ -44,6 +45,9 @@ pub struct HostOptions {
     /// Defaults for every instance; a mount request overrides its subset.
     pub config: FsdConfig,
     pub supervisor: Option<PathBuf>,
+    /// Resume the connection the supervisor holds for `id` instead of
+    /// mounting (`--takeover`).
+    pub takeover: bool,
 }
 
 /// What the main loop of [`run_managed`] reacts to.
@@ -186,7 +190,22 @@ impl Host {
         Ok(daemon_events)
     }
 
+    fn failover(&self) -> Failover {
+        Failover {
+            supervisor: self.options.supervisor.clone(),
+            id: self.options.id.clone(),
+            takeover: self.options.takeover,
+        }
+    }
+
+    /// Whether something besides the daemon says when to start serving.
+    fn supervised(&self) -> bool {
+        self.options.supervisor.is_some() || self.supervision.is_some()
+    }
+
     /// Mounts the shared pseudo root and starts serving it (shared mode).
+    /// With `--takeover`, rebuilds the predecessor's instances in sequence
+    /// order first and then resumes its connection.
     pub fn start_shared(&self) -> Result<(), DaemonError> {
         let daemon_events = self
             .forward_daemon_events()
@@ -194,21 +213,55 @@ impl Host {
                 what: "spawn event thread".into(),
                 source,
             })?;
-        let shared = SharedMount::start(
-            &self.options.mountpoint,
-            &self.options.config,
-            daemon_events,
-        )?;
-        let _ = self.shared.set(shared);
+        let failover = self.failover();
+        let shared = SharedMount::new(&self.options.mountpoint, &self.options.config)?;
+        let predecessor = if failover.takeover {
+            Some(takeover::fetch(&failover, &self.options.mountpoint)?)
+        } else {
+            None
+        };
+        if let Some(predecessor) = &predecessor {
+            let mut instances = predecessor.state.instances.clone();
+            instances.sort_by_key(|i| i.seq);
+            for instance in instances {
+                self.restore_shared(&shared, &instance)
+                    .map_err(|e| DaemonError::Io {
+                        what: format!("rebuild instance {}", instance.id),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+            }
+        }
+        shared.serve(&self.options.config, daemon_events, &failover, predecessor)?;
+        let shared = self.shared.get_or_init(|| shared);
         let state_err = |e: crate::state::IllegalTransition| DaemonError::Io {
             what: "daemon state".into(),
             source: std::io::Error::other(e),
         };
         self.state.apply(StateEvent::FuseReady).map_err(state_err)?;
-        if self.supervision.is_none() {
+        if !self.supervised() {
             self.state.apply(StateEvent::Start).map_err(state_err)?;
         }
+        shared.report()?;
         Ok(())
+    }
+
+    /// Adds one instance of a predecessor's state to `shared`, exactly as it
+    /// was mounted.
+    fn restore_shared(
+        &self,
+        shared: &SharedMount,
+        instance: &lode_common::supervisor::InstanceState,
+    ) -> Result<(), ControlError> {
+        let request: MountRequest = serde_json::from_str(&instance.config).map_err(|e| {
+            ControlError::InvalidArgument(format!("saved mount request of {}: {e}", instance.id))
+        })?;
+        let blob_source: BlobSource = request
+            .config
+            .blob_source
+            .parse()
+            .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
+        let config = self.instance_config(&request);
+        shared.add(&instance.id, request, &blob_source, &config, now_secs())
     }
 
     /// Unmounts everything the daemon serves; the session end follows.
@@ -314,7 +367,11 @@ impl Host {
         let daemon_events = self
             .forward_daemon_events()
             .map_err(|e| ControlError::Internal(format!("spawn event thread: {e}")))?;
-        let daemon = Daemon::start(
+        let failover = Failover {
+            takeover: false,
+            ..self.failover()
+        };
+        let daemon = Daemon::start_with(
             DaemonOptions {
                 bootstrap: request.source.clone(),
                 blob_source,
@@ -322,11 +379,12 @@ impl Host {
                 config,
             },
             daemon_events,
+            &failover,
         )
         .map_err(daemon_error)?;
         self.state.apply(StateEvent::FuseReady).map_err(illegal)?;
         // Without a supervisor nobody else would say "start".
-        if self.supervision.is_none() {
+        if !self.supervised() {
             self.state.apply(StateEvent::Start).map_err(illegal)?;
         }
         let info = InstanceInfo {
@@ -413,6 +471,18 @@ impl Host {
                 id.unwrap_or("mounted")
             ))),
         }
+    }
+
+    /// Hands the current state and connection to `--supervisor`.
+    fn report_to_supervisor(&self) -> Result<(), ControlError> {
+        let result = match self.shared.get() {
+            Some(shared) => shared.report(),
+            None => match self.instance().as_ref() {
+                Some(mounted) => mounted.daemon.report_to_supervisor(),
+                None => return Err(ControlError::Conflict("no instance mounted".into())),
+            },
+        };
+        result.map_err(|e| ControlError::Internal(format!("sendfd: {e}")))
     }
 
     fn supervision(&self, what: &str) -> Result<&Arc<dyn Supervision>, ControlError> {
@@ -557,6 +627,10 @@ impl DaemonControl for Host {
                     return Err(ControlError::Conflict(format!(
                         "daemon is {state}: no FUSE connection to send"
                     )));
+                }
+                if self.options.supervisor.is_some() {
+                    self.report_to_supervisor()?;
+                    return Ok(ApiResponse::Empty);
                 }
                 let snapshot = self.snapshot();
                 self.supervision("sendfd")?

@@ -13,6 +13,7 @@ fn options(mode: DaemonMode, mountpoint: &Path) -> HostOptions {
         mountpoint: mountpoint.to_path_buf(),
         config: FsdConfig::default(),
         supervisor: None,
+        takeover: false,
     }
 }
 

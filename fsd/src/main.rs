@@ -151,6 +151,7 @@ fn main() -> anyhow::Result<()> {
                 mountpoint: args.mountpoint,
                 config,
                 supervisor: args.supervisor,
+                takeover: args.takeover,
             },
             apisock,
             initial,

@@ -3,6 +3,7 @@
 //! API removes it, without disturbing the other instances.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use lode_common::api::{InstanceInfo, MountRequest, SavedInstance};
 use lode_common::format::Bootstrap;
 use lode_common::registry::{RegistryClient, RegistryOptions};
+use lode_common::supervisor::{DaemonState as SupervisedState, FuseConnParams, InstanceState};
 use lode_config::FsdConfig;
 use tracing::{info, warn};
 
@@ -24,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::mount::{self, MountOptions};
 use crate::ops::{LodeFs, Ttls};
 use crate::shared::{SharedFuse, SharedInstance, SharedTable};
+use crate::takeover::{self, Failover, Predecessor};
 
 /// How long removing an instance waits for its running fetches.
 const REMOVE_GRACE: Duration = Duration::from_secs(5);
@@ -70,6 +73,8 @@ pub struct SharedMount {
     records: Mutex<HashMap<String, Record>>,
     runtime: tokio::runtime::Runtime,
     session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+    handover: Mutex<Option<Handover>>,
+    entry_timeout: Duration,
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
@@ -83,34 +88,80 @@ fn internal(e: impl std::fmt::Display) -> ControlError {
     ControlError::Internal(e.to_string())
 }
 
+/// The connection as the supervisor needs it: a duplicate of the
+/// /dev/fuse descriptor and what was negotiated at INIT.
+struct Handover {
+    supervisor: PathBuf,
+    daemon_id: String,
+    dev: OwnedFd,
+    params: FuseConnParams,
+}
+
 impl SharedMount {
-    /// Mounts the pseudo root at `mountpoint` and starts serving it.
-    pub fn start(
-        mountpoint: &Path,
-        config: &FsdConfig,
-        events: mpsc::Sender<Event>,
-    ) -> Result<Self, DaemonError> {
-        let table = Arc::new(SharedTable::default());
+    /// The instance table and network runtime; nothing is mounted until
+    /// [`SharedMount::serve`], so that a successor can rebuild the instances
+    /// before the kernel's first (resent) request reaches them.
+    pub fn new(mountpoint: &Path, config: &FsdConfig) -> Result<Self, DaemonError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("lode-net")
             .enable_all()
             .build()
             .map_err(io("start tokio runtime"))?;
-        let fd = mount::mount_fuse(mountpoint, &MountOptions::lode(0o040_755))?;
+        Ok(Self {
+            mountpoint: mountpoint.to_path_buf(),
+            table: Arc::new(SharedTable::default()),
+            records: Mutex::new(HashMap::new()),
+            runtime,
+            session: Mutex::new(None),
+            handover: Mutex::new(None),
+            entry_timeout: Duration::from_secs(config.fuse.entry_timeout_secs),
+        })
+    }
+
+    /// Mounts the pseudo root (or, with `predecessor`, resumes the
+    /// connection it served) and starts serving it. With a supervisor in
+    /// `failover`, every worker reads the one /dev/fuse descriptor the
+    /// supervisor holds a copy of: requests read on a cloned descriptor
+    /// would be lost with it when the daemon dies.
+    pub fn serve(
+        &self,
+        config: &FsdConfig,
+        events: mpsc::Sender<Event>,
+        failover: &Failover,
+        predecessor: Option<Predecessor>,
+    ) -> Result<(), DaemonError> {
         let mut session_config = fuser::Config::default();
         session_config.n_threads = Some(config.fuse.threads);
-        session_config.clone_fd = true;
-        let fs = SharedFuse::new(
-            Arc::clone(&table),
-            Duration::from_secs(config.fuse.entry_timeout_secs),
-        );
-        let session = match fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, session_config)
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = mount::unmount(mountpoint);
-                return Err(io("FUSE handshake")(e));
+        session_config.clone_fd = failover.supervisor.is_none();
+        let fs = SharedFuse::new(Arc::clone(&self.table), self.entry_timeout);
+        let (session, connection) = match predecessor {
+            Some(p) => {
+                let session = takeover::start_resumed(fs, &p.fd, &p.params, session_config)?;
+                if let Ok(fd) = p.fd.try_clone() {
+                    takeover::resend_after_exit(p.state.pid, fd);
+                }
+                (session, Some((p.fd, p.params)))
+            }
+            None => {
+                takeover::check_not_mounted(&self.mountpoint)?;
+                let fd = mount::mount_fuse(&self.mountpoint, &MountOptions::lode(0o040_755))?;
+                let started = if failover.supervisor.is_some() {
+                    takeover::start_fresh(fs, &fd, session_config)
+                        .map(|(session, params)| (session, Some((fd, params))))
+                        .map_err(DaemonError::from)
+                } else {
+                    fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, session_config)
+                        .map(|session| (session, None))
+                        .map_err(io("FUSE handshake"))
+                };
+                match started {
+                    Ok(started) => started,
+                    Err(e) => {
+                        let _ = mount::unmount(&self.mountpoint);
+                        return Err(e);
+                    }
+                }
             }
         };
         let session = std::thread::Builder::new()
@@ -121,14 +172,58 @@ impl SharedMount {
                 result
             })
             .map_err(io("spawn FUSE session"))?;
-        info!(mountpoint = %mountpoint.display(), "shared mount serving");
-        Ok(Self {
-            mountpoint: mountpoint.to_path_buf(),
-            table,
-            records: Mutex::new(HashMap::new()),
-            runtime,
-            session: Mutex::new(Some(session)),
-        })
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session);
+        if let (Some(supervisor), Some((dev, params))) = (&failover.supervisor, connection) {
+            *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(Handover {
+                supervisor: supervisor.clone(),
+                daemon_id: failover.id.clone(),
+                dev,
+                params,
+            });
+        }
+        info!(mountpoint = %self.mountpoint.display(), "shared mount serving");
+        Ok(())
+    }
+
+    /// Hands the instances and the connection to the supervisor (if there is
+    /// one); called after every change of the instances and on `sendfd`.
+    pub fn report(&self) -> Result<(), DaemonError> {
+        let handover = self.handover.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(handover) = handover.as_ref() else {
+            return Ok(());
+        };
+        let instances = self
+            .saved()
+            .into_iter()
+            .map(|saved| InstanceState {
+                id: saved.info.id.clone(),
+                seq: u64::from(saved.info.seq),
+                mountpoint: saved.info.mountpoint.display().to_string(),
+                bootstrap: saved.request.source.display().to_string(),
+                blob_source: saved.request.config.blob_source.clone(),
+                image_ref: saved.request.image_ref.clone(),
+                // The whole request, so a successor mounts exactly this.
+                config: serde_json::to_string(&saved.request).unwrap_or_default(),
+            })
+            .collect();
+        let state = SupervisedState {
+            id: handover.daemon_id.clone(),
+            pid: std::process::id(),
+            mode: "shared".into(),
+            fuse: vec![handover.params.clone()],
+            instances,
+        };
+        Ok(takeover::report(
+            &handover.supervisor,
+            &state,
+            &handover.dev,
+        )?)
+    }
+
+    fn reported(&self) {
+        if let Err(e) = self.report() {
+            warn!(error = %e, "cannot hand the state to the supervisor; no takeover possible");
+        }
     }
 
     fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
@@ -206,6 +301,8 @@ impl SharedMount {
                 backend,
             },
         );
+        drop(records);
+        self.reported();
         Ok(())
     }
 
@@ -274,6 +371,7 @@ impl SharedMount {
             warn!(instance = id, error = %e, "cache flush at removal failed");
         }
         info!(instance = id, "instance removed");
+        self.reported();
         Ok(())
     }
 

@@ -21,6 +21,7 @@ async fn typed_client_over_the_socket() {
             mountpoint: dir.path().join("mnt"),
             config: FsdConfig::default(),
             supervisor: None,
+            takeover: false,
         },
         events,
         None,

@@ -46,7 +46,8 @@ pub fn fetch(failover: &Failover, mountpoint: &Path) -> Result<Predecessor, Take
         )));
     };
     let want = mountpoint.display().to_string();
-    if !state.instances.iter().any(|i| i.mountpoint == want) {
+    // A shared daemon's instances live below the one mount it serves.
+    if state.mode != "shared" && !state.instances.iter().any(|i| i.mountpoint == want) {
         return Err(TakeoverError::Protocol(format!(
             "daemon {} did not serve {want}",
             state.id

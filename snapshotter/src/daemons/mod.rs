@@ -181,7 +181,12 @@ impl DaemonManager {
         mut record: DaemonRecord,
         takeover: bool,
     ) -> Result<DaemonRecord, DaemonError> {
-        std::fs::create_dir_all(&record.mountpoint).map_err(DaemonError::io(&record.mountpoint))?;
+        if !takeover {
+            // Never touch a mountpoint being taken over: nobody serves it
+            // until the successor does, so any access would block.
+            std::fs::create_dir_all(&record.mountpoint)
+                .map_err(DaemonError::io(&record.mountpoint))?;
+        }
         if self.supervised() && !state.supervisors.contains_key(&record.id) {
             let server = SupervisorServer::bind(&record.supervisor)?;
             state.supervisors.insert(record.id.clone(), server);
