@@ -13,6 +13,7 @@ mod error;
 pub mod fstree;
 pub mod layout;
 pub mod lode;
+pub mod mounts;
 pub mod registry;
 mod skopeo;
 pub mod snapshotter;

@@ -1,1 +1,203 @@
-//! Starting `lode-snapshotter` for tests, with its own root and socket.
+//! Starting `lode-snapshotter` for tests: its own root, socket and config in
+//! a temp dir; killed (-9) and restarted on demand; on drop it and the
+//! daemons it started are stopped and their mounts detached.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::lode::LODE_FSD;
+use crate::{bin_path, wait_until, KitError};
+
+pub const LODE_SNAPSHOTTER: &str = "lode-snapshotter";
+
+/// Settings that vary between tests.
+#[derive(Clone, Debug)]
+pub struct SnapshotterOptions {
+    /// `shared` or `dedicated`.
+    pub daemon_mode: &'static str,
+    /// `none`, `restart` or `failover`.
+    pub recover_policy: &'static str,
+}
+
+impl Default for SnapshotterOptions {
+    fn default() -> Self {
+        Self {
+            daemon_mode: "shared",
+            recover_policy: "failover",
+        }
+    }
+}
+
+pub struct Snapshotter {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Snapshotter {
+    /// Whether the snapshotter and fsd binaries are built.
+    pub fn available() -> bool {
+        bin_path(LODE_SNAPSHOTTER).is_some() && bin_path(LODE_FSD).is_some()
+    }
+
+    pub fn start(options: &SnapshotterOptions) -> Result<Self, KitError> {
+        let binary = bin_path(LODE_SNAPSHOTTER)
+            .ok_or_else(|| KitError::Invalid("lode-snapshotter is not built".into()))?;
+        let fsd =
+            bin_path(LODE_FSD).ok_or_else(|| KitError::Invalid("lode-fsd is not built".into()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("lode-snapshotter-")
+            .tempdir_in("/var/tmp")
+            .map_err(KitError::io("snapshotter temp dir"))?;
+        let config = format!(
+            "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
+             recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n\
+             [metrics]\naddress = \"127.0.0.1:0\"\n",
+            root = dir.path().join("root").display(),
+            socket = dir.path().join("lode.sock").display(),
+            mode = options.daemon_mode,
+            policy = options.recover_policy,
+            fsd = fsd.display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), config)
+            .map_err(KitError::io("write snapshotter config"))?;
+        let mut snapshotter = Self {
+            dir,
+            binary,
+            child: None,
+            starts: 0,
+        };
+        snapshotter.launch()?;
+        Ok(snapshotter)
+    }
+
+    fn launch(&mut self) -> Result<(), KitError> {
+        let _ = std::fs::remove_file(self.socket());
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(KitError::io("snapshotter log"))?;
+        let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .arg("--stop-daemons-on-exit")
+            .env("RUST_LOG", "info,h2=warn,tower=warn,hyper=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(KitError::io("snapshotter log"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(KitError::io("start lode-snapshotter"))?;
+        self.child = Some(child);
+        let socket = self.socket();
+        let starts = self.starts;
+        let log_path = self.log_path();
+        wait_until(Duration::from_secs(30), "lode-snapshotter to serve", || {
+            socket.exists()
+                && std::fs::read_to_string(&log_path)
+                    .is_ok_and(|log| log.matches("lode-snapshotter serving").count() >= starts)
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("lode.sock")
+    }
+
+    /// The snapshotter's `root` (store, snapshots, mounts, daemons).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("snapshotter.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The Prometheus endpoint of the running process.
+    pub fn metrics_url(&self) -> Option<String> {
+        let log = self.log();
+        let start = log.rfind("Prometheus metrics at ")? + "Prometheus metrics at ".len();
+        log[start..].split_whitespace().next().map(str::to_owned)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, as a crash: daemons keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the snapshotter again on the same root.
+    pub fn restart(&mut self) -> Result<(), KitError> {
+        self.kill9();
+        self.launch()
+    }
+
+    /// Pids of live `lode-fsd` processes serving below this root.
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        daemon_pids_under(&self.root())
+    }
+
+    /// Where a daemon's log is.
+    pub fn daemon_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.root().join("daemons").join(format!("{id}.log")))
+            .unwrap_or_default()
+    }
+}
+
+/// Live `lode-fsd` processes whose command line names `root`.
+pub fn daemon_pids_under(root: &Path) -> Vec<u32> {
+    let needle = root.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            !zombie && cmdline.contains("lode-fsd") && cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A clean stop stops the daemons and unmounts their images.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        for pid in self.daemon_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        crate::mounts::detach_below(self.dir.path());
+    }
+}

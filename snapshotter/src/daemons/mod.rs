@@ -14,6 +14,7 @@
 //! `none` only logs. Daemons outlive the snapshotter: on start it re-attaches
 //! to the live ones and recovers the dead ones.
 
+mod cache;
 mod process;
 pub mod records;
 mod recover;
@@ -216,6 +217,7 @@ impl DaemonManager {
         let reached = process::wait_for_states(
             &client,
             &record.id,
+            pid,
             wanted,
             self.config.daemon.start_timeout(),
         )
@@ -284,6 +286,7 @@ impl DaemonManager {
             let state = process::wait_for_states(
                 &client,
                 &daemon.id,
+                daemon.pid,
                 &[DaemonState::Ready, DaemonState::Running],
                 deadline,
             )
@@ -342,9 +345,15 @@ impl InstanceProvider for DaemonManager {
             .remove_instance(bootstrap_digest)
             .map_err(DaemonError::from)?;
         let Some(daemon) = daemon else { return Ok(()) };
-        if self.config.daemon_mode == DaemonMode::Dedicated {
-            // Its only instance goes: the daemon exits after the unmount and
-            // must not be recovered.
+        let last = self.config.daemon_mode == DaemonMode::Dedicated
+            || !self
+                .records
+                .instances()
+                .map_err(DaemonError::from)?
+                .iter()
+                .any(|i| i.daemon_id == daemon.id);
+        if last {
+            // No instance left: the daemon goes too, and must not be recovered.
             self.records
                 .remove_daemon(&daemon.id)
                 .map_err(DaemonError::from)?;
@@ -355,8 +364,29 @@ impl InstanceProvider for DaemonManager {
             tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
             process::detach_mount(instance.mountpoint.clone()).await;
         }
+        if last && self.config.daemon_mode == DaemonMode::Shared {
+            process::stop(&daemon).await;
+        }
         tracing::info!(daemon_id = %daemon.id, mountpoint = %instance.mountpoint.display(), "instance released");
+        self.clean_cache(&instance.image);
         Ok(())
+    }
+}
+
+impl DaemonManager {
+    /// Removes the cached blobs of a released image that no other recorded
+    /// instance uses.
+    fn clean_cache(&self, released: &LodeImage) {
+        let gone = cache::blobs_of(&released.bootstrap_path);
+        let kept = self
+            .records
+            .instances()
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
+            .collect();
+        let freed = cache::remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
+        tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
     }
 }
 

@@ -84,12 +84,19 @@ pub fn spawn(launch: &Launch<'_>) -> Result<u32, DaemonError> {
 pub async fn wait_for_states(
     client: &DaemonClient,
     daemon_id: &str,
+    pid: u32,
     states: &[DaemonState],
     timeout: Duration,
 ) -> Result<DaemonState, DaemonError> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
+        if !is_live_fsd(pid) {
+            return Err(DaemonError::Daemon {
+                daemon_id: daemon_id.to_string(),
+                message: format!("process {pid} exited before serving"),
+            });
+        }
         let last = match client.daemon_info().await {
             Ok(info) if states.contains(&info.state) => return Ok(info.state),
             Ok(info) => info.state.to_string(),
@@ -164,4 +171,26 @@ pub async fn detach_mount(path: PathBuf) {
         }
     })
     .await;
+}
+
+/// Stops a daemon (SIGTERM: it unmounts and exits) and waits for it, up to
+/// ten seconds; then detaches whatever is left of its mount.
+pub async fn stop(record: &DaemonRecord) {
+    if is_live_fsd(record.pid) {
+        if let Some(fd) = pidfd(record.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(record.pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if tokio::time::timeout(Duration::from_secs(10), wait_for_exit(fd))
+                .await
+                .is_err()
+            {
+                tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon did not stop within 10 s");
+            }
+        }
+    }
+    detach_mount(record.mountpoint.clone()).await;
+    let _ = std::fs::remove_file(&record.apisock);
+    let _ = std::fs::remove_file(&record.supervisor);
 }

@@ -14,6 +14,8 @@ use super::{process, DaemonError, DaemonManager, ManagerState};
 
 /// How long a live daemon may take to answer its API during re-attach.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Successors tried before a failover turns into a restart.
+const FAILOVER_ATTEMPTS: u32 = 3;
 
 impl DaemonManager {
     pub(super) async fn on_death(&self, id: &str, pid: u32) {
@@ -34,22 +36,28 @@ impl DaemonManager {
         match policy {
             RecoverPolicy::None => {}
             RecoverPolicy::Failover => {
-                match tokio::time::timeout(timeout, self.launch(&mut state, record.clone(), true))
-                    .await
-                {
-                    Ok(Ok(_)) => {
-                        self.metrics.daemon_recovered("failover");
-                        return;
+                // The supervisor keeps the connection until a successor
+                // reports its own state, so a successor that dies during
+                // its takeover can be replaced by another.
+                for attempt in 1..=FAILOVER_ATTEMPTS {
+                    let launched = self.launch(&mut state, record.clone(), true);
+                    match tokio::time::timeout(timeout, launched).await {
+                        Ok(Ok(_)) => {
+                            self.metrics.daemon_recovered("failover");
+                            return;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::error!(daemon_id = id, attempt, %error, "failover attempt failed")
+                        }
+                        Err(_) => tracing::error!(
+                            daemon_id = id,
+                            attempt,
+                            ?timeout,
+                            "failover attempt timed out"
+                        ),
                     }
-                    Ok(Err(error)) => {
-                        tracing::error!(daemon_id = id, %error, "failover failed; restarting the daemon")
-                    }
-                    Err(_) => tracing::error!(
-                        daemon_id = id,
-                        ?timeout,
-                        "failover timed out; restarting the daemon"
-                    ),
                 }
+                tracing::error!(daemon_id = id, "failover failed; restarting the daemon");
                 self.restart_logged(&mut state, record).await;
             }
             RecoverPolicy::Restart => self.restart_logged(&mut state, record).await,
@@ -254,19 +262,7 @@ impl DaemonManager {
         for record in self.records.daemons().unwrap_or_default() {
             let _ = self.records.remove_daemon(&record.id);
             state.supervisors.remove(&record.id);
-            if process::is_live_fsd(record.pid) {
-                if let Some(pidfd) = process::pidfd(record.pid) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(record.pid as i32),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        process::wait_for_exit(pidfd),
-                    )
-                    .await;
-                }
-            }
+            process::stop(&record).await;
             for instance in self.records.instances().unwrap_or_default() {
                 if instance.daemon_id == record.id {
                     let _ = self
@@ -274,9 +270,6 @@ impl DaemonManager {
                         .remove_instance(&instance.image.bootstrap_digest);
                 }
             }
-            process::detach_mount(record.mountpoint.clone()).await;
-            let _ = std::fs::remove_file(&record.apisock);
-            let _ = std::fs::remove_file(&record.supervisor);
         }
     }
 }
