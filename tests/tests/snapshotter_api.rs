@@ -1,0 +1,461 @@
+//! The snapshots API of lode-snapshotter over its real gRPC socket, with the
+//! cases of containerd's snapshotter test suite: kinds, parent chains, error
+//! codes, labels, walks with filters, usage, cleanup, real overlay mounts,
+//! and metadata that survives a kill -9. Root only (overlay mounts).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use containerd_client::services::v1::snapshots::{
+    snapshots_client::SnapshotsClient, CleanupRequest, CommitSnapshotRequest, Info,
+    ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest, ViewSnapshotRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Code;
+use containerd_client::types::Mount;
+use lode_tests::snapshotter::{Snapshotter, SnapshotterOptions};
+use lode_tests::{require_root, skip_unless};
+
+const SNAPSHOTTER: &str = "lode";
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    client: SnapshotsClient<Channel>,
+}
+
+impl Api {
+    fn connect(snapshotter: &Snapshotter) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let channel = rt
+            .block_on(containerd_client::connect(snapshotter.socket()))
+            .unwrap();
+        Self {
+            rt,
+            client: SnapshotsClient::new(channel),
+        }
+    }
+
+    fn prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, Code> {
+        self.prepare_labeled(key, parent, HashMap::new())
+    }
+
+    fn prepare_labeled(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Code> {
+        let request = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels,
+        };
+        self.rt
+            .block_on(self.client.prepare(request))
+            .map(|r| r.into_inner().mounts)
+            .map_err(|s| s.code())
+    }
+
+    fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, Code> {
+        let request = ViewSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        };
+        self.rt
+            .block_on(self.client.view(request))
+            .map(|r| r.into_inner().mounts)
+            .map_err(|s| s.code())
+    }
+
+    fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, Code> {
+        let request = MountsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.client.mounts(request))
+            .map(|r| r.into_inner().mounts)
+            .map_err(|s| s.code())
+    }
+
+    fn commit(&mut self, name: &str, key: &str) -> Result<(), Code> {
+        let request = CommitSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            name: name.into(),
+            key: key.into(),
+            labels: HashMap::new(),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.client.commit(request))
+            .map(|_| ())
+            .map_err(|s| s.code())
+    }
+
+    fn remove(&mut self, key: &str) -> Result<(), Code> {
+        let request = RemoveSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.client.remove(request))
+            .map(|_| ())
+            .map_err(|s| s.code())
+    }
+
+    fn stat(&mut self, key: &str) -> Result<Info, Code> {
+        let request = StatSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.client.stat(request))
+            .map(|r| r.into_inner().info.unwrap())
+            .map_err(|s| s.code())
+    }
+
+    fn list(&mut self, filters: &[&str]) -> Result<Vec<String>, Code> {
+        let request = ListSnapshotsRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        };
+        self.rt.block_on(async {
+            let mut stream = self
+                .client
+                .list(request)
+                .await
+                .map_err(|s| s.code())?
+                .into_inner();
+            let mut names = Vec::new();
+            while let Some(batch) = stream.message().await.map_err(|s| s.code())? {
+                names.extend(batch.info.into_iter().map(|i| i.name));
+            }
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    fn usage(&mut self, key: &str) -> Result<(i64, i64), Code> {
+        let request = UsageRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: key.into(),
+        };
+        self.rt
+            .block_on(self.client.usage(request))
+            .map(|r| {
+                let r = r.into_inner();
+                (r.size, r.inodes)
+            })
+            .map_err(|s| s.code())
+    }
+}
+
+fn setup() -> Option<(Snapshotter, Api)> {
+    if !require_root()
+        || !skip_unless(
+            Snapshotter::available(),
+            "lode-snapshotter/lode-fsd not built",
+        )
+    {
+        return None;
+    }
+    let snapshotter = Snapshotter::start(&SnapshotterOptions::default()).unwrap();
+    let api = Api::connect(&snapshotter);
+    Some((snapshotter, api))
+}
+
+/// Mounts what the snapshotter returned at `target`, as containerd would.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    fn new(mounts: &[Mount], target: &Path) -> Self {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(target).unwrap();
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        let m = &mounts[0];
+        let read_only = m.options.iter().any(|o| o == "ro");
+        if m.r#type == "bind" {
+            mount(
+                Some(m.source.as_str()),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .unwrap();
+            if read_only {
+                let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                mount(None::<&str>, target, None::<&str>, flags, None::<&str>).unwrap();
+            }
+        } else {
+            let data: Vec<&str> = m
+                .options
+                .iter()
+                .map(String::as_str)
+                .filter(|o| *o != "ro")
+                .collect();
+            let flags = if read_only {
+                MsFlags::MS_RDONLY
+            } else {
+                MsFlags::empty()
+            };
+            mount(
+                Some("overlay"),
+                target,
+                Some("overlay"),
+                flags,
+                Some(data.join(",").as_str()),
+            )
+            .unwrap_or_else(|e| panic!("overlay {data:?}: {e}"));
+        }
+        Self(target.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn layers_commit_view_and_whiteouts_like_containerd() {
+    let Some((_snapshotter, mut api)) = setup() else {
+        return;
+    };
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+
+    let mounts = api.prepare("base-active", "").unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    {
+        let m = Mounted::new(&mounts, &work.path().join("m1"));
+        std::fs::write(m.0.join("foo"), "foo\n").unwrap();
+        std::fs::create_dir(m.0.join("dir")).unwrap();
+        std::fs::write(m.0.join("dir/moved"), "moved\n").unwrap();
+    }
+    api.commit("base", "base-active").unwrap();
+
+    let mounts = api.prepare("next-active", "base").unwrap();
+    assert_eq!(mounts[0].r#type, "overlay");
+    {
+        let m = Mounted::new(&mounts, &work.path().join("m2"));
+        assert_eq!(std::fs::read_to_string(m.0.join("foo")).unwrap(), "foo\n");
+        std::fs::remove_file(m.0.join("foo")).unwrap();
+        std::fs::rename(m.0.join("dir/moved"), m.0.join("moved")).unwrap();
+        std::fs::write(m.0.join("bar"), "bar\n").unwrap();
+    }
+    api.commit("next", "next-active").unwrap();
+
+    let mounts = api.view("next-view", "next").unwrap();
+    let m = Mounted::new(&mounts, &work.path().join("m3"));
+    assert!(!m.0.join("foo").exists(), "deleted in the child layer");
+    assert!(
+        !m.0.join("dir/moved").exists(),
+        "moved away from the lower layer"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.0.join("moved")).unwrap(),
+        "moved\n"
+    );
+    assert_eq!(std::fs::read_to_string(m.0.join("bar")).unwrap(), "bar\n");
+    let err = std::fs::write(m.0.join("nope"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "a view is read-only");
+    drop(m);
+
+    // A view of a single committed layer is a read-only bind of it.
+    let mounts = api.view("base-view", "base").unwrap();
+    assert_eq!(
+        (
+            mounts[0].r#type.as_str(),
+            mounts[0].options.contains(&"ro".to_string())
+        ),
+        ("bind", true)
+    );
+}
+
+#[test]
+fn kinds_parents_and_error_codes() {
+    let Some((_snapshotter, mut api)) = setup() else {
+        return;
+    };
+    api.prepare("a", "").unwrap();
+    assert_eq!(api.stat("a").unwrap().kind, 2, "active");
+    assert_eq!(api.prepare("a", ""), Err(Code::AlreadyExists));
+    assert_eq!(api.prepare("x", "missing").unwrap_err(), Code::NotFound);
+    assert_eq!(
+        api.prepare("x", "a").unwrap_err(),
+        Code::FailedPrecondition,
+        "parent must be committed"
+    );
+    api.commit("a-c", "a").unwrap();
+    assert_eq!(
+        api.stat("a").unwrap_err(),
+        Code::NotFound,
+        "the active key is gone after commit"
+    );
+    let info = api.stat("a-c").unwrap();
+    assert_eq!((info.kind, info.parent.as_str()), (3, ""));
+    assert_eq!(api.mounts("a-c").unwrap_err(), Code::FailedPrecondition);
+
+    api.view("v", "a-c").unwrap();
+    assert_eq!(api.stat("v").unwrap().kind, 1, "view");
+    assert_eq!(
+        api.commit("v-c", "v").unwrap_err(),
+        Code::FailedPrecondition,
+        "views cannot be committed"
+    );
+    api.prepare("b", "a-c").unwrap();
+    assert_eq!(api.commit("a-c", "b").unwrap_err(), Code::AlreadyExists);
+    assert_eq!(api.stat("b").unwrap().parent, "a-c");
+    // Transitivity: b-c's parent chain reaches a-c.
+    api.commit("b-c", "b").unwrap();
+    api.prepare("c", "b-c").unwrap();
+    assert_eq!(api.stat("c").unwrap().parent, "b-c");
+    assert_eq!(api.stat("b-c").unwrap().parent, "a-c");
+
+    assert_eq!(
+        api.remove("a-c").unwrap_err(),
+        Code::FailedPrecondition,
+        "it has children"
+    );
+    assert_eq!(api.remove("missing").unwrap_err(), Code::NotFound);
+    api.remove("v").unwrap();
+    assert_eq!(
+        api.remove("v").unwrap_err(),
+        Code::NotFound,
+        "removing twice"
+    );
+    api.remove("c").unwrap();
+    api.remove("b-c").unwrap();
+    api.remove("a-c").unwrap();
+    assert!(api.list(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn labels_walk_filters_usage_and_cleanup() {
+    let Some((snapshotter, mut api)) = setup() else {
+        return;
+    };
+    let labels: HashMap<String, String> = [("team".to_string(), "blue".to_string())].into();
+    let mounts = api.prepare_labeled("l1", "", labels).unwrap();
+    {
+        let work = tempfile::tempdir_in("/var/tmp").unwrap();
+        let m = Mounted::new(&mounts, &work.path().join("m"));
+        std::fs::write(m.0.join("data"), vec![7u8; 1 << 20]).unwrap();
+    }
+    let (size, inodes) = api.usage("l1").unwrap();
+    assert!(size >= 1 << 20 && inodes >= 2, "{size} {inodes}");
+    api.commit("l1-c", "l1").unwrap();
+    assert_eq!(
+        api.usage("l1-c").unwrap(),
+        (size, inodes),
+        "recorded at commit"
+    );
+    api.prepare("l2", "l1-c").unwrap();
+
+    // Update: only labels, by field path.
+    let mut info = api.stat("l2").unwrap();
+    info.labels.insert("team".into(), "red".into());
+    info.labels.insert("tier".into(), "x".into());
+    let request = UpdateSnapshotRequest {
+        snapshotter: SNAPSHOTTER.into(),
+        info: Some(info.clone()),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["labels.team".into()],
+        }),
+    };
+    let updated = api
+        .rt
+        .block_on(api.client.update(request))
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(updated.labels.get("team").map(String::as_str), Some("red"));
+    assert!(
+        !updated.labels.contains_key("tier"),
+        "only the masked label changes"
+    );
+    let request = UpdateSnapshotRequest {
+        snapshotter: SNAPSHOTTER.into(),
+        info: Some(info),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["parent".into()],
+        }),
+    };
+    let err = api.rt.block_on(api.client.update(request)).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    assert_eq!(api.list(&["kind==committed"]).unwrap(), ["l1-c"]);
+    assert_eq!(api.list(&["labels.team==red"]).unwrap(), ["l2"]);
+    assert_eq!(
+        api.list(&["labels.\"team\"==red", "kind==committed"])
+            .unwrap(),
+        ["l1-c", "l2"]
+    );
+    // Commit takes the labels it is given: l1's label did not carry over.
+    assert_eq!(
+        api.list(&["labels.team==blue"]).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        api.list(&["kind==active,labels.team==blue"]).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(api.list(&["name~=x"]).unwrap_err(), Code::InvalidArgument);
+
+    // Cleanup removes directories no snapshot owns.
+    let orphan = snapshotter.root().join("snapshots").join("999999");
+    std::fs::create_dir_all(orphan.join("fs")).unwrap();
+    let request = CleanupRequest {
+        snapshotter: SNAPSHOTTER.into(),
+    };
+    api.rt.block_on(api.client.cleanup(request)).unwrap();
+    assert!(!orphan.exists());
+    assert!(api.mounts("l2").is_ok(), "cleanup keeps what snapshots own");
+}
+
+#[test]
+fn deep_chains_mount_and_metadata_survives_kill_9() {
+    let Some((mut snapshotter, mut api)) = setup() else {
+        return;
+    };
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut parent = String::new();
+    for layer in 0..32 {
+        let key = format!("active-{layer}");
+        let mounts = api.prepare(&key, &parent).unwrap();
+        {
+            let m = Mounted::new(&mounts, &work.path().join(format!("m{layer}")));
+            std::fs::write(m.0.join(format!("layer-{layer}")), layer.to_string()).unwrap();
+        }
+        let name = format!("layer-{layer}");
+        api.commit(&name, &key).unwrap();
+        parent = name;
+    }
+    let mounts = api.view("top", &parent).unwrap();
+    {
+        let m = Mounted::new(&mounts, &work.path().join("top"));
+        for layer in 0..32 {
+            assert_eq!(
+                std::fs::read_to_string(m.0.join(format!("layer-{layer}"))).unwrap(),
+                layer.to_string()
+            );
+        }
+    }
+    let before = api.list(&[]).unwrap();
+    assert_eq!(before.len(), 33);
+    snapshotter.restart().unwrap();
+    let mut api = Api::connect(&snapshotter);
+    assert_eq!(api.list(&[]).unwrap(), before);
+    assert_eq!(api.stat("layer-31").unwrap().parent, "layer-30");
+    assert_eq!(
+        api.mounts("top").unwrap(),
+        mounts,
+        "mounts are recomputed identically"
+    );
+}
