@@ -88,7 +88,6 @@ impl Api {
             name: name.into(),
             key: key.into(),
             labels: HashMap::new(),
-            ..Default::default()
         };
         self.rt
             .block_on(self.client.commit(request))
