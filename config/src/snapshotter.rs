@@ -317,6 +317,13 @@ mod tests {
     }
 
     #[test]
+    fn sample_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../misc/snapshotter.sample.toml");
+        let config = SnapshotterConfig::load(&path).unwrap();
+        assert_eq!(config, SnapshotterConfig::default());
+    }
+
+    #[test]
     fn loopback_registries_are_plain_http() {
         let mut registry = SnapshotterRegistryConfig::default();
         assert!(registry.is_plain_http("127.0.0.1:5000"));

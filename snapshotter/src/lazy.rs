@@ -116,8 +116,7 @@ impl LazyLayers {
         let Some(layer) = layer_labels(labels)? else {
             return Ok(LayerKind::Plain);
         };
-        let client = self.client(&layer.reference)?;
-        let Some(manifest) = self.manifest(&client, &layer.reference).await else {
+        let Some((reference, client, manifest)) = self.resolve(&layer.reference).await? else {
             return Ok(LayerKind::Plain);
         };
         if manifest.data_blobs.contains(&layer.layer) {
@@ -138,12 +137,41 @@ impl LazyLayers {
             bootstrap_digest: manifest.bootstrap.to_string(),
             bootstrap_path: path,
             image_ref: labels.get(LABEL_IMAGE_REF).cloned().unwrap_or(image_ref),
-            blob_source: format!(
-                "registry://{}/{}",
-                layer.reference.registry, layer.reference.repository
-            ),
-            plain_http: self.registry.is_plain_http(layer.reference.host()),
+            blob_source: format!("registry://{}/{}", reference.registry, reference.repository),
+            plain_http: self.registry.is_plain_http(reference.host()),
         }))
+    }
+
+    /// The configured mirrors of the reference's registry, then the
+    /// registry itself: the first that has the image serves it (manifest,
+    /// bootstrap and, through the daemon, the data blobs).
+    fn candidates(&self, reference: &Reference) -> Vec<Reference> {
+        let mut candidates: Vec<Reference> = self
+            .registry
+            .mirrors
+            .iter()
+            .filter(|m| m.host == reference.registry)
+            .flat_map(|m| m.endpoints.iter())
+            .map(|endpoint| Reference {
+                registry: endpoint.clone(),
+                ..reference.clone()
+            })
+            .collect();
+        candidates.push(reference.clone());
+        candidates
+    }
+
+    async fn resolve(
+        &self,
+        reference: &Reference,
+    ) -> Result<Option<(Reference, RegistryClient, LodeManifest)>, LazyError> {
+        for candidate in self.candidates(reference) {
+            let client = self.client(&candidate)?;
+            if let Some(manifest) = self.manifest(&client, &candidate).await {
+                return Ok(Some((candidate, client, manifest)));
+            }
+        }
+        Ok(None)
     }
 
     async fn manifest(
@@ -182,6 +210,26 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn mirrors_come_before_their_registry() {
+        let registry = SnapshotterRegistryConfig {
+            mirrors: vec![lode_config::MirrorConfig {
+                host: "docker.io".into(),
+                endpoints: vec!["mirror.local:5000".into()],
+            }],
+            ..Default::default()
+        };
+        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"));
+        let hosts: Vec<String> = lazy
+            .candidates(&"docker.io/library/app:v1".parse().unwrap())
+            .into_iter()
+            .map(|r| r.registry)
+            .collect();
+        assert_eq!(hosts, ["mirror.local:5000", "docker.io"]);
+        let other = lazy.candidates(&"quay.io/app:v1".parse().unwrap());
+        assert_eq!(other.len(), 1);
     }
 
     #[tokio::test]

@@ -323,7 +323,9 @@ impl InstanceProvider for DaemonManager {
             return Ok(instance.mountpoint);
         }
         let seq = self.records.next_seq().map_err(DaemonError::from)?;
-        Ok(self.mount_instance(&mut state, image, seq).await?)
+        let mountpoint = self.mount_instance(&mut state, image, seq).await?;
+        self.enforce_cache_limit();
+        Ok(mountpoint)
     }
 
     async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError> {
@@ -387,6 +389,26 @@ impl DaemonManager {
             .collect();
         let freed = cache::remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
         tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
+    }
+
+    /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.
+    fn enforce_cache_limit(&self) {
+        let referenced = self
+            .records
+            .instances()
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
+            .collect();
+        let limit = self.config.cache.size_limit_bytes;
+        let freed = cache::enforce_limit(&self.config.cache_dir(), &referenced, limit);
+        if freed > 0 {
+            tracing::info!(
+                freed_bytes = freed,
+                limit,
+                "cache trimmed to its size limit"
+            );
+        }
     }
 }
 
