@@ -22,12 +22,11 @@ cleanup() {
         ctr -a "$work/containerd.sock" -n "$ns" tasks kill -s KILL demo 2>/dev/null
         ctr -a "$work/containerd.sock" -n "$ns" containers rm demo 2>/dev/null
     done
+    # Stops containerd, then the snapshotter (--stop-daemons-on-exit: its
+    # daemons unmount and exit with it), then the registry.
     for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do
         kill "${pids[i]}" 2>/dev/null && wait "${pids[i]}" 2>/dev/null
     done
-    # Daemons outlive the snapshotter on purpose; stop them and their mounts.
-    pkill -TERM -f "lode-fsd .*$work" 2>/dev/null
-    for _ in $(seq 100); do pgrep -f "lode-fsd .*$work" > /dev/null || break; sleep 0.05; done
     grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
     rm -rf "$work"
 }
@@ -69,7 +68,7 @@ umoci repack --image "$work/oci:sample" "$work/bundle" > /dev/null
 skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$work/oci:sample" "docker://$registry/sample:v1"
 
 echo "== converting to the Lode format"
-"$bin/lodectl" convert "$registry/sample:v1" "$registry/sample:v1-lode"
+RUST_LOG=warn "$bin/lodectl" convert "$registry/sample:v1" "$registry/sample:v1-lode"
 
 echo "== starting lode-snapshotter and containerd"
 cat > "$work/lode.toml" <<TOML
@@ -80,7 +79,7 @@ binary = "$bin/lode-fsd"
 [metrics]
 address = "127.0.0.1:0"
 TOML
-"$bin/lode-snapshotter" --config "$work/lode.toml" > "$work/snapshotter.log" 2>&1 &
+"$bin/lode-snapshotter" --config "$work/lode.toml" --stop-daemons-on-exit > "$work/snapshotter.log" 2>&1 &
 pids+=($!)
 wait_for "lode-snapshotter" test -S "$work/lode.sock"
 cat > "$work/containerd.toml" <<TOML
@@ -99,10 +98,12 @@ pids+=($!)
 wait_for "containerd" ctr -a "$work/containerd.sock" version
 ctr_() { local ns=$1; shift; ctr -a "$work/containerd.sock" -n "$ns" "$@"; }
 
-# Bytes the registry served for the given blob digests (combined access log:
-# ... "GET /v2/<repo>/blobs/<digest> HTTP/1.1" <status> <bytes> ...).
+# Bytes the registry served for the given blob digests after log line $1
+# (combined access log: ... "GET /v2/<repo>/blobs/<digest> HTTP/1.1" <status> <bytes> ...).
+log_lines() { wc -l < "$work/registry.log"; }
 bytes_served() {
-    grep -F -f <(printf '%s\n' "$@") "$work/registry.log" \
+    local from=$1; shift
+    tail -n +"$((from + 1))" "$work/registry.log" | grep -F -f <(printf '%s\n' "$@") \
         | awk '$6 == "\"GET" && ($9 == 200 || $9 == 206) { sum += $10 } END { print sum + 0 }'
 }
 layers_of() {
@@ -112,16 +113,18 @@ layers_of() {
 demo='cat /etc/motd; ls /app/models | wc -l; head -c 64 /app/assets/asset-7.txt; echo; sha256sum /app/models/model-3.bin'
 
 echo "== lazy: lodectl pull + ctr run --snapshotter lode"
+from=$(log_lines)
 start=$(date +%s%N)
-"$bin/lodectl" pull --plain-http --address "$work/containerd.sock" --namespace lazy "$registry/sample:v1-lode"
+RUST_LOG=warn "$bin/lodectl" pull --plain-http --address "$work/containerd.sock" --namespace lazy "$registry/sample:v1-lode"
 lazy_pull=$(ms_since "$start")
 start=$(date +%s%N)
 ctr_ lazy run --rm --snapshotter lode "$registry/sample:v1-lode" demo /bin/sh -c "$demo"
 lazy_run=$(ms_since "$start")
 mapfile -t lode_layers < <(layers_of v1-lode)
-lazy_bytes=$(bytes_served "${lode_layers[@]}")
+lazy_bytes=$(bytes_served "$from" "${lode_layers[@]}")
 
 echo "== plain: ctr image pull + ctr run (overlayfs)"
+from=$(log_lines)
 start=$(date +%s%N)
 ctr_ plain image pull --plain-http "$registry/sample:v1" > /dev/null
 plain_pull=$(ms_since "$start")
@@ -129,7 +132,7 @@ start=$(date +%s%N)
 ctr_ plain run --rm "$registry/sample:v1" demo /bin/sh -c "$demo"
 plain_run=$(ms_since "$start")
 mapfile -t plain_layers < <(layers_of v1)
-plain_bytes=$(bytes_served "${plain_layers[@]}")
+plain_bytes=$(bytes_served "$from" "${plain_layers[@]}")
 
 echo
 echo "== summary (same image, same container command)"
