@@ -283,7 +283,12 @@ impl Readers {
         let dir = tempfile::tempdir().unwrap();
         let status = dir.path().join("status");
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["reader_process", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "reader_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(
                 READER_ENV,
                 format!("{}|{count}|{}", mountpoint.display(), status.display()),
