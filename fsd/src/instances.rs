@@ -255,12 +255,7 @@ impl Host {
         let request: MountRequest = serde_json::from_str(&instance.config).map_err(|e| {
             ControlError::InvalidArgument(format!("saved mount request of {}: {e}", instance.id))
         })?;
-        let blob_source: BlobSource = request
-            .config
-            .blob_source
-            .parse()
-            .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
-        let config = self.instance_config(&request);
+        let (blob_source, config) = self.instance_setup(&request)?;
         shared.add(&instance.id, request, &blob_source, &config, now_secs())
     }
 
@@ -301,13 +296,21 @@ impl Host {
             }
             _ => return Err(ControlError::Conflict(format!("daemon is {state}"))),
         };
+        let (blob_source, config) = self.instance_setup(&request)?;
+        shared.add(&id, request, &blob_source, &config, now_secs())
+    }
+
+    /// The blob source and configuration a mount request asks for.
+    fn instance_setup(
+        &self,
+        request: &MountRequest,
+    ) -> Result<(BlobSource, FsdConfig), ControlError> {
         let blob_source: BlobSource = request
             .config
             .blob_source
             .parse()
             .map_err(|e| ControlError::InvalidArgument(format!("{e}")))?;
-        let config = self.instance_config(&request);
-        shared.add(&id, request, &blob_source, &config, now_secs())
+        Ok((blob_source, self.instance_config(request)))
     }
 
     fn instance_config(&self, request: &MountRequest) -> FsdConfig {

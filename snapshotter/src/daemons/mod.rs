@@ -380,26 +380,34 @@ impl DaemonManager {
     /// instance uses.
     fn clean_cache(&self, released: &LodeImage) {
         let gone = cache::blobs_of(&released.bootstrap_path);
-        let kept = self
-            .records
-            .instances()
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
-            .collect();
+        let kept = self.referenced_blobs();
         let freed = cache::remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
         tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
     }
 
-    /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.
-    fn enforce_cache_limit(&self) {
-        let referenced = self
-            .records
+    /// Blobs of every recorded instance's image.
+    fn referenced_blobs(&self) -> std::collections::HashSet<String> {
+        self.records
             .instances()
             .unwrap_or_default()
             .iter()
             .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
-            .collect();
+            .collect()
+    }
+
+    /// Instances a daemon serves, in sequence order.
+    fn instances_of(&self, daemon_id: &str) -> Result<Vec<InstanceRecord>, DaemonError> {
+        Ok(self
+            .records
+            .instances()?
+            .into_iter()
+            .filter(|i| i.daemon_id == daemon_id)
+            .collect())
+    }
+
+    /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.
+    fn enforce_cache_limit(&self) {
+        let referenced = self.referenced_blobs();
         let limit = self.config.cache.size_limit_bytes;
         let freed = cache::enforce_limit(&self.config.cache_dir(), &referenced, limit);
         if freed > 0 {

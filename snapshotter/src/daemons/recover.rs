@@ -85,12 +85,7 @@ impl DaemonManager {
         // Dropping the supervisor's copies ends the dead connection, so the
         // detach below cannot leave readers hanging on it.
         state.supervisors.remove(&record.id);
-        let instances: Vec<_> = self
-            .records
-            .instances()?
-            .into_iter()
-            .filter(|i| i.daemon_id == record.id)
-            .collect();
+        let instances = self.instances_of(&record.id)?;
         for instance in &instances {
             if instance.mountpoint != record.mountpoint {
                 process::detach_mount(instance.mountpoint.clone()).await;
@@ -212,12 +207,7 @@ impl DaemonManager {
             .iter()
             .map(|i| i.mountpoint.clone())
             .collect();
-        let instances: Vec<_> = self
-            .records
-            .instances()?
-            .into_iter()
-            .filter(|i| i.daemon_id == record.id)
-            .collect();
+        let instances = self.instances_of(&record.id)?;
         self.mount_missing(state, instances, &mounted).await;
         Ok(())
     }
