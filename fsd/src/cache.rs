@@ -320,6 +320,23 @@ impl BlobCache {
             .is_some_and(|s| s.load(Ordering::Acquire) != ABSENT)
     }
 
+    /// Asks the kernel to start reading cached chunk `rel` into the page
+    /// cache, so that a sequential reader's later `read_at` calls find it there
+    /// instead of waiting for the disk. Several FUSE threads share the data
+    /// file's descriptor, so the kernel's own readahead sees their reads as
+    /// random and stays small. Only a hint: failures are ignored.
+    pub fn will_need(&self, rel: u32, rec: &ChunkRecord) {
+        if !self.is_present(rel) {
+            return;
+        }
+        let _ = rustix::fs::fadvise(
+            &self.data,
+            rec.uncompressed_offset,
+            std::num::NonZeroU64::new(u64::from(rec.uncompressed_size)),
+            rustix::fs::Advice::WillNeed,
+        );
+    }
+
     /// Number of chunks present.
     pub fn present_count(&self) -> usize {
         self.state

@@ -536,7 +536,11 @@ impl Fetcher {
             let Ok(cache) = self.blob_cache(&piece) else {
                 break;
             };
-            let skip = cache.is_present(piece.rel) || self.ctx.inflight.contains(&piece.key());
+            let cached = cache.is_present(piece.rel);
+            if cached {
+                cache.will_need(piece.rel, &piece.rec);
+            }
+            let skip = cached || self.ctx.inflight.contains(&piece.key());
             if let Some(j) = job.as_mut() {
                 if skip || !j.accepts(&piece, self.settings.readahead_request) {
                     self.submit_background(job.take());

@@ -245,6 +245,78 @@ impl Host {
         Ok(())
     }
 
+    /// Dedicated mode with `--takeover`: serves the instance the supervisor
+    /// holds for this daemon's id on its kept connection, without mounting.
+    pub fn take_over_dedicated(&self) -> Result<(), DaemonError> {
+        let failover = self.failover();
+        // The supervisor keeps its copies until this daemon reports, so the
+        // daemon below can fetch the connection again.
+        let predecessor = takeover::fetch(&failover, &self.options.mountpoint)?;
+        let Some(instance) = predecessor.state.instances.first().cloned() else {
+            return Err(DaemonError::Io {
+                what: "take over".into(),
+                source: std::io::Error::other("the predecessor served no instance"),
+            });
+        };
+        drop(predecessor);
+        let invalid = |what: String| DaemonError::Io {
+            what,
+            source: std::io::Error::other("unusable saved state"),
+        };
+        let config: FsdConfig = serde_json::from_str(&instance.config)
+            .map_err(|e| invalid(format!("saved configuration: {e}")))?;
+        let blob_source: BlobSource = instance
+            .blob_source
+            .parse()
+            .map_err(|e| invalid(format!("saved blob source: {e}")))?;
+        let daemon_events = self
+            .forward_daemon_events()
+            .map_err(|source| DaemonError::Io {
+                what: "spawn event thread".into(),
+                source,
+            })?;
+        let request = MountRequest {
+            source: PathBuf::from(&instance.bootstrap),
+            config: lode_common::api::InstanceConfig {
+                blob_source: instance.blob_source.clone(),
+                plain_http: config.registry.plain_http,
+                docker_config: config.registry.docker_config.clone(),
+            },
+            seq: u32::try_from(instance.seq).unwrap_or(0),
+            image_ref: instance.image_ref.clone(),
+        };
+        let daemon = Daemon::start_with(
+            DaemonOptions {
+                bootstrap: request.source.clone(),
+                blob_source,
+                mountpoint: self.options.mountpoint.clone(),
+                config,
+            },
+            daemon_events,
+            &failover,
+        )?;
+        let info = InstanceInfo {
+            id: self.options.id.clone(),
+            seq: request.seq,
+            mountpoint: self.options.mountpoint.clone(),
+            bootstrap: request.source.clone(),
+            image_ref: request.image_ref.clone(),
+            mounted_at: now_secs(),
+        };
+        *self.instance() = Some(Mounted {
+            daemon,
+            saved: SavedInstance { info, request },
+        });
+        self.state
+            .apply(StateEvent::FuseReady)
+            .map_err(|e| DaemonError::Io {
+                what: "daemon state".into(),
+                source: std::io::Error::other(e),
+            })?;
+        info!(daemon_id = %self.options.id, "took over the dedicated instance");
+        Ok(())
+    }
+
     /// Adds one instance of a predecessor's state to `shared`, exactly as it
     /// was mounted.
     fn restore_shared(

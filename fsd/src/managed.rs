@@ -73,6 +73,7 @@ pub fn run_managed(
         .map_err(|e| io_err("start the API runtime", e))?;
     let mountpoint = options.host.mountpoint.clone();
     let mode = options.host.mode;
+    let takeover = options.host.takeover;
     let host = Arc::new(Host::new(options.host, events, options.supervision));
     let listener = {
         let _entered = runtime.enter();
@@ -85,6 +86,8 @@ pub fn run_managed(
     let result = (|| {
         if mode == DaemonMode::Shared {
             host.start_shared()?;
+        } else if takeover {
+            host.take_over_dedicated()?;
         }
         if let Some(request) = options.initial {
             host.mount(&mountpoint, request)

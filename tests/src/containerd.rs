@@ -20,6 +20,11 @@ pub struct Containerd {
     dir: tempfile::TempDir,
     child: Child,
     socket: PathBuf,
+    /// Suffix of every namespace this instance's callers name: runc keeps
+    /// container state under /run/containerd/runc/<namespace>/<id> whatever
+    /// containerd's own state dir, so two instances must never share a
+    /// namespace.
+    suffix: String,
 }
 
 /// Whether containerd, ctr and runc are installed.
@@ -67,7 +72,21 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .map_err(KitError::io("start containerd"))?;
-        let containerd = Self { dir, child, socket };
+        let suffix = dir
+            .path()
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+            })
+            .unwrap_or_default()
+            .to_lowercase();
+        let containerd = Self {
+            dir,
+            child,
+            socket,
+            suffix,
+        };
         wait_until(Duration::from_secs(30), "containerd to answer", || {
             containerd
                 .ctr("default", ["version"])
@@ -84,8 +103,23 @@ impl Containerd {
         self.dir.path()
     }
 
-    /// `ctr --address SOCK -n NAMESPACE ARGS`.
+    /// The containerd namespace a test's `name` stands for (unique to this
+    /// instance).
+    pub fn namespace(&self, name: &str) -> String {
+        format!("{name}-{}", self.suffix)
+    }
+
+    /// `ctr --address SOCK -n NAMESPACE ARGS`, NAMESPACE being
+    /// [`Containerd::namespace`] of `namespace`.
     pub fn ctr<I, S>(&self, namespace: &str, args: I) -> Result<Run, KitError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.ctr_in(&self.namespace(namespace), args)
+    }
+
+    fn ctr_in<I, S>(&self, full_namespace: &str, args: I) -> Result<Run, KitError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
@@ -93,7 +127,7 @@ impl Containerd {
         let output = Command::new("ctr")
             .arg("--address")
             .arg(&self.socket)
-            .args(["-n", namespace])
+            .args(["-n", full_namespace])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -119,24 +153,35 @@ impl Containerd {
         Ok(run.stdout)
     }
 
-    /// Kills every task of `namespace` and removes its containers.
-    pub fn remove_containers(&self, namespace: &str) {
-        let Ok(tasks) = self.ctr_ok(namespace, ["tasks", "ls", "-q"]) else {
+    /// Kills every task of the test namespace `name` and removes its containers.
+    pub fn remove_containers(&self, name: &str) {
+        self.remove_containers_in(&self.namespace(name));
+    }
+
+    fn remove_containers_in(&self, namespace: &str) {
+        let stdout = |args: &[&str]| {
+            self.ctr_in(namespace, args)
+                .ok()
+                .filter(|r| r.success)
+                .map(|r| r.stdout)
+        };
+        let Some(tasks) = stdout(&["tasks", "ls", "-q"]) else {
             return;
         };
         for task in tasks.lines().filter(|l| !l.is_empty()) {
-            let _ = self.ctr(namespace, ["tasks", "kill", "-s", "KILL", task]);
+            let _ = self.ctr_in(namespace, ["tasks", "kill", "-s", "KILL", task]);
             let _ = wait_until(Duration::from_secs(10), "task to stop", || {
-                self.ctr(namespace, ["tasks", "rm", task])
+                self.ctr_in(namespace, ["tasks", "rm", task])
                     .is_ok_and(|r| r.success)
-                    || self
-                        .ctr_ok(namespace, ["tasks", "ls", "-q"])
-                        .is_ok_and(|t| !t.lines().any(|l| l == task))
+                    || stdout(&["tasks", "ls", "-q"]).is_some_and(|t| !t.lines().any(|l| l == task))
             });
         }
-        if let Ok(containers) = self.ctr_ok(namespace, ["containers", "ls", "-q"]) {
-            for container in containers.lines().filter(|l| !l.is_empty()) {
-                let _ = self.ctr(namespace, ["containers", "rm", container]);
+        for container in stdout(&["containers", "ls", "-q"])
+            .unwrap_or_default()
+            .lines()
+        {
+            if !container.is_empty() {
+                let _ = self.ctr_in(namespace, ["containers", "rm", container]);
             }
         }
     }
@@ -148,12 +193,12 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        for namespace in self
-            .ctr_ok("default", ["namespaces", "ls", "-q"])
-            .unwrap_or_default()
-            .lines()
-        {
-            self.remove_containers(namespace);
+        let namespaces = self
+            .ctr_in("default", ["namespaces", "ls", "-q"])
+            .map(|r| r.stdout)
+            .unwrap_or_default();
+        for namespace in namespaces.lines() {
+            self.remove_containers_in(namespace);
         }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),

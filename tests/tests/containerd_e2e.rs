@@ -86,7 +86,7 @@ impl Stack {
                 "--address",
                 &self.containerd.socket().display().to_string(),
                 "--namespace",
-                namespace,
+                &self.containerd.namespace(namespace),
                 &image.to_string(),
             ])
             .unwrap();
@@ -366,14 +366,31 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
 
 #[test]
 fn daemon_kill_with_failover_is_only_a_pause_for_readers() {
-    let Some(s) = stack(SnapshotterOptions::default()) else {
+    failover_cycles(SnapshotterOptions::default(), 5);
+}
+
+#[test]
+fn dedicated_daemon_kill_with_failover_is_only_a_pause_for_readers() {
+    failover_cycles(
+        SnapshotterOptions {
+            daemon_mode: "dedicated",
+            ..SnapshotterOptions::default()
+        },
+        3,
+    );
+}
+
+/// Kills the image's daemon `kills` times while a container verifies its
+/// files in a loop; the container must see no error.
+fn failover_cycles(options: SnapshotterOptions, kills: usize) {
+    let Some(s) = stack(options) else {
         return;
     };
     s.pull_lazily("lazy", &s.lode);
     let log = s.start_reader("lazy", "reader");
-    for kill in 1..=5 {
+    for kill in 1..=kills {
         let pids = s.snapshotter.daemon_pids();
-        assert_eq!(pids.len(), 1, "one shared daemon: {pids:?}");
+        assert_eq!(pids.len(), 1, "one daemon serves the image: {pids:?}");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pids[0] as i32),
             nix::sys::signal::Signal::SIGKILL,
@@ -397,13 +414,16 @@ fn daemon_kill_with_failover_is_only_a_pause_for_readers() {
     let (total, errors) = rounds(&log);
     assert!(
         errors.is_empty(),
-        "reader errors: {errors:?}\n{}\ndaemon:\n{}",
-        s.snapshotter.log(),
-        s.snapshotter.daemon_log("shared")
+        "reader errors: {errors:?}\n{}",
+        s.snapshotter.log()
     );
     let log_text = s.snapshotter.log();
-    assert_eq!(log_text.matches("takeover=true").count(), 5, "{log_text}");
-    eprintln!("failover: 5 kills, {total} verified reads, 0 errors");
+    assert_eq!(
+        log_text.matches("takeover=true").count(),
+        kills,
+        "{log_text}"
+    );
+    eprintln!("failover: {kills} kills, {total} verified reads, 0 errors");
 }
 
 #[test]
