@@ -310,6 +310,19 @@ impl Filesystem for SharedFuse {
         }
     }
 
+    /// Nothing is buffered for writing (read-only), so a close has nothing
+    /// to flush; answering spares the kernel an ENOSYS round per close.
+    fn flush(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn release(
         &self,
         _req: &Request,

@@ -448,7 +448,12 @@ fn deep_chains_mount_and_metadata_survives_kill_9() {
     }
     let before = api.list(&[]).unwrap();
     assert_eq!(before.len(), 33);
+    // A directory a crash left without a record goes at the next start.
+    snapshotter.kill9();
+    let orphan = snapshotter.root().join("snapshots").join("888888");
+    std::fs::create_dir_all(orphan.join("fs")).unwrap();
     snapshotter.restart().unwrap();
+    assert!(!orphan.exists(), "orphaned snapshot directory kept");
     let mut api = Api::connect(&snapshotter);
     assert_eq!(api.list(&[]).unwrap(), before);
     assert_eq!(api.stat("layer-31").unwrap().parent, "layer-30");

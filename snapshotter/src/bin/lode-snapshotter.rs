@@ -88,6 +88,10 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
         manager.clone(),
         metrics,
     )?;
+    snapshotter
+        .cleanup()
+        .await
+        .context("remove orphaned snapshot directories")?;
     let listener = bind(&config.address).await?;
     let _metrics_task = match &config.metrics.address {
         Some(address) => {

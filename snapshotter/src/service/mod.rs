@@ -257,7 +257,8 @@ impl LodeSnapshotter {
 
     /// Removes snapshot directories no record names (left by a crash
     /// between making a directory and recording it, or after forgetting it).
-    async fn cleanup(&self) -> Result<(), ServiceError> {
+    /// Runs at start and on containerd's Cleanup.
+    pub async fn cleanup(&self) -> Result<(), ServiceError> {
         let ids: std::collections::HashSet<u64> =
             self.store.all()?.values().map(|r| r.id).collect();
         let entries = std::fs::read_dir(&self.snapshots_dir)
