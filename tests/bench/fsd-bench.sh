@@ -37,6 +37,11 @@ now() { date +%s.%N; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# CPU seconds (user + system) a process has used so far.
+hz=$(getconf CLK_TCK)
+cpu_s() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# CPU seconds used per GiB read between two cpu_s samples.
+per_gib() { python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) / (float(sys.argv[3]) / 2**30):.2f}')" "$1" "$2" "$3"; }
 # Seconds taken by a command, its output discarded.
 timed() { local t0 t1; t0=$(now); "$@" > /dev/null; t1=$(now); elapsed "$t0" "$t1"; }
 
@@ -90,17 +95,22 @@ echo "== (1) cold sequential read vs curl of the blob"
 drop_caches
 t_curl=$(timed curl -sf -o /dev/null "http://127.0.0.1:$port/v2/bench/lode/blobs/$blob")
 drop_caches
+fsd_cpu0=$(cpu_s "$fsd_pid"); reg_cpu0=$(cpu_s "$registry_pid")
 t_cold=$(timed cat "$work/mnt/big.bin")
+fsd_cpu1=$(cpu_s "$fsd_pid"); reg_cpu1=$(cpu_s "$registry_pid")
 file_bytes=$((big_mib * 1024 * 1024))
 curl_mbps=$(python3 -c "print(f'{$blob_size / 1048576 / $t_curl:.0f}')")
 cold_mbps=$(python3 -c "print(f'{$file_bytes / 1048576 / $t_cold:.0f}')")
 cold_ratio=$(ratio "$cold_mbps" "$curl_mbps")
 echo "curl blob ($blob_size bytes): ${t_curl}s = ${curl_mbps} MiB/s"
 echo "fsd cold read: ${t_cold}s = ${cold_mbps} MiB/s"
+echo "cold CPU-s per GiB: fsd $(per_gib "$fsd_cpu0" "$fsd_cpu1" "$file_bytes"), registry $(per_gib "$reg_cpu0" "$reg_cpu1" "$file_bytes")"
 
 echo "== (2) warm re-read vs local disk"
 drop_caches
+fsd_cpu0=$(cpu_s "$fsd_pid")
 t_warm=$(timed cat "$work/mnt/big.bin")
+fsd_cpu1=$(cpu_s "$fsd_pid")
 drop_caches
 t_local=$(timed cat "$rootfs/big.bin")
 warm_ratio=$(ratio "$t_local" "$t_warm")
@@ -109,7 +119,7 @@ cat "$work/mnt/big.bin" > /dev/null
 t_warm_hot=$(timed cat "$work/mnt/big.bin")
 t_local_hot=$(timed cat "$rootfs/big.bin")
 hot_ratio=$(ratio "$t_local_hot" "$t_warm_hot")
-echo "fsd warm (page cache dropped): ${t_warm}s, local: ${t_local}s"
+echo "fsd warm (page cache dropped): ${t_warm}s, local: ${t_local}s, fsd CPU-s per GiB $(per_gib "$fsd_cpu0" "$fsd_cpu1" "$file_bytes")"
 echo "fsd warm (page cache hot): ${t_warm_hot}s, local: ${t_local_hot}s"
 
 echo "== (3) find | xargs stat"
