@@ -182,6 +182,22 @@ impl Stack {
     }
 }
 
+/// `GET /metrics` over a plain TCP connection to the loopback endpoint.
+fn scrape(url: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: lode\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
 fn rounds(log: &Path) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let errors = text
@@ -422,6 +438,24 @@ fn failover_cycles(options: SnapshotterOptions, kills: usize) {
         log_text.matches("takeover=true").count(),
         kills,
         "{log_text}"
+    );
+    let metrics = scrape(
+        &s.snapshotter
+            .metrics_url()
+            .expect("metrics endpoint in the log"),
+    );
+    assert!(
+        metrics.contains(&format!(
+            "lode_snapshotter_daemon_recoveries_total{{how=\"failover\"}} {kills}"
+        )),
+        "{metrics}"
+    );
+    // Figures scraped from the live daemon (its counters start afresh
+    // with each successor).
+    assert!(
+        metrics.contains("lode_image_read_bytes_total{image=")
+            && metrics.contains("state=\"RUNNING\"} 1"),
+        "{metrics}"
     );
     eprintln!("failover: {kills} kills, {total} verified reads, 0 errors");
 }
