@@ -463,3 +463,42 @@ fn deep_chains_mount_and_metadata_survives_kill_9() {
         "mounts are recomputed identically"
     );
 }
+
+#[test]
+fn root_permission_directory_modes_and_intermediate_removal() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some((_snapshotter, mut api)) = setup() else {
+        return;
+    };
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+
+    // An empty snapshot's root is 0755, whatever the umask.
+    let mounts = api.prepare("root", "").unwrap();
+    {
+        let m = Mounted::new(&mounts, &work.path().join("root"));
+        assert_eq!(mode(&m.0), 0o755);
+        for (dir, bits) in [("a", 0o700), ("b", 0o1777), ("a/c", 0o750)] {
+            std::fs::create_dir(m.0.join(dir)).unwrap();
+            std::fs::set_permissions(m.0.join(dir), std::fs::Permissions::from_mode(bits)).unwrap();
+        }
+    }
+    api.commit("modes", "root").unwrap();
+    // Directory modes survive a commit and show through a child layer.
+    let mounts = api.prepare("child", "modes").unwrap();
+    {
+        let m = Mounted::new(&mounts, &work.path().join("child"));
+        assert_eq!(mode(&m.0.join("a")), 0o700);
+        assert_eq!(mode(&m.0.join("b")), 0o1777);
+        assert_eq!(mode(&m.0.join("a/c")), 0o750);
+        std::fs::write(m.0.join("a/c/file"), "x").unwrap();
+    }
+    api.commit("child-c", "child").unwrap();
+    api.prepare("top", "child-c").unwrap();
+    // An intermediate layer cannot go while a layer above it exists.
+    assert_eq!(api.remove("child-c").unwrap_err(), Code::FailedPrecondition);
+    assert_eq!(api.remove("modes").unwrap_err(), Code::FailedPrecondition);
+    api.remove("top").unwrap();
+    api.remove("child-c").unwrap();
+    api.remove("modes").unwrap();
+}

@@ -8,8 +8,12 @@ use std::path::{Path, PathBuf};
 use super::ServiceError;
 
 pub fn create_snapshot_dirs(dir: &Path, writable: bool) -> Result<(), ServiceError> {
+    use std::os::unix::fs::PermissionsExt as _;
     let fs = dir.join("fs");
     std::fs::create_dir_all(&fs).map_err(ServiceError::io(&fs))?;
+    // The root of a container's filesystem, whatever the process umask.
+    std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+        .map_err(ServiceError::io(&fs))?;
     if writable {
         let work = dir.join("work");
         std::fs::create_dir_all(&work).map_err(ServiceError::io(&work))?;
