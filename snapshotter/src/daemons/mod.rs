@@ -407,8 +407,13 @@ impl DaemonManager {
 
     /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.
     fn enforce_cache_limit(&self) {
-        let referenced = self.referenced_blobs();
         let limit = self.config.cache.size_limit_bytes;
+        if limit == 0 {
+            // Without a bound there is nothing to trim: don't open every
+            // bootstrap on each mount to find out.
+            return;
+        }
+        let referenced = self.referenced_blobs();
         let freed = cache::enforce_limit(&self.config.cache_dir(), &referenced, limit);
         if freed > 0 {
             tracing::info!(

@@ -88,11 +88,7 @@ impl Store {
     pub fn get(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        let value = table.get(key).map_err(db_err)?;
-        match value {
-            Some(bytes) => SnapshotRecord::decode(key, bytes.value()),
-            None => Err(StoreError::NotFound(key.to_string())),
-        }
+        load(&table, key)
     }
 
     /// Every snapshot, by key.
@@ -154,10 +150,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         let committed = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            let active = match table.get(key).map_err(db_err)? {
-                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
-                None => return Err(StoreError::NotFound(key.to_string())),
-            };
+            let active = load(&table, key)?;
             if active.kind != SnapshotKind::Active {
                 return Err(StoreError::FailedPrecondition(format!(
                     "snapshot {key} is a {} snapshot; only active snapshots can be committed",
@@ -191,10 +184,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         let removed = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            let record = match table.get(key).map_err(db_err)? {
-                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
-                None => return Err(StoreError::NotFound(key.to_string())),
-            };
+            let record = load(&table, key)?;
             for entry in table.iter().map_err(db_err)? {
                 let (child_key, value) = entry.map_err(db_err)?;
                 let child = SnapshotRecord::decode(child_key.value(), value.value())?;
@@ -221,10 +211,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         let updated = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            let mut record = match table.get(key).map_err(db_err)? {
-                Some(bytes) => SnapshotRecord::decode(key, bytes.value())?,
-                None => return Err(StoreError::NotFound(key.to_string())),
-            };
+            let mut record = load(&table, key)?;
             record.labels = labels;
             record.updated_ns = now_ns();
             table
@@ -267,14 +254,25 @@ impl Store {
     }
 }
 
+/// The record of snapshot `key`, or NotFound.
+fn load(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<SnapshotRecord, StoreError> {
+    match table.get(key).map_err(db_err)? {
+        Some(bytes) => SnapshotRecord::decode(key, bytes.value()),
+        None => Err(StoreError::NotFound(key.to_string())),
+    }
+}
+
 fn check_parent(table: &redb::Table<'_, &str, &[u8]>, parent: &str) -> Result<(), StoreError> {
     if parent.is_empty() {
         return Ok(());
     }
-    let record = match table.get(parent).map_err(db_err)? {
-        Some(bytes) => SnapshotRecord::decode(parent, bytes.value())?,
-        None => return Err(StoreError::NotFound(format!("parent {parent}"))),
-    };
+    let record = load(table, parent).map_err(|e| match e {
+        StoreError::NotFound(_) => StoreError::NotFound(format!("parent {parent}")),
+        other => other,
+    })?;
     if record.kind != SnapshotKind::Committed {
         return Err(StoreError::FailedPrecondition(format!(
             "parent {parent} is a {} snapshot, not a committed one",
