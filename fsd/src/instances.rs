@@ -12,8 +12,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lode_common::api::{
-    BackendMetrics, BuildVersion, CacheMetrics, DaemonInfo, DaemonMode, DaemonSnapshot, FopCount,
-    FsMetrics, InflightMetrics, InstanceInfo, MountRequest, SavedInstance,
+    BuildVersion, DaemonInfo, DaemonMode, DaemonSnapshot, InflightMetrics, InstanceInfo,
+    MountRequest, SavedInstance,
 };
 use lode_config::FsdConfig;
 use tracing::info;
@@ -21,10 +21,13 @@ use tracing::info;
 use crate::api::{ApiRequest, ApiResponse, ControlError, DaemonControl};
 use crate::backend::BlobSource;
 use crate::daemon::{Daemon, DaemonError, DaemonOptions, Event};
-use crate::metrics::{Fop, Metrics};
 use crate::shared_host::SharedMount;
 use crate::state::{DaemonState, StateEvent, StateMachine};
-use crate::takeover::{self, Failover};
+
+mod handover;
+mod metrics_view;
+
+use metrics_view::{backend_metrics, cache_metrics, fs_metrics};
 
 /// Hand-over to a supervisor; provided by the takeover module when the
 /// daemon has a supervisor socket.
@@ -71,6 +74,8 @@ pub struct Host {
     shared: std::sync::OnceLock<SharedMount>,
     events: mpsc::Sender<HostEvent>,
     supervision: Option<Arc<dyn Supervision>>,
+    /// Serialises takeover requests.
+    takeover_lock: Mutex<()>,
 }
 
 fn build_version() -> BuildVersion {
@@ -95,6 +100,14 @@ fn illegal(e: impl std::fmt::Display) -> ControlError {
     ControlError::Conflict(e.to_string())
 }
 
+/// A refused state transition during start-up.
+fn state_error(e: crate::state::IllegalTransition) -> DaemonError {
+    DaemonError::Io {
+        what: "daemon state".into(),
+        source: std::io::Error::other(e),
+    }
+}
+
 fn daemon_error(e: DaemonError) -> ControlError {
     match e {
         DaemonError::Bootstrap { .. } | DaemonError::Config(_) => {
@@ -117,6 +130,7 @@ impl Host {
             shared: std::sync::OnceLock::new(),
             events,
             supervision,
+            takeover_lock: Mutex::new(()),
         }
     }
 
@@ -190,145 +204,13 @@ impl Host {
         Ok(daemon_events)
     }
 
-    fn failover(&self) -> Failover {
-        Failover {
-            supervisor: self.options.supervisor.clone(),
-            id: self.options.id.clone(),
-            takeover: self.options.takeover,
-        }
-    }
-
-    /// Whether something besides the daemon says when to start serving.
-    fn supervised(&self) -> bool {
-        self.options.supervisor.is_some() || self.supervision.is_some()
-    }
-
-    /// Mounts the shared pseudo root and starts serving it (shared mode).
-    /// With `--takeover`, rebuilds the predecessor's instances in sequence
-    /// order first and then resumes its connection.
-    pub fn start_shared(&self) -> Result<(), DaemonError> {
-        let daemon_events = self
-            .forward_daemon_events()
+    /// [`Host::forward_daemon_events`] for start-up paths.
+    fn daemon_event_sender(&self) -> Result<mpsc::Sender<Event>, DaemonError> {
+        self.forward_daemon_events()
             .map_err(|source| DaemonError::Io {
                 what: "spawn event thread".into(),
                 source,
-            })?;
-        let failover = self.failover();
-        let shared = SharedMount::new(&self.options.mountpoint, &self.options.config)?;
-        let predecessor = if failover.takeover {
-            Some(takeover::fetch(&failover, &self.options.mountpoint)?)
-        } else {
-            None
-        };
-        if let Some(predecessor) = &predecessor {
-            let mut instances = predecessor.state.instances.clone();
-            instances.sort_by_key(|i| i.seq);
-            for instance in instances {
-                self.restore_shared(&shared, &instance)
-                    .map_err(|e| DaemonError::Io {
-                        what: format!("rebuild instance {}", instance.id),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-            }
-        }
-        shared.serve(&self.options.config, daemon_events, &failover, predecessor)?;
-        let shared = self.shared.get_or_init(|| shared);
-        let state_err = |e: crate::state::IllegalTransition| DaemonError::Io {
-            what: "daemon state".into(),
-            source: std::io::Error::other(e),
-        };
-        self.state.apply(StateEvent::FuseReady).map_err(state_err)?;
-        if !self.supervised() {
-            self.state.apply(StateEvent::Start).map_err(state_err)?;
-        }
-        shared.report()?;
-        Ok(())
-    }
-
-    /// Dedicated mode with `--takeover`: serves the instance the supervisor
-    /// holds for this daemon's id on its kept connection, without mounting.
-    pub fn take_over_dedicated(&self) -> Result<(), DaemonError> {
-        let failover = self.failover();
-        // The supervisor keeps its copies until this daemon reports, so the
-        // daemon below can fetch the connection again.
-        let predecessor = takeover::fetch(&failover, &self.options.mountpoint)?;
-        let Some(instance) = predecessor.state.instances.first().cloned() else {
-            return Err(DaemonError::Io {
-                what: "take over".into(),
-                source: std::io::Error::other("the predecessor served no instance"),
-            });
-        };
-        drop(predecessor);
-        let invalid = |what: String| DaemonError::Io {
-            what,
-            source: std::io::Error::other("unusable saved state"),
-        };
-        let config: FsdConfig = serde_json::from_str(&instance.config)
-            .map_err(|e| invalid(format!("saved configuration: {e}")))?;
-        let blob_source: BlobSource = instance
-            .blob_source
-            .parse()
-            .map_err(|e| invalid(format!("saved blob source: {e}")))?;
-        let daemon_events = self
-            .forward_daemon_events()
-            .map_err(|source| DaemonError::Io {
-                what: "spawn event thread".into(),
-                source,
-            })?;
-        let request = MountRequest {
-            source: PathBuf::from(&instance.bootstrap),
-            config: lode_common::api::InstanceConfig {
-                blob_source: instance.blob_source.clone(),
-                plain_http: config.registry.plain_http,
-                docker_config: config.registry.docker_config.clone(),
-            },
-            seq: u32::try_from(instance.seq).unwrap_or(0),
-            image_ref: instance.image_ref.clone(),
-        };
-        let daemon = Daemon::start_with(
-            DaemonOptions {
-                bootstrap: request.source.clone(),
-                blob_source,
-                mountpoint: self.options.mountpoint.clone(),
-                config,
-            },
-            daemon_events,
-            &failover,
-        )?;
-        let info = InstanceInfo {
-            id: self.options.id.clone(),
-            seq: request.seq,
-            mountpoint: self.options.mountpoint.clone(),
-            bootstrap: request.source.clone(),
-            image_ref: request.image_ref.clone(),
-            mounted_at: now_secs(),
-        };
-        *self.instance() = Some(Mounted {
-            daemon,
-            saved: SavedInstance { info, request },
-        });
-        self.state
-            .apply(StateEvent::FuseReady)
-            .map_err(|e| DaemonError::Io {
-                what: "daemon state".into(),
-                source: std::io::Error::other(e),
-            })?;
-        info!(daemon_id = %self.options.id, "took over the dedicated instance");
-        Ok(())
-    }
-
-    /// Adds one instance of a predecessor's state to `shared`, exactly as it
-    /// was mounted.
-    fn restore_shared(
-        &self,
-        shared: &SharedMount,
-        instance: &lode_common::supervisor::InstanceState,
-    ) -> Result<(), ControlError> {
-        let request: MountRequest = serde_json::from_str(&instance.config).map_err(|e| {
-            ControlError::InvalidArgument(format!("saved mount request of {}: {e}", instance.id))
-        })?;
-        let (blob_source, config) = self.instance_setup(&request)?;
-        shared.add(&instance.id, request, &blob_source, &config, now_secs())
+            })
     }
 
     /// Unmounts everything the daemon serves; the session end follows.
@@ -442,10 +324,7 @@ impl Host {
         let daemon_events = self
             .forward_daemon_events()
             .map_err(|e| ControlError::Internal(format!("spawn event thread: {e}")))?;
-        let failover = Failover {
-            takeover: false,
-            ..self.failover()
-        };
+        let failover = self.failover(false);
         let daemon = Daemon::start_with(
             DaemonOptions {
                 bootstrap: request.source.clone(),
@@ -508,118 +387,6 @@ impl Host {
             .daemon
             .unmount()
             .map_err(|e| ControlError::Internal(e.to_string()))
-    }
-
-    /// Runs `f` on the metrics of instance `id` (the only one if `None`).
-    fn with_metrics<T>(
-        &self,
-        id: Option<&str>,
-        f: impl FnOnce(&str, &Metrics) -> T,
-    ) -> Result<T, ControlError> {
-        if self.state.get() == DaemonState::Init {
-            return Err(ControlError::NotReady("no instance mounted yet".into()));
-        }
-        if let Some(shared) = self.shared.get() {
-            let id = match id {
-                Some(id) => id.to_owned(),
-                None => match shared.saved().as_slice() {
-                    [only] => only.info.id.clone(),
-                    _ => {
-                        return Err(ControlError::InvalidArgument(
-                            "query parameter id is required with several instances".into(),
-                        ))
-                    }
-                },
-            };
-            let metrics = shared
-                .metrics(&id)
-                .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
-            return Ok(f(&id, &metrics));
-        }
-        let slot = self.instance();
-        match slot.as_ref() {
-            Some(m) if id.is_none_or(|id| id == m.saved.info.id) => {
-                Ok(f(&m.saved.info.id, m.daemon.metrics()))
-            }
-            _ => Err(ControlError::NotFound(format!(
-                "no instance {}",
-                id.unwrap_or("mounted")
-            ))),
-        }
-    }
-
-    /// Hands the current state and connection to `--supervisor`.
-    fn report_to_supervisor(&self) -> Result<(), ControlError> {
-        let result = match self.shared.get() {
-            Some(shared) => shared.report(),
-            None => match self.instance().as_ref() {
-                Some(mounted) => mounted.daemon.report_to_supervisor(),
-                None => return Err(ControlError::Conflict("no instance mounted".into())),
-            },
-        };
-        result.map_err(|e| ControlError::Internal(format!("sendfd: {e}")))
-    }
-
-    fn supervision(&self, what: &str) -> Result<&Arc<dyn Supervision>, ControlError> {
-        self.supervision.as_ref().ok_or_else(|| {
-            ControlError::NotSupported(format!(
-                "{what} needs a supervisor (start lode-fsd with a supervisor socket)"
-            ))
-        })
-    }
-}
-
-fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {
-    let snapshot = m.snapshot();
-    let (opens, _) = m.fop_counts(Fop::Open);
-    let (releases, _) = m.fop_counts(Fop::Release);
-    FsMetrics {
-        id: id.to_owned(),
-        bytes_read: snapshot.bytes_read,
-        fops: snapshot
-            .fops
-            .iter()
-            .map(|(name, c)| {
-                (
-                    (*name).to_owned(),
-                    FopCount {
-                        count: c.count,
-                        errors: c.errors,
-                    },
-                )
-            })
-            .collect(),
-        read_latency: m.read_latency.snapshot(),
-        open_files: opens.saturating_sub(releases),
-    }
-}
-
-fn cache_metrics(id: &str, m: &Metrics) -> CacheMetrics {
-    let s = m.snapshot();
-    CacheMetrics {
-        id: id.to_owned(),
-        hits: s.cache_hits,
-        misses: s.cache_misses,
-        inflight_joins: s.inflight_joins,
-        prefetch_hits: s.prefetch_hits,
-        readahead_requests: s.readahead_requests,
-        bytes_fetched: s.bytes_fetched,
-        chunks_cached: s.chunks_verified,
-        bytes_cached: s.cache_bytes_written,
-        write_errors: s.cache_write_errors,
-        digest_errors: s.digest_errors,
-        fetch_timeouts: s.fetch_timeouts,
-    }
-}
-
-fn backend_metrics(id: &str, m: &Metrics) -> BackendMetrics {
-    let s = m.snapshot();
-    BackendMetrics {
-        id: id.to_owned(),
-        requests: s.backend_requests,
-        bytes: s.bytes_fetched,
-        errors: s.backend_errors,
-        latency: m.backend_latency.snapshot(),
     }
 }
 
@@ -713,18 +480,7 @@ impl DaemonControl for Host {
                     .map_err(ControlError::Internal)?;
                 Ok(ApiResponse::Empty)
             }
-            ApiRequest::Takeover => {
-                let state = self.state.get();
-                if state != DaemonState::Init {
-                    return Err(ControlError::Conflict(format!(
-                        "daemon is {state}: only a daemon in INIT can take over"
-                    )));
-                }
-                self.supervision("takeover")?
-                    .takeover()
-                    .map_err(ControlError::Internal)?;
-                Ok(ApiResponse::Empty)
-            }
+            ApiRequest::Takeover => self.take_over_on_request().map(|()| ApiResponse::Empty),
         }
     }
 }

@@ -84,12 +84,19 @@ pub fn run_managed(
     let server = runtime.spawn(server::serve(listener, control, Arc::clone(&connections)));
 
     let result = (|| {
-        if mode == DaemonMode::Shared {
+        let wait_for_takeover = host.mount_kept_for_takeover();
+        if wait_for_takeover {
+            info!(
+                mountpoint = %mountpoint.display(),
+                "the mountpoint is still a Lode mount (kept for a successor): waiting in INIT \
+                 for PUT /api/v1/daemon/fuse/takeover"
+            );
+        } else if mode == DaemonMode::Shared {
             host.start_shared()?;
         } else if takeover {
             host.take_over_dedicated()?;
         }
-        if let Some(request) = options.initial {
+        if let Some(request) = options.initial.filter(|_| !wait_for_takeover) {
             host.mount(&mountpoint, request)
                 .map_err(|e| io_err("mount", std::io::Error::other(e)))?;
         }

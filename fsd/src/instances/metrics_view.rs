@@ -1,0 +1,103 @@
+//! The API's metric answers: which instance a metrics request names, and
+//! the daemon's counters in the API's shapes.
+
+use lode_common::api::{BackendMetrics, CacheMetrics, FopCount, FsMetrics};
+
+use super::Host;
+use crate::api::ControlError;
+use crate::metrics::{Fop, Metrics};
+use crate::state::DaemonState;
+
+impl Host {
+    /// Runs `f` on the metrics of instance `id` (the only one if `None`).
+    pub(super) fn with_metrics<T>(
+        &self,
+        id: Option<&str>,
+        f: impl FnOnce(&str, &Metrics) -> T,
+    ) -> Result<T, ControlError> {
+        if self.state.get() == DaemonState::Init {
+            return Err(ControlError::NotReady("no instance mounted yet".into()));
+        }
+        if let Some(shared) = self.shared.get() {
+            let id = match id {
+                Some(id) => id.to_owned(),
+                None => match shared.saved().as_slice() {
+                    [only] => only.info.id.clone(),
+                    _ => {
+                        return Err(ControlError::InvalidArgument(
+                            "query parameter id is required with several instances".into(),
+                        ))
+                    }
+                },
+            };
+            let metrics = shared
+                .metrics(&id)
+                .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
+            return Ok(f(&id, &metrics));
+        }
+        let slot = self.instance();
+        match slot.as_ref() {
+            Some(m) if id.is_none_or(|id| id == m.saved.info.id) => {
+                Ok(f(&m.saved.info.id, m.daemon.metrics()))
+            }
+            _ => Err(ControlError::NotFound(format!(
+                "no instance {}",
+                id.unwrap_or("mounted")
+            ))),
+        }
+    }
+}
+
+pub(super) fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {
+    let snapshot = m.snapshot();
+    let (opens, _) = m.fop_counts(Fop::Open);
+    let (releases, _) = m.fop_counts(Fop::Release);
+    FsMetrics {
+        id: id.to_owned(),
+        bytes_read: snapshot.bytes_read,
+        fops: snapshot
+            .fops
+            .iter()
+            .map(|(name, c)| {
+                (
+                    (*name).to_owned(),
+                    FopCount {
+                        count: c.count,
+                        errors: c.errors,
+                    },
+                )
+            })
+            .collect(),
+        read_latency: m.read_latency.snapshot(),
+        open_files: opens.saturating_sub(releases),
+    }
+}
+
+pub(super) fn cache_metrics(id: &str, m: &Metrics) -> CacheMetrics {
+    let s = m.snapshot();
+    CacheMetrics {
+        id: id.to_owned(),
+        hits: s.cache_hits,
+        misses: s.cache_misses,
+        inflight_joins: s.inflight_joins,
+        prefetch_hits: s.prefetch_hits,
+        readahead_requests: s.readahead_requests,
+        bytes_fetched: s.bytes_fetched,
+        chunks_cached: s.chunks_verified,
+        bytes_cached: s.cache_bytes_written,
+        write_errors: s.cache_write_errors,
+        digest_errors: s.digest_errors,
+        fetch_timeouts: s.fetch_timeouts,
+    }
+}
+
+pub(super) fn backend_metrics(id: &str, m: &Metrics) -> BackendMetrics {
+    let s = m.snapshot();
+    BackendMetrics {
+        id: id.to_owned(),
+        requests: s.backend_requests,
+        bytes: s.bytes_fetched,
+        errors: s.backend_errors,
+        latency: m.backend_latency.snapshot(),
+    }
+}
