@@ -10,6 +10,7 @@
 
 pub mod containerd;
 mod error;
+pub mod failover;
 pub mod fstree;
 pub mod layout;
 pub mod lode;

@@ -3,87 +3,27 @@
 //! reading, and a successor started with `--takeover` serves the same mount.
 //! Readers must see no error and no wrong byte, and the mount must never
 //! leave the mount table. Also: a hot upgrade (the first daemon leaves on
-//! SIGUSR2 after the successor took over) and a refused plain start on a
-//! mount a supervisor keeps.
+//! SIGUSR2 after the successor took over), a refused plain start on a mount
+//! a supervisor keeps, and the same hand-overs driven through the control
+//! API of shared daemons.
 //!
 //! `LODE_FAILOVER_ITERATIONS=N` runs N kill/takeover cycles instead of 20.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt as _;
-use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use lode_common::api::{DaemonClient, DaemonState, InstanceConfig, MountRequest};
 use lode_common::supervisor::SupervisorServer;
-use lode_tests::lode::{force_unmount, is_fsd_mount};
-use lode_tests::{
-    bin_path, fuse_available, pseudo_random_bytes, require_root, skip_unless, wait_until, Layer,
-    OciLayoutBuilder, TarEntry,
+use lode_tests::failover::{
+    build_image, monotonic_ns, pause, Image, MountWatch, Readers, Tally, READ_SIZE,
 };
+use lode_tests::lode::{force_unmount, is_fsd_mount};
+use lode_tests::{bin_path, fuse_available, require_root, skip_unless, wait_until};
 
-const TAG: &str = "v1";
-const FILES: u64 = 24;
-const READ_SIZE: usize = 128 * 1024;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest a reader may go without completing a read after a takeover.
-const PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn file_len(i: u64) -> usize {
-    // 192 KiB to ~2.4 MiB, several 64 KiB chunks and 128 KiB reads each.
-    (192 * 1024 + i * 97 * 1024) as usize
-}
-
-fn file_content(i: u64) -> Vec<u8> {
-    pseudo_random_bytes(1000 + i, 0, file_len(i))
-}
-
-struct Image {
-    _dir: tempfile::TempDir,
-    bootstrap: PathBuf,
-    blob_source: String,
-    cache: PathBuf,
-}
-
-fn build_image(lodectl: &Path) -> Image {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source");
-    let target = dir.path().join("target");
-    let entries = (0..FILES)
-        .map(|i| TarEntry::file(format!("data/f{i:02}"), file_content(i)))
-        .collect();
-    OciLayoutBuilder::new()
-        .layer(Layer::gzip(entries))
-        .write(&source, TAG)
-        .expect("write OCI layout");
-    let bootstrap = dir.path().join("bootstrap");
-    let out = Command::new(lodectl)
-        .arg("convert")
-        .arg("--chunk-size")
-        .arg("64K")
-        .arg("--bootstrap-out")
-        .arg(&bootstrap)
-        .arg(format!("oci:{}:{TAG}", source.display()))
-        .arg(format!("oci:{}:{TAG}", target.display()))
-        .output()
-        .expect("run lodectl convert");
-    assert!(
-        out.status.success(),
-        "lodectl convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cache = dir.path().join("cache");
-    std::fs::create_dir(&cache).unwrap();
-    Image {
-        blob_source: format!("dir://{}", target.join("blobs/sha256").display()),
-        bootstrap,
-        cache,
-        _dir: dir,
-    }
-}
 
 /// One `lode-fsd` process of the test.
 struct Fsd {
@@ -91,7 +31,8 @@ struct Fsd {
 }
 
 impl Fsd {
-    fn spawn(bin: &Path, image: &Image, env: &Env, takeover: bool) -> Child {
+    /// The arguments every daemon of these tests shares.
+    fn command(bin: &Path, image: &Image, env: &Env) -> Command {
         let log = File::options()
             .create(true)
             .append(true)
@@ -99,10 +40,6 @@ impl Fsd {
             .unwrap();
         let mut command = Command::new(bin);
         command
-            .arg("--bootstrap")
-            .arg(&image.bootstrap)
-            .arg("--blob-source")
-            .arg(&image.blob_source)
             .arg("--cache-dir")
             .arg(&image.cache)
             .arg("--mountpoint")
@@ -116,10 +53,33 @@ impl Fsd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        command
+    }
+
+    /// A daemon serving the image at the mount root.
+    fn spawn(bin: &Path, image: &Image, env: &Env, takeover: bool) -> Child {
+        let mut command = Self::command(bin, image, env);
+        command
+            .arg("--bootstrap")
+            .arg(&image.bootstrap)
+            .arg("--blob-source")
+            .arg(&image.blob_source);
         if takeover {
             command.arg("--takeover");
         }
         command.spawn().expect("start lode-fsd")
+    }
+
+    /// A shared daemon driven through its API socket `apisock`.
+    fn spawn_shared(bin: &Path, image: &Image, env: &Env, apisock: &Path) -> Self {
+        let mut command = Self::command(bin, image, env);
+        command
+            .arg("--apisock")
+            .arg(apisock)
+            .args(["--mode", "shared"]);
+        Self {
+            child: command.spawn().expect("start lode-fsd"),
+        }
     }
 
     /// Starts a daemon and waits until it has handed its state to the
@@ -186,6 +146,10 @@ impl Env {
         }
     }
 
+    fn socket(&self, name: &str) -> PathBuf {
+        self._dir.path().join(name)
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -196,247 +160,6 @@ impl Drop for Env {
         if is_fsd_mount(&self.mountpoint) {
             force_unmount(&self.mountpoint);
         }
-    }
-}
-
-/// Set in the environment of the reader process: `MOUNTPOINT|THREADS|STATUS`.
-const READER_ENV: &str = "LODE_FAILOVER_READER";
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock both processes share.
-fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid `t`.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    assert_eq!(r, 0, "clock_gettime");
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-/// What the readers saw. Read calls that took over 2 ms are kept (start and
-/// end, monotonic ns) for the pause figures.
-#[derive(Default)]
-struct Tally {
-    reads: AtomicU64,
-    errors: AtomicU64,
-    wrong: AtomicU64,
-    slow: Mutex<Vec<(u64, u64)>>,
-    first_error: Mutex<Option<String>>,
-}
-
-impl Tally {
-    fn encode(&self) -> String {
-        let mut text = format!(
-            "reads {}\nerrors {}\nwrong {}\n",
-            self.reads.load(Ordering::Relaxed),
-            self.errors.load(Ordering::Relaxed),
-            self.wrong.load(Ordering::Relaxed)
-        );
-        if let Some(e) = self.first_error.lock().unwrap().as_ref() {
-            text.push_str(&format!("first_error {}\n", e.replace('\n', " ")));
-        }
-        for (start, end) in self.slow.lock().unwrap().iter() {
-            text.push_str(&format!("slow {start} {end}\n"));
-        }
-        text
-    }
-
-    fn decode(text: &str) -> Self {
-        let tally = Tally::default();
-        for line in text.lines() {
-            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
-            let number = || value.parse::<u64>().unwrap_or(0);
-            match key {
-                "reads" => tally.reads.store(number(), Ordering::Relaxed),
-                "errors" => tally.errors.store(number(), Ordering::Relaxed),
-                "wrong" => tally.wrong.store(number(), Ordering::Relaxed),
-                "first_error" => *tally.first_error.lock().unwrap() = Some(value.to_string()),
-                "slow" => {
-                    if let Some((a, b)) = value.split_once(' ') {
-                        let (a, b) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
-                        tally.slow.lock().unwrap().push((a, b));
-                    }
-                }
-                _ => {}
-            }
-        }
-        tally
-    }
-}
-
-/// Reader threads in a process of their own (this test binary, run with
-/// [`READER_ENV`]): a thread blocked on the mount while no daemon serves it
-/// must never share an address space with the test, which has to start the
-/// successor (a fork and exec) during exactly that time. Each thread reads
-/// every file in 128 KiB reads, compares the bytes and drops the file from
-/// the page cache, so every pass reaches the daemon. The process writes its
-/// tally to a status file every few milliseconds until it is killed.
-struct Readers {
-    child: Child,
-    status: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Readers {
-    fn start(mountpoint: &Path, count: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let status = dir.path().join("status");
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "reader_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(
-                READER_ENV,
-                format!("{}|{count}|{}", mountpoint.display(), status.display()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            status,
-            _dir: dir,
-        }
-    }
-
-    fn tally(&self) -> Tally {
-        Tally::decode(&std::fs::read_to_string(&self.status).unwrap_or_default())
-    }
-
-    fn reads(&self) -> u64 {
-        self.tally().reads.load(Ordering::Relaxed)
-    }
-
-    /// Waits until at least `n` more reads complete.
-    fn wait_progress(&self, n: u64, what: &str) {
-        let from = self.reads();
-        wait_until(PROGRESS_TIMEOUT, what, || self.reads() >= from + n)
-            .unwrap_or_else(|e| panic!("readers stuck: {e}"));
-    }
-
-    fn stop(mut self) -> Tally {
-        // The last status write is at most a few ms old; let one more land.
-        let last = self.tally().reads.load(Ordering::Relaxed);
-        let _ = wait_until(Duration::from_secs(2), "a final status", || {
-            self.reads() > last
-        });
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.tally()
-    }
-}
-
-/// The reader process's entry (see [`Readers`]); returns at once in
-/// ordinary test runs.
-#[test]
-fn reader_process() {
-    let Ok(spec) = std::env::var(READER_ENV) else {
-        return;
-    };
-    let mut parts = spec.split('|');
-    let (Some(mountpoint), Some(count), Some(status)) = (parts.next(), parts.next(), parts.next())
-    else {
-        panic!("bad {READER_ENV}: {spec}");
-    };
-    let count: u64 = count.parse().unwrap();
-    let tally = Arc::new(Tally::default());
-    let expected: Arc<Vec<Vec<u8>>> = Arc::new((0..FILES).map(file_content).collect());
-    for t in 0..count {
-        let (tally, expected) = (tally.clone(), expected.clone());
-        let dir = Path::new(mountpoint).join("data");
-        std::thread::spawn(move || {
-            let mut i = t;
-            loop {
-                let n = i % FILES;
-                read_file(&dir.join(format!("f{n:02}")), &expected[n as usize], &tally);
-                i += 1;
-            }
-        });
-    }
-    let tmp = format!("{status}.tmp");
-    loop {
-        std::fs::write(&tmp, tally.encode()).unwrap();
-        std::fs::rename(&tmp, status).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn read_file(path: &Path, expected: &[u8], tally: &Tally) {
-    let fail = |what: String| {
-        tally.errors.fetch_add(1, Ordering::Relaxed);
-        tally
-            .first_error
-            .lock()
-            .unwrap()
-            .get_or_insert_with(|| what);
-    };
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) => return fail(format!("open {}: {e}", path.display())),
-    };
-    let mut buf = vec![0u8; READ_SIZE];
-    let mut offset = 0usize;
-    while offset < expected.len() {
-        let start = monotonic_ns();
-        let got = file.read_at(&mut buf, offset as u64);
-        let end = monotonic_ns();
-        if end - start > 2_000_000 {
-            tally.slow.lock().unwrap().push((start, end));
-        }
-        match got {
-            Ok(0) => return fail(format!("{}: early EOF at {offset}", path.display())),
-            Ok(n) => {
-                if expected.get(offset..offset + n) != Some(&buf[..n]) {
-                    tally.wrong.fetch_add(1, Ordering::Relaxed);
-                    return fail(format!("{}: wrong bytes at {offset}", path.display()));
-                }
-                tally.reads.fetch_add(1, Ordering::Relaxed);
-                offset += n;
-            }
-            Err(e) => return fail(format!("read {} at {offset}: {e}", path.display())),
-        }
-    }
-    // SAFETY: a valid descriptor; fadvise only drops clean cached pages.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-}
-
-/// Watches the mount table; counts the times the mount was missing.
-struct MountWatch {
-    stop: Arc<AtomicBool>,
-    missing: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
-}
-
-impl MountWatch {
-    fn start(mountpoint: &Path) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let missing = Arc::new(AtomicU64::new(0));
-        let (s, m, path) = (stop.clone(), missing.clone(), mountpoint.to_path_buf());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if !is_fsd_mount(&path) {
-                    m.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::yield_now();
-            }
-        });
-        Self {
-            stop,
-            missing,
-            thread,
-        }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.missing.load(Ordering::Relaxed)
     }
 }
 
@@ -453,15 +176,8 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// How long readers were blocked by the outage that began at `kill`: the
-/// longest wait of a read in progress at `kill` or started before `served`
-/// (monotonic ns).
-fn pause(slow: &[(u64, u64)], kill: u64, served: u64) -> Duration {
-    slow.iter()
-        .filter(|&&(start, end)| end > kill && start < served)
-        .map(|&(start, end)| Duration::from_nanos(end - start.max(kill)))
-        .max()
-        .unwrap_or_default()
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn assert_clean(tally: &Tally, missing: u64, env: &Env) {
@@ -493,8 +209,23 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     let readers = Readers::start(&env.mountpoint, 3);
     readers.wait_progress(50, "first reads");
 
+    // A plain start must not mount over the mount a supervisor keeps after
+    // a crash. Checked once, outside the measured cycles, since that start
+    // lengthens the outage.
+    readers.wait_progress(20, "reads before the first kill");
+    let mut killed = vec![daemon.kill()];
+    assert!(is_fsd_mount(&env.mountpoint), "mount gone after SIGKILL");
+    let mut plain = Fsd::spawn(&fsd, &image, &env, false);
+    let status = plain.wait().unwrap();
+    assert!(!status.success(), "plain start over a kept mount succeeded");
+    assert!(
+        env.log_text().contains("--takeover"),
+        "no hint to take over: {}",
+        env.log_text()
+    );
+    daemon = Fsd::start(&fsd, &image, &env, true);
+
     let mut outages = Vec::with_capacity(iterations);
-    let mut killed = Vec::with_capacity(iterations);
     for i in 0..iterations {
         readers.wait_progress(20, "reads before the kill");
         let kill = monotonic_ns();
@@ -503,17 +234,6 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
             is_fsd_mount(&env.mountpoint),
             "mount gone after SIGKILL {i}"
         );
-        if i == 0 {
-            // A plain start must not mount over the kept mount.
-            let mut plain = Fsd::spawn(&fsd, &image, &env, false);
-            let status = plain.wait().unwrap();
-            assert!(!status.success(), "plain start over a kept mount succeeded");
-            assert!(
-                env.log_text().contains("--takeover"),
-                "no hint to take over: {}",
-                env.log_text()
-            );
-        }
         daemon = Fsd::start(&fsd, &image, &env, true);
         let served = monotonic_ns();
         readers.wait_progress(20, "reads after the takeover");
@@ -543,14 +263,15 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
         .collect();
     println!(
         "failover: {iterations} SIGKILL/takeover cycles, {} reads of {} KiB, {} errors, {} wrong; \
-         reader pause median {:?} max {:?}; kill-to-served max {:?}",
+         reader pause median {:.1} ms, p90 {:.1} ms, max {:.1} ms; kill-to-served max {:.1} ms",
         tally.reads.load(Ordering::Relaxed),
         READ_SIZE / 1024,
         tally.errors.load(Ordering::Relaxed),
         tally.wrong.load(Ordering::Relaxed),
-        pauses[pauses.len() / 2],
-        pauses[pauses.len() - 1],
-        restart.iter().max().unwrap(),
+        ms(pauses[pauses.len() / 2]),
+        ms(pauses[pauses.len() * 9 / 10]),
+        ms(pauses[pauses.len() - 1]),
+        ms(*restart.iter().max().unwrap()),
     );
     assert_clean(&tally, missing, &env);
 }
@@ -586,6 +307,117 @@ fn hot_upgrade_hands_a_live_mount_to_a_successor() {
     assert!(
         env.supervisor.state("failover").is_none(),
         "a clean stop should clear the supervisor's state"
+    );
+    assert_clean(&tally, missing, &env);
+}
+
+/// The reader process's entry (see [`Readers`]).
+#[test]
+fn reader_process() {
+    lode_tests::failover::reader_process();
+}
+
+/// The nydusd-style flow through the API of shared daemons: a successor
+/// started on a mount the supervisor keeps waits in INIT; `takeover`, then
+/// the old daemon's `exit`, then `start` hands the live mount over. Then the
+/// successor is killed and a third daemon recovers the mount the same way.
+#[test]
+fn api_driven_upgrade_and_recovery_of_a_shared_daemon() {
+    let Some((fsd, lodectl)) = prerequisites() else {
+        return;
+    };
+    let image = build_image(&lodectl);
+    let env = Env::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deadline = || Instant::now() + START_TIMEOUT;
+    let state_of = |api: &DaemonClient| rt.block_on(api.daemon_info()).unwrap();
+
+    let first = Fsd::spawn_shared(&fsd, &image, &env, &env.socket("first.sock"));
+    let first_api = DaemonClient::new(env.socket("first.sock"));
+    rt.block_on(first_api.wait_for_state(DaemonState::Ready, deadline()))
+        .unwrap_or_else(|e| panic!("{e}: {}", env.log_text()));
+    rt.block_on(first_api.start()).unwrap();
+    let instance = env.mountpoint.join("img");
+    let request = MountRequest {
+        source: image.bootstrap.clone(),
+        config: InstanceConfig {
+            blob_source: image.blob_source.clone(),
+            plain_http: false,
+            docker_config: None,
+        },
+        seq: 7,
+        image_ref: Some("127.0.0.1:5000/failover:v1".into()),
+    };
+    rt.block_on(first_api.mount(&instance, &request)).unwrap();
+    let watch = MountWatch::start(&env.mountpoint);
+    let readers = Readers::start(&instance, 3);
+    readers.wait_progress(50, "reads from the first daemon");
+    rt.block_on(first_api.send_fd()).unwrap();
+
+    // A plain start of a successor: the mount is kept, so it waits.
+    let successor_api = |name: &str| {
+        let api = DaemonClient::new(env.socket(name));
+        let info = rt
+            .block_on(api.wait_for_state(DaemonState::Init, deadline()))
+            .unwrap_or_else(|e| panic!("{e}: {}", env.log_text()));
+        assert!(info.instances.is_empty(), "{info:?}");
+        api
+    };
+    let take_over = |api: &DaemonClient, pid: u32| {
+        rt.block_on(api.takeover())
+            .unwrap_or_else(|e| panic!("takeover: {e}: {}", env.log_text()));
+        let info = state_of(api);
+        assert_eq!(info.state, DaemonState::Ready);
+        let instances: Vec<_> = info
+            .instances
+            .iter()
+            .map(|i| (i.id.as_str(), i.seq))
+            .collect();
+        assert_eq!(instances, [("img", 7)]);
+        assert_eq!(info.instances[0].image_ref, request.image_ref);
+        let again = rt.block_on(api.takeover()).unwrap_err();
+        assert_eq!(again.api_code(), Some("conflict"), "{again}");
+        assert_eq!(
+            env.supervisor.state("failover").map(|s| s.pid),
+            Some(pid),
+            "the successor reports to the supervisor once it serves"
+        );
+    };
+    let second = Fsd::spawn_shared(&fsd, &image, &env, &env.socket("second.sock"));
+    let second_api = successor_api("second.sock");
+    assert!(
+        env.log_text().contains("waiting in INIT"),
+        "{}",
+        env.log_text()
+    );
+    take_over(&second_api, second.child.id());
+    rt.block_on(first_api.exit()).unwrap();
+    assert!(first.wait().success(), "{}", env.log_text());
+    rt.block_on(second_api.start()).unwrap();
+    assert_eq!(state_of(&second_api).state, DaemonState::Running);
+    readers.wait_progress(50, "reads from the upgraded daemon");
+
+    // Crash recovery the same way.
+    let killed = second.kill();
+    let third = Fsd::spawn_shared(&fsd, &image, &env, &env.socket("third.sock"));
+    let third_api = successor_api("third.sock");
+    take_over(&third_api, third.child.id());
+    rt.block_on(third_api.start()).unwrap();
+    readers.wait_progress(50, "reads after the recovery");
+
+    let tally = readers.stop();
+    let missing = watch.stop();
+    killed.wait_with_output().expect("reap the killed daemon");
+    let metrics = rt.block_on(third_api.fs_metrics(Some("img"))).unwrap();
+    assert!(metrics.bytes_read > 0, "{metrics:?}");
+    third.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(third.wait().success(), "{}", env.log_text());
+    assert!(
+        !is_fsd_mount(&env.mountpoint),
+        "still mounted after SIGTERM"
     );
     assert_clean(&tally, missing, &env);
 }
