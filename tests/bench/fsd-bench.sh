@@ -11,6 +11,7 @@
 # Needs root (FUSE mount, drop_caches) and release binaries
 # (`cargo build --release --workspace --bins`). Sizes can be lowered for a
 # quick run: BENCH_BIG_MIB=1024 BENCH_SMALL_FILES=20000 (defaults).
+# BENCH_PROFILE=FILE records a `perf` profile of fsd during the cold read.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -96,7 +97,15 @@ drop_caches
 t_curl=$(timed curl -sf -o /dev/null "http://127.0.0.1:$port/v2/bench/lode/blobs/$blob")
 drop_caches
 fsd_cpu0=$(cpu_s "$fsd_pid"); reg_cpu0=$(cpu_s "$registry_pid")
+if [[ -n ${BENCH_PROFILE:-} ]]; then
+    perf record -q -g -o "$BENCH_PROFILE" -p "$fsd_pid" 2> /dev/null &
+    perf_pid=$!
+    sleep 0.5 # perf attaches asynchronously; only the profile depends on it
+fi
 t_cold=$(timed cat "$work/mnt/big.bin")
+if [[ -n ${BENCH_PROFILE:-} ]]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" || true
+fi
 fsd_cpu1=$(cpu_s "$fsd_pid"); reg_cpu1=$(cpu_s "$registry_pid")
 file_bytes=$((big_mib * 1024 * 1024))
 curl_mbps=$(python3 -c "print(f'{$blob_size / 1048576 / $t_curl:.0f}')")

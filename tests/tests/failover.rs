@@ -163,6 +163,14 @@ impl Drop for Env {
     }
 }
 
+/// Kill cycles per test: `LODE_FAILOVER_ITERATIONS`, default 20.
+fn iterations() -> usize {
+    std::env::var("LODE_FAILOVER_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     if !require_root() || !skip_unless(fuse_available(), "/dev/fuse cannot be opened") {
         return None;
@@ -174,6 +182,41 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
             None
         }
     }
+}
+
+/// Prints the reads and the reader pauses of `outages` (kill, served),
+/// monotonic ns.
+fn report_pauses(what: &str, tally: &Tally, outages: &[(u64, u64)]) {
+    let slow = tally.slow.lock().unwrap().clone();
+    let mut pauses: Vec<Duration> = outages
+        .iter()
+        .map(|&(kill, served)| pause(&slow, kill, served))
+        .collect();
+    pauses.sort();
+    let restart = outages
+        .iter()
+        .map(|&(k, s)| Duration::from_nanos(s - k))
+        .max()
+        .unwrap_or_default();
+    let at = |q: usize| {
+        pauses
+            .get(q.min(pauses.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "failover: {} {what} cycles, {} reads of {} KiB, {} errors, {} wrong; \
+         reader pause median {:.1} ms, p90 {:.1} ms, max {:.1} ms; kill-to-served max {:.1} ms",
+        outages.len(),
+        tally.reads.load(Ordering::Relaxed),
+        READ_SIZE / 1024,
+        tally.errors.load(Ordering::Relaxed),
+        tally.wrong.load(Ordering::Relaxed),
+        ms(at(pauses.len() / 2)),
+        ms(at(pauses.len() * 9 / 10)),
+        ms(at(pauses.len())),
+        ms(restart),
+    );
 }
 
 fn ms(d: Duration) -> f64 {
@@ -198,10 +241,7 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     let Some((fsd, lodectl)) = prerequisites() else {
         return;
     };
-    let iterations: usize = std::env::var("LODE_FAILOVER_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let iterations = iterations();
     let image = build_image(&lodectl);
     let env = Env::new();
     let mut daemon = Fsd::start(&fsd, &image, &env, false);
@@ -251,28 +291,52 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
         "still mounted after SIGTERM"
     );
 
-    let slow = tally.slow.lock().unwrap().clone();
-    let mut pauses: Vec<Duration> = outages
-        .iter()
-        .map(|&(kill, served)| pause(&slow, kill, served))
-        .collect();
-    pauses.sort();
-    let restart: Vec<Duration> = outages
-        .iter()
-        .map(|&(k, s)| Duration::from_nanos(s - k))
-        .collect();
-    println!(
-        "failover: {iterations} SIGKILL/takeover cycles, {} reads of {} KiB, {} errors, {} wrong; \
-         reader pause median {:.1} ms, p90 {:.1} ms, max {:.1} ms; kill-to-served max {:.1} ms",
-        tally.reads.load(Ordering::Relaxed),
-        READ_SIZE / 1024,
-        tally.errors.load(Ordering::Relaxed),
-        tally.wrong.load(Ordering::Relaxed),
-        ms(pauses[pauses.len() / 2]),
-        ms(pauses[pauses.len() * 9 / 10]),
-        ms(pauses[pauses.len() - 1]),
-        ms(*restart.iter().max().unwrap()),
+    report_pauses("SIGKILL/takeover", &tally, &outages);
+    assert_clean(&tally, missing, &env);
+}
+
+/// Failover with a standby: a second daemon already serves the connection
+/// (it took it over from the live first one, as in an upgrade) when the
+/// first is killed. It resends what the dead one left unanswered as soon as
+/// that one is gone, and the next standby is started afterwards, outside
+/// the outage. Readers only wait for the resend.
+#[test]
+fn sigkill_with_a_standby_successor_is_a_short_pause() {
+    let Some((fsd, lodectl)) = prerequisites() else {
+        return;
+    };
+    let iterations = iterations();
+    let image = build_image(&lodectl);
+    let env = Env::new();
+    let mut active = Fsd::start(&fsd, &image, &env, false);
+    let watch = MountWatch::start(&env.mountpoint);
+    let readers = Readers::start(&env.mountpoint, 3);
+    readers.wait_progress(50, "first reads");
+    let mut standby = Fsd::start(&fsd, &image, &env, true);
+
+    let mut outages = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        readers.wait_progress(20, "reads before the kill");
+        let kill = monotonic_ns();
+        let mut killed = active.kill();
+        killed.wait().expect("reap the killed lode-fsd");
+        let gone = monotonic_ns();
+        readers.wait_progress(20, "reads after the kill");
+        outages.push((kill, gone));
+        active = standby;
+        standby = Fsd::start(&fsd, &image, &env, true);
+    }
+    let tally = readers.stop();
+    let missing = watch.stop();
+    active.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(active.wait().success(), "{}", env.log_text());
+    standby.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(standby.wait().success(), "{}", env.log_text());
+    assert!(
+        !is_fsd_mount(&env.mountpoint),
+        "still mounted after SIGTERM"
     );
+    report_pauses("SIGKILL-with-standby", &tally, &outages);
     assert_clean(&tally, missing, &env);
 }
 
