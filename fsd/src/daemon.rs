@@ -73,6 +73,10 @@ pub struct DaemonOptions {
     pub mountpoint: PathBuf,
     /// Validated, with command-line overrides applied.
     pub config: FsdConfig,
+    /// The instance's sequence number and image reference, as the state
+    /// handed to a supervisor names them.
+    pub seq: u32,
+    pub image_ref: Option<String>,
 }
 
 /// Something the daemon's main loop reacts to.
@@ -257,11 +261,11 @@ impl Daemon {
             &params,
             lode_common::supervisor::InstanceState {
                 id: failover.id.clone(),
-                seq: 1,
+                seq: u64::from(options.seq),
                 mountpoint: options.mountpoint.display().to_string(),
                 bootstrap: options.bootstrap.display().to_string(),
                 blob_source: options.blob_source.to_string(),
-                image_ref: None,
+                image_ref: options.image_ref.clone(),
                 config: serde_json::to_string(&options.config).unwrap_or_default(),
             },
         );

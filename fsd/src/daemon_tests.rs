@@ -83,6 +83,8 @@ fn mounts_serves_and_unmounts() {
             blob_source: BlobSource::Dir(image.blob_dir.clone()),
             mountpoint: mnt.path().to_path_buf(),
             config,
+            seq: 1,
+            image_ref: None,
         },
         events,
     )
@@ -176,6 +178,8 @@ fn busy_mount_is_detached_and_abort_ends_the_session() {
             blob_source: BlobSource::Dir(image.blob_dir.clone()),
             mountpoint: mnt.path().to_path_buf(),
             config,
+            seq: 1,
+            image_ref: None,
         },
         events,
     )

@@ -331,6 +331,8 @@ impl Host {
                 blob_source,
                 mountpoint: mountpoint.to_path_buf(),
                 config,
+                seq: request.seq,
+                image_ref: request.image_ref.clone(),
             },
             daemon_events,
             &failover,

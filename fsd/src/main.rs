@@ -173,6 +173,8 @@ fn main() -> anyhow::Result<()> {
         blob_source,
         mountpoint: args.mountpoint,
         config,
+        seq: 1,
+        image_ref: None,
     };
     daemon::run(options, &failover, args.pid_file.as_deref(), ready).context("lode-fsd")?;
     Ok(())

@@ -451,10 +451,12 @@ fn failover_cycles(options: SnapshotterOptions, kills: usize) {
         "{metrics}"
     );
     // Figures scraped from the live daemon (its counters start afresh
-    // with each successor).
+    // with each successor), labelled with the image the successor took over.
     assert!(
-        metrics.contains("lode_image_read_bytes_total{image=")
-            && metrics.contains("state=\"RUNNING\"} 1"),
+        metrics.contains(&format!(
+            "lode_image_read_bytes_total{{image=\"{}\"}}",
+            s.lode
+        )) && metrics.contains("state=\"RUNNING\"} 1"),
         "{metrics}"
     );
     eprintln!("failover: {kills} kills, {total} verified reads, 0 errors");

@@ -54,9 +54,11 @@ pub enum ClientError {
     #[error("daemon at {path} did not reach state {wanted} in time (last: {last})")]
     StateTimeout {
         path: PathBuf,
-        wanted: DaemonState,
+        wanted: String,
         last: String,
     },
+    #[error("daemon at {path} exited before reaching state {wanted}")]
+    Exited { path: PathBuf, wanted: String },
 }
 
 impl ClientError {
@@ -182,10 +184,27 @@ impl DaemonClient {
         wanted: DaemonState,
         deadline: Instant,
     ) -> Result<DaemonInfo, ClientError> {
+        self.wait_for_states(&[wanted], deadline, || false).await
+    }
+
+    /// [`DaemonClient::wait_for_state`] for any of `wanted`; also gives up
+    /// as soon as `exited()` says the daemon's process is gone.
+    pub async fn wait_for_states(
+        &self,
+        wanted: &[DaemonState],
+        deadline: Instant,
+        exited: impl Fn() -> bool,
+    ) -> Result<DaemonInfo, ClientError> {
         let mut pause = Duration::from_millis(5);
         loop {
+            if exited() {
+                return Err(ClientError::Exited {
+                    path: self.socket.clone(),
+                    wanted: states_text(wanted),
+                });
+            }
             let last = match self.daemon_info().await {
-                Ok(info) if info.state == wanted => return Ok(info),
+                Ok(info) if wanted.contains(&info.state) => return Ok(info),
                 Ok(info) if info.state == DaemonState::Stopped => {
                     return Err(self.state_timeout(wanted, "STOPPED".into()))
                 }
@@ -197,14 +216,14 @@ impl DaemonClient {
                 return Err(self.state_timeout(wanted, last));
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
-    fn state_timeout(&self, wanted: DaemonState, last: String) -> ClientError {
+    fn state_timeout(&self, wanted: &[DaemonState], last: String) -> ClientError {
         ClientError::StateTimeout {
             path: self.socket.clone(),
-            wanted,
+            wanted: states_text(wanted),
             last,
         }
     }
@@ -303,4 +322,12 @@ impl DaemonClient {
             message,
         })
     }
+}
+
+fn states_text(states: &[DaemonState]) -> String {
+    states
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(" or ")
 }

@@ -116,6 +116,8 @@ impl Host {
                 blob_source,
                 mountpoint: self.options.mountpoint.clone(),
                 config,
+                seq: request.seq,
+                image_ref: request.image_ref.clone(),
             },
             daemon_events,
             &failover,

@@ -170,6 +170,10 @@ impl DaemonManager {
         }
     }
 
+    fn daemon_log(&self, daemon_id: &str) -> PathBuf {
+        self.config.daemons_dir().join(format!("{daemon_id}.log"))
+    }
+
     fn supervised(&self) -> bool {
         self.config.recover_policy == RecoverPolicy::Failover
     }
@@ -195,7 +199,7 @@ impl DaemonManager {
         if !takeover {
             let _ = std::fs::remove_file(&record.apisock);
         }
-        let log = self.config.daemons_dir().join(format!("{}.log", record.id));
+        let log = self.daemon_log(&record.id);
         let pid = process::spawn(&process::Launch {
             binary: &self.binary,
             record: &record,
@@ -221,7 +225,8 @@ impl DaemonManager {
             wanted,
             self.config.daemon.start_timeout(),
         )
-        .await?;
+        .await
+        .map_err(|e| process::with_log_tail(e, &log))?;
         if reached == DaemonState::Ready {
             client
                 .start()
@@ -290,7 +295,8 @@ impl DaemonManager {
                 &[DaemonState::Ready, DaemonState::Running],
                 deadline,
             )
-            .await?;
+            .await
+            .map_err(|e| process::with_log_tail(e, &self.daemon_log(&daemon.id)))?;
             if state == DaemonState::Ready {
                 client
                     .start()

@@ -80,7 +80,8 @@ pub fn spawn(launch: &Launch<'_>) -> Result<u32, DaemonError> {
     Ok(pid)
 }
 
-/// Waits until the daemon's API answers with one of `states`.
+/// Waits until the daemon's API answers with one of `states`; fails early
+/// when its process exits.
 pub async fn wait_for_states(
     client: &DaemonClient,
     daemon_id: &str,
@@ -88,28 +89,31 @@ pub async fn wait_for_states(
     states: &[DaemonState],
     timeout: Duration,
 ) -> Result<DaemonState, DaemonError> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if !is_live_fsd(pid) {
-            return Err(DaemonError::Daemon {
-                daemon_id: daemon_id.to_string(),
-                message: format!("process {pid} exited before serving"),
-            });
+    client
+        .wait_for_states(states, Instant::now() + timeout, || !is_live_fsd(pid))
+        .await
+        .map(|info| info.state)
+        .map_err(|e| DaemonError::Daemon {
+            daemon_id: daemon_id.to_string(),
+            message: format!("process {pid}: {e}"),
+        })
+}
+
+/// Adds the end of the daemon's log to a start-up failure, where the
+/// daemon says why it did not come up.
+pub fn with_log_tail(error: DaemonError, log: &Path) -> DaemonError {
+    const LINES: usize = 5;
+    match error {
+        DaemonError::Daemon { daemon_id, message } => {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LINES)..].join(" | ");
+            DaemonError::Daemon {
+                daemon_id,
+                message: format!("{message}; log {} ends: {tail}", log.display()),
+            }
         }
-        let last = match client.daemon_info().await {
-            Ok(info) if states.contains(&info.state) => return Ok(info.state),
-            Ok(info) => info.state.to_string(),
-            Err(e) => e.to_string(),
-        };
-        if Instant::now() >= deadline {
-            return Err(DaemonError::Daemon {
-                daemon_id: daemon_id.to_string(),
-                message: format!("not serving after {timeout:?}; last answer: {last}"),
-            });
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
+        other => other,
     }
 }
 
