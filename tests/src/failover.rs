@@ -112,6 +112,8 @@ pub struct Tally {
     pub wrong: AtomicU64,
     pub slow: Mutex<Vec<(u64, u64)>>,
     pub first_error: Mutex<Option<String>>,
+    /// Reads completed by each reader thread.
+    pub per_thread: Vec<AtomicU64>,
 }
 
 impl Tally {
@@ -128,11 +130,14 @@ impl Tally {
         for (start, end) in self.slow.lock().unwrap().iter() {
             text.push_str(&format!("slow {start} {end}\n"));
         }
+        for reads in &self.per_thread {
+            text.push_str(&format!("thread {}\n", reads.load(Ordering::Relaxed)));
+        }
         text
     }
 
     fn decode(text: &str) -> Self {
-        let tally = Tally::default();
+        let mut tally = Tally::default();
         for line in text.lines() {
             let (key, value) = line.split_once(' ').unwrap_or((line, ""));
             let number = || value.parse::<u64>().unwrap_or(0);
@@ -141,6 +146,7 @@ impl Tally {
                 "errors" => tally.errors.store(number(), Ordering::Relaxed),
                 "wrong" => tally.wrong.store(number(), Ordering::Relaxed),
                 "first_error" => *tally.first_error.lock().unwrap() = Some(value.to_string()),
+                "thread" => tally.per_thread.push(AtomicU64::new(number())),
                 "slow" => {
                     if let Some((a, b)) = value.split_once(' ') {
                         let (a, b) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
@@ -210,6 +216,24 @@ impl Readers {
             .unwrap_or_else(|e| panic!("readers stuck: {e}"));
     }
 
+    /// Waits until every reader thread completes at least `n` more reads:
+    /// one read left hanging shows here, while the others keep the total
+    /// growing.
+    pub fn wait_each_progress(&self, n: u64, what: &str) {
+        let counts = |t: &Tally| -> Vec<u64> {
+            t.per_thread
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect()
+        };
+        let from = counts(&self.tally());
+        wait_until(PROGRESS_TIMEOUT, what, || {
+            let now = counts(&self.tally());
+            now.len() == from.len() && now.iter().zip(&from).all(|(a, b)| *a >= b + n)
+        })
+        .unwrap_or_else(|e| panic!("a reader is stuck: {e}"));
+    }
+
     pub fn stop(mut self) -> Tally {
         // The last status write is at most a few ms old; let one more land.
         let last = self.tally().reads.load(Ordering::Relaxed);
@@ -234,7 +258,10 @@ pub fn reader_process() {
         panic!("bad {READER_ENV}: {spec}");
     };
     let count: u64 = count.parse().unwrap();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally {
+        per_thread: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        ..Tally::default()
+    });
     let expected: Arc<Vec<Vec<u8>>> = Arc::new((0..FILES).map(file_content).collect());
     for t in 0..count {
         let (tally, expected) = (tally.clone(), expected.clone());
@@ -243,7 +270,12 @@ pub fn reader_process() {
             let mut i = t;
             loop {
                 let n = i % FILES;
-                read_file(&dir.join(format!("f{n:02}")), &expected[n as usize], &tally);
+                read_file(
+                    &dir.join(format!("f{n:02}")),
+                    &expected[n as usize],
+                    &tally,
+                    t,
+                );
                 i += 1;
             }
         });
@@ -256,7 +288,7 @@ pub fn reader_process() {
     }
 }
 
-fn read_file(path: &Path, expected: &[u8], tally: &Tally) {
+fn read_file(path: &Path, expected: &[u8], tally: &Tally, thread: u64) {
     let fail = |what: String| {
         tally.errors.fetch_add(1, Ordering::Relaxed);
         tally
@@ -286,6 +318,7 @@ fn read_file(path: &Path, expected: &[u8], tally: &Tally) {
                     return fail(format!("{}: wrong bytes at {offset}", path.display()));
                 }
                 tally.reads.fetch_add(1, Ordering::Relaxed);
+                tally.per_thread[thread as usize].fetch_add(1, Ordering::Relaxed);
                 offset += n;
             }
             Err(e) => return fail(format!("read {} at {offset}: {e}", path.display())),

@@ -142,3 +142,16 @@ impl Message {
         }
     }
 }
+
+/// Notification asking the kernel to queue again the requests a daemon read
+/// but never answered (Linux 6.9+).
+pub const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// The `FUSE_NOTIFY_RESEND` notification as written to /dev/fuse: a bare
+/// 16-byte out header (length, error = the notification code, unique 0).
+pub fn resend_notification() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&16u32.to_le_bytes());
+    b[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
+    b
+}

@@ -161,6 +161,28 @@ impl SupervisorServer {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Asks the kernel to queue again the requests read but not answered on
+    /// daemon `id`'s connections; false if nothing is held for `id`. For
+    /// set-ups where several daemons serve one connection (a standby next
+    /// to the active daemon): when one of them dies, the requests it had
+    /// read wait in the kernel until this is written, and the survivors
+    /// then answer them. Harmless when there are none.
+    pub fn resend(&self, id: &str) -> Result<bool, SupervisorError> {
+        let daemons = self.shared.daemons();
+        let Some(held) = daemons.get(id) else {
+            return Ok(false);
+        };
+        let notification = super::resend_notification();
+        for fd in &held.fds {
+            nix::unistd::write(fd, &notification).map_err(|source| SupervisorError::Io {
+                what: "FUSE_NOTIFY_RESEND",
+                source,
+            })?;
+        }
+        info!(daemon_id = %id, "asked the kernel to resend unanswered FUSE requests");
+        Ok(true)
+    }
+
     /// Removes and returns what is held for daemon `id`.
     pub fn take(&self, id: &str) -> Option<(DaemonState, Vec<OwnedFd>)> {
         self.shared.daemons().remove(id).map(|h| (h.state, h.fds))

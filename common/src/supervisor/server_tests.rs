@@ -156,3 +156,27 @@ fn descriptors_cross_a_socketpair_with_the_message() {
         Err(SupervisorError::Closed)
     ));
 }
+
+#[test]
+fn resend_writes_the_notification_on_every_held_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sup.sock");
+    let server = SupervisorServer::bind(&path).unwrap();
+    assert!(!server.resend("d1").unwrap(), "nothing held yet");
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let client = SupervisorClient::connect(&path).unwrap();
+    client
+        .send_state(&state("d1", 1), &[theirs.as_fd()])
+        .unwrap();
+    drop(theirs);
+    assert!(server.resend("d1").unwrap());
+    let mut got = [0u8; 64];
+    let n = nix::unistd::read(&ours, &mut got).unwrap();
+    assert_eq!(&got[..n], &crate::supervisor::resend_notification());
+}

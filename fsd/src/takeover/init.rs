@@ -21,9 +21,6 @@ pub const OUT_HEADER_LEN: usize = 16;
 pub const FUSE_INIT: u32 = 26;
 /// `flags` bit announcing that `flags2` carries the upper 32 flag bits.
 pub const FUSE_INIT_EXT: u64 = 1 << 30;
-/// Notification asking the kernel to queue again the requests a daemon read
-/// but never answered (Linux 6.9+).
-pub const FUSE_NOTIFY_RESEND: i32 = 7;
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -121,13 +118,7 @@ pub fn build_request(params: &FuseConnParams) -> Vec<u8> {
     b
 }
 
-/// The `FUSE_NOTIFY_RESEND` notification: a bare out header, unique 0.
-pub fn resend_notification() -> [u8; OUT_HEADER_LEN] {
-    let mut b = [0u8; OUT_HEADER_LEN];
-    b[..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_le_bytes());
-    b[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
-    b
-}
+pub use lode_common::supervisor::resend_notification;
 
 /// Whether a reply to a replayed INIT makes the choices the kernel saw.
 pub fn same_choices(a: &FuseConnParams, b: &FuseConnParams) -> bool {
