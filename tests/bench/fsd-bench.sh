@@ -94,7 +94,10 @@ fsd_pid=$(jq -r .pid "$work"/state/mounts/*.json)
 
 echo "== (1) cold sequential read vs curl of the blob"
 drop_caches
+reg_cpu0=$(cpu_s "$registry_pid")
 t_curl=$(timed curl -sf -o /dev/null "http://127.0.0.1:$port/v2/bench/lode/blobs/$blob")
+reg_cpu1=$(cpu_s "$registry_pid")
+curl_reg_per_gib=$(per_gib "$reg_cpu0" "$reg_cpu1" "$blob_size")
 drop_caches
 fsd_cpu0=$(cpu_s "$fsd_pid"); reg_cpu0=$(cpu_s "$registry_pid")
 if [[ -n ${BENCH_PROFILE:-} ]]; then
@@ -111,7 +114,7 @@ file_bytes=$((big_mib * 1024 * 1024))
 curl_mbps=$(python3 -c "print(f'{$blob_size / 1048576 / $t_curl:.0f}')")
 cold_mbps=$(python3 -c "print(f'{$file_bytes / 1048576 / $t_cold:.0f}')")
 cold_ratio=$(ratio "$cold_mbps" "$curl_mbps")
-echo "curl blob ($blob_size bytes): ${t_curl}s = ${curl_mbps} MiB/s"
+echo "curl blob ($blob_size bytes): ${t_curl}s = ${curl_mbps} MiB/s, registry CPU-s per GiB ${curl_reg_per_gib}"
 echo "fsd cold read: ${t_cold}s = ${cold_mbps} MiB/s"
 echo "cold CPU-s per GiB: fsd $(per_gib "$fsd_cpu0" "$fsd_cpu1" "$file_bytes"), registry $(per_gib "$reg_cpu0" "$reg_cpu1" "$file_bytes")"
 
