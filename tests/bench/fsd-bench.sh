@@ -11,7 +11,8 @@
 # Needs root (FUSE mount, drop_caches) and release binaries
 # (`cargo build --release --workspace --bins`). Sizes can be lowered for a
 # quick run: BENCH_BIG_MIB=1024 BENCH_SMALL_FILES=20000 (defaults).
-# BENCH_PROFILE=FILE records a `perf` profile of fsd during the cold read.
+# BENCH_PROFILE=FILE records a `perf` profile of fsd during the cold read;
+# BENCH_FSD_CONFIG=FILE runs fsd with that configuration.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -89,6 +90,7 @@ blob_size=$(jq -r '[.layers[] | select(.annotations["lode.blob"] == "true")][0].
 
 mkdir -p "$work/mnt"
 "$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" \
+    ${BENCH_FSD_CONFIG:+--fsd-config "$BENCH_FSD_CONFIG"} \
     "127.0.0.1:$port/bench/lode:v1" "$work/mnt" > /dev/null
 fsd_pid=$(jq -r .pid "$work"/state/mounts/*.json)
 
