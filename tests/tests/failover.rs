@@ -123,6 +123,12 @@ impl Fsd {
     fn wait(mut self) -> std::process::ExitStatus {
         self.child.wait().expect("reap lode-fsd")
     }
+
+    /// Sends `signal` and asserts that the daemon exits cleanly.
+    fn exit_on(self, signal: nix::sys::signal::Signal, env: &Env) {
+        self.signal(signal);
+        assert!(self.wait().success(), "{}", env.log_text());
+    }
 }
 
 struct Env {
@@ -161,6 +167,16 @@ impl Drop for Env {
             force_unmount(&self.mountpoint);
         }
     }
+}
+
+/// Starts a daemon on the image and three readers on its mount; returns
+/// once they have read from it.
+fn serve_and_read(fsd: &Path, image: &Image, env: &Env) -> (Fsd, MountWatch, Readers) {
+    let daemon = Fsd::start(fsd, image, env, false);
+    let watch = MountWatch::start(&env.mountpoint);
+    let readers = Readers::start(&env.mountpoint, 3);
+    readers.wait_progress(50, "reads from the first daemon");
+    (daemon, watch, readers)
 }
 
 /// Kill cycles per test: `LODE_FAILOVER_ITERATIONS`, default 20.
@@ -244,10 +260,7 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     let iterations = iterations();
     let image = build_image(&lodectl);
     let env = Env::new();
-    let mut daemon = Fsd::start(&fsd, &image, &env, false);
-    let watch = MountWatch::start(&env.mountpoint);
-    let readers = Readers::start(&env.mountpoint, 3);
-    readers.wait_progress(50, "first reads");
+    let (mut daemon, watch, readers) = serve_and_read(&fsd, &image, &env);
 
     // A plain start must not mount over the mount a supervisor keeps after
     // a crash. Checked once, outside the measured cycles, since that start
@@ -284,8 +297,7 @@ fn sigkill_and_takeover_cycles_lose_no_read() {
     for mut child in killed {
         child.wait().expect("reap a killed lode-fsd");
     }
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(daemon.wait().success(), "{}", env.log_text());
+    daemon.exit_on(nix::sys::signal::Signal::SIGTERM, &env);
     assert!(
         !is_fsd_mount(&env.mountpoint),
         "still mounted after SIGTERM"
@@ -309,10 +321,7 @@ fn sigkill_with_a_standby_successor_is_a_short_pause() {
     let iterations = iterations();
     let image = build_image(&lodectl);
     let env = Env::new();
-    let mut active = Fsd::start(&fsd, &image, &env, false);
-    let watch = MountWatch::start(&env.mountpoint);
-    let readers = Readers::start(&env.mountpoint, 3);
-    readers.wait_progress(50, "first reads");
+    let (mut active, watch, readers) = serve_and_read(&fsd, &image, &env);
     let mut standby = Fsd::start(&fsd, &image, &env, true);
 
     let mut outages = Vec::with_capacity(iterations);
@@ -342,10 +351,8 @@ fn sigkill_with_a_standby_successor_is_a_short_pause() {
 
     let tally = readers.stop();
     let missing = watch.stop();
-    active.signal(nix::sys::signal::Signal::SIGUSR2);
-    assert!(active.wait().success(), "{}", env.log_text());
-    standby.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(standby.wait().success(), "{}", env.log_text());
+    active.exit_on(nix::sys::signal::Signal::SIGUSR2, &env);
+    standby.exit_on(nix::sys::signal::Signal::SIGTERM, &env);
     assert!(
         !is_fsd_mount(&env.mountpoint),
         "still mounted after SIGTERM"
@@ -361,16 +368,12 @@ fn hot_upgrade_hands_a_live_mount_to_a_successor() {
     };
     let image = build_image(&lodectl);
     let env = Env::new();
-    let old = Fsd::start(&fsd, &image, &env, false);
-    let watch = MountWatch::start(&env.mountpoint);
-    let readers = Readers::start(&env.mountpoint, 3);
-    readers.wait_progress(50, "reads from the first daemon");
+    let (old, watch, readers) = serve_and_read(&fsd, &image, &env);
 
     // Both serve the connection for a while; then the old one leaves.
     let new = Fsd::start(&fsd, &image, &env, true);
     readers.wait_progress(20, "reads with both daemons");
-    old.signal(nix::sys::signal::Signal::SIGUSR2);
-    assert!(old.wait().success(), "{}", env.log_text());
+    old.exit_on(nix::sys::signal::Signal::SIGUSR2, &env);
     readers.wait_each_progress(3, "reads from the successor alone");
 
     let tally = readers.stop();
@@ -380,8 +383,7 @@ fn hot_upgrade_hands_a_live_mount_to_a_successor() {
         Some(new.child.id()),
         "the supervisor should hold the successor's state"
     );
-    new.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(new.wait().success(), "{}", env.log_text());
+    new.exit_on(nix::sys::signal::Signal::SIGTERM, &env);
     assert!(
         env.supervisor.state("failover").is_none(),
         "a clean stop should clear the supervisor's state"
@@ -491,8 +493,7 @@ fn api_driven_upgrade_and_recovery_of_a_shared_daemon() {
     killed.wait_with_output().expect("reap the killed daemon");
     let metrics = rt.block_on(third_api.fs_metrics(Some("img"))).unwrap();
     assert!(metrics.bytes_read > 0, "{metrics:?}");
-    third.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(third.wait().success(), "{}", env.log_text());
+    third.exit_on(nix::sys::signal::Signal::SIGTERM, &env);
     assert!(
         !is_fsd_mount(&env.mountpoint),
         "still mounted after SIGTERM"
