@@ -10,15 +10,25 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use bytes::Bytes;
 use lode_common::format::BlobRecord;
 use lode_common::registry::{Reference, RegistryClient, RegistryError};
 
+/// Where [`BlobBackend::read_range`] puts the bytes.
+pub type Sink<'a> = dyn FnMut(&[u8]) + Send + 'a;
+
 /// Reads stored (maybe compressed) bytes of data blobs.
 pub trait BlobBackend: Send + Sync {
-    /// Returns exactly `len` bytes at `offset` of `blob`. Blocks the calling
-    /// thread; must not be called from an async context.
-    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError>;
+    /// Hands exactly `len` bytes at `offset` of `blob` to `sink`, in order,
+    /// in pieces of any size, as they arrive. After an error `sink` may have
+    /// had a prefix of the range. Blocks the calling thread; must not be
+    /// called from an async context.
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError>;
 
     /// Names the source in log lines (`registry://host/repo`, `dir:///path`).
     fn describe(&self) -> String;
@@ -149,8 +159,18 @@ impl DirBackend {
     }
 }
 
+/// Pieces a local blob is read in: large enough to keep syscalls few, small
+/// enough that a chunk's first piece is handed on early.
+const DIR_PIECE: usize = 1 << 20;
+
 impl BlobBackend for DirBackend {
-    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError> {
         check_range(blob, offset, len)?;
         let path = self.dir.join(blob.digest.hex());
         let io_err = |source| BackendError::Io {
@@ -159,31 +179,30 @@ impl BlobBackend for DirBackend {
             source,
         };
         let file = std::fs::File::open(&path).map_err(io_err)?;
-        let want = usize::try_from(len).map_err(|_| BackendError::OutOfRange {
-            digest: blob.digest.to_string(),
-            offset,
-            len,
-            size: blob.compressed_size,
-        })?;
-        let mut buf = vec![0u8; want];
-        let mut filled = 0;
-        while filled < want {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
+        let mut buf = vec![0u8; DIR_PIECE.min(usize::try_from(len).unwrap_or(DIR_PIECE))];
+        let mut done = 0u64;
+        while done < len {
+            let want = buf
+                .len()
+                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            match file.read_at(&mut buf[..want], offset + done) {
+                Ok(0) => {
+                    return Err(BackendError::Short {
+                        digest: blob.digest.to_string(),
+                        offset,
+                        expected: len,
+                        actual: done,
+                    })
+                }
+                Ok(n) => {
+                    sink(&buf[..n]);
+                    done += n as u64;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(io_err(e)),
             }
         }
-        if filled != want {
-            return Err(BackendError::Short {
-                digest: blob.digest.to_string(),
-                offset,
-                expected: len,
-                actual: filled as u64,
-            });
-        }
-        Ok(Bytes::from(buf))
+        Ok(())
     }
 
     fn describe(&self) -> String {
@@ -213,27 +232,25 @@ impl RegistryBackend {
 }
 
 impl BlobBackend for RegistryBackend {
-    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError> {
         check_range(blob, offset, len)?;
         // The request runs on this (non-runtime) thread inside the runtime's
         // context, so its I/O is driven by the runtime and no tokio worker
-        // ever waits for us.
-        let bytes = self.runtime.block_on(self.client.pull_blob_range(
+        // ever waits for us (nor for `sink`).
+        self.runtime.block_on(self.client.pull_blob_range_with(
             &self.reference,
             &blob.digest,
             offset,
             len,
+            sink,
         ))?;
-        let digest = blob.digest;
-        if bytes.len() as u64 != len {
-            return Err(BackendError::Short {
-                digest: digest.to_string(),
-                offset,
-                expected: len,
-                actual: bytes.len() as u64,
-            });
-        }
-        Ok(bytes)
+        Ok(())
     }
 
     fn describe(&self) -> String {
@@ -249,6 +266,18 @@ mod tests {
     use super::*;
     use lode_common::format::ChunkIndex;
     use lode_common::Digest;
+
+    /// Collects a range, checking that pieces arrive in order.
+    pub(crate) fn read_all(
+        backend: &dyn BlobBackend,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError> {
+        let mut out = Vec::new();
+        backend.read_range(blob, offset, len, &mut |piece| out.extend_from_slice(piece))?;
+        Ok(out)
+    }
 
     fn blob_of(data: &[u8]) -> BlobRecord {
         BlobRecord {
@@ -297,12 +326,12 @@ mod tests {
         std::fs::write(dir.path().join(blob.digest.hex()), &data).unwrap();
         let backend = DirBackend::new(dir.path());
         assert_eq!(
-            &backend.read_range(&blob, 10, 20).unwrap()[..],
+            &read_all(&backend, &blob, 10, 20).unwrap()[..],
             &data[10..30]
         );
-        assert_eq!(backend.read_range(&blob, 0, 1000).unwrap().len(), 1000);
+        assert_eq!(read_all(&backend, &blob, 0, 1000).unwrap().len(), 1000);
         assert!(matches!(
-            backend.read_range(&blob, 990, 20),
+            read_all(&backend, &blob, 990, 20),
             Err(BackendError::OutOfRange { .. })
         ));
     }
@@ -313,11 +342,11 @@ mod tests {
         let data = vec![7u8; 100];
         let blob = blob_of(&data);
         let backend = DirBackend::new(dir.path());
-        let err = backend.read_range(&blob, 0, 10).unwrap_err();
+        let err = read_all(&backend, &blob, 0, 10).unwrap_err();
         assert!(err.to_string().contains(&blob.digest.hex()), "{err}");
         std::fs::write(dir.path().join(blob.digest.hex()), &data[..50]).unwrap();
         assert!(matches!(
-            backend.read_range(&blob, 40, 20),
+            read_all(&backend, &blob, 40, 20),
             Err(BackendError::Short { actual: 10, .. })
         ));
     }

@@ -32,12 +32,11 @@ use lode_common::Digest;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
+use crate::bufpool::DIRECT_ALIGN;
+
 const MAP_MAGIC: &[u8; 8] = b"LODEMAP1";
 /// magic (8) + chunk count (4) + reserved (4) + uncompressed size (8) + layout hash (32) + pad.
 const MAP_HEADER_LEN: u64 = 64;
-
-/// Alignment of file offsets, lengths and memory that O_DIRECT needs.
-const DIRECT_ALIGN: usize = 4096;
 
 const ABSENT: u8 = 0;
 /// Written to the data file, not yet fdatasync'ed.
@@ -475,6 +474,13 @@ impl BlobCache {
         thread_local! {
             static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        // Buffers from the chunk pool are aligned already.
+        if data.as_ptr() as usize & mask == 0 {
+            return match direct.write_all_at(data, offset) {
+                Ok(()) => Ok(true),
+                Err(e) => self.direct_failed(e),
+            };
+        }
         let result = BOUNCE.with(|bounce| {
             let mut buf = bounce.borrow_mut();
             if buf.len() < data.len() + DIRECT_ALIGN {
@@ -487,13 +493,19 @@ impl BlobCache {
         });
         match result {
             Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                warn!(path = %self.data_path.display(), error = %e, "O_DIRECT refused; caching through the page cache");
-                self.direct_ok.store(false, Ordering::Relaxed);
-                Ok(false)
-            }
-            Err(e) => Err(self.io_err(false, "write chunk (O_DIRECT)", e)),
+            Err(e) => self.direct_failed(e),
         }
+    }
+
+    /// `Ok(false)` (write through the page cache from now on) when the file
+    /// system refuses O_DIRECT; the error otherwise.
+    fn direct_failed(&self, e: std::io::Error) -> Result<bool, CacheError> {
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            warn!(path = %self.data_path.display(), error = %e, "O_DIRECT refused; caching through the page cache");
+            self.direct_ok.store(false, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Err(self.io_err(false, "write chunk (O_DIRECT)", e))
     }
 
     /// Fdatasyncs the data file, then records the chunks written before it in

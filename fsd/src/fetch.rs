@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lode_common::format::{
     BlobIndex, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord, FormatError, Ino, InodeKind,
+    MAX_CHUNK_SIZE,
 };
 use lode_common::Digest;
 use lode_config::FetchConfig;
 use tracing::debug;
 
 use crate::backend::{BackendError, BlobBackend};
+use crate::bufpool::BufPool;
 use crate::cache::{BlobCache, CacheError, ChunkCache};
 use crate::inflight::{ChunkKey, Inflight, Pending};
 use crate::job::{FetchJob, JobContext};
@@ -181,6 +183,10 @@ impl Fetcher {
         metrics: Arc<Metrics>,
         settings: FetchSettings,
     ) -> std::io::Result<Self> {
+        // A chunk holds at most the image's chunk size; stored, it may be a
+        // zstd frame a little larger than that (zstd's compress bound).
+        let chunk_size = bootstrap.chunk_size().min(MAX_CHUNK_SIZE) as usize;
+        let pool = BufPool::new(chunk_size + chunk_size / 128 + 1024);
         let blob_caches = (0..bootstrap.blob_count())
             .map(|_| OnceLock::new())
             .collect();
@@ -194,6 +200,7 @@ impl Fetcher {
                 // reader that may be up to a window behind what it consumes.
                 inflight: Inflight::new(settings.readahead.saturating_mul(2)),
                 metrics: Arc::clone(&metrics),
+                pool,
             }),
             pool: WorkerPool::new(settings.workers)?,
             metrics,
@@ -208,7 +215,7 @@ impl Fetcher {
 
     /// Reads up to `size` bytes at `offset` of regular file `ino` (fewer at
     /// the end of the file, none past it).
-    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FetchError> {
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, FetchError> {
         let fmt = |source| FetchError::Format {
             ino: ino.0,
             source: Arc::new(source),
@@ -218,7 +225,7 @@ impl Fetcher {
             return Err(FetchError::NotAFile { ino: ino.0 });
         }
         if offset >= inode.size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = inode.size.min(offset.saturating_add(u64::from(size)));
         let cs = u64::from(self.bootstrap.chunk_size());
@@ -235,7 +242,10 @@ impl Fetcher {
             )));
         }
 
-        let mut out = vec![0u8; (end - offset) as usize];
+        let total = (end - offset) as usize;
+        // Allocated (zeroed) only once some bytes must be copied into it: a
+        // read within one fetched chunk is answered with the chunk's bytes.
+        let mut out = Vec::new();
         let mut waits = Vec::new();
         let mut leads = Vec::new();
         let span = Span {
@@ -246,7 +256,7 @@ impl Fetcher {
             first,
             last,
         };
-        if let Err(e) = self.serve_or_join(&span, &mut out, &mut waits, &mut leads) {
+        if let Err(e) = self.serve_or_join(&span, total, &mut out, &mut waits, &mut leads) {
             // Fetches this read created must not stay in flight without a job.
             for lead in leads {
                 self.ctx
@@ -262,46 +272,63 @@ impl Fetcher {
         }
 
         let deadline = Instant::now() + self.settings.deadline;
-        for (piece, pending, range, at) in waits {
-            let data = match pending.wait(deadline) {
-                Some(result) => result?,
-                None => {
-                    Metrics::add(&self.metrics.fetch_timeouts, 1);
-                    // Later readers start a fresh fetch instead of joining this one.
-                    self.ctx.inflight.forget(piece.key(), &pending);
-                    return Err(FetchError::Timeout {
-                        chunk: piece.rec.digest,
-                        blob: piece.blob.digest,
-                        deadline: self.settings.deadline,
-                    });
-                }
-            };
-            let src = data
-                .get(range.start as usize..range.end as usize)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "chunk {} shorter than its record",
-                        piece.rec.digest
-                    ))
-                })?;
-            out[at..at + src.len()].copy_from_slice(src);
-            // A reader that got to the chunk's end is done with it; once it
-            // is cached, memory need not keep it any longer.
-            if range.end == piece.rec.uncompressed_size && pending.consume() {
-                self.ctx.inflight.forget(piece.key(), &pending);
+        let data = match waits.as_slice() {
+            [whole] if out.is_empty() && whole.2.len() == total => {
+                self.wait_for(ino, whole, deadline)?
             }
-        }
-        Metrics::add(&self.metrics.bytes_read, out.len() as u64);
-        Ok(out)
+            _ => {
+                out.resize(total, 0);
+                for wait in &waits {
+                    let src = self.wait_for(ino, wait, deadline)?;
+                    out[wait.3..wait.3 + src.len()].copy_from_slice(&src);
+                }
+                Bytes::from(out)
+            }
+        };
+        Metrics::add(&self.metrics.bytes_read, data.len() as u64);
+        Ok(data)
     }
 
-    /// Copies the span's cached chunks into `out`; for the others joins the
-    /// fetch in flight or creates one (returned in `leads` for jobs to be
-    /// started). `waits` gets every chunk still to be copied.
+    /// Waits for a chunk until `deadline`; returns the part of it the read needs.
+    fn wait_for(&self, ino: Ino, wait: &Wait, deadline: Instant) -> Result<Bytes, FetchError> {
+        let (piece, pending, range, _) = wait;
+        let data = match pending.wait(deadline) {
+            Some(result) => result?,
+            None => {
+                Metrics::add(&self.metrics.fetch_timeouts, 1);
+                // Later readers start a fresh fetch instead of joining this one.
+                self.ctx.inflight.forget(piece.key(), pending);
+                return Err(FetchError::Timeout {
+                    chunk: piece.rec.digest,
+                    blob: piece.blob.digest,
+                    deadline: self.settings.deadline,
+                });
+            }
+        };
+        let (start, end) = (range.start as usize, range.end as usize);
+        if start > end || end > data.len() {
+            return Err(FetchError::BadFile {
+                ino: ino.0,
+                reason: format!("chunk {} shorter than its record", piece.rec.digest),
+            });
+        }
+        // A reader that got to the chunk's end is done with it; once it is
+        // cached, memory need not keep it any longer.
+        if range.end == piece.rec.uncompressed_size && pending.consume() {
+            self.ctx.inflight.forget(piece.key(), pending);
+        }
+        Ok(data.slice(start..end))
+    }
+
+    /// Copies the span's cached chunks into `out` (sized to `total` bytes
+    /// on the first); for the others joins the fetch in flight or creates
+    /// one (returned in `leads` for jobs to be started). `waits` gets every
+    /// chunk still to be copied.
     fn serve_or_join(
         &self,
         span: &Span,
-        out: &mut [u8],
+        total: usize,
+        out: &mut Vec<u8>,
         waits: &mut Vec<Wait>,
         leads: &mut Vec<Lead>,
     ) -> Result<(), FetchError> {
@@ -322,6 +349,9 @@ impl Fetcher {
                 Metrics::add(counter, 1);
                 waits.push((piece, pending, lo..hi, at));
                 continue;
+            }
+            if out.is_empty() {
+                out.resize(total, 0);
             }
             if cache.read_at(
                 piece.rel,

@@ -4,7 +4,7 @@ use std::time::Duration;
 use lode_common::api::InstanceConfig;
 
 use super::*;
-use crate::testutil::{pattern, ImageBuilder};
+use crate::testutil::{pattern, wait_until, ImageBuilder};
 
 fn options(mode: DaemonMode, mountpoint: &Path) -> HostOptions {
     HostOptions {
@@ -204,13 +204,21 @@ fn dedicated_instance_mounts_serves_metrics_and_unmounts() {
     assert_eq!(fs.bytes_read, data.len() as u64);
     assert!(fs.read_latency.counts.iter().sum::<u64>() > 0);
     assert!(fs.fops["read"].count > 0);
-    let Ok(ApiResponse::BackendMetrics(be)) = host.handle(ApiRequest::BackendMetrics {
-        id: Some("d1".into()),
-    }) else {
-        panic!("no backend metrics");
+    let backend_metrics = || {
+        let Ok(ApiResponse::BackendMetrics(be)) = host.handle(ApiRequest::BackendMetrics {
+            id: Some("d1".into()),
+        }) else {
+            panic!("no backend metrics");
+        };
+        be
     };
-    assert!(be.requests > 0);
-    assert_eq!(be.latency.counts.iter().sum::<u64>(), be.requests);
+    assert!(backend_metrics().requests > 0);
+    // Chunks reach readers while their request still streams; its latency
+    // is recorded when it ends.
+    wait_until("every request's latency recorded", || {
+        let be = backend_metrics();
+        be.latency.counts.iter().sum::<u64>() == be.requests
+    });
     assert!(matches!(
         host.handle(ApiRequest::CacheMetrics {
             id: Some("other".into())

@@ -8,6 +8,7 @@ use lode_common::format::BlobRecord;
 use tracing::{error, warn};
 
 use crate::backend::BlobBackend;
+use crate::bufpool::{BufPool, ChunkBuf};
 use crate::cache::BlobCache;
 use crate::fetch::{FetchError, Piece};
 use crate::inflight::{Inflight, Pending};
@@ -20,6 +21,8 @@ pub(crate) struct JobContext {
     pub(crate) backend: Arc<dyn BlobBackend>,
     pub(crate) inflight: Inflight,
     pub(crate) metrics: Arc<Metrics>,
+    /// Buffers for stored and decoded chunks.
+    pub(crate) pool: Arc<BufPool>,
 }
 
 /// One range request covering chunks adjacent in one blob.
@@ -67,6 +70,116 @@ impl FetchJob {
     }
 }
 
+impl FetchJob {
+    /// Takes a chunk's verified bytes (or its defect) to the readers waiting
+    /// for it and to the cache.
+    fn deliver(&self, idx: usize, decoded: Result<ChunkBuf, ChunkDefect>) {
+        let metrics = &self.ctx.metrics;
+        let (piece, pending) = &self.chunks[idx];
+        let rec = &piece.rec;
+        match decoded {
+            Ok(buf) => {
+                Metrics::add(&metrics.chunks_verified, 1);
+                let data = buf.freeze();
+                // Waiters get the bytes before they are cached; new readers
+                // keep joining the completed fetch at least until the cache
+                // has them.
+                pending.complete(Ok(data.clone()));
+                match self.cache.write_chunk(piece.rel, rec, &data) {
+                    Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
+                    Err(e) => {
+                        Metrics::add(&metrics.cache_write_errors, 1);
+                        warn!(error = %e, "cannot cache chunk; serving it uncached");
+                    }
+                }
+                // Kept for a sequential reader still to come.
+                pending.settle();
+                self.ctx
+                    .inflight
+                    .retain(piece.key(), pending, data.len() as u64);
+            }
+            Err(defect) => {
+                Metrics::add(&metrics.digest_errors, 1);
+                error!(chunk = %rec.digest, blob = %self.blob.digest, defect = %defect, "chunk failed verification");
+                let error = FetchError::Corrupt {
+                    chunk: rec.digest,
+                    blob: self.blob.digest,
+                    defect,
+                };
+                self.ctx.inflight.finish(piece.key(), pending, Err(error));
+            }
+        }
+    }
+}
+
+/// Cuts the stream of a job's range into its chunks and delivers each one
+/// as soon as its last byte is in, so readers of the first chunks need not
+/// wait for the whole range.
+struct Assembly<'a> {
+    job: &'a FetchJob,
+    /// Index of the chunk being filled.
+    next: usize,
+    filling: Option<ChunkBuf>,
+    /// Bytes passed over of a chunk too large for any buffer.
+    skipped: usize,
+}
+
+impl<'a> Assembly<'a> {
+    fn new(job: &'a FetchJob) -> Self {
+        Self {
+            job,
+            next: 0,
+            filling: None,
+            skipped: 0,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        Metrics::add(&self.job.ctx.metrics.bytes_fetched, data.len() as u64);
+        while let Some((piece, _)) = self.job.chunks.get(self.next) {
+            let want = piece.rec.compressed_size as usize;
+            if self.filling.is_none() && self.skipped == 0 {
+                self.filling = self.job.ctx.pool.take(want);
+            }
+            let have = match &mut self.filling {
+                Some(buf) => {
+                    let n = buf.fill_from(&data[..data.len().min(want - buf.len())]);
+                    data = &data[n..];
+                    buf.len()
+                }
+                None => {
+                    let n = data.len().min(want - self.skipped);
+                    data = &data[n..];
+                    self.skipped += n;
+                    self.skipped
+                }
+            };
+            if have < want {
+                return;
+            }
+            let decoded = match self.filling.take() {
+                Some(stored) => decode_chunk(&piece.rec, stored, &self.job.ctx.pool),
+                None => Err(ChunkDefect::StoredOversized(piece.rec.compressed_size)),
+            };
+            self.skipped = 0;
+            self.job.deliver(self.next, decoded);
+            self.next += 1;
+        }
+    }
+
+    /// Fails the chunks not delivered yet.
+    fn fail_rest(&mut self, error: &FetchError) {
+        self.filling = None;
+        for (piece, pending) in &self.job.chunks[self.next.min(self.job.chunks.len())..] {
+            self.job
+                .ctx
+                .inflight
+                .finish(piece.key(), pending, Err(error.clone()));
+        }
+        self.next = self.job.chunks.len();
+    }
+}
+
 impl Job for FetchJob {
     fn run(self: Box<Self>) {
         let metrics = &self.ctx.metrics;
@@ -77,66 +190,27 @@ impl Job for FetchJob {
             Metrics::add(&metrics.readahead_requests, 1);
         }
         let started = std::time::Instant::now();
-        let stored = self.ctx.backend.read_range(&self.blob, offset, len);
+        let mut assembly = Assembly::new(&self);
+        let result = self
+            .ctx
+            .backend
+            .read_range(&self.blob, offset, len, &mut |piece| assembly.feed(piece));
         metrics.backend_latency.record(started.elapsed());
-        let stored = match stored {
-            Ok(bytes) => bytes,
+        match result {
+            // A backend hands over exactly the range, so every chunk is in.
+            Ok(()) => assembly.feed(&[]),
             Err(e) => {
                 Metrics::add(&metrics.backend_errors, 1);
                 error!(blob = %self.blob.digest, offset, len, source = %self.ctx.backend.describe(), error = %e, "range request failed");
-                self.finish_all(FetchError::Backend {
+                assembly.fail_rest(&FetchError::Backend {
                     blob: self.blob.digest,
                     offset,
                     len,
                     source: Arc::new(e),
                 });
-                return;
-            }
-        };
-        Metrics::add(&metrics.bytes_fetched, stored.len() as u64);
-        for (piece, pending) in &self.chunks {
-            let rec = &piece.rec;
-            let start = (rec.compressed_offset - offset) as usize;
-            let end = start + rec.compressed_size as usize;
-            let result = match stored.get(start..end) {
-                Some(_) => decode_chunk(rec, stored.slice(start..end)),
-                None => Err(ChunkDefect::StoredSize {
-                    expected: rec.compressed_size,
-                    actual: stored.len().saturating_sub(start),
-                }),
-            };
-            match result {
-                Ok(data) => {
-                    Metrics::add(&metrics.chunks_verified, 1);
-                    // Waiters get the bytes before they are cached; new readers
-                    // keep joining the completed fetch at least until the
-                    // cache has them.
-                    pending.complete(Ok(data.clone()));
-                    match self.cache.write_chunk(piece.rel, rec, &data) {
-                        Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
-                        Err(e) => {
-                            Metrics::add(&metrics.cache_write_errors, 1);
-                            warn!(error = %e, "cannot cache chunk; serving it uncached");
-                        }
-                    }
-                    // Kept for a sequential reader still to come.
-                    pending.settle();
-                    self.ctx
-                        .inflight
-                        .retain(piece.key(), pending, data.len() as u64);
-                }
-                Err(defect) => {
-                    Metrics::add(&metrics.digest_errors, 1);
-                    error!(chunk = %rec.digest, blob = %self.blob.digest, defect = %defect, "chunk failed verification");
-                    let error = FetchError::Corrupt {
-                        chunk: rec.digest,
-                        blob: self.blob.digest,
-                        defect,
-                    };
-                    self.ctx.inflight.finish(piece.key(), pending, Err(error));
-                }
             }
         }
+        Metrics::add(&metrics.backend_requests_done, 1);
     }
 
     fn cancel(self: Box<Self>) {

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backend;
+mod bufpool;
 pub mod cache;
 pub mod daemon;
 pub mod errno;

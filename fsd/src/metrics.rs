@@ -81,6 +81,10 @@ pub struct Metrics {
     pub prefetch_hits: AtomicU64,
     /// Range requests sent to the blob source.
     pub backend_requests: AtomicU64,
+    /// Range requests that ended, either way. Chunks reach readers while
+    /// their request streams on, so `backend_requests` minus this is the
+    /// number still in progress.
+    pub backend_requests_done: AtomicU64,
     /// Range requests that failed (after the client's own retries).
     pub backend_errors: AtomicU64,
     /// Range requests started by background readahead (also in `backend_requests`).
@@ -116,6 +120,7 @@ pub struct MetricsSnapshot {
     pub inflight_joins: u64,
     pub prefetch_hits: u64,
     pub backend_requests: u64,
+    pub backend_requests_done: u64,
     pub backend_errors: u64,
     pub readahead_requests: u64,
     pub bytes_fetched: u64,
@@ -178,6 +183,7 @@ impl Metrics {
             inflight_joins: get(&self.inflight_joins),
             prefetch_hits: get(&self.prefetch_hits),
             backend_requests: get(&self.backend_requests),
+            backend_requests_done: get(&self.backend_requests_done),
             backend_errors: get(&self.backend_errors),
             readahead_requests: get(&self.readahead_requests),
             bytes_fetched: get(&self.bytes_fetched),

@@ -178,7 +178,7 @@ impl LodeFs {
         ))
     }
 
-    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<bytes::Bytes, FsError> {
         Ok(self.fetcher.read(ino, offset, size)?)
     }
 

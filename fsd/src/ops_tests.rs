@@ -208,8 +208,8 @@ fn read_returns_file_bytes() {
         f.big[CS as usize - 3..][..6]
     );
     assert_eq!(
-        f.fs.read(f.ino("etc/hosts"), 0, 4096).unwrap(),
-        b"127.0.0.1 localhost\n"
+        &f.fs.read(f.ino("etc/hosts"), 0, 4096).unwrap()[..],
+        &b"127.0.0.1 localhost\n"[..]
     );
     assert!(f.fs.read(f.ino("empty"), 0, 4096).unwrap().is_empty());
     assert_eq!(errno(f.fs.read(f.ino("etc"), 0, 10)), Errno::EISDIR);

@@ -58,8 +58,9 @@ impl BlobBackend for SwappableBackend {
         blob: &lode_common::format::BlobRecord,
         offset: u64,
         len: u64,
-    ) -> Result<bytes::Bytes, crate::backend::BackendError> {
-        self.current().read_range(blob, offset, len)
+        sink: &mut crate::backend::Sink<'_>,
+    ) -> Result<(), crate::backend::BackendError> {
+        self.current().read_range(blob, offset, len, sink)
     }
 
     fn describe(&self) -> String {

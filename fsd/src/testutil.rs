@@ -7,14 +7,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lode_common::format::{
     write_bootstrap, BlobIndex, BlobInfo, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord,
     ImageTree, Meta, Node, NodeId, NodeKind,
 };
 use lode_common::Digest;
 
-use crate::backend::{BackendError, BlobBackend, DirBackend};
+use crate::backend::{BackendError, BlobBackend, DirBackend, Sink};
 
 pub const MTIME: i64 = 1_700_000_000;
 
@@ -277,9 +276,15 @@ impl CountingBackend {
 }
 
 impl BlobBackend for CountingBackend {
-    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError> {
         self.calls.lock().unwrap().push((offset, len));
-        self.inner.read_range(blob, offset, len)
+        self.inner.read_range(blob, offset, len, sink)
     }
 
     fn describe(&self) -> String {
@@ -310,13 +315,19 @@ impl GatedBackend {
 }
 
 impl BlobBackend for GatedBackend {
-    fn read_range(&self, blob: &BlobRecord, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError> {
         let mut open = self.open.lock().unwrap();
         while !*open {
             open = self.changed.wait(open).unwrap();
         }
         drop(open);
-        self.inner.read_range(blob, offset, len)
+        self.inner.read_range(blob, offset, len, sink)
     }
 
     fn describe(&self) -> String {

@@ -1,10 +1,12 @@
 //! Turning stored chunk bytes into verified file bytes.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use lode_common::format::{ChunkRecord, MAX_CHUNK_SIZE};
 use lode_common::Digest;
+
+use crate::bufpool::{BufPool, ChunkBuf};
 
 /// Why stored bytes were not accepted as a chunk.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -15,6 +17,8 @@ pub enum ChunkDefect {
     Oversized(u32),
     #[error("raw chunk with stored size {stored} and uncompressed size {uncompressed}")]
     RawSizeMismatch { stored: u32, uncompressed: u32 },
+    #[error("stored size {0} exceeds the image's chunk size")]
+    StoredOversized(u32),
     #[error("zstd: {0}")]
     Decompress(String),
     #[error("decompressed to {actual} bytes, record says {expected}")]
@@ -27,21 +31,30 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Decompresses (if the record says so) and checks length and sha256 against
-/// the record. Decompression never produces more than the record's size, so
-/// a hostile frame cannot make us allocate more than one chunk.
-pub fn decode_chunk(rec: &ChunkRecord, stored: Bytes) -> Result<Bytes, ChunkDefect> {
+/// Decompresses (if the record says so) into a buffer from `pool` and checks
+/// length and sha256 against the record. Decompression never produces more
+/// than the record's size, so a hostile frame cannot make us allocate more
+/// than one chunk.
+pub fn decode_chunk(
+    rec: &ChunkRecord,
+    stored: ChunkBuf,
+    pool: &Arc<BufPool>,
+) -> Result<ChunkBuf, ChunkDefect> {
     if stored.len() != rec.compressed_size as usize {
         return Err(ChunkDefect::StoredSize {
             expected: rec.compressed_size,
             actual: stored.len(),
         });
     }
-    if rec.uncompressed_size > MAX_CHUNK_SIZE {
+    let size = rec.uncompressed_size as usize;
+    if rec.uncompressed_size > MAX_CHUNK_SIZE || size > pool.capacity() {
         return Err(ChunkDefect::Oversized(rec.uncompressed_size));
     }
     let data = if rec.compressed {
-        let out = DECOMPRESSOR.with(|cell| {
+        let mut out = pool
+            .take(size)
+            .ok_or(ChunkDefect::Oversized(rec.uncompressed_size))?;
+        let written = DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             let decompressor = match slot.as_mut() {
                 Some(d) => d,
@@ -51,10 +64,11 @@ pub fn decode_chunk(rec: &ChunkRecord, stored: Bytes) -> Result<Bytes, ChunkDefe
                 ),
             };
             decompressor
-                .decompress(&stored, rec.uncompressed_size as usize)
+                .decompress_to_buffer(stored.as_slice(), &mut out.space()[..size])
                 .map_err(|e| ChunkDefect::Decompress(e.to_string()))
         })?;
-        Bytes::from(out)
+        out.set_len(written);
+        out
     } else {
         if rec.compressed_size != rec.uncompressed_size {
             return Err(ChunkDefect::RawSizeMismatch {
@@ -64,13 +78,13 @@ pub fn decode_chunk(rec: &ChunkRecord, stored: Bytes) -> Result<Bytes, ChunkDefe
         }
         stored
     };
-    if data.len() != rec.uncompressed_size as usize {
+    if data.len() != size {
         return Err(ChunkDefect::Length {
             expected: rec.uncompressed_size,
             actual: data.len(),
         });
     }
-    let actual = Digest::of(&data);
+    let actual = Digest::of(data.as_slice());
     if actual != rec.digest {
         return Err(ChunkDefect::Digest { actual });
     }
@@ -81,6 +95,16 @@ pub fn decode_chunk(rec: &ChunkRecord, stored: Bytes) -> Result<Bytes, ChunkDefe
 mod tests {
     use super::*;
     use lode_common::format::BlobIndex;
+
+    const CAPACITY: usize = 64 << 10;
+
+    /// Decodes `stored` with a pool of 64 KiB buffers.
+    fn decode(rec: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, ChunkDefect> {
+        let pool = BufPool::new(CAPACITY);
+        let mut buf = pool.take(stored.len().min(CAPACITY)).unwrap();
+        buf.fill_from(stored);
+        decode_chunk(rec, buf, &pool).map(|b| b.as_slice().to_vec())
+    }
 
     fn record(data: &[u8], stored: &[u8], compressed: bool) -> ChunkRecord {
         ChunkRecord {
@@ -98,10 +122,10 @@ mod tests {
     fn accepts_raw_and_zstd_chunks() {
         let data = b"hello hello hello hello".repeat(100);
         let rec = record(&data, &data, false);
-        assert_eq!(decode_chunk(&rec, Bytes::from(data.clone())).unwrap(), data);
+        assert_eq!(decode(&rec, &data.clone()).unwrap(), data);
         let z = zstd::bulk::compress(&data, 3).unwrap();
         let rec = record(&data, &z, true);
-        assert_eq!(decode_chunk(&rec, Bytes::from(z)).unwrap(), data);
+        assert_eq!(decode(&rec, &z).unwrap(), data);
     }
 
     #[test]
@@ -111,11 +135,11 @@ mod tests {
         other[500] = 2;
         let rec = record(&data, &data, false);
         assert!(matches!(
-            decode_chunk(&rec, Bytes::from(other)),
+            decode(&rec, &other),
             Err(ChunkDefect::Digest { .. })
         ));
         assert!(matches!(
-            decode_chunk(&rec, Bytes::from(vec![1u8; 999])),
+            decode(&rec, &vec![1u8; 999]),
             Err(ChunkDefect::StoredSize { .. })
         ));
     }
@@ -127,12 +151,12 @@ mod tests {
         let mut rec = record(&data, &z, true);
         rec.uncompressed_size = 5_000;
         assert!(matches!(
-            decode_chunk(&rec, Bytes::from(z.clone())),
+            decode(&rec, &z.clone()),
             Err(ChunkDefect::Decompress(_))
         ));
         rec.uncompressed_size = 20_000;
         assert!(matches!(
-            decode_chunk(&rec, Bytes::from(z)),
+            decode(&rec, &z),
             Err(ChunkDefect::Length { actual: 10_000, .. })
         ));
     }
@@ -142,12 +166,12 @@ mod tests {
         let data = vec![3u8; 4096];
         for garbage in [vec![], vec![0u8; 17], b"\x28\xb5\x2f\xfd garbage".to_vec()] {
             let rec = record(&data, &garbage, true);
-            assert!(decode_chunk(&rec, Bytes::from(garbage)).is_err());
+            assert!(decode(&rec, &garbage).is_err());
         }
         let mut rec = record(&data, &data, true);
         rec.uncompressed_size = u32::MAX;
         assert!(matches!(
-            decode_chunk(&rec, Bytes::from(data)),
+            decode(&rec, &data),
             Err(ChunkDefect::Oversized(_))
         ));
     }

@@ -356,6 +356,7 @@ fn mount_fetches_only_what_is_read_and_keeps_it_across_remounts() {
 
         let data = std::fs::read(mount.join(FOUR_K_FILE)).unwrap();
         assert_eq!(data, pseudo_random_bytes(FOUR_K_SEED, 0, 4096));
+        mount.wait_fetches_settled().unwrap();
         let after_small = f.data_traffic();
         let delta = traffic_delta(&walked, &after_small);
         let (requests, bytes) = total(&delta);
@@ -373,6 +374,7 @@ fn mount_fetches_only_what_is_read_and_keeps_it_across_remounts() {
             digest,
             Digest::of(&pseudo_random_bytes(BIG_SEED, 0, BIG_SIZE as usize))
         );
+        mount.wait_fetches_settled().unwrap();
         let after_big = f.data_traffic();
         let delta = traffic_delta(&after_small, &after_big);
         let (_, bytes) = total(&delta);
@@ -434,6 +436,7 @@ fn mount_fetches_only_what_is_read_and_keeps_it_across_remounts() {
     );
     let data = std::fs::read(mount.join(FOUR_K_FILE)).unwrap();
     assert_eq!(data, pseudo_random_bytes(FOUR_K_SEED, 0, 4096));
+    mount.wait_fetches_settled().unwrap();
     let delta = traffic_delta(&before, &f.data_traffic());
     assert_eq!(
         total(&delta),

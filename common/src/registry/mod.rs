@@ -199,6 +199,23 @@ impl RegistryClient {
             .await
     }
 
+    /// Like [`Self::pull_blob_range`], but hands the bytes to `sink` in
+    /// order as they arrive instead of collecting them. A transient failure
+    /// resumes the request where `sink` stopped; after an error `sink` may
+    /// have had a prefix of the range.
+    pub async fn pull_blob_range_with(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), RegistryError> {
+        self.inner
+            .pull_blob_range_with(reference, digest, offset, len, sink)
+            .await
+    }
+
     pub async fn blob_exists(
         &self,
         reference: &Reference,

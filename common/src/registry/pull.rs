@@ -100,13 +100,18 @@ impl Transport {
         Ok(exists)
     }
 
-    pub(crate) async fn pull_blob_range(
+    /// Streams exactly `len` bytes at `offset` of a blob to `sink`, in order,
+    /// in pieces as they arrive. A transient failure resumes the request at
+    /// the first byte `sink` has not had, so no byte reaches it twice; after
+    /// an error `sink` may have had a prefix of the range.
+    pub(crate) async fn pull_blob_range_with(
         &self,
         reference: &Reference,
         digest: &Digest,
         offset: u64,
         len: u64,
-    ) -> Result<Bytes, RegistryError> {
+        sink: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<(), RegistryError> {
         let target = Target::BlobRange {
             digest,
             offset,
@@ -119,44 +124,84 @@ impl Transport {
             expected: len,
             actual,
         };
+        let refused = |message: String| {
+            AttemptError::Fatal(RegistryError::Request {
+                reference: reference.to_string(),
+                what: target.to_string(),
+                message,
+            })
+        };
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(());
         }
         let last = offset.checked_add(len - 1).ok_or_else(|| short(0))?;
-        let capacity = usize::try_from(len).map_err(|_| short(0))?;
         let endpoint = self.endpoint(reference, Access::Pull);
         let url = endpoint.blob_url(digest);
-        let range = format!("bytes={offset}-{last}");
-        let data = retrying!(self, &endpoint, target, |auth| {
+        let timeout = self.options.request_timeout;
+        let mut received = 0u64;
+        retrying!(self, &endpoint, target, |auth| {
+            let start = offset + received;
             let response = self
-                .request(Method::GET, &url, auth.as_ref())
-                .header(RANGE, &range)
-                .send()
-                .await?;
-            let response =
-                expect_status(response, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK]).await?;
-            // A 200 carries the whole blob: acceptable only if that is the range.
-            if response.status() == StatusCode::OK
-                && !(offset == 0 && response.content_length() == Some(len))
-            {
-                return Err(AttemptError::Fatal(RegistryError::Request {
-                    reference: reference.to_string(),
-                    what: target.to_string(),
-                    message: "registry ignored the Range header (HTTP 200 with the whole blob)"
-                        .to_owned(),
-                }));
-            }
-            if let Some(announced) = response.content_length().filter(|n| *n != len) {
-                return Err(AttemptError::Fatal(short(announced)));
-            }
-            read_exact_body(response, capacity)
+                .unbounded_request(Method::GET, &url, auth.as_ref())
+                .header(RANGE, format!("bytes={start}-{last}"))
+                .send();
+            let response = tokio::time::timeout(timeout, response)
                 .await
-                .map_err(|e| match e {
-                    BodyError::Transport(e) => AttemptError::Transport(e),
-                    BodyError::Length(actual) => AttemptError::Fatal(short(actual)),
-                })
+                .map_err(|_| AttemptError::Timeout)??;
+            let mut response =
+                expect_status(response, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK]).await?;
+            if response.status() == StatusCode::OK {
+                // A 200 carries the whole blob: acceptable only if that is the range.
+                if !(start == 0 && response.content_length() == Some(len)) {
+                    return Err(refused(
+                        "registry ignored the Range header (HTTP 200 with the whole blob)"
+                            .to_owned(),
+                    ));
+                }
+            } else if !resumes_at(&response, start) {
+                return Err(refused(format!(
+                    "registry answered a request for bytes {start}-{last} with another range"
+                )));
+            }
+            let remaining = len - received;
+            if let Some(announced) = response.content_length().filter(|n| *n != remaining) {
+                return Err(AttemptError::Fatal(short(
+                    received.saturating_add(announced),
+                )));
+            }
+            while let Some(piece) = tokio::time::timeout(timeout, response.chunk())
+                .await
+                .map_err(|_| AttemptError::Timeout)??
+            {
+                let total = received.saturating_add(piece.len() as u64);
+                if total > len {
+                    return Err(AttemptError::Fatal(short(total)));
+                }
+                sink(&piece);
+                received = total;
+            }
+            if received != len {
+                return Err(AttemptError::Fatal(short(received)));
+            }
+            Ok(())
         });
-        Ok(data)
+        Ok(())
+    }
+
+    pub(crate) async fn pull_blob_range(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, RegistryError> {
+        // Capacity grows with what arrives, not with what the caller claims.
+        let mut buf = BytesMut::with_capacity(usize::try_from(len.min(1 << 20)).unwrap_or(0));
+        self.pull_blob_range_with(reference, digest, offset, len, &mut |piece| {
+            buf.extend_from_slice(piece)
+        })
+        .await?;
+        Ok(buf.freeze())
     }
 
     /// Downloads a whole blob into `sink`, resuming with a Range request
@@ -269,43 +314,6 @@ fn resumes_at(response: &Response, offset: u64) -> bool {
         .and_then(|v| v.strip_prefix("bytes "))
         .and_then(|v| v.split_once('-'))
         .is_some_and(|(start, _)| start.trim().parse::<u64>() == Ok(offset))
-}
-
-enum BodyError {
-    Transport(reqwest::Error),
-    Length(u64),
-}
-
-/// Reads a body that must be exactly `len` bytes. A body arriving in one
-/// chunk is returned without copying.
-async fn read_exact_body(mut response: Response, len: usize) -> Result<Bytes, BodyError> {
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    let mut received = 0usize;
-    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
-        received = received.saturating_add(chunk.len());
-        if received > len {
-            return Err(BodyError::Length(received as u64));
-        }
-        match (&mut joined, first.take()) {
-            (Some(buf), _) => buf.extend_from_slice(&chunk),
-            (None, None) => first = Some(chunk),
-            (None, Some(previous)) => {
-                let mut buf = BytesMut::with_capacity(len);
-                buf.extend_from_slice(&previous);
-                buf.extend_from_slice(&chunk);
-                joined = Some(buf);
-            }
-        }
-    }
-    if received != len {
-        return Err(BodyError::Length(received as u64));
-    }
-    Ok(match (joined, first) {
-        (Some(buf), _) => buf.freeze(),
-        (None, Some(chunk)) => chunk,
-        (None, None) => Bytes::new(),
-    })
 }
 
 /// Where a whole-blob download goes.

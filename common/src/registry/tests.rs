@@ -197,6 +197,57 @@ async fn gives_up_after_max_retries_naming_reference_and_digest() {
 }
 
 #[tokio::test]
+async fn cut_off_range_resumes_where_the_sink_stopped() {
+    let server = FakeServer::start(|req, i| {
+        let mut response = range_response(req);
+        if i == 0 {
+            response.cut_after = Some(3);
+        }
+        response
+    })
+    .await;
+    let c = client(2000, 2);
+    let mut seen = Vec::new();
+    c.pull_blob_range_with(&server.reference("app"), &digest(), 5, 10, &mut |piece| {
+        seen.extend_from_slice(piece)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&seen[..], &BLOB[5..15], "every byte once, in order");
+    let ranges: Vec<_> = server
+        .requests()
+        .iter()
+        .map(|r| r.header("range").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ranges, ["bytes=5-14", "bytes=8-14"]);
+}
+
+#[tokio::test]
+async fn resume_answered_with_another_range_is_refused() {
+    let server = FakeServer::start(|req, i| {
+        if i == 0 {
+            let mut response = range_response(req);
+            response.cut_after = Some(2);
+            response
+        } else {
+            // Starts over at the original offset instead of resuming.
+            FakeResponse::new(206, &BLOB[0..4]).header("Content-Range", "bytes 0-3/36")
+        }
+    })
+    .await;
+    let c = client(2000, 2);
+    let mut seen = Vec::new();
+    let err = c
+        .pull_blob_range_with(&server.reference("app"), &digest(), 0, 4, &mut |piece| {
+            seen.extend_from_slice(piece)
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another range"), "{err}");
+    assert_eq!(&seen[..], &BLOB[0..2], "nothing twice");
+}
+
+#[tokio::test]
 async fn hanging_server_times_out_within_the_deadline() {
     let server = FakeServer::start(|_, _| FakeResponse::hang()).await;
     let start = Instant::now();

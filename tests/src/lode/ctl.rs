@@ -270,6 +270,14 @@ impl LodeMount {
         request_metrics(self.record().pid, &self.record().log)
     }
 
+    /// Waits until every range request the daemon started has ended.
+    pub fn wait_fetches_settled(&self) -> Result<(), KitError> {
+        wait_until(Duration::from_secs(30), "range requests to end", || {
+            self.metrics()
+                .is_ok_and(|m| super::fsd::fetches_settled(&m))
+        })
+    }
+
     /// `lodectl umount`; fails if the mount or the daemon outlives it.
     pub fn umount(mut self) -> Result<(), KitError> {
         self.mounted = false;

@@ -296,6 +296,13 @@ pub fn counter(metrics: &Value, name: &str) -> u64 {
     metrics[name].as_u64().unwrap_or(0)
 }
 
+/// Whether every range request the daemon started has ended. A read
+/// returns as soon as its chunks are in, while the rest of their request
+/// may still stream (and be missing from the registry's access log).
+pub fn fetches_settled(metrics: &Value) -> bool {
+    counter(metrics, "backend_requests") == counter(metrics, "backend_requests_done")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
