@@ -80,7 +80,7 @@ impl Default for FetchConfig {
         Self {
             merge_limit_bytes: 4 * MIB,
             readahead_bytes: 64 * MIB,
-            readahead_request_bytes: 16 * MIB,
+            readahead_request_bytes: 32 * MIB,
             deadline_secs: 30,
             workers: 8,
         }

@@ -277,10 +277,26 @@ impl Fetcher {
                 self.wait_for(ino, whole, deadline)?
             }
             _ => {
-                out.resize(total, 0);
+                // Without cache hits the waits cover the span in order and
+                // are appended; nothing needs zeroing first.
+                out.reserve_exact(total - out.len());
                 for wait in &waits {
                     let src = self.wait_for(ino, wait, deadline)?;
-                    out[wait.3..wait.3 + src.len()].copy_from_slice(&src);
+                    let at = wait.3;
+                    if at == out.len() {
+                        out.extend_from_slice(&src);
+                    } else if let Some(dst) = out.get_mut(at..at + src.len()) {
+                        dst.copy_from_slice(&src);
+                    }
+                }
+                if out.len() != total {
+                    return Err(FetchError::BadFile {
+                        ino: ino.0,
+                        reason: format!(
+                            "chunks of a read add up to {} of {total} bytes",
+                            out.len()
+                        ),
+                    });
                 }
                 Bytes::from(out)
             }
