@@ -6,15 +6,17 @@
 //! at a [`DIRECT_ALIGN`] boundary so the cache can write them with O_DIRECT
 //! as they are.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
 /// Alignment of buffer starts (O_DIRECT needs the logical block size).
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Idle buffers kept for reuse, in bytes; more are freed on return.
-const IDLE_BYTES: usize = 64 << 20;
+/// Idle buffers kept for reuse, in bytes; more are freed on return. Buffers
+/// cycle between the network and readers, so a few idle ones already absorb
+/// the difference between frees and allocations.
+const IDLE_BYTES: usize = 32 << 20;
 
 /// A pool of equally sized buffers.
 pub struct BufPool {
@@ -31,6 +33,25 @@ impl BufPool {
             max_idle: (IDLE_BYTES / capacity.max(1)).max(4),
             idle: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The process's pool of `capacity`-byte buffers, shared by every
+    /// instance whose chunks fit that size, so that idle memory does not grow
+    /// with the number of instances.
+    pub fn shared(capacity: usize) -> Arc<Self> {
+        static POOLS: Mutex<Vec<Weak<BufPool>>> = Mutex::new(Vec::new());
+        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|pool| pool.strong_count() > 0);
+        if let Some(pool) = pools
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|pool| pool.capacity == capacity)
+        {
+            return pool;
+        }
+        let pool = Self::new(capacity);
+        pools.push(Arc::downgrade(&pool));
+        pool
     }
 
     pub fn capacity(&self) -> usize {
@@ -148,6 +169,19 @@ mod tests {
         let again = pool.take(5).unwrap();
         assert_eq!(again.as_slice().as_ptr(), first, "the same memory");
         assert_eq!(again.len(), 0);
+    }
+
+    #[test]
+    fn instances_with_one_chunk_size_share_a_pool() {
+        let a = BufPool::shared(12_345);
+        let b = BufPool::shared(12_345);
+        let other = BufPool::shared(12_346);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &other));
+        let buf = a.take(1).unwrap();
+        drop((a, b));
+        // A buffer in use keeps its pool alive, and it is found again.
+        assert!(Arc::ptr_eq(&BufPool::shared(12_345), &buf.pool));
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl Fetcher {
         // A chunk holds at most the image's chunk size; stored, it may be a
         // zstd frame a little larger than that (zstd's compress bound).
         let chunk_size = bootstrap.chunk_size().min(MAX_CHUNK_SIZE) as usize;
-        let pool = BufPool::new(chunk_size + chunk_size / 128 + 1024);
+        let pool = BufPool::shared(chunk_size + chunk_size / 128 + 1024);
         let blob_caches = (0..bootstrap.blob_count())
             .map(|_| OnceLock::new())
             .collect();
