@@ -23,7 +23,6 @@ use lode_common::format::{
 };
 use lode_common::Digest;
 use lode_config::FetchConfig;
-use tracing::debug;
 
 use crate::backend::{BackendError, BlobBackend};
 use crate::bufpool::BufPool;
@@ -127,15 +126,6 @@ impl Piece {
     }
 }
 
-/// Per-file sequential-read tracking (process-local; the kernel depends on none of it).
-#[derive(Clone, Copy, Debug, Default)]
-struct Stream {
-    /// End offset of the previous read.
-    next: u64,
-    /// File chunks before this index have had readahead scheduled.
-    ra_until: u32,
-}
-
 /// The part of a file one read covers.
 struct Span {
     ino: Ino,
@@ -159,10 +149,6 @@ struct Lead {
     cache: Arc<BlobCache>,
 }
 
-/// Streams tracked at most; beyond this the table is cleared (a reader that
-/// loses its entry only loses readahead until its next read).
-const MAX_STREAMS: usize = 4096;
-
 /// Serves file reads of one image instance.
 pub struct Fetcher {
     bootstrap: Arc<Bootstrap>,
@@ -172,7 +158,7 @@ pub struct Fetcher {
     pool: WorkerPool,
     metrics: Arc<Metrics>,
     settings: FetchSettings,
-    streams: Mutex<HashMap<u64, Stream>>,
+    streams: Mutex<HashMap<u64, readahead::Stream>>,
 }
 
 impl Fetcher {
@@ -530,95 +516,12 @@ impl Fetcher {
             background,
         }
     }
-
-    /// Records the read and says whether it continues the previous one.
-    fn is_sequential(&self, ino: Ino, offset: u64, end: u64, cs: u64) -> bool {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if streams.len() >= MAX_STREAMS && !streams.contains_key(&ino.0) {
-            streams.clear();
-        }
-        let stream = streams.entry(ino.0).or_default();
-        // Kernel readahead requests run on several threads and may arrive a
-        // little out of order; anything within a chunk of the previous end counts.
-        let sequential = stream.next > 0 && offset.abs_diff(stream.next) <= cs;
-        if sequential {
-            stream.next = stream.next.max(end);
-        } else {
-            stream.next = end;
-            stream.ra_until = 0;
-        }
-        sequential
-    }
-
-    /// Queues background jobs for the file's missing chunks from `from` up to
-    /// `readahead` bytes ahead, continuing where the previous call stopped.
-    fn readahead(&self, ino: Ino, file_size: u64, chunk_count: u32, from: u32) {
-        let cs = u64::from(self.bootstrap.chunk_size());
-        let window = u32::try_from(self.settings.readahead.div_ceil(cs)).unwrap_or(u32::MAX);
-        let target = from.saturating_add(window).min(chunk_count);
-        let start = {
-            let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-            streams.get(&ino.0).map_or(from, |s| s.ra_until.max(from))
-        };
-        // Top the window up only once a whole merged request's worth has been
-        // consumed, so background requests are full-sized rather than one
-        // chunk per read.
-        let merge_chunks = u32::try_from(self.settings.readahead_request / cs)
-            .unwrap_or(u32::MAX)
-            .max(1);
-        if start < target && start > from && target - start < merge_chunks.min(window) {
-            return;
-        }
-        let max_queued = self.settings.workers * 2;
-        let mut idx = start;
-        let mut job: Option<FetchJob> = None;
-        while idx < target {
-            if job.is_none() && self.pool.background_queued() >= max_queued {
-                break;
-            }
-            let Ok(piece) = self.piece(ino, idx, file_size) else {
-                break;
-            };
-            let Ok(cache) = self.blob_cache(&piece) else {
-                break;
-            };
-            let cached = cache.is_present(piece.rel);
-            if cached {
-                cache.will_need(piece.rel, &piece.rec);
-            }
-            let skip = cached || self.ctx.inflight.contains(&piece.key());
-            if let Some(j) = job.as_mut() {
-                if skip || !j.accepts(&piece, self.settings.readahead_request) {
-                    self.submit_background(job.take());
-                }
-            }
-            if !skip {
-                if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
-                    match job.as_mut() {
-                        Some(j) => j.push(piece, pending),
-                        None => job = Some(self.new_job(piece, pending, cache, true)),
-                    }
-                }
-            }
-            idx += 1;
-        }
-        self.submit_background(job);
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(stream) = streams.get_mut(&ino.0) {
-            stream.ra_until = stream.ra_until.max(idx);
-        }
-    }
-
-    fn submit_background(&self, job: Option<FetchJob>) {
-        if let Some(job) = job {
-            debug!(blob = %job.blob.digest, chunks = job.chunks.len(), "readahead");
-            self.pool.submit(Priority::Background, Box::new(job));
-        }
-    }
 }
 
 #[path = "fetch_neighbours.rs"]
 mod neighbours;
+#[path = "fetch_readahead.rs"]
+mod readahead;
 
 #[cfg(test)]
 #[path = "fetch_tests.rs"]

@@ -1,6 +1,7 @@
-//! One fetch job: a range request for chunks adjacent in one blob, then
-//! decompression, verification and caching of each chunk, and delivery of its
-//! bytes (or error) to every reader waiting for it.
+//! One fetch job: a range request for chunks adjacent in one blob. As the
+//! response streams in, each chunk is decompressed, verified, handed to
+//! every reader waiting for it (or failed for them) and cached, without
+//! waiting for the rest of the range.
 
 use std::sync::Arc;
 
