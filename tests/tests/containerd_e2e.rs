@@ -406,7 +406,12 @@ fn failover_cycles(options: SnapshotterOptions, kills: usize) {
     let log = s.start_reader("lazy", "reader");
     for kill in 1..=kills {
         let pids = s.snapshotter.daemon_pids();
-        assert_eq!(pids.len(), 1, "one daemon serves the image: {pids:?}");
+        assert_eq!(
+            pids.len(),
+            1,
+            "kill {kill}: one daemon serves the image: {pids:?}\n{}",
+            s.snapshotter.log()
+        );
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pids[0] as i32),
             nix::sys::signal::Signal::SIGKILL,
@@ -493,10 +498,12 @@ fn daemon_kill_with_restart_serves_new_reads() {
         "second",
         "cat /data/motd; head -c 4096 /data/big | sha256sum",
     );
-    assert!(out.contains("hello from lode"), "{out}");
     assert!(
-        out.contains(&sha256_hex(&pseudo_random_bytes(7, 0, 4096))),
-        "{out}"
+        out.contains("hello from lode")
+            && out.contains(&sha256_hex(&pseudo_random_bytes(7, 0, 4096))),
+        "{out}\nsnapshotter log:\n{}\ndaemon log:\n{}",
+        s.snapshotter.log(),
+        s.snapshotter.daemon_log("shared")
     );
 }
 

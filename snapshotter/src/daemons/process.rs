@@ -81,7 +81,8 @@ pub fn spawn(launch: &Launch<'_>) -> Result<u32, DaemonError> {
 }
 
 /// Waits until the daemon's API answers with one of `states`; fails early
-/// when its process exits.
+/// when its process exits. `pid` is a daemon known to be ours (just spawned,
+/// or checked with [`is_live_fsd`]).
 pub async fn wait_for_states(
     client: &DaemonClient,
     daemon_id: &str,
@@ -90,7 +91,7 @@ pub async fn wait_for_states(
     timeout: Duration,
 ) -> Result<DaemonState, DaemonError> {
     client
-        .wait_for_states(states, Instant::now() + timeout, || !is_live_fsd(pid))
+        .wait_for_states(states, Instant::now() + timeout, || has_exited(pid))
         .await
         .map(|info| info.state)
         .map_err(|e| DaemonError::Daemon {
@@ -148,16 +149,28 @@ pub fn is_live_fsd(pid: u32) -> bool {
             argv0.ends_with(b"lode-fsd")
         })
         .unwrap_or(false)
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| {
-                !stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(false)
+        && !has_exited(pid)
+}
+
+/// Whether `pid` is gone or a zombie. Unlike [`is_live_fsd`] this does not
+/// read the command line, which is empty for a moment while a process just
+/// spawned is still being exec'd: a daemon we started ourselves must not
+/// look dead then.
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself contain them.
+        Ok(stat) => matches!(
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next(),
+            Some('Z' | 'X') | None
+        ),
+        Err(_) => true,
+    }
 }
 
 /// Detaches whatever is mounted at `path` (a dead daemon's FUSE mount);
@@ -197,4 +210,29 @@ pub async fn stop(record: &DaemonRecord) {
     detach_mount(record.mountpoint.clone()).await;
     let _ = std::fs::remove_file(&record.apisock);
     let _ = std::fs::remove_file(&record.supervisor);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_is_told_from_the_process_state() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(!has_exited(pid));
+        assert!(!is_live_fsd(pid), "sleep is not lode-fsd");
+        child.kill().unwrap();
+        // Not reaped yet: a zombie has exited too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_exited(pid) {
+            assert!(Instant::now() < deadline, "killed child never exited");
+            std::thread::yield_now();
+        }
+        child.wait().unwrap();
+        assert!(has_exited(pid), "reaped");
+    }
 }
