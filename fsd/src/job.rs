@@ -62,16 +62,15 @@ impl FetchJob {
         self.chunks.push((piece, pending));
     }
 
-    fn finish_all(&self, error: FetchError) {
-        for (piece, pending) in &self.chunks {
+    /// Fails chunk `first` and those after it for their readers.
+    fn finish_from(&self, first: usize, error: &FetchError) {
+        for (piece, pending) in self.chunks.get(first..).unwrap_or_default() {
             self.ctx
                 .inflight
                 .finish(piece.key(), pending, Err(error.clone()));
         }
     }
-}
 
-impl FetchJob {
     /// Takes a chunk's verified bytes (or its defect) to the readers waiting
     /// for it and to the cache.
     fn deliver(&self, idx: usize, decoded: Result<ChunkBuf, ChunkDefect>) {
@@ -171,12 +170,7 @@ impl<'a> Assembly<'a> {
     /// Fails the chunks not delivered yet.
     fn fail_rest(&mut self, error: &FetchError) {
         self.filling = None;
-        for (piece, pending) in &self.job.chunks[self.next.min(self.job.chunks.len())..] {
-            self.job
-                .ctx
-                .inflight
-                .finish(piece.key(), pending, Err(error.clone()));
-        }
+        self.job.finish_from(self.next, error);
         self.next = self.job.chunks.len();
     }
 }
@@ -198,7 +192,9 @@ impl Job for FetchJob {
             .read_range(&self.blob, offset, len, &mut |piece| assembly.feed(piece));
         metrics.backend_latency.record(started.elapsed());
         match result {
-            // A backend hands over exactly the range, so every chunk is in.
+            // A backend hands over exactly the range, so every chunk with
+            // stored bytes is in; this delivers trailing ones of stored size
+            // 0 (a corrupt record), which no byte completes.
             Ok(()) => assembly.feed(&[]),
             Err(e) => {
                 Metrics::add(&metrics.backend_errors, 1);
@@ -216,9 +212,12 @@ impl Job for FetchJob {
 
     fn cancel(self: Box<Self>) {
         let (piece, _) = &self.chunks[0];
-        self.finish_all(FetchError::Shutdown {
-            chunk: piece.rec.digest,
-            blob: self.blob.digest,
-        });
+        self.finish_from(
+            0,
+            &FetchError::Shutdown {
+                chunk: piece.rec.digest,
+                blob: self.blob.digest,
+            },
+        );
     }
 }

@@ -122,7 +122,7 @@ mod tests {
     fn accepts_raw_and_zstd_chunks() {
         let data = b"hello hello hello hello".repeat(100);
         let rec = record(&data, &data, false);
-        assert_eq!(decode(&rec, &data.clone()).unwrap(), data);
+        assert_eq!(decode(&rec, &data).unwrap(), data);
         let z = zstd::bulk::compress(&data, 3).unwrap();
         let rec = record(&data, &z, true);
         assert_eq!(decode(&rec, &z).unwrap(), data);
@@ -150,10 +150,7 @@ mod tests {
         let z = zstd::bulk::compress(&data, 3).unwrap();
         let mut rec = record(&data, &z, true);
         rec.uncompressed_size = 5_000;
-        assert!(matches!(
-            decode(&rec, &z.clone()),
-            Err(ChunkDefect::Decompress(_))
-        ));
+        assert!(matches!(decode(&rec, &z), Err(ChunkDefect::Decompress(_))));
         rec.uncompressed_size = 20_000;
         assert!(matches!(
             decode(&rec, &z),
