@@ -13,7 +13,7 @@ use lode_common::format::{
 };
 use lode_common::registry::{RegistryClient, RegistryOptions};
 use lode_common::{digest::Hasher, Digest};
-use lode_fsd::backend::BlobSource;
+use lode_fsd::read::backend::BlobSource;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

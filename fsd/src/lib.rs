@@ -1,38 +1,22 @@
-//! `lode-fsd`: serves a Lode image instance over FUSE, read-only, fetching file
-//! data lazily from a registry (or a local blob directory) and keeping verified
-//! chunks in a persistent cache.
+//! `lode-fsd`: serves Lode image instances read-only over FUSE, fetching file
+//! data lazily from a registry (or a local blob directory) and keeping
+//! verified chunks in a persistent cache.
 //!
-//! - [`ops`]: the filesystem's logic as plain functions returning errnos;
-//!   [`fuse`] adapts it to `fuser::Filesystem`.
-//! - [`fetch`]: the read path (cache, merged range requests, readahead,
-//!   in-flight dedup, deadlines) over a [`backend::BlobBackend`] and the
-//!   [`cache::ChunkCache`].
-//! - [`mount`]: mounting and unmounting, kept apart from the filesystem type.
-//! - [`daemon`]: wires it together for the `lode-fsd` binary.
+//! A request goes: the kernel → [`fs::adapter`] (one `fuser::Filesystem`
+//! for every mode) → [`fs::table`] (which instance an inode belongs to) →
+//! [`fs::ops`] of that [`instance`] → its [`read`] path (cache, range
+//! requests, verification). [`host`] owns the instances, the connection and
+//! the main loop; [`api`] is its control socket; [`takeover`] hands the
+//! connection to a successor; [`mount`] mounts and unmounts.
 
-pub mod api;
-pub mod backend;
-mod bufpool;
-pub mod cache;
-pub mod daemon;
-pub mod errno;
-pub mod fetch;
-pub mod fuse;
-mod inflight;
-pub mod inode_map;
-pub mod instances;
-mod job;
-pub mod latency;
-pub mod managed;
-pub mod metrics;
-pub mod mount;
-pub mod ops;
-mod pool;
-pub mod shared;
-pub mod shared_host;
-pub mod state;
-pub mod takeover;
-mod verify;
+pub(crate) mod api;
+pub(crate) mod fs;
+pub mod host;
+pub(crate) mod instance;
+pub(crate) mod metrics;
+pub(crate) mod mount;
+pub mod read;
+pub(crate) mod takeover;
 
 #[cfg(test)]
 mod testutil;

@@ -1,4 +1,4 @@
-//! `lode-fsd`: mounts one Lode image instance read-only over FUSE.
+//! `lode-fsd`: serves Lode image instances read-only over FUSE.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -7,11 +7,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use lode_common::api::{DaemonMode, InstanceConfig, MountRequest};
 use lode_config::FsdConfig;
-use lode_fsd::backend::BlobSource;
-use lode_fsd::daemon::{self, DaemonOptions};
-use lode_fsd::instances::HostOptions;
-use lode_fsd::managed::{self, ManagedOptions};
-use lode_fsd::takeover::Failover;
+use lode_fsd::host::{self, HostOptions, RunOptions};
+use lode_fsd::read::backend::BlobSource;
 
 /// Serves a Lode image read-only over FUSE, fetching file data lazily.
 ///
@@ -23,9 +20,10 @@ use lode_fsd::takeover::Failover;
 /// SIGTERM or SIGINT unmounts and exits 0 once the kernel ends the session;
 /// a mount still in use is detached lazily and served until its last user
 /// lets go, and a second SIGTERM/SIGINT then aborts the FUSE connection.
-/// SIGUSR1 logs the metrics as JSON. SIGUSR2 exits without unmounting: with
-/// --supervisor, a successor started with --takeover serves the mount on. Logging goes to stderr, filtered by
-/// RUST_LOG (default "info").
+/// SIGUSR1 logs the metrics as JSON. SIGUSR2, with --supervisor, exits
+/// without unmounting: a successor started with --takeover serves the mount
+/// on (without a supervisor SIGUSR2 is ignored). The same holds in every
+/// mode. Logging goes to stderr, filtered by RUST_LOG (default "info").
 #[derive(Parser, Debug)]
 #[command(name = "lode-fsd", version, verbatim_doc_comment)]
 struct Args {
@@ -129,54 +127,44 @@ fn main() -> anyhow::Result<()> {
     let id = args
         .id
         .unwrap_or_else(|| args.mountpoint.display().to_string());
-    if let Some(apisock) = args.apisock {
-        let initial = match (args.bootstrap, args.blob_source) {
-            (Some(bootstrap), Some(source)) => Some(MountRequest {
-                source: bootstrap,
-                config: InstanceConfig {
-                    blob_source: source.to_string(),
-                    plain_http: args.plain_http,
-                    docker_config: None,
-                },
-                seq: 0,
-                image_ref: None,
-            }),
-            (None, None) => None,
-            _ => bail!("--bootstrap and --blob-source go together"),
-        };
-        let options = ManagedOptions {
-            host: HostOptions {
-                id,
-                mode: args.mode,
-                mountpoint: args.mountpoint,
-                config,
-                supervisor: args.supervisor,
-                takeover: args.takeover,
+    let initial = match (args.bootstrap, args.blob_source) {
+        (Some(bootstrap), Some(source)) => Some(MountRequest {
+            source: bootstrap,
+            config: InstanceConfig {
+                blob_source: source.to_string(),
+                plain_http: args.plain_http,
+                docker_config: None,
             },
-            apisock,
-            initial,
-            supervision: None,
-        };
-        managed::run_managed(options, args.pid_file.as_deref(), ready).context("lode-fsd")?;
-        return Ok(());
+            seq: 1,
+            image_ref: None,
+        }),
+        (None, None) => None,
+        _ => bail!("--bootstrap and --blob-source go together"),
+    };
+    if initial.is_some() && args.mode == DaemonMode::Shared {
+        bail!(
+            "--bootstrap with --mode shared: a shared daemon's instances are mounted \
+             through the API, at {}/<id>",
+            args.mountpoint.display()
+        );
     }
-    let (Some(bootstrap), Some(blob_source)) = (args.bootstrap, args.blob_source) else {
-        bail!("--bootstrap and --blob-source are required without --apisock");
-    };
-    let failover = Failover {
-        id,
-        supervisor: args.supervisor,
-        takeover: args.takeover,
-    };
-    let options = DaemonOptions {
-        bootstrap,
-        blob_source,
-        mountpoint: args.mountpoint,
-        config,
-        seq: 1,
-        image_ref: None,
-    };
-    daemon::run(options, &failover, args.pid_file.as_deref(), ready).context("lode-fsd")?;
+    let api = args.apisock.is_some();
+    host::run(RunOptions {
+        host: HostOptions {
+            id,
+            mode: args.mode,
+            mountpoint: args.mountpoint,
+            config,
+            supervisor: args.supervisor,
+            takeover: args.takeover,
+            api,
+        },
+        apisock: args.apisock,
+        initial,
+        pid_file: args.pid_file,
+        ready,
+    })
+    .context("lode-fsd")?;
     Ok(())
 }
 

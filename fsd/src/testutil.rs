@@ -13,7 +13,7 @@ use lode_common::format::{
 };
 use lode_common::Digest;
 
-use crate::backend::{BackendError, BlobBackend, DirBackend, Sink};
+use crate::read::backend::{BackendError, BlobBackend, DirBackend, Sink};
 
 pub const MTIME: i64 = 1_700_000_000;
 

@@ -209,13 +209,3 @@ pub struct SavedInstance {
     pub info: InstanceInfo,
     pub request: MountRequest,
 }
-
-/// Everything a daemon hands over besides its FUSE descriptor.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DaemonSnapshot {
-    pub id: String,
-    pub mode: DaemonMode,
-    pub mountpoint: PathBuf,
-    pub state: DaemonState,
-    pub instances: Vec<SavedInstance>,
-}

@@ -7,25 +7,35 @@ use lode_common::api::{DaemonClient, DaemonMode, DaemonState, InstanceConfig, Mo
 use lode_config::FsdConfig;
 
 use super::*;
-use crate::instances::{Host, HostOptions};
+use crate::host::{Host, HostOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_client_over_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let (events, _received) = mpsc::channel();
-    let host = Arc::new(Host::new(
-        HostOptions {
-            id: "sock-test".into(),
-            mode: DaemonMode::Dedicated,
-            mountpoint: dir.path().join("mnt"),
-            config: FsdConfig::default(),
-            supervisor: None,
-            takeover: false,
-        },
-        events,
-        None,
-    ));
+    let host = Arc::new(
+        Host::new(
+            HostOptions {
+                id: "sock-test".into(),
+                mode: DaemonMode::Dedicated,
+                mountpoint: dir.path().join("mnt"),
+                config: FsdConfig {
+                    cache: lode_config::CacheConfig {
+                        dir: Some(dir.path().join("cache")),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                supervisor: None,
+                takeover: false,
+                api: true,
+            },
+            tokio::runtime::Handle::current(),
+            events,
+        )
+        .unwrap(),
+    );
     let listener = bind(&sock).unwrap();
     let meta = std::fs::metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use lode_common::supervisor::{DaemonState, FuseConnParams, InstanceState, SupervisorClient};
+use lode_common::supervisor::{DaemonState, FuseConnParams, SupervisorClient};
 use tracing::{info, warn};
 
 use super::TakeoverError;
@@ -16,8 +16,6 @@ pub struct Failover {
     pub supervisor: Option<PathBuf>,
     /// Names this daemon to the supervisor.
     pub id: String,
-    /// Take over the connection the supervisor holds for `id` instead of mounting.
-    pub takeover: bool,
 }
 
 /// What a successor got from the supervisor.
@@ -64,24 +62,6 @@ pub fn fetch(failover: &Failover, mountpoint: &Path) -> Result<Predecessor, Take
         fd,
         state,
     })
-}
-
-/// The state to hand a supervisor for a daemon serving one instance.
-pub fn single_instance_state(
-    id: &str,
-    params: &FuseConnParams,
-    instance: InstanceState,
-) -> DaemonState {
-    DaemonState {
-        id: id.to_string(),
-        pid: std::process::id(),
-        mode: "dedicated".into(),
-        fuse: vec![FuseConnParams {
-            instance: Some(0),
-            ..params.clone()
-        }],
-        instances: vec![instance],
-    }
 }
 
 /// Sends `state` and `fd` to the supervisor at `path`.

@@ -37,9 +37,7 @@
 mod handover;
 mod init;
 
-pub use handover::{
-    fetch, forget, report, resend_after_exit, single_instance_state, Failover, Predecessor,
-};
+pub use handover::{fetch, forget, report, resend_after_exit, Failover, Predecessor};
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

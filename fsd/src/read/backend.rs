@@ -9,9 +9,11 @@ use std::fmt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 use lode_common::format::BlobRecord;
-use lode_common::registry::{Reference, RegistryClient, RegistryError};
+use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
+use lode_config::RegistryConfig;
 
 /// Where [`BlobBackend::read_range`] puts the bytes.
 pub type Sink<'a> = dyn FnMut(&[u8]) + Send + 'a;
@@ -143,6 +145,67 @@ impl fmt::Display for BlobSource {
             BlobSource::Registry(r) => write!(f, "registry://{}/{}", r.registry, r.repository),
             BlobSource::Dir(p) => write!(f, "dir://{}", p.display()),
         }
+    }
+}
+
+impl BlobSource {
+    /// The backend reading from this source; registry requests run on `runtime`.
+    pub fn open(
+        &self,
+        registry: &RegistryConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<dyn BlobBackend>, RegistryError> {
+        Ok(match self {
+            BlobSource::Registry(reference) => {
+                let client = RegistryClient::new(RegistryOptions {
+                    plain_http: registry.plain_http,
+                    request_timeout: registry.request_timeout(),
+                    max_retries: registry.max_retries,
+                    docker_config: registry.docker_config.clone(),
+                })?;
+                Arc::new(RegistryBackend::new(
+                    client,
+                    reference.clone(),
+                    runtime.clone(),
+                ))
+            }
+            BlobSource::Dir(dir) => Arc::new(DirBackend::new(dir)),
+        })
+    }
+}
+
+/// A backend that can be replaced while reads go on (a remount with new
+/// credentials or a new registry address); requests already running finish
+/// on the old one.
+pub struct Swappable(RwLock<Arc<dyn BlobBackend>>);
+
+impl Swappable {
+    pub fn new(backend: Arc<dyn BlobBackend>) -> Self {
+        Self(RwLock::new(backend))
+    }
+
+    fn current(&self) -> Arc<dyn BlobBackend> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn replace(&self, backend: Arc<dyn BlobBackend>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = backend;
+    }
+}
+
+impl BlobBackend for Swappable {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), BackendError> {
+        self.current().read_range(blob, offset, len, sink)
+    }
+
+    fn describe(&self) -> String {
+        self.current().describe()
     }
 }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileHandle, FileType, FopenFlags, INodeNo};
 use lode_common::format::{Bootstrap, Ino, Inode, InodeKind};
 
-use crate::errno::FsError;
-use crate::fetch::Fetcher;
+use crate::fs::errno::FsError;
+use crate::read::fetch::Fetcher;
 
 /// Block size reported by stat and statfs.
 const BLOCK_SIZE: u32 = 4096;
@@ -53,6 +53,27 @@ pub struct StatFs {
     pub files: u64,
     pub bsize: u32,
     pub namelen: u32,
+}
+
+impl StatFs {
+    /// What a mount with no image reports.
+    pub fn empty() -> Self {
+        Self {
+            blocks: 0,
+            files: 0,
+            bsize: BLOCK_SIZE,
+            namelen: NAME_MAX,
+        }
+    }
+
+    /// Both images' totals, as a mount serving both reports them.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            blocks: self.blocks.saturating_add(other.blocks),
+            files: self.files.saturating_add(other.files),
+            ..self
+        }
+    }
 }
 
 /// One mounted image instance.

@@ -15,7 +15,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use lode_common::Digest;
 
-use crate::fetch::FetchError;
+use crate::read::fetch::FetchError;
 
 pub type ChunkResult = Result<Bytes, FetchError>;
 

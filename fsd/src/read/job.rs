@@ -8,14 +8,14 @@ use std::sync::Arc;
 use lode_common::format::BlobRecord;
 use tracing::{error, warn};
 
-use crate::backend::BlobBackend;
-use crate::bufpool::{BufPool, ChunkBuf};
-use crate::cache::BlobCache;
-use crate::fetch::{FetchError, Piece};
-use crate::inflight::{Inflight, Pending};
 use crate::metrics::Metrics;
-use crate::pool::Job;
-use crate::verify::{decode_chunk, ChunkDefect};
+use crate::read::backend::BlobBackend;
+use crate::read::cache::BlobCache;
+use crate::read::fetch::{FetchError, Piece};
+use crate::read::inflight::{Inflight, Pending};
+use crate::read::pools::{BufPool, ChunkBuf};
+use crate::read::verify::{decode_chunk, ChunkDefect};
+use crate::read::workers::Job;
 
 /// What jobs need besides their chunks.
 pub(crate) struct JobContext {

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+pub mod latency;
+
 /// The FUSE operations that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fop {
@@ -102,11 +104,9 @@ pub struct Metrics {
     /// Chunk bytes written to the cache.
     pub cache_bytes_written: AtomicU64,
     /// Time to answer FUSE reads.
-    pub read_latency: crate::latency::LatencyHistogram,
+    pub read_latency: latency::LatencyHistogram,
     /// Time of range requests to the blob source.
-    pub backend_latency: crate::latency::LatencyHistogram,
-    /// FUSE requests being answered.
-    pub inflight_ops: crate::latency::InflightOps,
+    pub backend_latency: latency::LatencyHistogram,
     fop_count: [AtomicU64; FOPS],
     fop_errors: [AtomicU64; FOPS],
 }

@@ -32,7 +32,7 @@ use lode_common::Digest;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
-use crate::bufpool::DIRECT_ALIGN;
+use crate::read::pools::DIRECT_ALIGN;
 
 const MAP_MAGIC: &[u8; 8] = b"LODEMAP1";
 /// magic (8) + chunk count (4) + reserved (4) + uncompressed size (8) + layout hash (32) + pad.
@@ -90,10 +90,6 @@ impl ChunkCache {
     pub fn with_direct_io(mut self, on: bool) -> Self {
         self.direct_io = on;
         self
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The cache of one blob; `chunks` is the blob's slice of the chunk table
@@ -301,14 +297,6 @@ impl BlobCache {
             what,
             source,
         }
-    }
-
-    pub fn digest(&self) -> &Digest {
-        &self.digest
-    }
-
-    pub fn chunk_count(&self) -> u32 {
-        self.state.len() as u32
     }
 
     /// Whether chunk `rel` (index within the blob) is readable from this cache

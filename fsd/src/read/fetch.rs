@@ -24,14 +24,14 @@ use lode_common::format::{
 use lode_common::Digest;
 use lode_config::FetchConfig;
 
-use crate::backend::{BackendError, BlobBackend};
-use crate::bufpool::BufPool;
-use crate::cache::{BlobCache, CacheError, ChunkCache};
-use crate::inflight::{ChunkKey, Inflight, Pending};
-use crate::job::{FetchJob, JobContext};
 use crate::metrics::Metrics;
-use crate::pool::{Priority, WorkerPool};
-use crate::verify::ChunkDefect;
+use crate::read::backend::{BackendError, BlobBackend};
+use crate::read::cache::{BlobCache, CacheError, ChunkCache};
+use crate::read::inflight::{ChunkKey, Inflight, Pending};
+use crate::read::job::{FetchJob, JobContext};
+use crate::read::pools::Pools;
+use crate::read::verify::ChunkDefect;
+use crate::read::workers::{Priority, WorkerPool};
 
 /// Why a read could not be served. Cloneable: one fetch's outcome goes to
 /// every reader waiting for it.
@@ -168,11 +168,12 @@ impl Fetcher {
         cache: Arc<ChunkCache>,
         metrics: Arc<Metrics>,
         settings: FetchSettings,
+        pools: &Pools,
     ) -> std::io::Result<Self> {
         // A chunk holds at most the image's chunk size; stored, it may be a
         // zstd frame a little larger than that (zstd's compress bound).
         let chunk_size = bootstrap.chunk_size().min(MAX_CHUNK_SIZE) as usize;
-        let pool = BufPool::shared(chunk_size + chunk_size / 128 + 1024);
+        let pool = pools.get(chunk_size + chunk_size / 128 + 1024);
         let blob_caches = (0..bootstrap.blob_count())
             .map(|_| OnceLock::new())
             .collect();
@@ -518,9 +519,9 @@ impl Fetcher {
     }
 }
 
-#[path = "fetch_neighbours.rs"]
+#[path = "neighbours.rs"]
 mod neighbours;
-#[path = "fetch_readahead.rs"]
+#[path = "readahead.rs"]
 mod readahead;
 
 #[cfg(test)]

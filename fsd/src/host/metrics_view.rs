@@ -3,10 +3,12 @@
 
 use lode_common::api::{BackendMetrics, CacheMetrics, FopCount, FsMetrics};
 
+use std::sync::Arc;
+
+use super::state::DaemonState;
 use super::Host;
 use crate::api::ControlError;
 use crate::metrics::{Fop, Metrics};
-use crate::state::DaemonState;
 
 impl Host {
     /// Runs `f` on the metrics of instance `id` (the only one if `None`).
@@ -18,33 +20,22 @@ impl Host {
         if self.state.get() == DaemonState::Init {
             return Err(ControlError::NotReady("no instance mounted yet".into()));
         }
-        if let Some(shared) = self.shared.get() {
-            let id = match id {
-                Some(id) => id.to_owned(),
-                None => match shared.saved().as_slice() {
-                    [only] => only.info.id.clone(),
-                    _ => {
-                        return Err(ControlError::InvalidArgument(
-                            "query parameter id is required with several instances".into(),
-                        ))
-                    }
-                },
-            };
-            let metrics = shared
-                .metrics(&id)
-                .ok_or_else(|| ControlError::NotFound(format!("no instance {id}")))?;
-            return Ok(f(&id, &metrics));
-        }
-        let slot = self.instance();
-        match slot.as_ref() {
-            Some(m) if id.is_none_or(|id| id == m.saved.info.id) => {
-                Ok(f(&m.saved.info.id, m.daemon.metrics()))
-            }
-            _ => Err(ControlError::NotFound(format!(
-                "no instance {}",
-                id.unwrap_or("mounted")
-            ))),
-        }
+        let instance = match id {
+            Some(id) => self.table.get(id),
+            None => match self.table.all().as_slice() {
+                [only] => Some(Arc::clone(only)),
+                [] => None,
+                _ => {
+                    return Err(ControlError::InvalidArgument(
+                        "query parameter id is required with several instances".into(),
+                    ))
+                }
+            },
+        };
+        let instance = instance.ok_or_else(|| {
+            ControlError::NotFound(format!("no instance {}", id.unwrap_or("mounted")))
+        })?;
+        Ok(f(&instance.id, &instance.metrics))
     }
 }
 

@@ -5,8 +5,8 @@ use lode_common::format::Ino;
 use tracing::debug;
 
 use super::Fetcher;
-use crate::job::FetchJob;
-use crate::pool::Priority;
+use crate::read::job::FetchJob;
+use crate::read::workers::Priority;
 
 /// Streams tracked at most; beyond this the table is cleared (a reader that
 /// loses its entry only loses readahead until its next read).

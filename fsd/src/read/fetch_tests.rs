@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::DirBackend;
+use crate::read::backend::DirBackend;
 use crate::testutil::{
     pattern, wait_until, CountingBackend, GatedBackend, ImageBuilder, TestImage,
 };
@@ -29,6 +29,7 @@ fn fetcher(
         cache,
         Arc::clone(&metrics),
         settings,
+        &crate::read::pools::Pools::default(),
     )
     .unwrap();
     (f, metrics)

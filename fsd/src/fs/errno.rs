@@ -13,7 +13,7 @@ use fuser::Errno;
 use lode_common::format::FormatError;
 use tracing::{debug, error, trace};
 
-use crate::fetch::FetchError;
+use crate::read::fetch::FetchError;
 
 /// Why a filesystem operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum FsError {
     Range { needed: usize, size: u32 },
     #[error("read-only filesystem")]
     ReadOnly,
+    #[error("inode {0} belongs to an instance that is no longer mounted")]
+    Stale(u64),
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error(transparent)]
@@ -49,6 +51,7 @@ fn expected(err: &FsError) -> bool {
             | FsError::NoXattr { .. }
             | FsError::Range { .. }
             | FsError::ReadOnly
+            | FsError::Stale(_)
     )
 }
 
@@ -62,8 +65,9 @@ impl FsError {
             FsError::NoXattr { .. } => Errno::NO_XATTR,
             FsError::Range { .. } => Errno::ERANGE,
             FsError::ReadOnly => Errno::EROFS,
-            // The kernel only asks about inodes we gave it; one we do not have
-            // means it outlived a bootstrap, which ESTALE describes.
+            // The kernel asks about an inode we handed out that no longer
+            // exists: its instance was removed, or it outlived a bootstrap.
+            FsError::Stale(_) => Errno::ESTALE,
             FsError::Format(FormatError::NoSuchInode(_)) => Errno::ESTALE,
             FsError::Format(_) => Errno::EIO,
             FsError::Fetch(FetchError::NotAFile { .. }) => Errno::EISDIR,
@@ -156,6 +160,7 @@ mod tests {
                 Errno::ERANGE,
             ),
             (FsError::ReadOnly, Errno::EROFS),
+            (FsError::Stale(1 << 40), Errno::ESTALE),
             (FsError::Format(FormatError::NoSuchInode(99)), Errno::ESTALE),
             (
                 FsError::Format(FormatError::Corrupt("x".into())),

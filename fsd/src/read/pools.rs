@@ -6,7 +6,7 @@
 //! at a [`DIRECT_ALIGN`] boundary so the cache can write them with O_DIRECT
 //! as they are.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -33,25 +33,6 @@ impl BufPool {
             max_idle: (IDLE_BYTES / capacity.max(1)).max(4),
             idle: Mutex::new(Vec::new()),
         })
-    }
-
-    /// The process's pool of `capacity`-byte buffers, shared by every
-    /// instance whose chunks fit that size, so that idle memory does not grow
-    /// with the number of instances.
-    pub fn shared(capacity: usize) -> Arc<Self> {
-        static POOLS: Mutex<Vec<Weak<BufPool>>> = Mutex::new(Vec::new());
-        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-        pools.retain(|pool| pool.strong_count() > 0);
-        if let Some(pool) = pools
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|pool| pool.capacity == capacity)
-        {
-            return pool;
-        }
-        let pool = Self::new(capacity);
-        pools.push(Arc::downgrade(&pool));
-        pool
     }
 
     pub fn capacity(&self) -> usize {
@@ -84,6 +65,25 @@ impl BufPool {
     #[cfg(test)]
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap().len()
+    }
+}
+
+/// The buffer pools of one daemon, one per buffer size: every instance whose
+/// chunks fit a size shares its pool, so idle memory does not grow with the
+/// number of instances.
+#[derive(Default)]
+pub struct Pools(Mutex<Vec<Arc<BufPool>>>);
+
+impl Pools {
+    /// The pool of `capacity`-byte buffers, created on first use.
+    pub fn get(&self, capacity: usize) -> Arc<BufPool> {
+        let mut pools = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.iter().find(|pool| pool.capacity == capacity) {
+            return Arc::clone(pool);
+        }
+        let pool = BufPool::new(capacity);
+        pools.push(Arc::clone(&pool));
+        pool
     }
 }
 
@@ -173,15 +173,19 @@ mod tests {
 
     #[test]
     fn instances_with_one_chunk_size_share_a_pool() {
-        let a = BufPool::shared(12_345);
-        let b = BufPool::shared(12_345);
-        let other = BufPool::shared(12_346);
+        let pools = Pools::default();
+        let a = pools.get(12_345);
+        let b = pools.get(12_345);
+        let other = pools.get(12_346);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &other));
         let buf = a.take(1).unwrap();
         drop((a, b));
-        // A buffer in use keeps its pool alive, and it is found again.
-        assert!(Arc::ptr_eq(&BufPool::shared(12_345), &buf.pool));
+        assert!(Arc::ptr_eq(&pools.get(12_345), &buf.pool));
+        assert!(
+            !Arc::ptr_eq(&Pools::default().get(12_345), &buf.pool),
+            "pools of another daemon are its own"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use lode_common::format::{ChunkRecord, MAX_CHUNK_SIZE};
 use lode_common::Digest;
 
-use crate::bufpool::{BufPool, ChunkBuf};
+use crate::read::pools::{BufPool, ChunkBuf};
 
 /// Why stored bytes were not accepted as a chunk.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,8 +1,8 @@
 use super::*;
-use crate::backend::DirBackend;
-use crate::cache::ChunkCache;
-use crate::fetch::FetchSettings;
 use crate::metrics::Metrics;
+use crate::read::backend::DirBackend;
+use crate::read::cache::ChunkCache;
+use crate::read::fetch::FetchSettings;
 use crate::testutil::{pattern, ImageBuilder, TestImage, MTIME};
 use fuser::Errno;
 use lode_common::format::NodeKind;
@@ -44,6 +44,7 @@ fn fixture() -> Fixture {
         cache,
         Arc::new(Metrics::new()),
         settings,
+        &crate::read::pools::Pools::default(),
     )
     .unwrap();
     let ttls = Ttls {

@@ -4,7 +4,7 @@
 use lode_common::format::{ChunkIndex, Ino};
 
 use super::{Fetcher, Piece};
-use crate::job::FetchJob;
+use crate::read::job::FetchJob;
 
 impl Fetcher {
     /// Adds the chunks that follow the job's last one in its blob while they

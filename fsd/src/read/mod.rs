@@ -1,0 +1,19 @@
+//! The read path of one image instance: a file range becomes chunks, found
+//! in the cache or fetched with merged range requests, verified, cached and
+//! handed to every reader waiting for them.
+//!
+//! - [`fetch`]: the [`fetch::Fetcher`] (with its neighbour merging and
+//!   readahead), [`job`]s on the [`workers`] pool, fetches in flight
+//!   ([`inflight`]), chunk checks ([`verify`]).
+//! - [`backend`]: where blobs come from (registry or directory).
+//! - [`cache`]: the persistent chunk cache.
+//! - [`pools`]: reusable, aligned chunk buffers.
+
+pub mod backend;
+pub(crate) mod cache;
+pub(crate) mod fetch;
+mod inflight;
+mod job;
+pub(crate) mod pools;
+mod verify;
+mod workers;
