@@ -6,22 +6,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use lode_common::contract::{
+    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
+};
 use lode_common::image::{self, ImageError, LodeManifest};
 use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
 
 use crate::instances::LodeImage;
-
-/// The chain id containerd asks for; answering AlreadyExists for it tells
-/// containerd the layer needs no unpacking.
-pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// Put on committed Lode layers, like other remote snapshotters do.
-pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
-pub const REMOTE_LODE: &str = "lode";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {

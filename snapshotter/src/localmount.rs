@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lode_common::contract::FUSE_FS_TYPE;
 use lode_common::image::{self, ImageError};
 use lode_common::mountinfo;
 use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
@@ -19,8 +20,6 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-/// File system type of fsd mounts in mountinfo.
-const FSD_FS_TYPE: &str = "fuse.lode";
 /// The descriptor number the daemon's readiness pipe gets in the child.
 const READY_FD: i32 = 3;
 
@@ -287,7 +286,7 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, timeout: Duration) -> Result<
 fn is_fsd_mount(mountpoint: &Path) -> Result<bool, MountError> {
     Ok(mountinfo::mount_at(mountpoint)
         .map_err(io_err(Path::new("/proc/self/mountinfo")))?
-        .is_some_and(|m| m.fs_type == FSD_FS_TYPE))
+        .is_some_and(|m| m.fs_type == FUSE_FS_TYPE))
 }
 
 /// Whether `pid` names a live (not zombie) process.

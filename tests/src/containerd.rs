@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME;
+
 use crate::lode::Run;
 use crate::{wait_until, KitError};
 
@@ -39,7 +41,8 @@ pub fn containerd_available() -> bool {
 }
 
 impl Containerd {
-    /// Starts containerd; `lode_socket` registers the `lode` proxy snapshotter.
+    /// Starts containerd; `lode_socket` registers the proxy snapshotter as
+    /// [`DEFAULT_SNAPSHOTTER_NAME`].
     pub fn start(lode_socket: Option<&Path>) -> Result<Self, KitError> {
         let dir = tempfile::Builder::new()
             .prefix("lode-containerd-")
@@ -56,7 +59,7 @@ impl Containerd {
         );
         if let Some(lode) = lode_socket {
             config.push_str(&format!(
-                "[proxy_plugins.lode]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                "[proxy_plugins.{DEFAULT_SNAPSHOTTER_NAME}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
                 lode.display()
             ));
         }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
 use lode_common::registry::Reference;
 use lode_tests::containerd::{containerd_available, push_busybox_image, Containerd};
 use lode_tests::lode::{Lodectl, LODECTL};
@@ -107,7 +108,7 @@ impl Stack {
                     "run",
                     "--rm",
                     "--snapshotter",
-                    "lode",
+                    SNAPSHOTTER,
                     &self.lode.to_string(),
                     id,
                     "/bin/sh",
@@ -165,7 +166,7 @@ impl Stack {
                     "run",
                     "-d",
                     "--snapshotter",
-                    "lode",
+                    SNAPSHOTTER,
                     "--mount",
                     &mount,
                     &self.lode.to_string(),
@@ -280,7 +281,7 @@ fn plain_images_fall_back_to_overlay_snapshots() {
                 "pull",
                 "--plain-http",
                 "--snapshotter",
-                "lode",
+                SNAPSHOTTER,
                 &image,
             ],
         )
@@ -293,7 +294,7 @@ fn plain_images_fall_back_to_overlay_snapshots() {
                 "run",
                 "--rm",
                 "--snapshotter",
-                "lode",
+                SNAPSHOTTER,
                 &image,
                 "p1",
                 "/bin/sh",
@@ -317,7 +318,7 @@ fn plain_images_fall_back_to_overlay_snapshots() {
                 "run",
                 "--rm",
                 "--snapshotter",
-                "lode",
+                SNAPSHOTTER,
                 &image,
                 "p2",
                 "/bin/cat",
@@ -341,7 +342,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
     let log = s.start_reader("lazy", "reader");
     let before = s
         .containerd
-        .ctr_ok("lazy", ["snapshots", "--snapshotter", "lode", "ls"])
+        .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
         .unwrap();
     let daemons = s.snapshotter.daemon_pids();
     s.snapshotter.kill9();
@@ -363,7 +364,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
         "containerd to reach the restarted snapshotter",
         || {
             s.containerd
-                .ctr("lazy", ["snapshots", "--snapshotter", "lode", "usage"])
+                .ctr("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "usage"])
                 .is_ok_and(|r| r.success)
         },
     )
@@ -373,7 +374,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
     assert!(out.contains("hello from lode"), "{out}");
     let after = s
         .containerd
-        .ctr_ok("lazy", ["snapshots", "--snapshotter", "lode", "ls"])
+        .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
         .unwrap();
     assert_eq!(before, after);
     let (_, errors) = rounds(&log);
@@ -536,7 +537,7 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
     assert_eq!(cached(), 0, "cache files of the removed image remain");
     let left = s
         .containerd
-        .ctr_ok("lazy", ["snapshots", "--snapshotter", "lode", "ls"])
+        .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
         .unwrap();
     assert_eq!(left.lines().count(), 1, "snapshots left: {left}");
 }

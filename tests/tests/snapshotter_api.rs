@@ -14,10 +14,9 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Code;
 use containerd_client::types::Mount;
+use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
 use lode_tests::snapshotter::{Snapshotter, SnapshotterOptions};
 use lode_tests::{require_root, skip_unless};
-
-const SNAPSHOTTER: &str = "lode";
 
 struct Api {
     rt: tokio::runtime::Runtime,

@@ -21,6 +21,10 @@ use containerd_client::services::v1::{
     Image, UpdateImageRequest,
 };
 use containerd_client::tonic::{self, Code};
+use lode_common::contract::{
+    self, LABEL_GC_REF_CONTENT_CONFIG, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST,
+    LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
+};
 use lode_common::oci;
 use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
 use lode_common::Digest;
@@ -30,9 +34,6 @@ use sha2::{Digest as _, Sha256};
 use super::pull_content::{self, Grpc};
 use super::{runtime, CtlError};
 use crate::convert::PlatformSpec;
-use crate::lazy::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF};
-
-const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
@@ -48,7 +49,7 @@ pub struct PullArgs {
     #[arg(long, short = 'a', default_value = "/run/containerd/containerd.sock")]
     pub address: PathBuf,
     /// The snapshotter to unpack into (as named in containerd's config).
-    #[arg(long, default_value = "lode")]
+    #[arg(long, default_value = contract::DEFAULT_SNAPSHOTTER_NAME)]
     pub snapshotter: String,
     /// Platform to pick from an index.
     #[arg(long, default_value = "linux/amd64")]
@@ -250,7 +251,7 @@ async fn unpack(
     let config_desc = manifest.config();
     let mut config_labels = HashMap::new();
     config_labels.insert(
-        format!("containerd.io/gc.ref.snapshot.{}", args.snapshotter),
+        contract::gc_ref_snapshot(&args.snapshotter),
         top_chain.to_string(),
     );
     pull_content::store(
@@ -262,12 +263,12 @@ async fn unpack(
     .await?;
     let mut manifest_labels = HashMap::new();
     manifest_labels.insert(
-        "containerd.io/gc.ref.content.config".to_string(),
+        LABEL_GC_REF_CONTENT_CONFIG.to_string(),
         config_desc.digest().to_string(),
     );
     for (i, layer) in manifest.layers().iter().enumerate() {
         manifest_labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
+            contract::gc_ref_content_layer(i),
             layer.digest().to_string(),
         );
     }

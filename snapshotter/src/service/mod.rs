@@ -17,10 +17,11 @@ use containerd_snapshots::{Info, Kind};
 pub use error::ServiceError;
 
 use crate::instances::InstanceProvider;
-use crate::lazy::{LayerKind, LazyLayers, LABEL_REMOTE, LABEL_TARGET_REF, REMOTE_LODE};
+use crate::lazy::{LayerKind, LazyLayers};
 use crate::metrics::Metrics;
 use crate::overlay::{self, Layers};
 use crate::store::{now_ns, SnapshotKind, SnapshotRecord, Store};
+use lode_common::contract::{LABEL_REMOTE, LABEL_TARGET_REF, REMOTE_LODE};
 
 pub struct LodeSnapshotter {
     store: Store,

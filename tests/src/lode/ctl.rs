@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use lode_common::contract::FUSE_FS_TYPE;
 use lode_common::format::Bootstrap;
 use lode_common::registry::Reference;
 use lode_common::Digest;
@@ -13,7 +14,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use super::fsd::{force_unmount, is_fsd_mount, process_alive, request_metrics};
-use super::{FSD_FS_TYPE, LODECTL};
+use super::LODECTL;
 use crate::{bin_path, wait_until, KitError};
 
 /// A finished `lodectl` run.
@@ -169,7 +170,7 @@ impl Lodectl {
         guard.record = Some(read_record(&guard.state_dir)?);
         if !is_fsd_mount(&guard.mountpoint) {
             return Err(KitError::Invalid(format!(
-                "lodectl mount returned but {} is not a {FSD_FS_TYPE} mount",
+                "lodectl mount returned but {} is not a {FUSE_FS_TYPE} mount",
                 guard.mountpoint.display()
             )));
         }

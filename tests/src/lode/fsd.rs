@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use lode_common::contract::FUSE_FS_TYPE;
 use lode_common::mountinfo;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use super::FSD_FS_TYPE;
 use crate::{wait_until, KitError};
 
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,7 +110,7 @@ impl FsdDaemon {
         }
         if !is_fsd_mount(&daemon.mountpoint) {
             return Err(KitError::Invalid(format!(
-                "lode-fsd is ready but {} is not a {FSD_FS_TYPE} mount",
+                "lode-fsd is ready but {} is not a {FUSE_FS_TYPE} mount",
                 daemon.mountpoint.display()
             )));
         }
@@ -207,7 +207,7 @@ pub fn is_fsd_mount(path: &Path) -> bool {
     mountinfo::mount_at(&path)
         .ok()
         .flatten()
-        .is_some_and(|m| m.fs_type == FSD_FS_TYPE)
+        .is_some_and(|m| m.fs_type == FUSE_FS_TYPE)
 }
 
 /// Last resort: detaches whatever fsd mount is at `path` (several times

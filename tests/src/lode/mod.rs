@@ -21,8 +21,6 @@ pub use image::{data_blobs, fetch_bootstrap, file_chunks, ChunkLocation};
 
 pub const LODECTL: &str = "lodectl";
 pub const LODE_FSD: &str = "lode-fsd";
-/// File system type of fsd mounts in mountinfo.
-pub const FSD_FS_TYPE: &str = "fuse.lode";
 
 /// The built binaries a real-component Lode test runs.
 #[derive(Clone, Debug)]
