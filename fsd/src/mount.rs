@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use lode_common::contract;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use tracing::{info, warn};
@@ -46,8 +47,8 @@ pub struct MountOptions {
 impl MountOptions {
     pub fn lode(root_mode: u32) -> Self {
         Self {
-            fsname: "lode".into(),
-            subtype: "lode".into(),
+            fsname: contract::FUSE_FS_NAME.into(),
+            subtype: contract::FUSE_SUBTYPE.into(),
             root_mode,
         }
     }
@@ -161,20 +162,20 @@ fn bdi_path(dev: u64) -> PathBuf {
     PathBuf::from(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
 }
 
-/// Whether `path` is a mountpoint of a `fuse.<subtype>` filesystem, per
-/// /proc/self/mountinfo.
-pub fn is_mounted(path: &Path, subtype: &str) -> bool {
+/// Whether `path` is the mountpoint of a Lode mount
+/// ([`contract::FUSE_FS_TYPE`]), per /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
     let want = path.to_string_lossy();
-    let fstype = format!("fuse.{subtype}");
     info.lines().any(|line| {
         let mut halves = line.splitn(2, " - ");
         let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
             return false;
         };
-        left.split(' ').nth(4) == Some(&*want) && right.split(' ').next() == Some(fstype.as_str())
+        left.split(' ').nth(4) == Some(&*want)
+            && right.split(' ').next() == Some(contract::FUSE_FS_TYPE)
     })
 }
 
@@ -203,6 +204,6 @@ mod tests {
     #[test]
     fn unmounted_paths_are_not_reported_mounted() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(!is_mounted(dir.path(), "lode"));
+        assert!(!is_mounted(dir.path()));
     }
 }

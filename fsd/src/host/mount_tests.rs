@@ -113,7 +113,7 @@ impl Served {
             }
         }
         self.t.host.finish().unwrap();
-        assert!(!crate::mount::is_mounted(self.mnt.path(), "lode"));
+        assert!(!crate::mount::is_mounted(self.mnt.path()));
     }
 }
 

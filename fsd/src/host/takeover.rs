@@ -64,7 +64,7 @@ impl Host {
         self.options.api
             && !self.options.takeover
             && self.options.supervisor.is_some()
-            && crate::mount::is_mounted(&self.options.mountpoint, "lode")
+            && crate::mount::is_mounted(&self.options.mountpoint)
     }
 
     /// `PUT /daemon/fuse/takeover`: resumes the connection the supervisor

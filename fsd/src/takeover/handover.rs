@@ -51,7 +51,7 @@ pub fn fetch(failover: &Failover, mountpoint: &Path) -> Result<Predecessor, Take
             state.id
         )));
     }
-    if !crate::mount::is_mounted(mountpoint, "lode") {
+    if !crate::mount::is_mounted(mountpoint) {
         return Err(TakeoverError::Protocol(format!(
             "{want} is no longer mounted; nothing to take over"
         )));

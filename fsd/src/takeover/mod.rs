@@ -213,7 +213,7 @@ fn write_all(fd: BorrowedFd<'_>, bytes: &[u8]) -> std::io::Result<()> {
 /// Refuses to mount over a mountpoint that already has a Lode mount: a
 /// second mount would hide the first from its users.
 pub fn check_not_mounted(mountpoint: &Path) -> Result<(), TakeoverError> {
-    if crate::mount::is_mounted(mountpoint, "lode") {
+    if crate::mount::is_mounted(mountpoint) {
         return Err(TakeoverError::AlreadyMounted {
             mountpoint: mountpoint.to_path_buf(),
         });
