@@ -1,4 +1,5 @@
-//! Kit for failover tests: a small image whose every byte is known, reader
+//! Kit for failover tests: a small image whose every byte is known
+//! (converted locally, or pushed to a registry and converted there), reader
 //! threads in a process of their own that verify those bytes while daemons
 //! are killed and replaced, a watch on the mount table, and the pause
 //! figures computed from what the readers saw.
@@ -22,8 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::lode::is_fsd_mount;
-use crate::{pseudo_random_bytes, wait_until, Layer, OciLayoutBuilder, TarEntry};
+use lode_common::registry::Reference;
+
+use crate::lode::{fetch_bootstrap, is_fsd_mount, FsdOptions, Lodectl};
+use crate::{
+    pseudo_random_bytes, skopeo_copy, wait_until, Layer, OciLayoutBuilder, Registry, TarEntry,
+};
 
 pub const TAG: &str = "v1";
 pub const FILES: u64 = 24;
@@ -50,16 +55,20 @@ pub struct Image {
     pub cache: PathBuf,
 }
 
+/// The image's layer: [`FILES`] files `data/fNN` of [`file_content`].
+pub fn image_entries() -> Vec<TarEntry> {
+    (0..FILES)
+        .map(|i| TarEntry::file(format!("data/f{i:02}"), file_content(i)))
+        .collect()
+}
+
 /// Builds and converts the image with `lodectl` (no registry needed).
 pub fn build_image(lodectl: &Path) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");
     let target = dir.path().join("target");
-    let entries = (0..FILES)
-        .map(|i| TarEntry::file(format!("data/f{i:02}"), file_content(i)))
-        .collect();
     OciLayoutBuilder::new()
-        .layer(Layer::gzip(entries))
+        .layer(Layer::gzip(image_entries()))
         .write(&source, TAG)
         .expect("write OCI layout");
     let bootstrap = dir.path().join("bootstrap");
@@ -82,6 +91,58 @@ pub fn build_image(lodectl: &Path) -> Image {
     std::fs::create_dir(&cache).unwrap();
     Image {
         blob_source: format!("dir://{}", target.join("blobs/sha256").display()),
+        bootstrap,
+        cache,
+        _dir: dir,
+    }
+}
+
+/// The test image pushed to a registry and converted there.
+pub struct RegistryImage {
+    _dir: tempfile::TempDir,
+    /// The Lode image.
+    pub reference: Reference,
+    pub bootstrap: PathBuf,
+    /// `registry://` source of its data blobs.
+    pub blob_source: String,
+    /// An empty cache directory for the daemons serving it.
+    pub cache: PathBuf,
+}
+
+impl RegistryImage {
+    /// `lode-fsd` options serving the image from the registry.
+    pub fn fsd_options(&self, config: Option<PathBuf>) -> FsdOptions {
+        FsdOptions {
+            bootstrap: self.bootstrap.clone(),
+            blob_source: self.blob_source.clone(),
+            cache_dir: self.cache.clone(),
+            config,
+            plain_http: true,
+        }
+    }
+}
+
+/// Pushes the image to `registry` as `repo:v1` with `skopeo` and converts
+/// it there with `lodectl convert` (64 KiB chunks) to `repo-lode:v1`.
+pub fn push_image(lodectl: &Lodectl, registry: &Registry, repo: &str) -> RegistryImage {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    OciLayoutBuilder::new()
+        .layer(Layer::gzip(image_entries()))
+        .write(&layout, TAG)
+        .expect("write OCI layout");
+    let source = registry.reference(&format!("{repo}:{TAG}"));
+    skopeo_copy(&layout, TAG, &source).expect("skopeo copy");
+    let reference = registry.reference(&format!("{repo}-lode:{TAG}"));
+    lodectl
+        .convert(&source, &reference, Some(64 * 1024))
+        .expect("lodectl convert");
+    let (_, bootstrap) = fetch_bootstrap(&reference, dir.path()).expect("fetch the bootstrap");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    RegistryImage {
+        blob_source: format!("registry://{}/{repo}-lode", registry.host()),
+        reference,
         bootstrap,
         cache,
         _dir: dir,

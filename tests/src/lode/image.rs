@@ -42,6 +42,9 @@ pub struct ChunkLocation {
     pub uncompressed_size: u32,
     /// Stored as a zstd frame (otherwise raw).
     pub compressed: bool,
+    /// Index of the chunk among its blob's chunks (its byte in the cache's
+    /// presence map).
+    pub rel: u32,
 }
 
 /// The chunks of the regular file at `path` (relative to the image root,
@@ -69,9 +72,8 @@ pub fn file_chunks(bootstrap: &Bootstrap, path: &[u8]) -> Result<Vec<ChunkLocati
     let count = bootstrap.file_chunk_count(ino).map_err(bad)?;
     let mut out = Vec::new();
     for i in 0..count {
-        let chunk = bootstrap
-            .chunk(bootstrap.file_chunk(ino, i).map_err(bad)?)
-            .map_err(bad)?;
+        let index = bootstrap.file_chunk(ino, i).map_err(bad)?;
+        let chunk = bootstrap.chunk(index).map_err(bad)?;
         let blob = bootstrap.blob(chunk.blob).map_err(bad)?;
         out.push(ChunkLocation {
             blob: blob.digest,
@@ -79,6 +81,7 @@ pub fn file_chunks(bootstrap: &Bootstrap, path: &[u8]) -> Result<Vec<ChunkLocati
             stored_size: chunk.compressed_size,
             uncompressed_size: chunk.uncompressed_size,
             compressed: chunk.compressed,
+            rel: index.0 - blob.first_chunk.0,
         });
     }
     Ok(out)
@@ -94,4 +97,19 @@ pub fn data_blobs(bootstrap: &Bootstrap) -> Result<Vec<(Digest, u64)>, KitError>
                 .map_err(|e| KitError::Invalid(format!("bootstrap blob {i}: {e}")))
         })
         .collect()
+}
+
+/// Header length of a cache presence map (`<hex>.map`, see fsd's cache.rs):
+/// then one byte per chunk of the blob, 1 once the chunk is durable.
+const CACHE_MAP_HEADER: u64 = 64;
+
+/// Whether the chunk cache in `cache_dir` records `chunk` as durable (its
+/// presence map byte is 1, written only after the data was fdatasync'ed).
+pub fn cache_durable(cache_dir: &Path, chunk: &ChunkLocation) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let map = cache_dir.join(format!("{}.map", chunk.blob.hex()));
+    let mut byte = [0u8; 1];
+    std::fs::File::open(map)
+        .and_then(|f| f.read_exact_at(&mut byte, CACHE_MAP_HEADER + u64::from(chunk.rel)))
+        .is_ok_and(|()| byte[0] == 1)
 }

@@ -1,8 +1,8 @@
 //! Driving Lode's own binaries from tests: `lodectl convert`, `lodectl
 //! mount`/`umount` ([`ctl`]), `lode-fsd` started directly and its metrics
-//! ([`fsd`]), and finding a file's chunks in a bootstrap ([`image`]). Mount
-//! guards unmount on drop, falling back to killing the daemon and a lazy
-//! unmount, so a failing test leaves no mount behind.
+//! ([`fsd`]), and finding a file's chunks in a bootstrap and in the chunk
+//! cache ([`image`]). Mount guards unmount on drop, falling back to killing
+//! the daemon and a lazy unmount, so a failing test leaves no mount behind.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,7 +17,7 @@ pub use ctl::{LodeMount, Lodectl, MountRecord, Run};
 pub use fsd::{
     counter, force_unmount, is_fsd_mount, process_alive, request_metrics, FsdDaemon, FsdOptions,
 };
-pub use image::{data_blobs, fetch_bootstrap, file_chunks, ChunkLocation};
+pub use image::{cache_durable, data_blobs, fetch_bootstrap, file_chunks, ChunkLocation};
 
 pub const LODECTL: &str = "lodectl";
 pub const LODE_FSD: &str = "lode-fsd";
