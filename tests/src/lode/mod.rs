@@ -1,8 +1,9 @@
 //! Driving Lode's own binaries from tests: `lodectl convert`, `lodectl
 //! mount`/`umount` ([`ctl`]), `lode-fsd` started directly and its metrics
-//! ([`fsd`]), and finding a file's chunks in a bootstrap and in the chunk
-//! cache ([`image`]). Mount guards unmount on drop, falling back to killing
-//! the daemon and a lazy unmount, so a failing test leaves no mount behind.
+//! ([`fsd`]), in any of its modes with successors taking over ([`modes`]),
+//! and finding a file's chunks in a bootstrap and in the chunk cache
+//! ([`image`]). Mount guards unmount on drop, falling back to killing the
+//! daemon and a lazy unmount, so a failing test leaves no mount behind.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,12 +13,14 @@ use crate::{bin_path, fuse_available, require_root, skip_unless, skopeo_availabl
 pub mod ctl;
 pub mod fsd;
 pub mod image;
+pub mod modes;
 
 pub use ctl::{LodeMount, Lodectl, MountRecord, Run};
 pub use fsd::{
     counter, force_unmount, is_fsd_mount, process_alive, request_metrics, FsdDaemon, FsdOptions,
 };
 pub use image::{cache_durable, data_blobs, fetch_bootstrap, file_chunks, ChunkLocation};
+pub use modes::{Counters, Mode, ModeFsd};
 
 pub const LODECTL: &str = "lodectl";
 pub const LODE_FSD: &str = "lode-fsd";
