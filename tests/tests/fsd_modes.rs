@@ -1,0 +1,555 @@
+//! The same behaviour from `lode-fsd` in each of its modes: standalone,
+//! dedicated (one instance through the API) and shared (the instance as a
+//! subdirectory of the mount). Every test but the last two runs once per
+//! mode (`verified_reads::shared` and so on); the image is the failover
+//! kit's, converted with `lodectl convert` in a throw-away `docker-registry`
+//! and read from there.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::os::unix::io::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lode_common::format::Bootstrap;
+use lode_common::Digest;
+use lode_tests::failover::{
+    file_content, file_len, push_image, MountWatch, Readers, RegistryImage, Tally, FILES,
+};
+use lode_tests::lode::{
+    cache_durable, data_blobs, file_chunks, process_alive, request_metrics, ChunkLocation,
+    Counters, Mode, ModeFsd,
+};
+use lode_tests::{bounded, lode_prerequisites, wait_until, LodeBinaries, Registry};
+use nix::sys::signal::Signal;
+
+/// Guard against a read that never returns.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Kill and takeover cycles of the failover test.
+const CYCLES: usize = 3;
+const FLUSH_INTERVAL_MS: u64 = 200;
+
+/// One `#[test]` per listed mode, in a module named after the test.
+macro_rules! mode_tests {
+    ($test:ident: $($name:ident => $mode:ident),+) => {
+        mod $test {
+            $(
+                #[test]
+                fn $name() {
+                    super::$test(lode_tests::lode::Mode::$mode);
+                }
+            )+
+        }
+    };
+}
+
+macro_rules! every_mode {
+    ($($test:ident),+ $(,)?) => {
+        $(mode_tests!($test: standalone => Standalone, dedicated => Dedicated, shared => Shared);)+
+    };
+}
+
+every_mode!(
+    verified_reads,
+    metrics_count_reads_and_fetches,
+    sigusr1_logs_metrics_and_serves_on,
+    sigusr2_leaves_the_mount_to_a_successor,
+    sigterm_unmounts_and_exits_0,
+    sigkill_and_takeover_lose_no_read,
+    cache_survives_sigkill_after_a_flush_interval,
+);
+mode_tests!(removed_instance_fails_reads_on_open_files: dedicated => Dedicated, shared => Shared);
+
+/// The reader process's entry (see [`Readers`]).
+#[test]
+fn reader_process() {
+    lode_tests::failover::reader_process();
+}
+
+/// A registry holding the converted image, and its bootstrap.
+struct Fixture {
+    bins: LodeBinaries,
+    registry: Registry,
+    image: RegistryImage,
+    bootstrap: Bootstrap,
+}
+
+impl Fixture {
+    /// `None` (the reason printed) when the machine lacks something.
+    fn new() -> Option<Self> {
+        let bins = lode_prerequisites()?;
+        let registry = Registry::start().expect("start docker-registry");
+        let image = push_image(&bins.lodectl, &registry, "modes");
+        let bootstrap = Bootstrap::open(&image.bootstrap).expect("open the bootstrap");
+        Some(Self {
+            bins,
+            registry,
+            image,
+            bootstrap,
+        })
+    }
+
+    fn start(&self, mode: Mode, config: Option<PathBuf>, supervised: bool) -> ModeFsd {
+        let options = self.image.fsd_options(config);
+        ModeFsd::start(&self.bins.fsd, mode, &options, supervised)
+            .unwrap_or_else(|e| panic!("[{mode}] start lode-fsd: {e}"))
+    }
+
+    fn data_blobs(&self) -> Vec<Digest> {
+        let blobs = data_blobs(&self.bootstrap).expect("data blobs");
+        blobs.into_iter().map(|(digest, _)| digest).collect()
+    }
+
+    /// Body bytes the registry has sent of the image's data blobs.
+    fn data_bytes_served(&self) -> u64 {
+        let requests = self.registry.requests();
+        let blobs: Vec<String> = self.data_blobs().iter().map(Digest::hex).collect();
+        requests
+            .iter()
+            .filter(|r| blobs.iter().any(|hex| r.path.contains(hex.as_str())))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// Successful GETs of the image's data blobs.
+    fn data_gets(&self) -> usize {
+        let blobs: Vec<String> = self.data_blobs().iter().map(Digest::hex).collect();
+        let requests = self.registry.requests();
+        let gets = requests.iter().filter(|r| {
+            r.method == "GET"
+                && r.status / 100 == 2
+                && blobs.iter().any(|hex| r.path.contains(hex.as_str()))
+        });
+        gets.count()
+    }
+
+    fn chunks(&self, file: u64) -> Vec<ChunkLocation> {
+        file_chunks(&self.bootstrap, name(file).as_bytes()).expect("file chunks")
+    }
+}
+
+fn name(file: u64) -> String {
+    format!("data/f{file:02}")
+}
+
+/// Reads `path` whole on a guarded thread.
+fn read(path: PathBuf) -> std::io::Result<Vec<u8>> {
+    let what = format!("reading {}", path.display());
+    bounded(HANG_GUARD, &what, move || std::fs::read(&path))
+}
+
+/// Reads file `file` of the image and checks every byte.
+fn assert_reads(fsd: &ModeFsd, file: u64) {
+    let mode = fsd.mode();
+    let path = fsd.join(name(file));
+    let data =
+        read(path.clone()).unwrap_or_else(|e| panic!("[{mode}] read {}: {e}", path.display()));
+    assert!(
+        data == file_content(file),
+        "[{mode}] {}: {} bytes read, not the image's {}",
+        path.display(),
+        data.len(),
+        file_len(file)
+    );
+}
+
+/// Drops `path`'s pages from the page cache, so that the next read reaches
+/// the daemon.
+fn drop_page_cache(path: &Path) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: a valid descriptor; fadvise only drops clean cached pages.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "fadvise {}", path.display());
+}
+
+fn assert_eio(result: std::io::Result<Vec<u8>>, what: &str) {
+    match result {
+        Ok(data) => panic!("{what}: read {} bytes, expected EIO", data.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+    }
+}
+
+/// XORs 16 bytes at `offset` of `path` with 0xff (twice restores them).
+fn flip(path: &Path, offset: u64) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut buf = [0u8; 16];
+    file.read_exact_at(&mut buf, offset).unwrap();
+    for b in &mut buf {
+        *b ^= 0xff;
+    }
+    file.write_all_at(&buf, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn counters(fsd: &ModeFsd) -> Counters {
+    fsd.settled_counters()
+        .unwrap_or_else(|e| panic!("[{}] counters: {e}", fsd.mode()))
+}
+
+/// Every file reads back byte for byte; a chunk corrupted in the registry
+/// is EIO (counted as a digest error), is fetched again on the next read
+/// rather than served from the cache, and reads once repaired.
+fn verified_reads(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let victim = FILES - 1;
+    let chunks = fx.chunks(victim);
+    let bad = chunks[2];
+    // Random data is stored raw, so flipped bytes reach the digest check.
+    assert!(!bad.compressed, "{bad:?}");
+    let blob = fx.registry.blob_path(&bad.blob);
+    let middle = bad.offset + u64::from(bad.stored_size) / 2;
+    flip(&blob, middle);
+
+    let fsd = fx.start(mode, None, false);
+    for file in 0..victim {
+        assert_reads(&fsd, file);
+    }
+    let path = fsd.join(name(victim));
+    assert_eio(read(path.clone()), &format!("[{mode}] the corrupted file"));
+    let first = counters(&fsd).digest_errors;
+    assert!(first >= 1, "[{mode}] digest_errors {first}");
+    let file = File::open(&path).unwrap();
+    let mut head = vec![0u8; chunks[0].uncompressed_size as usize];
+    file.read_exact_at(&mut head, 0)
+        .unwrap_or_else(|e| panic!("[{mode}] the intact first chunk: {e}"));
+    assert!(
+        head == file_content(victim)[..head.len()],
+        "[{mode}] first chunk"
+    );
+    drop(file);
+
+    assert_eio(
+        read(path.clone()),
+        &format!("[{mode}] the corrupted file again"),
+    );
+    let second = counters(&fsd).digest_errors;
+    assert!(
+        second > first,
+        "[{mode}] digest_errors {first} → {second}: the bad chunk was not fetched again"
+    );
+    flip(&blob, middle);
+    assert_reads(&fsd, victim);
+    assert_eq!(
+        counters(&fsd).digest_errors,
+        second,
+        "[{mode}] after repair"
+    );
+}
+
+/// After reading N bytes the daemon counts N bytes read, and exactly the
+/// range requests and bytes the registry logged; a re-read from the cache
+/// adds reads but no fetch.
+fn metrics_count_reads_and_fetches(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let fsd = fx.start(mode, None, false);
+    let (served, gets) = (fx.data_bytes_served(), fx.data_gets());
+    let files = 0..4;
+    let n: u64 = files.clone().map(|i| file_len(i) as u64).sum();
+    let stored: u64 = files
+        .clone()
+        .flat_map(|i| fx.chunks(i))
+        .map(|c| u64::from(c.stored_size))
+        .sum();
+    for file in files.clone() {
+        assert_reads(&fsd, file);
+    }
+    let after = counters(&fsd);
+    println!("[{mode}] after reading {n} bytes: {after:?}");
+    assert_eq!(after.bytes_read, n, "[{mode}] bytes_read");
+    assert_eq!(
+        after.backend_bytes,
+        fx.data_bytes_served() - served,
+        "[{mode}] backend bytes vs the registry's access log"
+    );
+    assert_eq!(
+        after.backend_requests as usize,
+        fx.data_gets() - gets,
+        "[{mode}] backend requests vs the registry's access log"
+    );
+    assert!(
+        after.backend_bytes >= stored,
+        "[{mode}] {} backend bytes for {stored} stored bytes read",
+        after.backend_bytes
+    );
+    assert_eq!(
+        (after.backend_errors, after.digest_errors),
+        (0, 0),
+        "[{mode}] errors"
+    );
+
+    for file in files.clone() {
+        drop_page_cache(&fsd.join(name(file)));
+        assert_reads(&fsd, file);
+    }
+    let again = counters(&fsd);
+    assert_eq!(
+        again.bytes_read,
+        2 * n,
+        "[{mode}] bytes_read after a re-read"
+    );
+    assert_eq!(
+        (again.backend_requests, again.backend_bytes),
+        (after.backend_requests, after.backend_bytes),
+        "[{mode}] a re-read of cached chunks fetched"
+    );
+}
+
+/// SIGUSR1 logs the metrics as a JSON line, and the daemon serves on.
+fn sigusr1_logs_metrics_and_serves_on(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let fsd = fx.start(mode, None, false);
+    assert_reads(&fsd, 0);
+    let pid = fsd.pid().unwrap();
+    let logged = request_metrics(pid, &fsd.log())
+        .unwrap_or_else(|e| panic!("[{mode}] SIGUSR1 logged no metrics: {e}"));
+    assert!(
+        logged["bytes_read"].as_u64() >= Some(file_len(0) as u64),
+        "[{mode}] logged metrics: {logged}"
+    );
+    assert!(process_alive(pid), "[{mode}] gone after SIGUSR1");
+    assert_reads(&fsd, 1);
+}
+
+/// With a supervisor, SIGUSR2 exits 0 without unmounting, and a successor
+/// started with `--takeover` serves the mount.
+fn sigusr2_leaves_the_mount_to_a_successor(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let mut fsd = fx.start(mode, None, true);
+    assert_reads(&fsd, 0);
+    fsd.signal(Signal::SIGUSR2).unwrap();
+    let status = fsd.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert!(
+        status.success(),
+        "[{mode}] SIGUSR2: lode-fsd exited with {status}, expected 0 (exit without unmounting)"
+    );
+    assert!(fsd.is_mounted(), "[{mode}] SIGUSR2 unmounted");
+    fsd.take_over()
+        .unwrap_or_else(|e| panic!("[{mode}] take over after SIGUSR2: {e}"));
+    assert_reads(&fsd, 1);
+    drop_page_cache(&fsd.join(name(0)));
+    assert_reads(&fsd, 0);
+}
+
+/// SIGTERM unmounts and exits 0.
+fn sigterm_unmounts_and_exits_0(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let mut fsd = fx.start(mode, None, true);
+    assert_reads(&fsd, 0);
+    fsd.signal(Signal::SIGTERM).unwrap();
+    let status = fsd.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert!(status.success(), "[{mode}] SIGTERM: exited with {status}");
+    assert!(!fsd.is_mounted(), "[{mode}] still mounted after SIGTERM");
+}
+
+fn assert_clean(mode: Mode, tally: &Tally, missing: u64, fsd: &ModeFsd) {
+    assert!(tally.reads.load(Ordering::Relaxed) > 0, "[{mode}] no reads");
+    assert_eq!(
+        tally.errors.load(Ordering::Relaxed),
+        0,
+        "[{mode}] read errors; first: {:?}\n{}",
+        tally.first_error.lock().unwrap(),
+        fsd.log_text()
+    );
+    assert_eq!(
+        tally.wrong.load(Ordering::Relaxed),
+        0,
+        "[{mode}] wrong bytes"
+    );
+    assert_eq!(missing, 0, "[{mode}] the mount left the mount table");
+}
+
+/// Readers run while the daemon is killed with SIGKILL and a successor
+/// takes over, [`CYCLES`] times: no error, no wrong byte, and the mount
+/// never leaves the mount table.
+fn sigkill_and_takeover_lose_no_read(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let mut fsd = fx.start(mode, None, true);
+    let watch = MountWatch::start(fsd.mountpoint());
+    let readers = Readers::start(&fsd.root(), 3);
+    readers.wait_progress(50, "reads from the first daemon");
+    for cycle in 0..CYCLES {
+        readers.wait_progress(20, "reads before the kill");
+        fsd.kill().unwrap();
+        assert!(
+            fsd.is_mounted(),
+            "[{mode}] mount gone after SIGKILL {cycle}"
+        );
+        fsd.take_over()
+            .unwrap_or_else(|e| panic!("[{mode}] takeover {cycle}: {e}"));
+        readers.wait_each_progress(1, "every reader after the takeover");
+    }
+    let tally = readers.stop();
+    let missing = watch.stop();
+    assert_clean(mode, &tally, missing, &fsd);
+    fsd.signal(Signal::SIGTERM).unwrap();
+    let status = fsd.wait_exit(EXIT_TIMEOUT).unwrap();
+    assert!(status.success(), "[{mode}] SIGTERM: exited with {status}");
+}
+
+/// Chunks read are made durable within a few flush intervals, so a
+/// successor after a SIGKILL serves them again from the cache: the
+/// registry sends no byte of a data blob for the re-read.
+fn cache_survives_sigkill_after_a_flush_interval(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("fsd.toml");
+    let text = format!("[cache]\nflush_interval_ms = {FLUSH_INTERVAL_MS}\n");
+    std::fs::write(&config, text).unwrap();
+    let mut fsd = fx.start(mode, Some(config), true);
+    let files = 0..8;
+    for file in files.clone() {
+        assert_reads(&fsd, file);
+    }
+    // The cache's presence maps say what a successor will find; a chunk is
+    // marked there only after a flush made its bytes durable.
+    let chunks: Vec<ChunkLocation> = files.clone().flat_map(|i| fx.chunks(i)).collect();
+    let durable = || {
+        chunks
+            .iter()
+            .filter(|c| cache_durable(&fx.image.cache, c))
+            .count()
+    };
+    let limit = Duration::from_millis(25 * FLUSH_INTERVAL_MS);
+    let flushed = wait_until(limit, "the chunks read to be durable", || {
+        durable() == chunks.len()
+    });
+    assert!(
+        flushed.is_ok(),
+        "[{mode}] {} of {} chunks read are durable {limit:?} after the reads \
+         (flush_interval_ms = {FLUSH_INTERVAL_MS}): no periodic flush",
+        durable(),
+        chunks.len()
+    );
+
+    fsd.kill().unwrap();
+    fsd.take_over()
+        .unwrap_or_else(|e| panic!("[{mode}] takeover: {e}"));
+    let served = fx.data_bytes_served();
+    for file in files.clone() {
+        drop_page_cache(&fsd.join(name(file)));
+        assert_reads(&fsd, file);
+    }
+    let n: u64 = files.map(|i| file_len(i) as u64).sum();
+    let successor = counters(&fsd);
+    assert!(
+        successor.bytes_read >= n,
+        "[{mode}] the re-read did not reach the successor: {successor:?}"
+    );
+    assert_eq!(
+        fx.data_bytes_served() - served,
+        0,
+        "[{mode}] data blob bytes the registry sent for the re-read"
+    );
+}
+
+/// Shared mode: an instance removed and mounted again under the same id
+/// (with a new seq) reads at once, while another instance's readers see no
+/// error.
+#[test]
+fn shared_instance_remounted_under_its_id_reads_at_once() {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let fsd = fx.start(Mode::Shared, None, false);
+    let a = fsd.mount_shared("a", 2).unwrap();
+    let b = fsd.mount_shared("b", 3).unwrap();
+    let readers = Readers::start(&b, 3);
+    readers.wait_progress(50, "reads from b");
+    let path = a.join(name(0));
+    assert_eq!(read(path.clone()).unwrap(), file_content(0), "a before");
+
+    fsd.unmount(&a).unwrap();
+    fsd.mount_shared("a", 4).unwrap();
+    let again = read(path.clone());
+    readers.wait_each_progress(2, "reads from b after a's remount");
+    let tally = readers.stop();
+    assert_eq!(
+        tally.errors.load(Ordering::Relaxed),
+        0,
+        "b's readers: first error {:?}",
+        tally.first_error.lock().unwrap()
+    );
+    assert_eq!(tally.wrong.load(Ordering::Relaxed), 0, "b's readers");
+    match again {
+        Ok(data) => assert!(data == file_content(0), "a after the remount: wrong bytes"),
+        Err(e) => panic!("{} right after a's remount: {e}", path.display()),
+    }
+}
+
+/// A read on a file opened before its instance was removed (`DELETE
+/// /mount`) fails, and the image's paths are gone.
+fn removed_instance_fails_reads_on_open_files(mode: Mode) {
+    let Some(fx) = Fixture::new() else {
+        return;
+    };
+    let mut fsd = fx.start(mode, None, false);
+    let opened = File::open(fsd.join(name(5))).unwrap();
+    fsd.unmount(&fsd.root()).unwrap();
+
+    let (result, opened) = bounded(HANG_GUARD, "a read after the removal", move || {
+        let mut buf = vec![0u8; 4096];
+        let result = opened.read_at(&mut buf, 0);
+        (result.map(|n| buf[..n].to_vec()), opened)
+    });
+    match &result {
+        Ok(data) => {
+            println!(
+                "[{mode}] read on a file opened before the removal: {} bytes",
+                data.len()
+            );
+            assert!(
+                data[..] == file_content(5)[..data.len()],
+                "[{mode}] wrong bytes"
+            );
+        }
+        Err(e) => println!("[{mode}] read on a file opened before the removal: {e}"),
+    }
+    let fresh = File::open(fsd.join(name(6))).map(|_| ());
+    assert_eq!(
+        fresh.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOENT)),
+        "[{mode}] opening a file of the removed instance"
+    );
+    drop(opened);
+    if mode == Mode::Dedicated {
+        let status = fsd.wait_exit(EXIT_TIMEOUT).unwrap();
+        assert!(status.success(), "[{mode}] exit after DELETE: {status}");
+    } else {
+        assert!(fsd.is_mounted(), "[{mode}] the shared mount went away");
+        let listed: Vec<_> = std::fs::read_dir(fsd.mountpoint())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            listed.is_empty(),
+            "[{mode}] listed after the removal: {listed:?}"
+        );
+    }
+    if let Ok(data) = result {
+        panic!(
+            "[{mode}] a read on a file opened before DELETE /mount returned {} bytes; \
+             expected an error, the same in every mode",
+            data.len()
+        );
+    }
+}
