@@ -175,21 +175,27 @@ impl FsdDaemon {
     }
 }
 
+/// Stops a daemon the test started: SIGTERM, then SIGKILL after 10 s, and
+/// a forced unmount of what it leaves.
+pub fn stop_daemon(child: Option<Child>, mountpoint: &Path) {
+    if let Some(mut child) = child {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let exited = wait_until(Duration::from_secs(10), "lode-fsd to exit", || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if exited.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    force_unmount(mountpoint);
+}
+
 impl Drop for FsdDaemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let exited = wait_until(Duration::from_secs(10), "lode-fsd to exit", || {
-                child.try_wait().ok().flatten().is_some()
-            });
-            if exited.is_err() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        force_unmount(&self.mountpoint);
+        stop_daemon(self.child.take(), &self.mountpoint);
     }
 }
 

@@ -19,7 +19,7 @@ use lode_common::supervisor::SupervisorServer;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::fsd::{counter, force_unmount, is_fsd_mount, request_metrics, FsdOptions};
+use super::fsd::{counter, is_fsd_mount, request_metrics, FsdOptions};
 use crate::{wait_until, KitError};
 
 /// How `lode-fsd` serves the image.
@@ -483,19 +483,7 @@ impl ModeFsd {
 
 impl Drop for ModeFsd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let exited = wait_until(Duration::from_secs(10), "lode-fsd to exit", || {
-                child.try_wait().ok().flatten().is_some()
-            });
-            if exited.is_err() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        force_unmount(&self.mountpoint);
+        super::fsd::stop_daemon(self.child.take(), &self.mountpoint);
         // Closes the descriptors it holds, which ends the connection.
         drop(self.supervisor.take());
         for mut child in self.killed.drain(..) {
