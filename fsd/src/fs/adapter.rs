@@ -63,17 +63,21 @@ impl Adapter {
         ino: INodeNo,
         f: impl FnOnce(&Route) -> Result<T, FsError>,
     ) -> Result<T, Errno> {
-        let route = self.table.route(ino.0);
-        let result = route.as_ref().map_err(|_| FsError::Stale(ino.0));
-        let result = match result {
-            Ok(route) => f(route),
-            Err(e) => Err(e),
+        let result = match self.table.route(ino.0) {
+            Ok(route) => {
+                let result = f(&route);
+                let metrics = match &route {
+                    Route::Instance(i, _) => &i.metrics,
+                    Route::Root => &self.root_metrics,
+                };
+                metrics.fop(op, result.is_ok());
+                result
+            }
+            Err(e) => {
+                self.root_metrics.fop(op, false);
+                Err(e)
+            }
         };
-        let metrics = match &route {
-            Ok(Route::Instance(i, _)) => &i.metrics,
-            _ => &self.root_metrics,
-        };
-        metrics.fop(op, result.is_ok());
         result.map_err(|e| self.errors.report(op.name(), ino.0, &e))
     }
 

@@ -8,7 +8,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuser::INodeNo;
-use lode_common::api::DaemonMode;
 use lode_common::supervisor::{DaemonState as HandedState, FuseConnParams};
 use tracing::{debug, error, info, warn};
 
@@ -240,11 +239,5 @@ impl Host {
             instance.flush();
         }
         info!(mountpoint = %self.options.mountpoint.display(), "detached; the mount stays for a successor");
-    }
-
-    /// The shared pseudo root's or the dedicated instance's mode string for
-    /// the supervisor and logs.
-    pub fn mode(&self) -> DaemonMode {
-        self.options.mode
     }
 }
