@@ -161,6 +161,32 @@ impl Containerd {
         self.remove_containers_in(&self.namespace(name));
     }
 
+    /// Kills the task of container `id` in the test namespace `name` and
+    /// removes the container.
+    pub fn remove_container(&self, name: &str, id: &str) -> Result<(), KitError> {
+        let namespace = self.namespace(name);
+        self.remove_task_in(&namespace, id)?;
+        let run = self.ctr_in(&namespace, ["containers", "rm", id])?;
+        if !run.success {
+            return Err(KitError::Command {
+                what: format!("ctr containers rm {id}"),
+                message: run.stderr.trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn remove_task_in(&self, namespace: &str, task: &str) -> Result<(), KitError> {
+        let _ = self.ctr_in(namespace, ["tasks", "kill", "-s", "KILL", task]);
+        wait_until(Duration::from_secs(10), "task to stop", || {
+            self.ctr_in(namespace, ["tasks", "rm", task])
+                .is_ok_and(|r| r.success)
+                || self
+                    .ctr_in(namespace, ["tasks", "ls", "-q"])
+                    .is_ok_and(|r| r.success && !r.stdout.lines().any(|l| l == task))
+        })
+    }
+
     fn remove_containers_in(&self, namespace: &str) {
         let stdout = |args: &[&str]| {
             self.ctr_in(namespace, args)
@@ -172,12 +198,7 @@ impl Containerd {
             return;
         };
         for task in tasks.lines().filter(|l| !l.is_empty()) {
-            let _ = self.ctr_in(namespace, ["tasks", "kill", "-s", "KILL", task]);
-            let _ = wait_until(Duration::from_secs(10), "task to stop", || {
-                self.ctr_in(namespace, ["tasks", "rm", task])
-                    .is_ok_and(|r| r.success)
-                    || stdout(&["tasks", "ls", "-q"]).is_some_and(|t| !t.lines().any(|l| l == task))
-            });
+            let _ = self.remove_task_in(namespace, task);
         }
         for container in stdout(&["containers", "ls", "-q"])
             .unwrap_or_default()

@@ -1,8 +1,9 @@
 //! Shared kit for Lode's real-component tests: a throw-away
 //! `docker-registry` with access-log accounting, an OCI image layout builder
 //! with `skopeo` pushes, wrappers of Lode's own binaries (`lodectl`,
-//! `lode-fsd`), a directory tree capture-and-compare, and small helpers for
-//! polling and skipping.
+//! `lode-fsd`), a registry-snapshotter-containerd stack with container
+//! readers ([`stack`]), a directory tree capture-and-compare, and small
+//! helpers for polling and skipping.
 //!
 //! Tests that need something the machine lacks (root, `/dev/fuse`, a
 //! Debian package, a workspace binary) call [`skip_unless`] and return early;
@@ -18,6 +19,7 @@ pub mod mounts;
 pub mod registry;
 mod skopeo;
 pub mod snapshotter;
+pub mod stack;
 mod tar_writer;
 pub mod umoci;
 mod util;

@@ -2,237 +2,31 @@
 //! lode-snapshotter as its proxy snapshotter, runc containers, lode-fsd
 //! daemons. Root only (containers, FUSE, overlayfs).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
-use lode_common::registry::Reference;
-use lode_tests::containerd::{containerd_available, push_busybox_image, Containerd};
-use lode_tests::lode::{Lodectl, LODECTL};
 use lode_tests::mounts::mounts_below;
-use lode_tests::snapshotter::{Snapshotter, SnapshotterOptions};
-use lode_tests::{
-    bin_path, pseudo_random_bytes, require_root, skip_unless, wait_until, Registry, TarEntry,
+use lode_tests::snapshotter::SnapshotterOptions;
+use lode_tests::stack::{
+    rounds, scrape, sha256_hex, stack, wait_for_rounds, wait_for_total_rounds, Stack,
 };
-use sha2::{Digest as _, Sha256};
-
-const BIG: u64 = 24 << 20;
-
-/// Everything a test needs, torn down in reverse order of creation.
-struct Stack {
-    lodectl: Lodectl,
-    containerd: Containerd,
-    snapshotter: Snapshotter,
-    registry: Registry,
-    plain: Reference,
-    lode: Reference,
-    out: tempfile::TempDir,
-}
-
-fn stack(options: SnapshotterOptions) -> Option<Stack> {
-    if !require_root()
-        || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
-        || !skip_unless(Registry::available(), "docker-registry missing")
-        || !skip_unless(
-            Snapshotter::available(),
-            "lode-snapshotter/lode-fsd not built",
-        )
-        || !skip_unless(Path::new("/bin/busybox").exists(), "busybox-static missing")
-    {
-        return None;
-    }
-    let lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
-    let registry = Registry::start().unwrap();
-    let plain = push_busybox_image(
-        &registry,
-        "app",
-        vec![
-            TarEntry::dir("data"),
-            TarEntry::file("data/motd", "hello from lode\n"),
-            TarEntry::random_file("data/big", BIG, 7),
-            // Never read by the tests: what a lazy image does not fetch.
-            TarEntry::dir("unused"),
-            TarEntry::random_file("unused/a", 32 << 20, 8),
-            TarEntry::random_file("unused/b", 32 << 20, 9),
-        ],
-    )
-    .unwrap();
-    let lode = registry.reference("app:v1-lode");
-    lodectl.convert(&plain, &lode, None).unwrap();
-    let snapshotter = Snapshotter::start(&options).unwrap();
-    let containerd = Containerd::start(Some(&snapshotter.socket())).unwrap();
-    let out = tempfile::tempdir_in("/var/tmp").unwrap();
-    Some(Stack {
-        lodectl,
-        containerd,
-        snapshotter,
-        registry,
-        plain,
-        lode,
-        out,
-    })
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-impl Stack {
-    fn pull_lazily(&self, namespace: &str, image: &Reference) -> String {
-        let run = self
-            .lodectl
-            .run([
-                "pull",
-                "--plain-http",
-                "--address",
-                &self.containerd.socket().display().to_string(),
-                "--namespace",
-                &self.containerd.namespace(namespace),
-                &image.to_string(),
-            ])
-            .unwrap();
-        assert!(
-            run.success,
-            "lodectl pull: {}\n{}",
-            run.stderr,
-            self.snapshotter.log()
-        );
-        run.stdout
-    }
-
-    fn run(&self, namespace: &str, id: &str, script: &str) -> String {
-        self.containerd
-            .ctr_ok(
-                namespace,
-                [
-                    "run",
-                    "--rm",
-                    "--snapshotter",
-                    SNAPSHOTTER,
-                    &self.lode.to_string(),
-                    id,
-                    "/bin/sh",
-                    "-c",
-                    script,
-                ],
-            )
-            .unwrap_or_else(|e| {
-                let containerd = self.containerd.log();
-                let tail: Vec<&str> = containerd.lines().rev().take(15).collect();
-                panic!(
-                    "{e}\nsnapshotter log:\n{}\ncontainerd log (last lines, newest first):\n{}",
-                    self.snapshotter.log(),
-                    tail.join("\n")
-                )
-            })
-    }
-
-    /// The Lode image's data blobs.
-    fn data_blobs(&self) -> Vec<lode_common::Digest> {
-        let client = lode_common::registry::RegistryClient::new(Default::default()).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(lode_common::image::resolve(&client, &self.lode))
-            .unwrap()
-            .data_blobs
-    }
-
-    /// Data-blob bytes the registry served so far.
-    fn data_bytes_served(&self) -> u64 {
-        self.data_blobs()
-            .iter()
-            .flat_map(|d| self.registry.requests_for(&d.to_string()))
-            .filter(|r| r.method == "GET" && (r.status == 200 || r.status == 206))
-            .map(|r| r.bytes)
-            .sum()
-    }
-
-    /// Starts a container that reads the image in a loop, verifying the big
-    /// file each round, and appends "N OK" or "N ERR ..." to `<out>/<id>.log`.
-    fn start_reader(&self, namespace: &str, id: &str) -> PathBuf {
-        let expected = sha256_hex(&pseudo_random_bytes(7, 0, BIG as usize));
-        let script = format!(
-            "i=0; while true; do s=$(sha256sum /data/big | head -c 64); \
-             if [ \"$s\" = {expected} ] && cat /data/motd >/dev/null; then echo \"$i OK\"; \
-             else echo \"$i ERR $s\"; fi >> /out/{id}.log; i=$((i+1)); done"
-        );
-        let mount = format!(
-            "type=bind,src={},dst=/out,options=rbind:rw",
-            self.out.path().display()
-        );
-        self.containerd
-            .ctr_ok(
-                namespace,
-                [
-                    "run",
-                    "-d",
-                    "--snapshotter",
-                    SNAPSHOTTER,
-                    "--mount",
-                    &mount,
-                    &self.lode.to_string(),
-                    id,
-                    "/bin/sh",
-                    "-c",
-                    &script,
-                ],
-            )
-            .unwrap();
-        let log = self.out.path().join(format!("{id}.log"));
-        wait_for_rounds(&log, 1);
-        log
-    }
-}
-
-/// `GET /metrics` over a plain TCP connection to the loopback endpoint.
-fn scrape(url: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let address = url
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics");
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: lode\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
-fn rounds(log: &Path) -> (usize, Vec<String>) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let errors = text
-        .lines()
-        .filter(|l| !l.ends_with(" OK"))
-        .map(str::to_owned)
-        .collect();
-    (text.lines().count(), errors)
-}
-
-/// Waits until the reader has completed `more` rounds beyond now.
-fn wait_for_rounds(log: &Path, more: usize) {
-    let start = rounds(log).0;
-    wait_until(Duration::from_secs(60), "reader progress", || {
-        rounds(log).0 >= start + more
-    })
-    .unwrap();
-}
+use lode_tests::{pseudo_random_bytes, wait_until};
 
 #[test]
 fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
     let Some(s) = stack(SnapshotterOptions::default()) else {
         return;
     };
-    let before_pull = s.data_bytes_served();
+    let before_pull = s.data_bytes_served(&s.app.lode);
     let started = Instant::now();
-    let pulled = s.pull_lazily("lazy", &s.lode);
+    let pulled = s.pull_lazily("lazy", &s.app.lode);
     let pull_time = started.elapsed();
     assert!(pulled.contains(" 0 unpacked"), "{pulled}");
     assert_eq!(
-        s.data_bytes_served(),
+        s.data_bytes_served(&s.app.lode),
         0,
         "a lazy pull downloads no data blob: {:?}",
-        s.data_blobs()
+        s.data_blobs(&s.app.lode)
             .iter()
             .map(|d| s.registry.requests_for(&d.to_string()))
             .collect::<Vec<_>>()
@@ -240,6 +34,7 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
     let started = Instant::now();
     let out = s.run(
         "lazy",
+        &s.app.lode,
         "c1",
         "cat /data/motd; head -c 65536 /data/big | sha256sum",
     );
@@ -247,9 +42,9 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
     let expected = sha256_hex(&pseudo_random_bytes(7, 0, 65536));
     assert!(out.contains("hello from lode"), "{out}");
     assert!(out.contains(&expected), "{out}");
-    let served = s.data_bytes_served() - before_pull;
+    let served = s.data_bytes_served(&s.app.lode) - before_pull;
     let total: u64 = s
-        .data_blobs()
+        .data_blobs(&s.app.lode)
         .iter()
         .map(|d| {
             std::fs::metadata(s.registry.blob_path(d))
@@ -272,7 +67,7 @@ fn plain_images_fall_back_to_overlay_snapshots() {
     let Some(s) = stack(SnapshotterOptions::default()) else {
         return;
     };
-    let image = s.plain.to_string();
+    let image = s.app.plain.to_string();
     s.containerd
         .ctr_ok(
             "plain",
@@ -308,7 +103,7 @@ fn plain_images_fall_back_to_overlay_snapshots() {
         "{out}"
     );
     // lodectl pull unpacks plain layers through containerd's diff service.
-    let pulled = s.pull_lazily("plain2", &s.plain);
+    let pulled = s.pull_lazily("plain2", &s.app.plain);
     assert!(pulled.contains("0 layer(s) lazy, 2 unpacked"), "{pulled}");
     let out = s
         .containerd
@@ -338,8 +133,8 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
     let Some(mut s) = stack(SnapshotterOptions::default()) else {
         return;
     };
-    s.pull_lazily("lazy", &s.lode);
-    let log = s.start_reader("lazy", "reader");
+    s.pull_lazily("lazy", &s.app.lode);
+    let log = s.start_reader("lazy", &s.app, "reader");
     let before = s
         .containerd
         .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
@@ -370,7 +165,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
     )
     .unwrap();
     wait_for_rounds(&log, 2);
-    let out = s.run("lazy", "after", "cat /data/motd");
+    let out = s.run("lazy", &s.app.lode, "after", "cat /data/motd");
     assert!(out.contains("hello from lode"), "{out}");
     let after = s
         .containerd
@@ -398,47 +193,119 @@ fn dedicated_daemon_kill_with_failover_is_only_a_pause_for_readers() {
 }
 
 /// Kills the image's daemon `kills` times while a container verifies its
-/// files in a loop; the container must see no error.
+/// files in a loop: the container must see no error, and the registry must
+/// serve no more of the image's data blobs than to the same reader running
+/// as many rounds from a cold cache without kills (10% slack). Before each
+/// kill the daemon has time to make the chunks read durable in its cache;
+/// after it (or its place in the run without kills) the kernel's cached
+/// pages of the file are dropped, so that the reader's next rounds reach
+/// the daemon.
 fn failover_cycles(options: SnapshotterOptions, kills: usize) {
     let Some(s) = stack(options) else {
         return;
     };
-    s.pull_lazily("lazy", &s.lode);
-    let log = s.start_reader("lazy", "reader");
-    for kill in 1..=kills {
-        let pids = s.snapshotter.daemon_pids();
-        assert_eq!(
-            pids.len(),
-            1,
-            "kill {kill}: one daemon serves the image: {pids:?}\n{}",
-            s.snapshotter.log()
-        );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pids[0] as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        // Reads of cached pages never reach the daemon: wait until the
-        // successor says it serves, not only for reader progress.
-        wait_until(
-            Duration::from_secs(30),
-            "a successor daemon serving",
-            || s.snapshotter.log().matches("takeover=true").count() >= kill,
-        )
-        .unwrap();
-        wait_for_rounds(&log, 1);
-        let mounted = mounts_below(&s.snapshotter.root().join("mnt"));
-        assert!(
-            !mounted.is_empty(),
-            "kill {kill}: the instance mount disappeared"
-        );
-    }
+    let chunks = s.reader_chunks(&s.app);
+    let before = s.data_bytes_served(&s.app.lode);
+    s.pull_lazily("lazy", &s.app.lode);
+    let log = s.start_reader("lazy", &s.app, "reader");
+    let not_durable = reader_cycles(&s, &log, kills, Some(&chunks));
+    check_recoveries(&s, kills);
+    s.containerd.remove_container("lazy", "reader").unwrap();
     let (total, errors) = rounds(&log);
     assert!(
         errors.is_empty(),
         "reader errors: {errors:?}\n{}",
         s.snapshotter.log()
     );
+    remove_image_and_its_cache(&s);
+    let with_kills = s.data_bytes_served(&s.app.lode) - before;
+    let without_kills = bytes_served_without_kills(&s, kills, total);
+    eprintln!(
+        "failover: {kills} kills, {total} verified reads, 0 errors; data-blob bytes \
+         served: {with_kills} with kills, {without_kills} for {total} rounds without kills \
+         ({:.2}x)",
+        with_kills as f64 / without_kills as f64
+    );
+    assert!(
+        with_kills * 10 <= without_kills * 11,
+        "successors fetched again what their predecessors had fetched: the registry \
+         served {with_kills} data-blob bytes to a reader whose daemon was killed {kills} \
+         times, {without_kills} to the same reader for as many rounds ({total}) without \
+         kills; chunks not durable when killed: {not_durable:?}"
+    );
+}
+
+/// How long a daemon may take to make the chunks read durable: three of
+/// lode-fsd's default flush intervals.
+const DURABLE_WITHIN: Duration = Duration::from_secs(3);
+
+/// `cycles` times: when `kill_after` names the chunks the reader reads, wait
+/// until they are durable and kill the daemon, then wait for its successor;
+/// drop the file's cached pages, and wait for two more rounds of the reader
+/// (the second one reads only through the daemon). Returns, per kill whose
+/// chunks were not all durable in time, how many were.
+fn reader_cycles(
+    s: &Stack,
+    log: &std::path::Path,
+    cycles: usize,
+    kill_after: Option<&[lode_tests::lode::ChunkLocation]>,
+) -> Vec<String> {
+    let mut not_durable = Vec::new();
+    for cycle in 1..=cycles {
+        if let Some(chunks) = kill_after {
+            let durable = wait_until(DURABLE_WITHIN, "the chunks read to be durable", || {
+                s.durable_chunks(chunks) == chunks.len()
+            });
+            if durable.is_err() {
+                not_durable.push(format!(
+                    "kill {cycle}: {} of {} after {DURABLE_WITHIN:?}",
+                    s.durable_chunks(chunks),
+                    chunks.len()
+                ));
+            }
+            kill_daemon(s, cycle);
+        }
+        assert!(
+            s.drop_cached_pages("data/big") > 0,
+            "cycle {cycle}: no data/big below {}",
+            s.snapshotter.root().display()
+        );
+        wait_for_rounds(log, 2);
+    }
+    not_durable
+}
+
+/// The `nth` kill of the image's daemon; returns once a successor serves.
+fn kill_daemon(s: &Stack, nth: usize) {
+    let pids = s.snapshotter.daemon_pids();
+    assert_eq!(
+        pids.len(),
+        1,
+        "kill {nth}: one daemon serves the image: {pids:?}\n{}",
+        s.snapshotter.log()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Reads of cached pages never reach the daemon: wait until the
+    // successor says it serves, not only for reader progress.
+    wait_until(
+        Duration::from_secs(30),
+        "a successor daemon serving",
+        || s.snapshotter.log().matches("takeover=true").count() >= nth,
+    )
+    .unwrap();
+    let mounted = mounts_below(&s.snapshotter.root().join("mnt"));
+    assert!(
+        !mounted.is_empty(),
+        "kill {nth}: the instance mount disappeared"
+    );
+}
+
+/// Every kill was recovered by a successor, as the log and the metrics say.
+fn check_recoveries(s: &Stack, kills: usize) {
     let log_text = s.snapshotter.log();
     assert_eq!(
         log_text.matches("takeover=true").count(),
@@ -461,11 +328,42 @@ fn failover_cycles(options: SnapshotterOptions, kills: usize) {
     assert!(
         metrics.contains(&format!(
             "lode_image_read_bytes_total{{image=\"{}\"}}",
-            s.lode
+            s.app.lode
         )) && metrics.contains("state=\"RUNNING\"} 1"),
         "{metrics}"
     );
-    eprintln!("failover: {kills} kills, {total} verified reads, 0 errors");
+}
+
+/// Removes the image (its containers are gone) and waits until its mount
+/// and its cached chunks are gone too: the next pull starts cold.
+fn remove_image_and_its_cache(s: &Stack) {
+    s.remove_image("lazy", &s.app.lode);
+    let cache = s.snapshotter.root().join("cache");
+    wait_until(
+        Duration::from_secs(30),
+        "the image's mount and cache to go",
+        || {
+            mounts_below(&s.snapshotter.root().join("mnt")).is_empty()
+                && std::fs::read_dir(&cache).map_or(0, |d| d.count()) == 0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.snapshotter.log()));
+}
+
+/// Data-blob bytes the registry serves to a reader of the image that runs
+/// `total` rounds from a cold cache, `cycles` of them as in
+/// [`reader_cycles`] with no kill.
+fn bytes_served_without_kills(s: &Stack, cycles: usize, total: usize) -> u64 {
+    let before = s.data_bytes_served(&s.app.lode);
+    s.pull_lazily("lazy", &s.app.lode);
+    let log = s.start_reader("lazy", &s.app, "unkilled");
+    reader_cycles(s, &log, cycles, None);
+    wait_for_total_rounds(&log, total);
+    s.containerd.remove_container("lazy", "unkilled").unwrap();
+    let (_, errors) = rounds(&log);
+    assert!(errors.is_empty(), "reader errors without kills: {errors:?}");
+    remove_image_and_its_cache(s);
+    s.data_bytes_served(&s.app.lode) - before
 }
 
 #[test]
@@ -476,9 +374,9 @@ fn daemon_kill_with_restart_serves_new_reads() {
     }) else {
         return;
     };
-    s.pull_lazily("lazy", &s.lode);
+    s.pull_lazily("lazy", &s.app.lode);
     assert!(s
-        .run("lazy", "first", "cat /data/motd")
+        .run("lazy", &s.app.lode, "first", "cat /data/motd")
         .contains("hello from lode"));
     let pids = s.snapshotter.daemon_pids();
     assert_eq!(pids.len(), 1);
@@ -496,6 +394,7 @@ fn daemon_kill_with_restart_serves_new_reads() {
     .unwrap();
     let out = s.run(
         "lazy",
+        &s.app.lode,
         "second",
         "cat /data/motd; head -c 4096 /data/big | sha256sum",
     );
@@ -513,15 +412,18 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
     let Some(s) = stack(SnapshotterOptions::default()) else {
         return;
     };
-    s.pull_lazily("lazy", &s.lode);
-    s.run("lazy", "c1", "head -c 100000 /data/big > /dev/null");
+    s.pull_lazily("lazy", &s.app.lode);
+    s.run(
+        "lazy",
+        &s.app.lode,
+        "c1",
+        "head -c 100000 /data/big > /dev/null",
+    );
     assert_eq!(s.snapshotter.daemon_pids().len(), 1);
     let cache = s.snapshotter.root().join("cache");
     let cached = || std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
     assert!(cached() > 0, "reading fills the cache");
-    s.containerd
-        .ctr_ok("lazy", ["image", "rm", "--sync", &s.lode.to_string()])
-        .unwrap();
+    s.remove_image("lazy", &s.app.lode);
     wait_until(
         Duration::from_secs(30),
         "the image's instance and daemon to go",

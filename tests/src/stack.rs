@@ -1,0 +1,391 @@
+//! The whole path of a lazy container start, for end-to-end tests: a
+//! registry with Lode images built here, lode-snapshotter, containerd with
+//! Lode as its proxy snapshotter, and containers that verify an image's
+//! files in a loop. Torn down in reverse order of creation.
+
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lode_common::api::{ClientError, DaemonClient, DaemonInfo, InstanceInfo};
+use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
+use lode_common::format::Bootstrap;
+use lode_common::registry::Reference;
+use lode_common::Digest;
+use sha2::{Digest as _, Sha256};
+
+use crate::containerd::{containerd_available, push_busybox_image, Containerd};
+use crate::lode::Run;
+use crate::lode::{
+    bounded, cache_durable, fetch_bootstrap, file_chunks, ChunkLocation, Lodectl, LODECTL,
+};
+use crate::mounts::mounts_below;
+use crate::snapshotter::{Snapshotter, SnapshotterOptions};
+use crate::{bin_path, pseudo_random_bytes, require_root, skip_unless, wait_until};
+use crate::{Registry, TarEntry};
+
+/// Size of the verified file of the stack's first image.
+pub const BIG: u64 = 24 << 20;
+
+/// A Lode image of busybox plus `/data/motd` and `/data/big` (random bytes
+/// from a seed), with the plain image it was converted from.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub plain: Reference,
+    pub lode: Reference,
+    pub motd: String,
+    pub big_seed: u64,
+    pub big_size: u64,
+}
+
+impl App {
+    pub fn big_sha256(&self) -> String {
+        sha256_hex(&pseudo_random_bytes(
+            self.big_seed,
+            0,
+            self.big_size as usize,
+        ))
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub struct Stack {
+    pub lodectl: Lodectl,
+    pub containerd: Containerd,
+    pub snapshotter: Snapshotter,
+    pub registry: Registry,
+    /// The first image: `/data/big` of [`BIG`] bytes, and 64 MiB under
+    /// `/unused` that no test reads.
+    pub app: App,
+    /// Bound into reader containers at `/out`.
+    pub out: tempfile::TempDir,
+}
+
+/// Starts a stack, or prints why the test is skipped and returns `None`.
+pub fn stack(options: SnapshotterOptions) -> Option<Stack> {
+    if !require_root()
+        || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
+        || !skip_unless(Registry::available(), "docker-registry missing")
+        || !skip_unless(
+            Snapshotter::available(),
+            "lode-snapshotter/lode-fsd not built",
+        )
+        || !skip_unless(Path::new("/bin/busybox").exists(), "busybox-static missing")
+    {
+        return None;
+    }
+    let lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
+    let registry = Registry::start().unwrap();
+    let unused = vec![
+        TarEntry::dir("unused"),
+        TarEntry::random_file("unused/a", 32 << 20, 8),
+        TarEntry::random_file("unused/b", 32 << 20, 9),
+    ];
+    let app = build_app(
+        &lodectl,
+        &registry,
+        "app",
+        "hello from lode",
+        BIG,
+        7,
+        unused,
+    );
+    let snapshotter = Snapshotter::start(&options).unwrap();
+    let containerd = Containerd::start(Some(&snapshotter.socket())).unwrap();
+    let out = tempfile::tempdir_in("/var/tmp").unwrap();
+    Some(Stack {
+        lodectl,
+        containerd,
+        snapshotter,
+        registry,
+        app,
+        out,
+    })
+}
+
+fn build_app(
+    lodectl: &Lodectl,
+    registry: &Registry,
+    name: &str,
+    motd: &str,
+    big_size: u64,
+    big_seed: u64,
+    extra: Vec<TarEntry>,
+) -> App {
+    let mut entries = vec![
+        TarEntry::dir("data"),
+        TarEntry::file("data/motd", format!("{motd}\n")),
+        TarEntry::random_file("data/big", big_size, big_seed),
+    ];
+    entries.extend(extra);
+    let plain = push_busybox_image(registry, name, entries).unwrap();
+    let lode = registry.reference(&format!("{name}:v1-lode"));
+    lodectl.convert(&plain, &lode, None).unwrap();
+    App {
+        plain,
+        lode,
+        motd: motd.to_owned(),
+        big_seed,
+        big_size,
+    }
+}
+
+impl Stack {
+    /// Builds, pushes and converts another image named `name`, whose
+    /// `/data/big` has `big_size` bytes from `big_seed`.
+    pub fn add_app(&self, name: &str, big_size: u64, big_seed: u64) -> App {
+        let motd = format!("hello from {name}");
+        build_app(
+            &self.lodectl,
+            &self.registry,
+            name,
+            &motd,
+            big_size,
+            big_seed,
+            Vec::new(),
+        )
+    }
+
+    /// `lodectl pull` into the test namespace; returns its summary.
+    pub fn pull_lazily(&self, namespace: &str, image: &Reference) -> String {
+        let run = self
+            .lodectl
+            .run([
+                "pull",
+                "--plain-http",
+                "--address",
+                &self.containerd.socket().display().to_string(),
+                "--namespace",
+                &self.containerd.namespace(namespace),
+                &image.to_string(),
+            ])
+            .unwrap();
+        assert!(
+            run.success,
+            "lodectl pull: {}\n{}",
+            run.stderr,
+            self.snapshotter.log()
+        );
+        run.stdout
+    }
+
+    /// `ctr run --rm` of `image`: the container's stdout, or a panic with
+    /// the logs of the snapshotter and containerd.
+    pub fn run(&self, namespace: &str, image: &Reference, id: &str, script: &str) -> String {
+        let image = image.to_string();
+        self.containerd
+            .ctr_ok(namespace, run_args(&image, id, script))
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
+    /// Like [`Stack::run`], but returns the run whatever its outcome.
+    pub fn try_run(&self, namespace: &str, image: &Reference, id: &str, script: &str) -> Run {
+        let image = image.to_string();
+        self.containerd
+            .ctr(namespace, run_args(&image, id, script))
+            .unwrap()
+    }
+
+    /// The snapshotter's log and the last lines of containerd's.
+    pub fn logs(&self) -> String {
+        let containerd = self.containerd.log();
+        let tail: Vec<&str> = containerd.lines().rev().take(15).collect();
+        format!(
+            "snapshotter log:\n{}\ncontainerd log (last lines, newest first):\n{}",
+            self.snapshotter.log(),
+            tail.join("\n")
+        )
+    }
+
+    /// The image's data blobs.
+    pub fn data_blobs(&self, image: &Reference) -> Vec<Digest> {
+        let client = lode_common::registry::RegistryClient::new(Default::default()).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(lode_common::image::resolve(&client, image))
+            .unwrap()
+            .data_blobs
+    }
+
+    /// Bytes of the image's data blobs the registry served so far.
+    pub fn data_bytes_served(&self, image: &Reference) -> u64 {
+        self.data_blobs(image)
+            .iter()
+            .flat_map(|d| self.registry.requests_for(&d.to_string()))
+            .filter(|r| r.method == "GET" && (r.status == 200 || r.status == 206))
+            .map(|r| r.bytes)
+            .sum()
+    }
+
+    /// Starts container `id` of `app` that verifies `/data/big` and
+    /// `/data/motd` in a loop, appending "N OK" or "N ERR ..." to the
+    /// returned log; returns once a round is done.
+    pub fn start_reader(&self, namespace: &str, app: &App, id: &str) -> PathBuf {
+        let script = format!(
+            "i=0; while true; do s=$(sha256sum /data/big | head -c 64); m=$(cat /data/motd); \
+             if [ \"$s\" = {sha} ] && [ \"$m\" = '{motd}' ]; then echo \"$i OK\"; \
+             else echo \"$i ERR $s $m\"; fi >> /out/{id}.log; i=$((i+1)); done",
+            sha = app.big_sha256(),
+            motd = app.motd,
+        );
+        let mount = format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            self.out.path().display()
+        );
+        let image = app.lode.to_string();
+        let mut args = vec!["run", "-d", "--mount", &mount];
+        args.extend(&run_args(&image, id, &script)[2..]);
+        self.containerd
+            .ctr_ok(namespace, args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        let log = self.out.path().join(format!("{id}.log"));
+        wait_for_rounds(&log, 1);
+        log
+    }
+
+    /// `ctr image rm --sync`: containerd removes the image's snapshots
+    /// before it returns.
+    pub fn remove_image(&self, namespace: &str, image: &Reference) {
+        self.containerd
+            .ctr_ok(namespace, ["image", "rm", "--sync", &image.to_string()])
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
+    /// Drops the kernel's cached pages of `relative` (e.g. `data/big`) in
+    /// every image served below the snapshotter's mounts, so that the next
+    /// reads of it reach a daemon. Returns how many files it dropped. The
+    /// mounts must be served.
+    pub fn drop_cached_pages(&self, relative: &str) -> usize {
+        let mut dropped = 0;
+        for mount in mounts_below(&self.snapshotter.root().join("mnt")) {
+            let instances = std::fs::read_dir(&mount)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path());
+            for root in std::iter::once(mount.clone()).chain(instances) {
+                if let Ok(file) = std::fs::File::open(root.join(relative)) {
+                    // SAFETY: a valid descriptor; fadvise only drops clean cached pages.
+                    unsafe {
+                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+                    };
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+
+    /// The chunks a reader of `app` reads each round (busybox, `/data/big`,
+    /// `/data/motd`).
+    pub fn reader_chunks(&self, app: &App) -> Vec<ChunkLocation> {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, path) = fetch_bootstrap(&app.lode, dir.path()).unwrap();
+        let bootstrap = Bootstrap::open(&path).unwrap();
+        ["bin/busybox", "data/big", "data/motd"]
+            .iter()
+            .flat_map(|file| file_chunks(&bootstrap, file.as_bytes()).unwrap())
+            .collect()
+    }
+
+    /// How many of `chunks` the snapshotter's chunk cache holds durably.
+    pub fn durable_chunks(&self, chunks: &[ChunkLocation]) -> usize {
+        let cache = self.snapshotter.root().join("cache");
+        chunks.iter().filter(|c| cache_durable(&cache, c)).count()
+    }
+
+    /// Removes `image` (its containers are gone) and waits until the shared
+    /// daemon no longer serves it.
+    pub fn remove_image_instance(&self, namespace: &str, image: &Reference) {
+        self.remove_image(namespace, image);
+        wait_until(
+            Duration::from_secs(30),
+            "the removed image's instance to go",
+            || self.instance_of(image).is_none(),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.snapshotter.log()));
+    }
+
+    /// What the shared daemon says about itself through its API.
+    pub fn shared_daemon_info(&self) -> Result<DaemonInfo, ClientError> {
+        let client = DaemonClient::new(self.snapshotter.root().join("daemons/shared.sock"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(client.daemon_info())
+    }
+
+    /// The shared daemon's instance of `image`, if it serves one.
+    pub fn instance_of(&self, image: &Reference) -> Option<InstanceInfo> {
+        let wanted = image.to_string();
+        self.shared_daemon_info()
+            .ok()?
+            .instances
+            .into_iter()
+            .find(|i| i.image_ref.as_deref() == Some(wanted.as_str()))
+    }
+}
+
+fn run_args<'a>(image: &'a str, id: &'a str, script: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        image,
+        id,
+        "/bin/sh",
+        "-c",
+        script,
+    ]
+}
+
+/// The inode number of `path` on the host, bounded in time (an unserved
+/// FUSE mount would block the caller).
+pub fn inode_of(path: &Path) -> std::io::Result<u64> {
+    let path = path.to_path_buf();
+    bounded(Duration::from_secs(30), "stat", move || {
+        std::fs::metadata(path).map(|m| m.ino())
+    })
+}
+
+/// Rounds the reader logged, and the lines that are not "N OK".
+pub fn rounds(log: &Path) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors = text
+        .lines()
+        .filter(|l| !l.ends_with(" OK"))
+        .map(str::to_owned)
+        .collect();
+    (text.lines().count(), errors)
+}
+
+/// Waits until the reader has completed `more` rounds beyond now.
+pub fn wait_for_rounds(log: &Path, more: usize) {
+    wait_for_total_rounds(log, rounds(log).0 + more);
+}
+
+/// Waits until the reader has completed `total` rounds in all.
+pub fn wait_for_total_rounds(log: &Path, total: usize) {
+    wait_until(Duration::from_secs(60), "reader progress", || {
+        rounds(log).0 >= total
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", log.display()));
+}
+
+/// `GET /metrics` over a plain TCP connection to the loopback endpoint.
+pub fn scrape(url: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: lode\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
