@@ -53,20 +53,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-pub struct Stack {
+/// A node: a registry, lode-snapshotter and containerd with Lode as its
+/// proxy snapshotter. Torn down in reverse order of creation.
+pub struct Node {
     pub lodectl: Lodectl,
     pub containerd: Containerd,
     pub snapshotter: Snapshotter,
     pub registry: Registry,
-    /// The first image: `/data/big` of [`BIG`] bytes, and 64 MiB under
-    /// `/unused` that no test reads.
-    pub app: App,
-    /// Bound into reader containers at `/out`.
-    pub out: tempfile::TempDir,
 }
 
-/// Starts a stack, or prints why the test is skipped and returns `None`.
-pub fn stack(options: SnapshotterOptions) -> Option<Stack> {
+/// Starts a node, or prints why the test is skipped and returns `None`.
+pub fn node(options: SnapshotterOptions) -> Option<Node> {
     if !require_root()
         || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
         || !skip_unless(Registry::available(), "docker-registry missing")
@@ -80,31 +77,58 @@ pub fn stack(options: SnapshotterOptions) -> Option<Stack> {
     }
     let lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
     let registry = Registry::start().unwrap();
+    let snapshotter = Snapshotter::start(&options).unwrap();
+    let containerd = Containerd::start(Some(&snapshotter.socket())).unwrap();
+    Some(Node {
+        lodectl,
+        containerd,
+        snapshotter,
+        registry,
+    })
+}
+
+/// A node with a first image built, and a directory for container output.
+pub struct Stack {
+    pub node: Node,
+    /// The first image: `/data/big` of [`BIG`] bytes, and 64 MiB under
+    /// `/unused` that no test reads.
+    pub app: App,
+    /// Bound into reader containers at `/out`.
+    pub out: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut Node {
+        &mut self.node
+    }
+}
+
+/// Starts a stack, or prints why the test is skipped and returns `None`.
+pub fn stack(options: SnapshotterOptions) -> Option<Stack> {
+    let node = node(options)?;
     let unused = vec![
         TarEntry::dir("unused"),
         TarEntry::random_file("unused/a", 32 << 20, 8),
         TarEntry::random_file("unused/b", 32 << 20, 9),
     ];
     let app = build_app(
-        &lodectl,
-        &registry,
+        &node.lodectl,
+        &node.registry,
         "app",
         "hello from lode",
         BIG,
         7,
         unused,
     );
-    let snapshotter = Snapshotter::start(&options).unwrap();
-    let containerd = Containerd::start(Some(&snapshotter.socket())).unwrap();
     let out = tempfile::tempdir_in("/var/tmp").unwrap();
-    Some(Stack {
-        lodectl,
-        containerd,
-        snapshotter,
-        registry,
-        app,
-        out,
-    })
+    Some(Stack { node, app, out })
 }
 
 fn build_app(
@@ -134,7 +158,7 @@ fn build_app(
     }
 }
 
-impl Stack {
+impl Node {
     /// Builds, pushes and converts another image named `name`, whose
     /// `/data/big` has `big_size` bytes from `big_seed`.
     pub fn add_app(&self, name: &str, big_size: u64, big_seed: u64) -> App {
@@ -220,32 +244,6 @@ impl Stack {
             .sum()
     }
 
-    /// Starts container `id` of `app` that verifies `/data/big` and
-    /// `/data/motd` in a loop, appending "N OK" or "N ERR ..." to the
-    /// returned log; returns once a round is done.
-    pub fn start_reader(&self, namespace: &str, app: &App, id: &str) -> PathBuf {
-        let script = format!(
-            "i=0; while true; do s=$(sha256sum /data/big | head -c 64); m=$(cat /data/motd); \
-             if [ \"$s\" = {sha} ] && [ \"$m\" = '{motd}' ]; then echo \"$i OK\"; \
-             else echo \"$i ERR $s $m\"; fi >> /out/{id}.log; i=$((i+1)); done",
-            sha = app.big_sha256(),
-            motd = app.motd,
-        );
-        let mount = format!(
-            "type=bind,src={},dst=/out,options=rbind:rw",
-            self.out.path().display()
-        );
-        let image = app.lode.to_string();
-        let mut args = vec!["run", "-d", "--mount", &mount];
-        args.extend(&run_args(&image, id, &script)[2..]);
-        self.containerd
-            .ctr_ok(namespace, args)
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
-        let log = self.out.path().join(format!("{id}.log"));
-        wait_for_rounds(&log, 1);
-        log
-    }
-
     /// `ctr image rm --sync`: containerd removes the image's snapshots
     /// before it returns.
     pub fn remove_image(&self, namespace: &str, image: &Reference) {
@@ -324,6 +322,34 @@ impl Stack {
             .instances
             .into_iter()
             .find(|i| i.image_ref.as_deref() == Some(wanted.as_str()))
+    }
+}
+
+impl Stack {
+    /// Starts container `id` of `app` that verifies `/data/big` and
+    /// `/data/motd` in a loop, appending "N OK" or "N ERR ..." to the
+    /// returned log; returns once a round is done.
+    pub fn start_reader(&self, namespace: &str, app: &App, id: &str) -> PathBuf {
+        let script = format!(
+            "i=0; while true; do s=$(sha256sum /data/big | head -c 64); m=$(cat /data/motd); \
+             if [ \"$s\" = {sha} ] && [ \"$m\" = '{motd}' ]; then echo \"$i OK\"; \
+             else echo \"$i ERR $s $m\"; fi >> /out/{id}.log; i=$((i+1)); done",
+            sha = app.big_sha256(),
+            motd = app.motd,
+        );
+        let mount = format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            self.out.path().display()
+        );
+        let image = app.lode.to_string();
+        let mut args = vec!["run", "-d", "--mount", &mount];
+        args.extend(&run_args(&image, id, &script)[2..]);
+        self.containerd
+            .ctr_ok(namespace, args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+        let log = self.out.path().join(format!("{id}.log"));
+        wait_for_rounds(&log, 1);
+        log
     }
 }
 
