@@ -14,6 +14,7 @@ mod error;
 pub mod failover;
 pub mod fstree;
 pub mod layout;
+pub mod link;
 pub mod lode;
 pub mod mounts;
 pub mod registry;
