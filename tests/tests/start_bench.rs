@@ -1,0 +1,336 @@
+//! Cold container starts through containerd, side by side: containerd's own
+//! pull onto overlayfs against `lodectl pull` onto Lode, with the registry
+//! on loopback and behind emulated links ([`LinkProfile`]). Every
+//! measurement starts cold: no image, content, snapshot, Lode cache or
+//! daemon, and the page cache dropped. Prints pull, run, their sum, its
+//! ratio to overlayfs, and the registry's requests and body bytes.
+//!
+//! By default (CI) a small busybox image is measured once on loopback and
+//! on `region`. `tests/bench/start-bench.sh` builds real images and points
+//! `LODE_START_BENCH` at a JSON description of them ([`Plan`]).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
+use lode_common::registry::Reference;
+use lode_tests::containerd::push_busybox_image;
+use lode_tests::link::{Link, LinkProfile};
+use lode_tests::mounts::mounts_below;
+use lode_tests::snapshotter::SnapshotterOptions;
+use lode_tests::stack::{node, Node};
+use lode_tests::{skopeo_copy, wait_until, TarEntry};
+
+const NAMESPACE: &str = "bench";
+
+/// What to measure (the JSON `LODE_START_BENCH` names).
+#[derive(serde::Deserialize)]
+struct Plan {
+    images: Vec<PlanImage>,
+    /// `loopback` or a [`LinkProfile`] name.
+    profiles: Vec<String>,
+    rounds: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct PlanImage {
+    name: String,
+    /// An OCI layout directory and the tag of the image in it.
+    layout: PathBuf,
+    tag: String,
+    workloads: Vec<Workload>,
+}
+
+#[derive(Clone, serde::Deserialize)]
+struct Workload {
+    name: String,
+    /// The container's command.
+    args: Vec<String>,
+    /// Text its output must contain.
+    expect: String,
+}
+
+/// An image pushed as it is and converted to Lode.
+struct Image {
+    name: String,
+    plain: Reference,
+    lode: Reference,
+    workloads: Vec<Workload>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    /// `ctr image pull` onto containerd's overlayfs snapshotter.
+    Overlay,
+    /// `lodectl pull` and `ctr run --snapshotter lode`.
+    Lode,
+}
+
+const WAYS: [Way; 2] = [Way::Overlay, Way::Lode];
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Overlay => "overlayfs",
+            Way::Lode => "Lode",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    pull: Duration,
+    run: Duration,
+    requests: u64,
+    bytes: u64,
+}
+
+impl Sample {
+    fn total(&self) -> Duration {
+        self.pull + self.run
+    }
+}
+
+#[test]
+fn cold_starts_side_by_side() {
+    let Some(node) = node(SnapshotterOptions::default()) else {
+        return;
+    };
+    let (images, profiles, rounds) = match std::env::var_os("LODE_START_BENCH") {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", PathBuf::from(&path).display()));
+            let plan: Plan = serde_json::from_str(&text).expect("a start-bench plan");
+            let images = plan.images.iter().map(|i| push_layout(&node, i)).collect();
+            (images, plan.profiles, plan.rounds)
+        }
+        None => (
+            vec![quick_image(&node)],
+            vec!["loopback".to_owned(), "region".to_owned()],
+            1,
+        ),
+    };
+    let registry_addr = format!("127.0.0.1:{}", node.registry.port())
+        .parse()
+        .unwrap();
+    let mut report = Vec::new();
+    for profile in &profiles {
+        let link = match profile.as_str() {
+            "loopback" => None,
+            name => {
+                let profile = LinkProfile::named(name).unwrap_or_else(|| {
+                    panic!("no link profile {name}: loopback, lan, region or far")
+                });
+                Some(Link::start(registry_addr, profile).unwrap())
+            }
+        };
+        let host = link
+            .as_ref()
+            .map_or_else(|| node.registry.host(), |l| l.host());
+        for image in &images {
+            for workload in &image.workloads {
+                let mut samples: Vec<(Way, Vec<Sample>)> =
+                    WAYS.iter().map(|w| (*w, Vec::new())).collect();
+                for round in 0..rounds {
+                    // Alternate which way goes first.
+                    for i in 0..WAYS.len() {
+                        let (way, list) = &mut samples[(i + round) % WAYS.len()];
+                        list.push(cold_start(&node, image, workload, *way, &host));
+                    }
+                }
+                let medians: Vec<(Way, Sample)> = samples
+                    .iter()
+                    .map(|(way, list)| (*way, median(list)))
+                    .collect();
+                report.push((
+                    profile.clone(),
+                    image.name.clone(),
+                    workload.clone(),
+                    medians,
+                ));
+            }
+        }
+    }
+    print_report(&report, rounds);
+
+    for (profile, image, workload, medians) in &report {
+        let bytes = |way| medians.iter().find(|(w, _)| *w == way).unwrap().1.bytes;
+        assert!(
+            bytes(Way::Lode) * 2 < bytes(Way::Overlay),
+            "{profile}, {image} {}: Lode fetched {} bytes, overlayfs {}: a lazy start \
+             should fetch well under half",
+            workload.name,
+            bytes(Way::Lode),
+            bytes(Way::Overlay)
+        );
+    }
+}
+
+/// Busybox plus 64 MiB, of which the workload reads one 1 MiB prefix.
+fn quick_image(node: &Node) -> Image {
+    let entries = vec![
+        TarEntry::dir("data"),
+        TarEntry::file("data/motd", "hello from a cold start\n"),
+        TarEntry::random_file("data/big", 8 << 20, 1),
+        TarEntry::random_file("data/unused", 56 << 20, 2),
+    ];
+    let plain = push_busybox_image(&node.registry, "quick", entries).unwrap();
+    convert(
+        node,
+        "quick",
+        plain,
+        vec![Workload {
+            name: "read".into(),
+            args: [
+                "/bin/sh",
+                "-c",
+                "cat /data/motd; head -c 1048576 /data/big | wc -c",
+            ]
+            .map(String::from)
+            .to_vec(),
+            expect: "hello from a cold start\n1048576".into(),
+        }],
+    )
+}
+
+fn push_layout(node: &Node, image: &PlanImage) -> Image {
+    let plain = node.registry.reference(&format!("{}:plain", image.name));
+    skopeo_copy(&image.layout, &image.tag, &plain).unwrap();
+    convert(node, &image.name, plain, image.workloads.clone())
+}
+
+fn convert(node: &Node, name: &str, plain: Reference, workloads: Vec<Workload>) -> Image {
+    let lode = plain.with_tag("lode");
+    node.lodectl.convert(&plain, &lode, None).unwrap();
+    Image {
+        name: name.to_owned(),
+        plain,
+        lode,
+        workloads,
+    }
+}
+
+/// `reference` with its registry replaced by `host`.
+fn via(reference: &Reference, host: &str) -> Reference {
+    Reference {
+        registry: host.to_owned(),
+        ..reference.clone()
+    }
+}
+
+/// Pulls and runs `workload` from nothing; returns the times and what the
+/// registry served.
+fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &str) -> Sample {
+    make_cold(node);
+    let before = node.registry.requests();
+    let reference = match way {
+        Way::Overlay => via(&image.plain, host),
+        Way::Lode => via(&image.lode, host),
+    };
+    let name = reference.to_string();
+    let start = Instant::now();
+    match way {
+        Way::Overlay => {
+            node.containerd
+                .ctr_ok(NAMESPACE, ["image", "pull", "--plain-http", &name])
+                .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+        }
+        Way::Lode => {
+            node.pull_lazily(NAMESPACE, &reference);
+        }
+    }
+    let pull = start.elapsed();
+    let mut args = vec!["run", "--rm"];
+    if way == Way::Lode {
+        args.extend(["--snapshotter", SNAPSHOTTER]);
+    }
+    args.extend([name.as_str(), "start"]);
+    args.extend(workload.args.iter().map(String::as_str));
+    let start = Instant::now();
+    let out = node
+        .containerd
+        .ctr_ok(NAMESPACE, args)
+        .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", way.name(), workload.name, node.logs()));
+    let run = start.elapsed();
+    assert!(
+        out.contains(&workload.expect),
+        "{} {}: the output lacks {:?}:\n{out}",
+        way.name(),
+        workload.name,
+        workload.expect
+    );
+    let served = &node.registry.requests()[before.len()..];
+    Sample {
+        pull,
+        run,
+        requests: served.len() as u64,
+        bytes: served.iter().map(|r| r.bytes).sum(),
+    }
+}
+
+/// Removes every image and its content, waits until Lode has no mount or
+/// cache left, and drops the page cache.
+fn make_cold(node: &Node) {
+    let c = &node.containerd;
+    let listed = |what: &str| -> Vec<String> {
+        c.ctr_ok(NAMESPACE, [what, "ls", "-q"])
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    for image in listed("images") {
+        c.ctr_ok(NAMESPACE, ["images", "rm", "--sync", &image])
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    }
+    for digest in listed("content") {
+        c.ctr_ok(NAMESPACE, ["content", "rm", &digest]).unwrap();
+    }
+    let root = node.snapshotter.root();
+    wait_until(
+        Duration::from_secs(30),
+        "Lode's mounts and cache to go",
+        || {
+            mounts_below(&root.join("mnt")).is_empty()
+                && std::fs::read_dir(root.join("cache")).map_or(0, |d| d.count()) == 0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.snapshotter.log()));
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// The sample with the median total, and its figures.
+fn median(samples: &[Sample]) -> Sample {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by_key(Sample::total);
+    sorted[sorted.len() / 2]
+}
+
+type Row = (String, String, Workload, Vec<(Way, Sample)>);
+
+fn print_report(report: &[Row], rounds: usize) {
+    let ms = |d: Duration| format!("{} ms", d.as_millis());
+    let mut out = format!(
+        "\ncold starts, median of {rounds} round(s)\n\
+         | link | image | workload | snapshotter | pull | run | pull + run | x overlayfs | registry bytes | requests |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for (profile, image, workload, medians) in report {
+        let overlay = medians[0].1.total().as_secs_f64();
+        for (way, s) in medians {
+            out.push_str(&format!(
+                "| {profile} | {image} | {} | {} | {} | {} | {} | {:.2} | {:.1} MB | {} |\n",
+                workload.name,
+                way.name(),
+                ms(s.pull),
+                ms(s.run),
+                ms(s.total()),
+                s.total().as_secs_f64() / overlay,
+                s.bytes as f64 / 1e6,
+                s.requests
+            ));
+        }
+    }
+    eprintln!("{out}");
+}
