@@ -150,6 +150,12 @@ impl DaemonClient {
         self.call(Method::GET, &uri, None::<&()>).await
     }
 
+    /// `GET /access?id=`: the files and chunks the instance's readers read.
+    pub async fn access(&self, id: Option<&str>) -> Result<InstanceAccess, ClientError> {
+        let uri = format!("/access{}", id_query(id));
+        self.call(Method::GET, &uri, None::<&()>).await
+    }
+
     pub async fn inflight(&self) -> Result<InflightMetrics, ClientError> {
         self.call(Method::GET, "/metrics/inflight", None::<&()>)
             .await

@@ -189,6 +189,20 @@ pub struct BackendMetrics {
     pub latency: Histogram,
 }
 
+/// `GET /api/v1/access?id=`: what an instance's readers read. `files` is
+/// in the order the files were first read, ready to be a prefetch list
+/// (`lodectl convert --prefetch-paths`); a file with several names is
+/// listed under one, and a name that is not UTF-8 is shown lossily.
+/// `chunk_bytes` is the stored (compressed) size of the distinct chunks
+/// read: what a start needed from the registry at the least.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceAccess {
+    pub id: String,
+    pub files: Vec<String>,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+}
+
 /// A FUSE request being answered right now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InflightOp {

@@ -13,7 +13,8 @@ pub mod server;
 use std::path::PathBuf;
 
 use lode_common::api::{
-    BackendMetrics, CacheMetrics, DaemonInfo, FsMetrics, InflightMetrics, MountRequest,
+    BackendMetrics, CacheMetrics, DaemonInfo, FsMetrics, InflightMetrics, InstanceAccess,
+    MountRequest,
 };
 
 /// Requests bodies larger than this are refused with 413.
@@ -43,6 +44,9 @@ pub enum ApiRequest {
     BackendMetrics {
         id: Option<String>,
     },
+    Access {
+        id: Option<String>,
+    },
     Inflight,
     Start,
     Exit,
@@ -57,6 +61,7 @@ pub enum ApiResponse {
     FsMetrics(FsMetrics),
     CacheMetrics(CacheMetrics),
     BackendMetrics(BackendMetrics),
+    Access(InstanceAccess),
     Inflight(InflightMetrics),
     /// Done; nothing to report (204).
     Empty,

@@ -125,9 +125,8 @@ pub fn parse(
         .strip_prefix(API_PREFIX)
         .ok_or_else(|| HttpError::NotFound(echo(path)))?;
     let allowed: &[Method] = match endpoint {
-        "/daemon" | "/metrics" | "/metrics/cache" | "/metrics/backend" | "/metrics/inflight" => {
-            &[Method::GET]
-        }
+        "/daemon" | "/metrics" | "/metrics/cache" | "/metrics/backend" | "/metrics/inflight"
+        | "/access" => &[Method::GET],
         "/mount" => &[Method::POST, Method::PUT, Method::DELETE],
         "/daemon/start" | "/daemon/exit" | "/daemon/fuse/sendfd" | "/daemon/fuse/takeover" => {
             &[Method::PUT]
@@ -156,6 +155,7 @@ pub fn parse(
         ("/metrics/cache", _) => metrics(|id| ApiRequest::CacheMetrics { id }),
         ("/metrics/backend", _) => metrics(|id| ApiRequest::BackendMetrics { id }),
         ("/metrics/inflight", _) => plain(ApiRequest::Inflight),
+        ("/access", _) => metrics(|id| ApiRequest::Access { id }),
         ("/daemon/start", _) => plain(ApiRequest::Start),
         ("/daemon/exit", _) => plain(ApiRequest::Exit),
         ("/daemon/fuse/sendfd", _) => plain(ApiRequest::SendFd),

@@ -30,6 +30,12 @@ fn parses_every_endpoint() {
         get("/api/v1/metrics/inflight", None),
         Ok(ApiRequest::Inflight)
     );
+    assert_eq!(
+        get("/api/v1/access", Some("id=c")),
+        Ok(ApiRequest::Access {
+            id: Some("c".into())
+        })
+    );
     assert_eq!(put("/api/v1/daemon/start"), Ok(ApiRequest::Start));
     assert_eq!(put("/api/v1/daemon/exit"), Ok(ApiRequest::Exit));
     assert_eq!(put("/api/v1/daemon/fuse/sendfd"), Ok(ApiRequest::SendFd));
@@ -142,6 +148,7 @@ fn path() -> impl Strategy<Value = String> {
         Just("/api/v1/mount".to_owned()),
         Just("/api/v1/daemon".to_owned()),
         Just("/api/v1/metrics".to_owned()),
+        Just("/api/v1/access".to_owned()),
         Just("/api/v1/daemon/fuse/takeover".to_owned()),
         "/api/v1/[a-z/]{0,20}",
         any::<String>(),

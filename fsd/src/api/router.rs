@@ -85,6 +85,7 @@ pub fn handle(
         Ok(ApiResponse::FsMetrics(m)) => Reply::json(StatusCode::OK, &m),
         Ok(ApiResponse::CacheMetrics(m)) => Reply::json(StatusCode::OK, &m),
         Ok(ApiResponse::BackendMetrics(m)) => Reply::json(StatusCode::OK, &m),
+        Ok(ApiResponse::Access(a)) => Reply::json(StatusCode::OK, &a),
         Ok(ApiResponse::Inflight(m)) => Reply::json(StatusCode::OK, &m),
         Ok(ApiResponse::Empty) => Reply {
             status: StatusCode::NO_CONTENT,

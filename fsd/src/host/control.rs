@@ -3,7 +3,7 @@
 
 use lode_common::api::{BuildVersion, DaemonInfo, InflightMetrics};
 
-use super::metrics_view::{backend_metrics, cache_metrics, fs_metrics};
+use super::metrics_view::{access, backend_metrics, cache_metrics, fs_metrics};
 use super::state::{DaemonState, StateEvent};
 use super::{Host, HostEvent};
 use crate::api::{ApiRequest, ApiResponse, ControlError, DaemonControl};
@@ -72,14 +72,17 @@ impl DaemonControl for Host {
                 .remount(&mountpoint, request)
                 .map(|()| ApiResponse::Empty),
             ApiRequest::FsMetrics { id } => self
-                .with_metrics(id.as_deref(), fs_metrics)
+                .with_instance(id.as_deref(), |i| fs_metrics(&i.id, &i.metrics))
                 .map(ApiResponse::FsMetrics),
             ApiRequest::CacheMetrics { id } => self
-                .with_metrics(id.as_deref(), cache_metrics)
+                .with_instance(id.as_deref(), |i| cache_metrics(&i.id, &i.metrics))
                 .map(ApiResponse::CacheMetrics),
             ApiRequest::BackendMetrics { id } => self
-                .with_metrics(id.as_deref(), backend_metrics)
+                .with_instance(id.as_deref(), |i| backend_metrics(&i.id, &i.metrics))
                 .map(ApiResponse::BackendMetrics),
+            ApiRequest::Access { id } => self
+                .with_instance(id.as_deref(), access)?
+                .map(ApiResponse::Access),
             ApiRequest::Inflight => Ok(ApiResponse::Inflight(InflightMetrics {
                 ops: self.table.inflight.snapshot(),
             })),

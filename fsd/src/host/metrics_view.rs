@@ -1,21 +1,22 @@
-//! The API's metric answers: which instance a metrics request names, and
-//! the daemon's counters in the API's shapes.
+//! The API's answers about one instance: which instance a request names,
+//! and its counters and access record in the API's shapes.
 
-use lode_common::api::{BackendMetrics, CacheMetrics, FopCount, FsMetrics};
+use lode_common::api::{BackendMetrics, CacheMetrics, FopCount, FsMetrics, InstanceAccess};
 
 use std::sync::Arc;
 
 use super::state::DaemonState;
 use super::Host;
 use crate::api::ControlError;
+use crate::instance::Instance;
 use crate::metrics::{Fop, Metrics};
 
 impl Host {
-    /// Runs `f` on the metrics of instance `id` (the only one if `None`).
-    pub(super) fn with_metrics<T>(
+    /// Runs `f` on instance `id` (the only one if `None`).
+    pub(super) fn with_instance<T>(
         &self,
         id: Option<&str>,
-        f: impl FnOnce(&str, &Metrics) -> T,
+        f: impl FnOnce(&Instance) -> T,
     ) -> Result<T, ControlError> {
         if self.state.get() == DaemonState::Init {
             return Err(ControlError::NotReady("no instance mounted yet".into()));
@@ -35,8 +36,26 @@ impl Host {
         let instance = instance.ok_or_else(|| {
             ControlError::NotFound(format!("no instance {}", id.unwrap_or("mounted")))
         })?;
-        Ok(f(&instance.id, &instance.metrics))
+        Ok(f(&instance))
     }
+}
+
+pub(super) fn access(instance: &Instance) -> Result<InstanceAccess, ControlError> {
+    let accessed = instance
+        .fs
+        .fetcher()
+        .accessed()
+        .map_err(|e| ControlError::Internal(format!("instance {}: {e}", instance.id)))?;
+    Ok(InstanceAccess {
+        id: instance.id.clone(),
+        files: accessed
+            .files
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        chunks: accessed.chunks,
+        chunk_bytes: accessed.chunk_bytes,
+    })
 }
 
 pub(super) fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {

@@ -142,6 +142,21 @@ fn every_way_serves_verified_reads_with_metrics_and_fixed_inodes() {
             data,
             "{way:?}"
         );
+        assert_eq!(
+            std::fs::read(root.join("small")).unwrap(),
+            b"instance 4\n",
+            "{way:?}"
+        );
+        let Ok(ApiResponse::Access(access)) = s.call(ApiRequest::Access { id: None }) else {
+            panic!("{way:?}: no access record");
+        };
+        assert_eq!(access.files, ["data/file", "small"], "{way:?}");
+        let (chunks, chunk_bytes) = stored_chunks(&image, &["data/file", "small"]);
+        assert_eq!(
+            (access.chunks, access.chunk_bytes),
+            (chunks, chunk_bytes),
+            "{way:?}: the chunks read and their stored bytes"
+        );
         let ino = std::fs::metadata(&root).unwrap().ino();
         let expected = match way {
             Way::Shared => {
@@ -162,7 +177,7 @@ fn every_way_serves_verified_reads_with_metrics_and_fixed_inodes() {
         let Ok(ApiResponse::FsMetrics(fs)) = s.call(ApiRequest::FsMetrics { id: None }) else {
             panic!("{way:?}: no fs metrics");
         };
-        assert_eq!(fs.bytes_read, data.len() as u64, "{way:?}");
+        assert_eq!(fs.bytes_read, data.len() as u64 + 11, "{way:?}");
         assert!(fs.fops["read"].count > 0, "{way:?}");
         let backend = || match s.call(ApiRequest::BackendMetrics {
             id: Some(info.instances[0].id.clone()),
@@ -191,6 +206,27 @@ fn every_way_serves_verified_reads_with_metrics_and_fixed_inodes() {
         assert!(statfs.blocks() > 0, "{way:?}: statfs reports the image");
         s.stop();
     }
+}
+
+/// How many distinct chunks `files` of `image` have, and their stored bytes.
+fn stored_chunks(image: &TestImage, files: &[&str]) -> (u64, u64) {
+    use lode_common::format::{Bootstrap, Ino};
+    let b = Bootstrap::open(&image.bootstrap_path).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for file in files {
+        let mut ino = Ino::ROOT;
+        for name in file.split('/') {
+            ino = b.lookup(ino, name.as_bytes()).unwrap().unwrap().ino;
+        }
+        for i in 0..b.file_chunk_count(ino).unwrap() {
+            let chunk = b.file_chunk(ino, i).unwrap();
+            if seen.insert(chunk.0) {
+                bytes += u64::from(b.chunk(chunk).unwrap().compressed_size);
+            }
+        }
+    }
+    (seen.len() as u64, bytes)
 }
 
 /// Reads one file over and over, counting wrong answers.

@@ -25,6 +25,7 @@ use lode_common::Digest;
 use lode_config::FetchConfig;
 
 use crate::metrics::Metrics;
+use crate::read::access::{AccessRecord, Accessed};
 use crate::read::backend::{BackendError, BlobBackend};
 use crate::read::cache::{BlobCache, CacheError, ChunkCache};
 use crate::read::inflight::{ChunkKey, Inflight, Pending};
@@ -159,6 +160,7 @@ pub struct Fetcher {
     metrics: Arc<Metrics>,
     settings: FetchSettings,
     streams: Mutex<HashMap<u64, readahead::Stream>>,
+    access: AccessRecord,
 }
 
 impl Fetcher {
@@ -178,7 +180,6 @@ impl Fetcher {
             .map(|_| OnceLock::new())
             .collect();
         Ok(Self {
-            bootstrap,
             cache,
             blob_caches,
             ctx: Arc::new(JobContext {
@@ -193,11 +194,18 @@ impl Fetcher {
             metrics,
             settings,
             streams: Mutex::new(HashMap::new()),
+            access: AccessRecord::new(&bootstrap),
+            bootstrap,
         })
     }
 
     pub fn bootstrap(&self) -> &Arc<Bootstrap> {
         &self.bootstrap
+    }
+
+    /// The files and chunks read so far.
+    pub(crate) fn accessed(&self) -> Result<Accessed, FormatError> {
+        self.access.snapshot(&self.bootstrap)
     }
 
     /// Reads up to `size` bytes at `offset` of regular file `ino` (fewer at
@@ -211,6 +219,7 @@ impl Fetcher {
         if inode.kind != InodeKind::File {
             return Err(FetchError::NotAFile { ino: ino.0 });
         }
+        self.access.file_read(ino);
         if offset >= inode.size || size == 0 {
             return Ok(Bytes::new());
         }
@@ -338,6 +347,10 @@ impl Fetcher {
         let cs = u64::from(self.bootstrap.chunk_size());
         for idx in span.first..=span.last {
             let piece = self.piece(span.ino, idx, span.file_size)?;
+            self.access.chunk_read(
+                ChunkIndex(piece.blob.first_chunk.0 + piece.rel),
+                piece.rec.compressed_size,
+            );
             let chunk_start = u64::from(idx) * cs;
             let lo = span.offset.saturating_sub(chunk_start) as u32;
             let hi = (span.end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;

@@ -7,8 +7,10 @@
 //!   ([`inflight`]), chunk checks ([`verify`]).
 //! - [`backend`]: where blobs come from (registry or directory).
 //! - [`cache`]: the persistent chunk cache.
+//! - [`access`]: which files and chunks were read, in order.
 //! - [`pools`]: reusable, aligned chunk buffers.
 
+pub(crate) mod access;
 pub mod backend;
 pub(crate) mod cache;
 pub(crate) mod fetch;
