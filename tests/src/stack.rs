@@ -8,9 +8,10 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lode_common::api::{ClientError, DaemonClient, DaemonInfo, InstanceInfo};
+use lode_common::api::{ClientError, DaemonClient, DaemonInfo, InstanceAccess, InstanceInfo};
 use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
 use lode_common::format::Bootstrap;
+use lode_common::image::LodeManifest;
 use lode_common::registry::Reference;
 use lode_common::Digest;
 use sha2::{Digest as _, Sha256};
@@ -225,13 +226,17 @@ impl Node {
         )
     }
 
-    /// The image's data blobs.
-    pub fn data_blobs(&self, image: &Reference) -> Vec<Digest> {
+    /// The Lode image's bootstrap and data blobs.
+    pub fn lode_manifest(&self, image: &Reference) -> LodeManifest {
         let client = lode_common::registry::RegistryClient::new(Default::default()).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(lode_common::image::resolve(&client, image))
             .unwrap()
-            .data_blobs
+    }
+
+    /// The image's data blobs.
+    pub fn data_blobs(&self, image: &Reference) -> Vec<Digest> {
+        self.lode_manifest(image).data_blobs
     }
 
     /// Bytes of the image's data blobs the registry served so far.
@@ -312,6 +317,16 @@ impl Node {
         let client = DaemonClient::new(self.snapshotter.root().join("daemons/shared.sock"));
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(client.daemon_info())
+    }
+
+    /// What the readers of the shared daemon's instance of `image` read.
+    pub fn access_of(&self, image: &Reference) -> InstanceAccess {
+        let instance = self
+            .instance_of(image)
+            .unwrap_or_else(|| panic!("no instance serves {image}"));
+        let client = DaemonClient::new(self.snapshotter.root().join("daemons/shared.sock"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(client.access(Some(&instance.id))).unwrap()
     }
 
     /// The shared daemon's instance of `image`, if it serves one.

@@ -83,6 +83,9 @@ struct Sample {
     run: Duration,
     requests: u64,
     bytes: u64,
+    /// Lode only: the stored bytes of the chunks the run read, plus the
+    /// bootstrap: what the start needed from the registry at the least.
+    floor: Option<u64>,
 }
 
 impl Sample {
@@ -260,11 +263,21 @@ fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &
         workload.expect
     );
     let served = &node.registry.requests()[before.len()..];
+    let floor = (way == Way::Lode).then(|| {
+        let bootstrap = node.lode_manifest(&image.lode).bootstrap.to_string();
+        let bootstrap_bytes: u64 = served
+            .iter()
+            .filter(|r| r.path.contains(&bootstrap))
+            .map(|r| r.bytes)
+            .sum();
+        node.access_of(&reference).chunk_bytes + bootstrap_bytes
+    });
     Sample {
         pull,
         run,
         requests: served.len() as u64,
         bytes: served.iter().map(|r| r.bytes).sum(),
+        floor,
     }
 }
 
@@ -313,14 +326,21 @@ fn print_report(report: &[Row], rounds: usize) {
     let ms = |d: Duration| format!("{} ms", d.as_millis());
     let mut out = format!(
         "\ncold starts, median of {rounds} round(s)\n\
-         | link | image | workload | snapshotter | pull | run | pull + run | x overlayfs | registry bytes | requests |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n"
+         | link | image | workload | snapshotter | pull | run | pull + run | x overlayfs | registry bytes | requests | floor | x floor |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for (profile, image, workload, medians) in report {
         let overlay = medians[0].1.total().as_secs_f64();
         for (way, s) in medians {
+            let (floor, over_floor) = match s.floor {
+                Some(f) => (
+                    format!("{:.1} MB", f as f64 / 1e6),
+                    format!("{:.1}", s.bytes as f64 / f as f64),
+                ),
+                None => ("".into(), "".into()),
+            };
             out.push_str(&format!(
-                "| {profile} | {image} | {} | {} | {} | {} | {} | {:.2} | {:.1} MB | {} |\n",
+                "| {profile} | {image} | {} | {} | {} | {} | {} | {:.2} | {:.1} MB | {} | {floor} | {over_floor} |\n",
                 workload.name,
                 way.name(),
                 ms(s.pull),
