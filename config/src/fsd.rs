@@ -56,12 +56,17 @@ impl Default for CacheConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
-    /// Largest single range request, in stored (compressed) bytes. Missing
-    /// chunks that are adjacent in their blob are fetched together up to this size.
+    /// Largest single range request for a reader, in stored (compressed)
+    /// bytes. A miss also fetches the missing chunks around it in its blob
+    /// (neighbouring files): as many bytes as the link delivers in a round
+    /// trip (measured from recent requests), scaled by the share of such
+    /// bytes that readers went on to read, at least 256 KiB and at most
+    /// this.
     pub merge_limit_bytes: u64,
     /// How far ahead of a sequential reader, in file bytes, chunks are fetched
-    /// in the background. 0 turns background readahead off (a miss still extends
-    /// its request over the following missing chunks up to `merge_limit_bytes`).
+    /// in the background at most. The window grows with the reader: as far
+    /// ahead as it has read in order, at least a round trip's worth of the
+    /// link. 0 turns background readahead off.
     pub readahead_bytes: u64,
     /// Largest single background readahead request, in stored bytes. Larger
     /// than `merge_limit_bytes` because nobody waits for its first byte, and

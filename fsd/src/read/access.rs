@@ -1,7 +1,9 @@
 //! The access record of an instance: which files and chunks its readers
 //! asked for, files in the order they were first read. It is what a prefetch
 //! list is recorded from, and what a start really needed from the registry
-//! (the stored bytes of the chunks read).
+//! (the stored bytes of the chunks read). It also tells how much of what
+//! fetches took ahead of any reader (neighbours of the chunks a reader
+//! missed) was read afterwards: [`AccessRecord::usefulness`].
 //!
 //! A read costs one relaxed load per file and per chunk once they are
 //! recorded; only a first read takes the lock.
@@ -27,6 +29,13 @@ impl Bits {
         let bit = 1u64 << (n % 64);
         word.load(Ordering::Relaxed) & bit == 0 && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
+
+    fn is_marked(&self, n: u64) -> bool {
+        usize::try_from(n / 64)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .is_some_and(|word| word.load(Ordering::Relaxed) & (1u64 << (n % 64)) != 0)
+    }
 }
 
 #[derive(Default)]
@@ -34,11 +43,24 @@ struct Order {
     files: Vec<Ino>,
     chunks: u64,
     chunk_bytes: u64,
+    /// Stored bytes fetched ahead of any reader, and how many of them were
+    /// read since.
+    ahead_bytes: u64,
+    ahead_read_bytes: u64,
 }
+
+/// What [`AccessRecord::usefulness`] assumes before anything was fetched
+/// ahead: an eighth of 4 MiB read (neighbours in a blob are mostly other
+/// files, which a start seldom all needs). It weighs as much as 4 MiB of
+/// evidence.
+const PRIOR_AHEAD: f64 = 4.0 * 1024.0 * 1024.0;
+const PRIOR_READ: f64 = PRIOR_AHEAD / 8.0;
 
 pub(crate) struct AccessRecord {
     files: Bits,
     chunks: Bits,
+    /// Chunks fetched ahead of any reader.
+    ahead: Bits,
     order: Mutex<Order>,
 }
 
@@ -59,6 +81,7 @@ impl AccessRecord {
             // Inode numbers are 1..=inode_count.
             files: Bits::new(bootstrap.inode_count() + 1),
             chunks: Bits::new(u64::from(bootstrap.chunk_count())),
+            ahead: Bits::new(u64::from(bootstrap.chunk_count())),
             order: Mutex::new(Order::default()),
         }
     }
@@ -71,10 +94,29 @@ impl AccessRecord {
 
     pub(crate) fn chunk_read(&self, chunk: ChunkIndex, stored_size: u32) {
         if self.chunks.mark(u64::from(chunk.0)) {
+            let was_ahead = self.ahead.is_marked(u64::from(chunk.0));
             let mut order = self.lock();
             order.chunks += 1;
             order.chunk_bytes += u64::from(stored_size);
+            if was_ahead {
+                order.ahead_read_bytes += u64::from(stored_size);
+            }
         }
+    }
+
+    /// Records a chunk a fetch took along although no reader asked for it.
+    pub(crate) fn fetched_ahead(&self, chunk: ChunkIndex, stored_size: u32) {
+        if !self.chunks.is_marked(u64::from(chunk.0)) && self.ahead.mark(u64::from(chunk.0)) {
+            self.lock().ahead_bytes += u64::from(stored_size);
+        }
+    }
+
+    /// The share of the bytes fetched ahead of readers that readers went on
+    /// to read, starting from an even guess that the evidence soon
+    /// outweighs.
+    pub(crate) fn usefulness(&self) -> f64 {
+        let order = self.lock();
+        (order.ahead_read_bytes as f64 + PRIOR_READ) / (order.ahead_bytes as f64 + PRIOR_AHEAD)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Order> {
@@ -149,5 +191,36 @@ mod tests {
         assert!(bits.mark(64));
         assert!(!bits.mark(0));
         assert!(!bits.mark(192));
+        assert!(bits.is_marked(64) && !bits.is_marked(65) && !bits.is_marked(192));
+    }
+
+    #[test]
+    fn usefulness_follows_what_was_read_of_what_was_fetched_ahead() {
+        let mut image = crate::testutil::ImageBuilder::new(64 * 1024, false);
+        for name in ["a", "b", "c", "d"] {
+            image.file(name, name.as_bytes());
+        }
+        let image = image.build();
+        let bootstrap = Bootstrap::open(&image.bootstrap_path).unwrap();
+        let record = AccessRecord::new(&bootstrap);
+        const MIB: u32 = 1 << 20;
+        let four = 4.0 * f64::from(MIB);
+        assert_eq!(record.usefulness(), PRIOR_READ / PRIOR_AHEAD);
+        record.chunk_read(ChunkIndex(0), MIB);
+        record.fetched_ahead(ChunkIndex(1), 4 * MIB);
+        record.fetched_ahead(ChunkIndex(1), 4 * MIB);
+        // A chunk read already is not fetched ahead of anyone.
+        record.fetched_ahead(ChunkIndex(0), 4 * MIB);
+        assert_eq!(record.usefulness(), PRIOR_READ / (PRIOR_AHEAD + four));
+        record.chunk_read(ChunkIndex(1), 4 * MIB);
+        assert_eq!(
+            record.usefulness(),
+            (PRIOR_READ + four) / (PRIOR_AHEAD + four)
+        );
+        let accessed = record.snapshot(&bootstrap).unwrap();
+        assert_eq!(
+            (accessed.chunks, accessed.chunk_bytes),
+            (2, 5 * u64::from(MIB))
+        );
     }
 }

@@ -30,6 +30,7 @@ use crate::read::backend::{BackendError, BlobBackend};
 use crate::read::cache::{BlobCache, CacheError, ChunkCache};
 use crate::read::inflight::{ChunkKey, Inflight, Pending};
 use crate::read::job::{FetchJob, JobContext};
+use crate::read::link::LinkEstimate;
 use crate::read::pools::Pools;
 use crate::read::verify::ChunkDefect;
 use crate::read::workers::{Priority, WorkerPool};
@@ -109,6 +110,11 @@ pub(crate) struct Piece {
 }
 
 impl Piece {
+    /// The chunk's place in the image's chunk table.
+    pub(crate) fn index(&self) -> ChunkIndex {
+        ChunkIndex(self.blob.first_chunk.0 + self.rel)
+    }
+
     pub(crate) fn key(&self) -> ChunkKey {
         ChunkKey {
             blob: self.blob.digest,
@@ -189,6 +195,7 @@ impl Fetcher {
                 inflight: Inflight::new(settings.readahead.saturating_mul(2)),
                 metrics: Arc::clone(&metrics),
                 pool,
+                link: LinkEstimate::default(),
             }),
             pool: WorkerPool::new(settings.workers)?,
             metrics,
@@ -347,10 +354,8 @@ impl Fetcher {
         let cs = u64::from(self.bootstrap.chunk_size());
         for idx in span.first..=span.last {
             let piece = self.piece(span.ino, idx, span.file_size)?;
-            self.access.chunk_read(
-                ChunkIndex(piece.blob.first_chunk.0 + piece.rel),
-                piece.rec.compressed_size,
-            );
+            self.access
+                .chunk_read(piece.index(), piece.rec.compressed_size);
             let chunk_start = u64::from(idx) * cs;
             let lo = span.offset.saturating_sub(chunk_start) as u32;
             let hi = (span.end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;

@@ -13,6 +13,7 @@ use crate::read::backend::BlobBackend;
 use crate::read::cache::BlobCache;
 use crate::read::fetch::{FetchError, Piece};
 use crate::read::inflight::{Inflight, Pending};
+use crate::read::link::LinkEstimate;
 use crate::read::pools::{BufPool, ChunkBuf};
 use crate::read::verify::{decode_chunk, ChunkDefect};
 use crate::read::workers::Job;
@@ -24,6 +25,8 @@ pub(crate) struct JobContext {
     pub(crate) metrics: Arc<Metrics>,
     /// Buffers for stored and decoded chunks.
     pub(crate) pool: Arc<BufPool>,
+    /// What the link to the blobs delivers, learnt from every job.
+    pub(crate) link: LinkEstimate,
 }
 
 /// One range request covering chunks adjacent in one blob.
@@ -122,6 +125,8 @@ struct Assembly<'a> {
     filling: Option<ChunkBuf>,
     /// Bytes passed over of a chunk too large for any buffer.
     skipped: usize,
+    /// When the first bytes came.
+    first_byte: Option<std::time::Instant>,
 }
 
 impl<'a> Assembly<'a> {
@@ -131,10 +136,14 @@ impl<'a> Assembly<'a> {
             next: 0,
             filling: None,
             skipped: 0,
+            first_byte: None,
         }
     }
 
     fn feed(&mut self, mut data: &[u8]) {
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(std::time::Instant::now());
+        }
         Metrics::add(&self.job.ctx.metrics.bytes_fetched, data.len() as u64);
         while let Some((piece, _)) = self.job.chunks.get(self.next) {
             let want = piece.rec.compressed_size as usize;
@@ -190,12 +199,18 @@ impl Job for FetchJob {
             .ctx
             .backend
             .read_range(&self.blob, offset, len, &mut |piece| assembly.feed(piece));
-        metrics.backend_latency.record(started.elapsed());
+        let took = started.elapsed();
+        metrics.backend_latency.record(took);
         match result {
             // A backend hands over exactly the range, so every chunk with
             // stored bytes is in; this delivers trailing ones of stored size
             // 0 (a corrupt record), which no byte completes.
-            Ok(()) => assembly.feed(&[]),
+            Ok(()) => {
+                if let Some(first) = assembly.first_byte {
+                    self.ctx.link.record(len, first - started, took);
+                }
+                assembly.feed(&[]);
+            }
             Err(e) => {
                 Metrics::add(&metrics.backend_errors, 1);
                 error!(blob = %self.blob.digest, offset, len, source = %self.ctx.backend.describe(), error = %e, "range request failed");

@@ -4,7 +4,8 @@
 //!
 //! - [`fetch`]: the [`fetch::Fetcher`] (with its neighbour merging and
 //!   readahead), [`job`]s on the [`workers`] pool, fetches in flight
-//!   ([`inflight`]), chunk checks ([`verify`]).
+//!   ([`inflight`]), chunk checks ([`verify`]), what the link delivers
+//!   ([`link`]), which bounds merging and readahead.
 //! - [`backend`]: where blobs come from (registry or directory).
 //! - [`cache`]: the persistent chunk cache.
 //! - [`access`]: which files and chunks were read, in order.
@@ -16,6 +17,7 @@ pub(crate) mod cache;
 pub(crate) mod fetch;
 mod inflight;
 mod job;
+mod link;
 pub(crate) mod pools;
 mod verify;
 mod workers;

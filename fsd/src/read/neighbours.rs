@@ -6,22 +6,27 @@ use lode_common::format::{ChunkIndex, Ino};
 use super::{Fetcher, Piece};
 use crate::read::job::FetchJob;
 
+/// The least a fetch may add beyond what its reader needs.
+const MIN_EXTRA: u64 = 256 * 1024;
+
 impl Fetcher {
     /// Adds the chunks that follow the job's last one in its blob while they
-    /// are missing, not in flight, adjacent and within the merge limit; then,
-    /// with what is left of the limit, the chunks before its first one (a
-    /// walker that visits a directory backwards finds its next files there).
-    /// They may belong to any file; a reader of one joins this fetch.
+    /// are missing, not in flight, adjacent, within what the link delivers
+    /// in a round trip (see [`Fetcher::extra_bytes`]) and within the merge
+    /// limit for the whole request; then, with
+    /// what is left, the chunks before its first one (a walker that visits
+    /// a directory backwards finds its next files there). They may belong
+    /// to any file; a reader of one joins this fetch.
     pub(super) fn extend_job(&self, job: &mut FetchJob) {
-        let limit = self.settings.merge_limit;
-        let wanted = |piece: &Piece, len: u64| {
-            len + u64::from(piece.rec.compressed_size) <= limit && !job.cache.is_present(piece.rel)
-        };
         let mut len: u64 = job
             .chunks
             .iter()
             .map(|(p, _)| u64::from(p.rec.compressed_size))
             .sum();
+        let limit = (len + self.extra_bytes()).min(self.settings.merge_limit.max(len));
+        let wanted = |piece: &Piece, len: u64| {
+            len + u64::from(piece.rec.compressed_size) <= limit && !job.cache.is_present(piece.rel)
+        };
         let mut after = Vec::new();
         let mut last = *job.last();
         while let Some(next) = self.blob_neighbour(&last, 1) {
@@ -32,6 +37,8 @@ impl Fetcher {
                 break;
             };
             len += u64::from(next.rec.compressed_size);
+            self.access
+                .fetched_ahead(next.index(), next.rec.compressed_size);
             after.push((next, pending));
             last = next;
         }
@@ -45,6 +52,8 @@ impl Fetcher {
                 break;
             };
             len += u64::from(prev.rec.compressed_size);
+            self.access
+                .fetched_ahead(prev.index(), prev.rec.compressed_size);
             before.push((prev, pending));
             first = prev;
         }
@@ -52,6 +61,22 @@ impl Fetcher {
         before.append(&mut job.chunks);
         before.append(&mut after);
         job.chunks = before;
+    }
+
+    /// What a fetch may add beyond the chunks a reader needs: what the link
+    /// delivers in one round trip (`merge_limit_bytes` until requests tell),
+    /// scaled by the share of what earlier fetches took ahead that readers
+    /// went on to read; at least [`MIN_EXTRA`] (neighbours of small files
+    /// are worth a request's overhead even on a link with almost no delay)
+    /// and at most `merge_limit_bytes`.
+    ///
+    /// Bytes taken ahead save a reader a round trip only if it reads them;
+    /// otherwise they hold up, on the link, the bytes readers wait for.
+    pub(super) fn extra_bytes(&self) -> u64 {
+        let cap = self.settings.merge_limit;
+        let per_round_trip = self.ctx.link.bytes_per_round_trip().unwrap_or(cap);
+        let worth = (per_round_trip as f64 * self.access.usefulness()) as u64;
+        worth.clamp(MIN_EXTRA.min(cap), cap)
     }
 
     /// The chunk `step` places from `piece` in the chunk table, if it is in

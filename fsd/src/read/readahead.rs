@@ -1,5 +1,12 @@
 //! Sequential-read tracking and background readahead: once a file is read
 //! in order, the chunks ahead of the reader are fetched before it asks.
+//!
+//! The window ahead grows with the reader, as the kernel's own readahead
+//! does: it is as large as what the reader has read in order so far, at
+//! least what the link delivers in a round trip, and at most
+//! `readahead_bytes`. A reader that stops after a few MiB of a large file
+//! leaves at most as much fetched for nothing, and one that reads on keeps
+//! the link busy.
 
 use lode_common::format::Ino;
 use tracing::debug;
@@ -15,6 +22,8 @@ const MAX_STREAMS: usize = 4096;
 /// Per-file sequential-read tracking (process-local; the kernel depends on none of it).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Stream {
+    /// Where the reads in order began.
+    start: u64,
     /// End offset of the previous read.
     next: u64,
     /// File chunks before this index have had readahead scheduled.
@@ -35,28 +44,40 @@ impl Fetcher {
         if sequential {
             stream.next = stream.next.max(end);
         } else {
+            stream.start = offset;
             stream.next = end;
             stream.ra_until = 0;
         }
         sequential
     }
 
+    /// How far ahead of a reader that has read `consumed` bytes in order
+    /// readahead goes.
+    fn window(&self, consumed: u64, chunk_size: u64) -> u64 {
+        consumed
+            .max(self.extra_bytes())
+            .max(chunk_size)
+            .min(self.settings.readahead)
+    }
+
     /// Queues background jobs for the file's missing chunks from `from` up to
     /// `readahead` bytes ahead, continuing where the previous call stopped.
     pub(super) fn readahead(&self, ino: Ino, file_size: u64, chunk_count: u32, from: u32) {
         let cs = u64::from(self.bootstrap.chunk_size());
-        let window = u32::try_from(self.settings.readahead.div_ceil(cs)).unwrap_or(u32::MAX);
-        let target = from.saturating_add(window).min(chunk_count);
-        let start = {
+        let (start, consumed) = {
             let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-            streams.get(&ino.0).map_or(from, |s| s.ra_until.max(from))
+            streams.get(&ino.0).map_or((from, 0), |s| {
+                (s.ra_until.max(from), s.next.saturating_sub(s.start))
+            })
         };
+        let window_bytes = self.window(consumed, cs);
+        let window = u32::try_from(window_bytes.div_ceil(cs)).unwrap_or(u32::MAX);
+        let target = from.saturating_add(window).min(chunk_count);
         // Top the window up only once a whole merged request's worth has been
         // consumed, so background requests are full-sized rather than one
         // chunk per read.
-        let merge_chunks = u32::try_from(self.settings.readahead_request / cs)
-            .unwrap_or(u32::MAX)
-            .max(1);
+        let request = self.settings.readahead_request.min(window_bytes);
+        let merge_chunks = u32::try_from(request / cs).unwrap_or(u32::MAX).max(1);
         if start < target && start > from && target - start < merge_chunks.min(window) {
             return;
         }
@@ -79,7 +100,7 @@ impl Fetcher {
             }
             let skip = cached || self.ctx.inflight.contains(&piece.key());
             if let Some(j) = job.as_mut() {
-                if skip || !j.accepts(&piece, self.settings.readahead_request) {
+                if skip || !j.accepts(&piece, request) {
                     self.submit_background(job.take());
                 }
             }
