@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(docker-registry skopeo umoci fuse3 curl ca-certificates jq
-          protobuf-compiler containerd runc apache2-utils busybox-static)
+          protobuf-compiler containerd runc apache2-utils busybox-static debootstrap)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -18,6 +18,8 @@ pub struct SnapshotterOptions {
     pub daemon_mode: &'static str,
     /// `none`, `restart` or `failover`.
     pub recover_policy: &'static str,
+    /// A lode-fsd configuration file for every daemon (`[daemon] config`).
+    pub fsd_config: Option<PathBuf>,
 }
 
 impl Default for SnapshotterOptions {
@@ -25,6 +27,7 @@ impl Default for SnapshotterOptions {
         Self {
             daemon_mode: "shared",
             recover_policy: "failover",
+            fsd_config: None,
         }
     }
 }
@@ -51,9 +54,14 @@ impl Snapshotter {
             .prefix("lode-snapshotter-")
             .tempdir_in("/var/tmp")
             .map_err(KitError::io("snapshotter temp dir"))?;
+        let fsd_config = options
+            .fsd_config
+            .as_ref()
+            .map(|c| format!("config = \"{}\"\n", c.display()))
+            .unwrap_or_default();
         let config = format!(
             "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
-             recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n\
+             recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
              [metrics]\naddress = \"127.0.0.1:0\"\n",
             root = dir.path().join("root").display(),
             socket = dir.path().join("lode.sock").display(),

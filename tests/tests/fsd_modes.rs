@@ -536,7 +536,11 @@ fn removed_instance_and_files_held_open(mode: Mode) {
     drop(opened);
     if mode == Mode::Dedicated {
         let status = fsd.wait_exit(EXIT_TIMEOUT).unwrap();
-        assert!(status.success(), "[{mode}] exit after DELETE: {status}");
+        assert!(
+            status.success(),
+            "[{mode}] exit after DELETE: {status}\n{}",
+            fsd.log_text()
+        );
     } else {
         assert!(fsd.is_mounted(), "[{mode}] the shared mount went away");
         let listed: Vec<_> = std::fs::read_dir(fsd.mountpoint())

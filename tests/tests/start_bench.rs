@@ -96,7 +96,11 @@ impl Sample {
 
 #[test]
 fn cold_starts_side_by_side() {
-    let Some(node) = node(SnapshotterOptions::default()) else {
+    let options = SnapshotterOptions {
+        fsd_config: std::env::var_os("LODE_START_BENCH_FSD_CONFIG").map(PathBuf::from),
+        ..SnapshotterOptions::default()
+    };
+    let Some(node) = node(options) else {
         return;
     };
     let (images, profiles, rounds) = match std::env::var_os("LODE_START_BENCH") {
@@ -263,6 +267,13 @@ fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &
         workload.expect
     );
     let served = &node.registry.requests()[before.len()..];
+    if std::env::var_os("LODE_START_BENCH_REQUESTS").is_some() {
+        let sizes: Vec<String> = served
+            .iter()
+            .map(|r| format!("{} {}", r.bytes, r.path.rsplit('/').next().unwrap_or("")))
+            .collect();
+        eprintln!("{} {host} {}: {sizes:#?}", way.name(), workload.name);
+    }
     let floor = (way == Way::Lode).then(|| {
         let bootstrap = node.lode_manifest(&image.lode).bootstrap.to_string();
         let bootstrap_bytes: u64 = served
