@@ -78,6 +78,10 @@ pub struct FetchConfig {
     /// Threads that run range requests and decompress and verify their chunks.
     /// Bounds the number of concurrent range requests.
     pub workers: usize,
+    /// The share of `workers`, in percent, that background fetches (the
+    /// image's prefetch list, readahead) may occupy at once; readers' fetches
+    /// always go first and keep the rest.
+    pub background_share_percent: u8,
 }
 
 impl Default for FetchConfig {
@@ -88,6 +92,7 @@ impl Default for FetchConfig {
             readahead_request_bytes: 32 * MIB,
             deadline_secs: 30,
             workers: 8,
+            background_share_percent: 50,
         }
     }
 }
@@ -95,6 +100,11 @@ impl Default for FetchConfig {
 impl FetchConfig {
     pub fn deadline(&self) -> Duration {
         Duration::from_secs(self.deadline_secs)
+    }
+
+    /// Workers that may run background fetches at once (at least one).
+    pub fn background_workers(&self) -> usize {
+        (self.workers * usize::from(self.background_share_percent) / 100).max(1)
     }
 }
 
@@ -198,6 +208,12 @@ impl FsdConfig {
             self.fetch.merge_limit_bytes,
             64 * KIB,
             256 * MIB,
+        )?;
+        check_range(
+            "fetch.background_share_percent",
+            u64::from(self.fetch.background_share_percent),
+            1,
+            100,
         )?;
         check_range(
             "fetch.readahead_bytes",

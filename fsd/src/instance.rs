@@ -143,6 +143,7 @@ impl Instance {
             resources.pools,
         )
         .map_err(io("start fetch workers"))?;
+        let fetcher = Arc::new(fetcher);
         let ttls = Ttls {
             entry: Duration::from_secs(config.fuse.entry_timeout_secs),
             attr: Duration::from_secs(config.fuse.attr_timeout_secs),
@@ -152,6 +153,7 @@ impl Instance {
             Duration::from_millis(config.cache.flush_interval_ms),
         )
         .map_err(io("spawn cache flusher"))?;
+        Fetcher::start_prefetch(&fetcher).map_err(io("spawn prefetch thread"))?;
         let info = InstanceInfo {
             id: id.to_owned(),
             seq: request.seq,
@@ -172,7 +174,7 @@ impl Instance {
         Ok(Self {
             id: id.to_owned(),
             seq: request.seq,
-            fs: LodeFs::new(Arc::new(fetcher), ttls),
+            fs: LodeFs::new(fetcher, ttls),
             metrics,
             root_mode,
             backend,

@@ -27,6 +27,7 @@ pub struct ImageBuilder {
     uncompressed_len: u64,
     chunks: Vec<ChunkRecord>,
     by_digest: HashMap<Digest, ChunkIndex>,
+    prefetch: Vec<NodeId>,
 }
 
 pub struct TestImage {
@@ -62,6 +63,7 @@ impl ImageBuilder {
             uncompressed_len: 0,
             chunks: Vec::new(),
             by_digest: HashMap::new(),
+            prefetch: Vec::new(),
         }
     }
 
@@ -195,6 +197,11 @@ impl ImageBuilder {
             .insert(name.as_bytes().to_vec(), value.to_vec());
     }
 
+    /// Appends file `id` to the image's prefetch list.
+    pub fn prefetch(&mut self, id: NodeId) {
+        self.prefetch.push(id);
+    }
+
     pub fn build(self) -> TestImage {
         let tmp = tempfile::tempdir().unwrap();
         let blob_dir = tmp.path().join("blobs");
@@ -211,8 +218,14 @@ impl ImageBuilder {
                 compressed_size: blob.len() as u64,
             });
         }
-        let bytes =
-            write_bootstrap(&self.tree, self.chunk_size, &blobs, &self.chunks, &[]).unwrap();
+        let bytes = write_bootstrap(
+            &self.tree,
+            self.chunk_size,
+            &blobs,
+            &self.chunks,
+            &self.prefetch,
+        )
+        .unwrap();
         let bootstrap_path = tmp.path().join("bootstrap");
         std::fs::write(&bootstrap_path, &bytes).unwrap();
         let bootstrap = Arc::new(Bootstrap::open(&bootstrap_path).unwrap());

@@ -171,6 +171,8 @@ pub struct CacheMetrics {
     pub inflight_joins: u64,
     pub prefetch_hits: u64,
     pub readahead_requests: u64,
+    /// Range requests for the image's prefetch list.
+    pub prefetch_requests: u64,
     pub bytes_fetched: u64,
     pub chunks_cached: u64,
     pub bytes_cached: u64,

@@ -69,6 +69,7 @@ fn answers_typed_bodies_and_204_for_actions() {
         inflight_joins: 0,
         prefetch_hits: 0,
         readahead_requests: 0,
+        prefetch_requests: 0,
         bytes_fetched: 10,
         chunks_cached: 1,
         bytes_cached: 10,

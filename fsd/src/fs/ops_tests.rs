@@ -37,6 +37,7 @@ fn fixture() -> Fixture {
         readahead_request: 4 << 20,
         deadline: Duration::from_secs(10),
         workers: 2,
+        background_workers: 1,
     };
     let fetcher = Fetcher::new(
         Arc::clone(&image.bootstrap),

@@ -92,6 +92,7 @@ pub(super) fn cache_metrics(id: &str, m: &Metrics) -> CacheMetrics {
         inflight_joins: s.inflight_joins,
         prefetch_hits: s.prefetch_hits,
         readahead_requests: s.readahead_requests,
+        prefetch_requests: s.prefetch_requests,
         bytes_fetched: s.bytes_fetched,
         chunks_cached: s.chunks_verified,
         bytes_cached: s.cache_bytes_written,

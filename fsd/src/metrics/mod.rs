@@ -91,6 +91,8 @@ pub struct Metrics {
     pub backend_errors: AtomicU64,
     /// Range requests started by background readahead (also in `backend_requests`).
     pub readahead_requests: AtomicU64,
+    /// Range requests for the image's prefetch list (also in `backend_requests`).
+    pub prefetch_requests: AtomicU64,
     /// Stored (compressed) bytes received from the blob source.
     pub bytes_fetched: AtomicU64,
     /// Chunks decompressed and verified.
@@ -123,6 +125,7 @@ pub struct MetricsSnapshot {
     pub backend_requests_done: u64,
     pub backend_errors: u64,
     pub readahead_requests: u64,
+    pub prefetch_requests: u64,
     pub bytes_fetched: u64,
     pub chunks_verified: u64,
     pub digest_errors: u64,
@@ -186,6 +189,7 @@ impl Metrics {
             backend_requests_done: get(&self.backend_requests_done),
             backend_errors: get(&self.backend_errors),
             readahead_requests: get(&self.readahead_requests),
+            prefetch_requests: get(&self.prefetch_requests),
             bytes_fetched: get(&self.bytes_fetched),
             chunks_verified: get(&self.chunks_verified),
             digest_errors: get(&self.digest_errors),

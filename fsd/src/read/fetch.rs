@@ -85,6 +85,8 @@ pub struct FetchSettings {
     pub readahead_request: u64,
     pub deadline: Duration,
     pub workers: usize,
+    /// Workers that may run background jobs at once.
+    pub background_workers: usize,
 }
 
 impl From<&FetchConfig> for FetchSettings {
@@ -95,6 +97,7 @@ impl From<&FetchConfig> for FetchSettings {
             readahead_request: c.readahead_request_bytes,
             deadline: c.deadline(),
             workers: c.workers,
+            background_workers: c.background_workers(),
         }
     }
 }
@@ -197,7 +200,7 @@ impl Fetcher {
                 pool,
                 link: LinkEstimate::default(),
             }),
-            pool: WorkerPool::new(settings.workers)?,
+            pool: WorkerPool::new(settings.workers, settings.background_workers)?,
             metrics,
             settings,
             streams: Mutex::new(HashMap::new()),
@@ -504,7 +507,7 @@ impl Fetcher {
         let mut leads = leads.into_iter().peekable();
         while let Some(lead) = leads.next() {
             let mut job_last = lead.idx;
-            let mut job = self.new_job(lead.piece, lead.pending, lead.cache, false);
+            let mut job = self.new_job(lead.piece, lead.pending, lead.cache);
             while let Some(next) =
                 leads.next_if(|n| n.idx == job_last + 1 && job.accepts(&n.piece, merge_limit))
             {
@@ -520,25 +523,20 @@ impl Fetcher {
         queued_to
     }
 
-    fn new_job(
-        &self,
-        piece: Piece,
-        pending: Arc<Pending>,
-        cache: Arc<BlobCache>,
-        background: bool,
-    ) -> FetchJob {
+    fn new_job(&self, piece: Piece, pending: Arc<Pending>, cache: Arc<BlobCache>) -> FetchJob {
         FetchJob {
             ctx: Arc::clone(&self.ctx),
             blob: piece.blob,
             cache,
             chunks: vec![(piece, pending)],
-            background,
         }
     }
 }
 
 #[path = "neighbours.rs"]
 mod neighbours;
+#[path = "prefetch.rs"]
+mod prefetch;
 #[path = "readahead.rs"]
 mod readahead;
 

@@ -35,7 +35,6 @@ pub(crate) struct FetchJob {
     pub(crate) blob: BlobRecord,
     pub(crate) cache: Arc<BlobCache>,
     pub(crate) chunks: Vec<(Piece, Arc<Pending>)>,
-    pub(crate) background: bool,
 }
 
 impl FetchJob {
@@ -190,9 +189,6 @@ impl Job for FetchJob {
         let offset = self.chunks[0].0.rec.compressed_offset;
         let len = self.stored_len();
         Metrics::add(&metrics.backend_requests, 1);
-        if self.background {
-            Metrics::add(&metrics.readahead_requests, 1);
-        }
         let started = std::time::Instant::now();
         let mut assembly = Assembly::new(&self);
         let result = self

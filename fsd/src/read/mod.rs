@@ -5,7 +5,8 @@
 //! - [`fetch`]: the [`fetch::Fetcher`] (with its neighbour merging and
 //!   readahead), [`job`]s on the [`workers`] pool, fetches in flight
 //!   ([`inflight`]), chunk checks ([`verify`]), what the link delivers
-//!   ([`link`]), which bounds merging and readahead.
+//!   ([`link`]), which bounds merging and readahead, and the image's
+//!   prefetch list fetched in the background ([`prefetch`]).
 //! - [`backend`]: where blobs come from (registry or directory).
 //! - [`cache`]: the persistent chunk cache.
 //! - [`access`]: which files and chunks were read, in order.

@@ -12,6 +12,7 @@ use lode_common::format::Ino;
 use tracing::debug;
 
 use super::Fetcher;
+use crate::metrics::Metrics;
 use crate::read::job::FetchJob;
 use crate::read::workers::Priority;
 
@@ -108,7 +109,7 @@ impl Fetcher {
                 if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
                     match job.as_mut() {
                         Some(j) => j.push(piece, pending),
-                        None => job = Some(self.new_job(piece, pending, cache, true)),
+                        None => job = Some(self.new_job(piece, pending, cache)),
                     }
                 }
             }
@@ -124,6 +125,7 @@ impl Fetcher {
     fn submit_background(&self, job: Option<FetchJob>) {
         if let Some(job) = job {
             debug!(blob = %job.blob.digest, chunks = job.chunks.len(), "readahead");
+            Metrics::add(&self.metrics.readahead_requests, 1);
             self.pool.submit(Priority::Background, Box::new(job));
         }
     }

@@ -1,4 +1,6 @@
-//! A fixed set of threads running fetch jobs, demand jobs before background ones.
+//! A fixed set of threads running fetch jobs, demand jobs before background
+//! ones (readahead, prefetch), and background ones on at most a set number
+//! of threads at once, so that readers always find a thread free soon.
 //!
 //! Backend calls block, so they run here rather than on the FUSE threads: a
 //! reader waits for its chunks with a deadline and can give up even when a
@@ -29,13 +31,16 @@ pub enum Priority {
 struct Queues {
     demand: VecDeque<Box<dyn Job>>,
     background: VecDeque<Box<dyn Job>>,
-    /// Jobs being run right now.
+    /// Jobs being run right now, and how many of them are background ones.
     running: usize,
+    running_background: usize,
     shutdown: bool,
 }
 
 struct Shared {
     queues: Mutex<Queues>,
+    /// Background jobs that may run at once.
+    background_limit: usize,
     ready: Condvar,
     /// Signalled when a job finishes.
     finished: Condvar,
@@ -47,9 +52,12 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    pub fn new(workers: usize) -> std::io::Result<Self> {
+    /// `workers` threads, of which at most `background_limit` (at least
+    /// one) run background jobs at any time.
+    pub fn new(workers: usize, background_limit: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
+            background_limit: background_limit.max(1),
             ready: Condvar::new(),
             finished: Condvar::new(),
         });
@@ -94,6 +102,20 @@ impl WorkerPool {
             .len()
     }
 
+    /// Waits until fewer than `n` background jobs are queued; false once the
+    /// pool shuts down.
+    pub fn wait_for_background_room(&self, n: usize) -> bool {
+        let mut q = self.shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+        while !q.shutdown && q.background.len() >= n {
+            q = self
+                .shared
+                .finished
+                .wait(q)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        !q.shutdown
+    }
+
     /// Cancels queued jobs, lets the workers exit after their current job,
     /// and waits up to `grace` for those jobs to finish (a backend call may
     /// be stuck until its own timeout; it is not waited for beyond `grace`).
@@ -106,6 +128,7 @@ impl WorkerPool {
             q.demand.drain(..).chain(q.background.drain(..)).collect()
         };
         self.shared.ready.notify_all();
+        self.shared.finished.notify_all();
         for job in cancelled {
             job.cancel();
         }
@@ -141,15 +164,22 @@ impl Drop for WorkerPool {
 
 fn worker(shared: &Shared) {
     loop {
-        let job = {
+        let (job, background) = {
             let mut q = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if q.shutdown {
                     return;
                 }
-                if let Some(job) = q.demand.pop_front().or_else(|| q.background.pop_front()) {
+                if let Some(job) = q.demand.pop_front() {
                     q.running += 1;
-                    break job;
+                    break (job, false);
+                }
+                if q.running_background < shared.background_limit {
+                    if let Some(job) = q.background.pop_front() {
+                        q.running += 1;
+                        q.running_background += 1;
+                        break (job, true);
+                    }
                 }
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
@@ -159,11 +189,14 @@ fn worker(shared: &Shared) {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
             error!("fetch job panicked");
         }
-        shared
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .running -= 1;
+        let mut q = shared.queues.lock().unwrap_or_else(|e| e.into_inner());
+        q.running -= 1;
+        if background {
+            q.running_background -= 1;
+            // A worker idle because of the limit may take the next one.
+            shared.ready.notify_one();
+        }
+        drop(q);
         shared.finished.notify_all();
     }
 }
@@ -194,7 +227,7 @@ mod tests {
 
     #[test]
     fn demand_jobs_run_before_queued_background_jobs() {
-        let pool = WorkerPool::new(1).unwrap();
+        let pool = WorkerPool::new(1, 1).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         pool.submit(Priority::Demand, Box::new(Block(Arc::clone(&barrier))));
         barrier.wait(); // the only worker is now busy
@@ -212,8 +245,32 @@ mod tests {
     }
 
     #[test]
+    fn background_jobs_leave_threads_to_demand_jobs() {
+        let pool = WorkerPool::new(2, 1).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        pool.submit(Priority::Background, Box::new(Block(Arc::clone(&barrier))));
+        barrier.wait(); // one worker runs the background job
+        let (tx, rx) = mpsc::channel();
+        pool.submit(
+            Priority::Background,
+            Box::new(Send(tx.clone(), "background")),
+        );
+        pool.submit(Priority::Demand, Box::new(Send(tx.clone(), "demand")));
+        let timeout = std::time::Duration::from_secs(10);
+        assert_eq!(rx.recv_timeout(timeout).unwrap(), "demand");
+        // The second background job waits for the first one.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(50))
+            .is_err());
+        assert_eq!(pool.background_queued(), 1);
+        barrier.wait();
+        assert_eq!(rx.recv_timeout(timeout).unwrap(), "background");
+        assert!(pool.wait_for_background_room(1));
+    }
+
+    #[test]
     fn shutdown_cancels_queued_and_later_jobs() {
-        let pool = WorkerPool::new(1).unwrap();
+        let pool = WorkerPool::new(1, 1).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         pool.submit(Priority::Demand, Box::new(Block(Arc::clone(&barrier))));
         barrier.wait();
