@@ -312,9 +312,14 @@ impl Node {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.snapshotter.log()));
     }
 
+    /// The shared daemon's API socket.
+    pub fn shared_socket(&self) -> PathBuf {
+        self.snapshotter.root().join("daemons/shared.sock")
+    }
+
     /// What the shared daemon says about itself through its API.
     pub fn shared_daemon_info(&self) -> Result<DaemonInfo, ClientError> {
-        let client = DaemonClient::new(self.snapshotter.root().join("daemons/shared.sock"));
+        let client = DaemonClient::new(self.shared_socket());
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(client.daemon_info())
     }
@@ -324,7 +329,7 @@ impl Node {
         let instance = self
             .instance_of(image)
             .unwrap_or_else(|| panic!("no instance serves {image}"));
-        let client = DaemonClient::new(self.snapshotter.root().join("daemons/shared.sock"));
+        let client = DaemonClient::new(self.shared_socket());
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(client.access(Some(&instance.id))).unwrap()
     }

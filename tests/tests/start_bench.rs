@@ -48,6 +48,10 @@ struct Workload {
     args: Vec<String>,
     /// Text its output must contain.
     expect: String,
+    /// The Lode image converted with the prefetch list recorded from a run
+    /// of this workload.
+    #[serde(skip)]
+    prefetched: Option<Reference>,
 }
 
 /// An image pushed as it is and converted to Lode.
@@ -64,15 +68,32 @@ enum Way {
     Overlay,
     /// `lodectl pull` and `ctr run --snapshotter lode`.
     Lode,
+    /// The same with the image converted with a prefetch list recorded
+    /// from a run of the workload (`lodectl daemon record`).
+    LodePrefetch,
 }
 
-const WAYS: [Way; 2] = [Way::Overlay, Way::Lode];
+const WAYS: [Way; 3] = [Way::Overlay, Way::Lode, Way::LodePrefetch];
 
 impl Way {
     fn name(self) -> &'static str {
         match self {
             Way::Overlay => "overlayfs",
             Way::Lode => "Lode",
+            Way::LodePrefetch => "Lode, prefetch list",
+        }
+    }
+
+    fn lazy(self) -> bool {
+        self != Way::Overlay
+    }
+
+    /// The image this way pulls.
+    fn image<'a>(self, image: &'a Image, workload: &'a Workload) -> &'a Reference {
+        match self {
+            Way::Overlay => &image.plain,
+            Way::Lode => &image.lode,
+            Way::LodePrefetch => workload.prefetched.as_ref().expect("a recorded list"),
         }
     }
 }
@@ -108,7 +129,7 @@ fn cold_starts_side_by_side() {
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("read {}: {e}", PathBuf::from(&path).display()));
             let plan: Plan = serde_json::from_str(&text).expect("a start-bench plan");
-            let images = plan.images.iter().map(|i| push_layout(&node, i)).collect();
+            let images: Vec<Image> = plan.images.iter().map(|i| push_layout(&node, i)).collect();
             (images, plan.profiles, plan.rounds)
         }
         None => (
@@ -117,6 +138,17 @@ fn cold_starts_side_by_side() {
             1,
         ),
     };
+    let mut images = images;
+    for image in &mut images {
+        let recorded: Vec<Reference> = image
+            .workloads
+            .iter()
+            .map(|w| record_prefetch_list(&node, image, w))
+            .collect();
+        for (workload, list) in image.workloads.iter_mut().zip(recorded) {
+            workload.prefetched = Some(list);
+        }
+    }
     let registry_addr = format!("127.0.0.1:{}", node.registry.port())
         .parse()
         .unwrap();
@@ -162,15 +194,84 @@ fn cold_starts_side_by_side() {
 
     for (profile, image, workload, medians) in &report {
         let bytes = |way| medians.iter().find(|(w, _)| *w == way).unwrap().1.bytes;
-        assert!(
-            bytes(Way::Lode) * 2 < bytes(Way::Overlay),
-            "{profile}, {image} {}: Lode fetched {} bytes, overlayfs {}: a lazy start \
-             should fetch well under half",
-            workload.name,
-            bytes(Way::Lode),
-            bytes(Way::Overlay)
-        );
+        for way in [Way::Lode, Way::LodePrefetch] {
+            assert!(
+                bytes(way) * 2 < bytes(Way::Overlay),
+                "{profile}, {image} {}: {} fetched {} bytes, overlayfs {}: a lazy start \
+                 should fetch well under half",
+                workload.name,
+                way.name(),
+                bytes(way),
+                bytes(Way::Overlay)
+            );
+        }
     }
+}
+
+/// Runs `workload` once on Lode from cold, writes what it read with
+/// `lodectl daemon record`, and converts the image again with that list;
+/// returns the new image.
+fn record_prefetch_list(node: &Node, image: &Image, workload: &Workload) -> Reference {
+    make_cold(node);
+    node.pull_lazily(NAMESPACE, &image.lode);
+    run_workload(node, &image.lode, workload, Way::Lode);
+    let instance = node
+        .instance_of(&image.lode)
+        .unwrap_or_else(|| panic!("no instance serves {}", image.lode));
+    let socket = node.shared_socket().display().to_string();
+    let run = node
+        .lodectl
+        .run(["daemon", "record", &socket, "--id", &instance.id])
+        .unwrap();
+    assert!(run.success, "lodectl daemon record: {}", run.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("prefetch.list");
+    std::fs::write(&list, &run.stdout).unwrap();
+    let target = image.lode.with_tag(format!("lode-{}", workload.name));
+    let list = list.display().to_string();
+    let (plain, target_name) = (image.plain.to_string(), target.to_string());
+    let run = node
+        .lodectl
+        .run([
+            "convert",
+            "--plain-http",
+            "--prefetch-paths",
+            &list,
+            &plain,
+            &target_name,
+        ])
+        .unwrap();
+    assert!(
+        run.success,
+        "lodectl convert --prefetch-paths: {}",
+        run.stderr
+    );
+    target
+}
+
+/// `ctr run --rm` of `workload`, checking its output; returns how long it took.
+fn run_workload(node: &Node, reference: &Reference, workload: &Workload, way: Way) -> Duration {
+    let name = reference.to_string();
+    let mut args = vec!["run", "--rm"];
+    if way.lazy() {
+        args.extend(["--snapshotter", SNAPSHOTTER]);
+    }
+    args.extend([name.as_str(), "start"]);
+    args.extend(workload.args.iter().map(String::as_str));
+    let start = Instant::now();
+    let out = node
+        .containerd
+        .ctr_ok(NAMESPACE, args)
+        .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", way.name(), workload.name, node.logs()));
+    let run = start.elapsed();
+    assert!(
+        out.contains(&workload.expect),
+        "{} {}: the output lacks {:?}:\n{out}",
+        way.name(),
+        workload.name,
+        workload.expect
+    );
+    run
 }
 
 /// Busybox plus 64 MiB, of which the workload reads one 1 MiB prefix.
@@ -196,6 +297,7 @@ fn quick_image(node: &Node) -> Image {
             .map(String::from)
             .to_vec(),
             expect: "hello from a cold start\n1048576".into(),
+            prefetched: None,
         }],
     )
 }
@@ -230,42 +332,18 @@ fn via(reference: &Reference, host: &str) -> Reference {
 fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &str) -> Sample {
     make_cold(node);
     let before = node.registry.requests();
-    let reference = match way {
-        Way::Overlay => via(&image.plain, host),
-        Way::Lode => via(&image.lode, host),
-    };
-    let name = reference.to_string();
+    let reference = via(way.image(image, workload), host);
     let start = Instant::now();
-    match way {
-        Way::Overlay => {
-            node.containerd
-                .ctr_ok(NAMESPACE, ["image", "pull", "--plain-http", &name])
-                .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
-        }
-        Way::Lode => {
-            node.pull_lazily(NAMESPACE, &reference);
-        }
+    if way.lazy() {
+        node.pull_lazily(NAMESPACE, &reference);
+    } else {
+        let name = reference.to_string();
+        node.containerd
+            .ctr_ok(NAMESPACE, ["image", "pull", "--plain-http", &name])
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
     }
     let pull = start.elapsed();
-    let mut args = vec!["run", "--rm"];
-    if way == Way::Lode {
-        args.extend(["--snapshotter", SNAPSHOTTER]);
-    }
-    args.extend([name.as_str(), "start"]);
-    args.extend(workload.args.iter().map(String::as_str));
-    let start = Instant::now();
-    let out = node
-        .containerd
-        .ctr_ok(NAMESPACE, args)
-        .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", way.name(), workload.name, node.logs()));
-    let run = start.elapsed();
-    assert!(
-        out.contains(&workload.expect),
-        "{} {}: the output lacks {:?}:\n{out}",
-        way.name(),
-        workload.name,
-        workload.expect
-    );
+    let run = run_workload(node, &reference, workload, way);
     let served = &node.registry.requests()[before.len()..];
     if std::env::var_os("LODE_START_BENCH_REQUESTS").is_some() {
         let sizes: Vec<String> = served
@@ -274,8 +352,11 @@ fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &
             .collect();
         eprintln!("{} {host} {}: {sizes:#?}", way.name(), workload.name);
     }
-    let floor = (way == Way::Lode).then(|| {
-        let bootstrap = node.lode_manifest(&image.lode).bootstrap.to_string();
+    let floor = way.lazy().then(|| {
+        let bootstrap = node
+            .lode_manifest(way.image(image, workload))
+            .bootstrap
+            .to_string();
         let bootstrap_bytes: u64 = served
             .iter()
             .filter(|r| r.path.contains(&bootstrap))

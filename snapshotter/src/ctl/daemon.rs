@@ -1,5 +1,6 @@
-//! `lodectl daemon info SOCK` and `lodectl daemon metrics SOCK [--id ID]`:
-//! ask a lode-fsd for its state and figures through its API socket.
+//! `lodectl daemon info SOCK`, `lodectl daemon metrics SOCK [--id ID]` and
+//! `lodectl daemon record SOCK [--id ID]`: ask a lode-fsd for its state, its
+//! figures and what an instance's readers read, through its API socket.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,6 +26,16 @@ pub enum DaemonCommand {
     },
     /// Print an instance's filesystem, cache, backend and in-flight figures as JSON.
     Metrics {
+        /// The daemon's API socket (its --apisock).
+        socket: PathBuf,
+        /// Instance id (default: the daemon's only instance).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print the files an instance's readers read, in the order they were
+    /// first read, one per line: a prefetch list for `lodectl convert
+    /// --prefetch-paths`. Run a container of the image once, cold, then this.
+    Record {
         /// The daemon's API socket (its --apisock).
         socket: PathBuf,
         /// Instance id (default: the daemon's only instance).
@@ -73,6 +84,28 @@ pub fn run(args: DaemonArgs, out: &mut dyn Write) -> Result<(), CtlError> {
                 })
             })?;
             print(out, &all)
+        }
+        DaemonCommand::Record { socket, id } => {
+            let client = DaemonClient::new(socket);
+            let access = rt.block_on(client.access(id.as_deref()))?;
+            let write = |out: &mut dyn Write| -> std::io::Result<()> {
+                writeln!(
+                    out,
+                    "# instance {}: {} files, {} chunks, {} stored bytes read",
+                    access.id,
+                    access.files.len(),
+                    access.chunks,
+                    access.chunk_bytes
+                )?;
+                for file in &access.files {
+                    writeln!(out, "{file}")?;
+                }
+                Ok(())
+            };
+            write(out).map_err(|source| CtlError::Io {
+                what: "write the list".into(),
+                source,
+            })
         }
     }
 }
