@@ -63,8 +63,8 @@ pub struct ChunkStore {
     zstd_level: i32,
     threads: usize,
     /// Lent to the layer's writer thread while a layer is open.
-    table: ChunkTable,
-    blobs: Vec<BlobInfo>,
+    pub(super) table: ChunkTable,
+    pub(super) blobs: Vec<BlobInfo>,
     layer: Option<OpenLayer>,
 }
 

@@ -3,7 +3,8 @@
 //! The layers are applied in order to one merged tree ([`TreeBuilder`]) as
 //! containerd would extract them; regular files' contents are cut into
 //! chunks, each distinct chunk stored once per image in the data blob of the
-//! layer that first has it ([`ChunkStore`]). The tree and chunk table become
+//! layer that first has it ([`ChunkStore`]); the prefetch list's files are
+//! then moved to the front of their blobs ([`front`]). The tree and chunk table become
 //! the bootstrap, which is packaged with the blobs as an OCI image
 //! (docs/format.md). Nothing is ever created on disk from an entry name: the
 //! working directory holds only downloaded layers and blobs named by index.
@@ -13,6 +14,7 @@ mod chunks;
 mod decompress;
 mod entry;
 mod error;
+mod front;
 mod layer;
 mod location;
 mod package;

@@ -148,16 +148,30 @@ pub async fn convert(options: &ConvertOptions) -> Result<ConvertOutcome, Convert
     }
 
     let prefetch = prefetch_nodes(&conv, &options.prefetch);
-    let (conv, bootstrap) = tokio::task::spawn_blocking(move || {
-        let bytes = conv.bootstrap(&prefetch).and_then(|bytes| {
-            Bootstrap::from_bytes(bytes.clone())?.verify_all()?;
-            Ok(bytes)
-        });
-        (conv, bytes)
+    let digests_before: Vec<_> = blobs.iter().map(|b| b.digest).collect();
+    let (conv, blobs, bootstrap) = tokio::task::spawn_blocking(move || {
+        let mut blobs = blobs;
+        let bytes = conv
+            .store
+            .front_load(conv.tree.tree_mut(), &prefetch, &mut blobs)
+            .and_then(|()| conv.bootstrap(&prefetch))
+            .and_then(|bytes| {
+                Bootstrap::from_bytes(bytes.clone())?.verify_all()?;
+                Ok(bytes)
+            });
+        (conv, blobs, bytes)
     })
     .await
     .map_err(|e| ConvertError::Task(e.to_string()))?;
     let bootstrap = bootstrap?;
+    // Blobs the prefetch list reordered have new digests.
+    for (before, blob) in digests_before.iter().zip(&blobs) {
+        for layer_blob in blob_of_layer.iter_mut().flatten() {
+            if layer_blob == before {
+                *layer_blob = blob.digest;
+            }
+        }
+    }
     if let Some(path) = &options.bootstrap_out {
         std::fs::write(path, &bootstrap)
             .map_err(ConvertError::io(format!("write {}", path.display())))?;

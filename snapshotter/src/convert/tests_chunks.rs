@@ -204,3 +204,88 @@ fn large_chunk_sizes_work() {
     assert_eq!(chunk_count(&c, "f"), 2);
     assert_eq!(c.content("f"), data);
 }
+
+#[test]
+fn prefetched_files_move_to_the_front_of_their_blobs_in_list_order() {
+    let file = |seed: u64, chunks: usize| pseudo_random_bytes(seed, 0, chunks * CS as usize - 9);
+    let (a, b, c, d, e) = (file(1, 2), file(2, 3), file(3, 2), file(4, 2), file(5, 1));
+    let mut shares_a = a[..CS as usize].to_vec();
+    shares_a.extend(file(6, 1));
+    let mut conv = convert(vec![
+        vec![
+            TarEntry::file("a", a.clone()),
+            TarEntry::file("b", b.clone()),
+            TarEntry::file("c", c.clone()),
+        ],
+        vec![
+            TarEntry::file("d", d.clone()),
+            TarEntry::file("e", e.clone()),
+            TarEntry::file("f", shares_a.clone()),
+        ],
+    ])
+    .unwrap();
+    let list: Vec<_> = ["c", "e", "a", "f"]
+        .iter()
+        .map(|p| conv.id(p).unwrap())
+        .collect();
+    let before: Vec<Digest> = conv.conv.store.blobs().iter().map(|b| b.digest).collect();
+    let mut blobs: Vec<_> = conv.blobs.iter().flatten().cloned().collect();
+    let converter = &mut conv.conv;
+    converter
+        .store
+        .front_load(converter.tree.tree_mut(), &list, &mut blobs)
+        .unwrap();
+    conv.blobs = blobs.into_iter().map(Some).collect();
+
+    // Offsets in the blobs follow the list: c, then a, then b in blob 0;
+    // e, then f's own chunk, then d in blob 1.
+    let records = conv.conv.store.records().to_vec();
+    let offsets = |path: &str| -> Vec<(u32, u64)> {
+        chunks_of(&conv, path)
+            .iter()
+            .map(|&i| {
+                (
+                    records[i as usize].blob.0,
+                    records[i as usize].compressed_offset,
+                )
+            })
+            .collect()
+    };
+    let order = |blob: u32| -> Vec<&str> {
+        let mut files: Vec<(u64, &str)> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .flat_map(|p| {
+                offsets(p)
+                    .into_iter()
+                    .filter(move |(b, _)| *b == blob)
+                    .map(move |(_, o)| (o, *p))
+            })
+            .collect();
+        files.sort();
+        files.dedup_by_key(|(o, _)| *o);
+        let mut names: Vec<&str> = files.into_iter().map(|(_, p)| p).collect();
+        names.dedup();
+        names
+    };
+    assert_eq!(order(0), ["c", "a", "b"]);
+    assert_eq!(order(1), ["e", "f", "d"]);
+    assert_eq!(offsets("c")[0].1, 0);
+    assert_eq!(offsets("e")[0].1, 0);
+    let after: Vec<Digest> = conv.conv.store.blobs().iter().map(|b| b.digest).collect();
+    assert!(before[0] != after[0] && before[1] != after[1]);
+    for (path, data) in [
+        ("a", &a),
+        ("b", &b),
+        ("c", &c),
+        ("d", &d),
+        ("e", &e),
+        ("f", &shares_a),
+    ] {
+        assert_eq!(&conv.content(path), data, "{path}");
+    }
+    let bytes = conv.conv.bootstrap(&list).unwrap();
+    lode_common::format::Bootstrap::from_bytes(bytes)
+        .unwrap()
+        .verify_all()
+        .unwrap();
+}
