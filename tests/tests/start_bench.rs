@@ -107,6 +107,9 @@ struct Sample {
     /// Lode only: the stored bytes of the chunks the run read, plus the
     /// bootstrap: what the start needed from the registry at the least.
     floor: Option<u64>,
+    /// Lode only: a second run of the workload right after, everything in
+    /// Lode's cache (the page cache dropped).
+    warm_run: Option<Duration>,
 }
 
 impl Sample {
@@ -364,12 +367,17 @@ fn cold_start(node: &Node, image: &Image, workload: &Workload, way: Way, host: &
             .sum();
         node.access_of(&reference).chunk_bytes + bootstrap_bytes
     });
+    let warm_run = way.lazy().then(|| {
+        drop_page_cache();
+        run_workload(node, &reference, workload, way)
+    });
     Sample {
         pull,
         run,
         requests: served.len() as u64,
         bytes: served.iter().map(|r| r.bytes).sum(),
         floor,
+        warm_run,
     }
 }
 
@@ -401,6 +409,10 @@ fn make_cold(node: &Node) {
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", node.snapshotter.log()));
+    drop_page_cache();
+}
+
+fn drop_page_cache() {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
@@ -418,8 +430,8 @@ fn print_report(report: &[Row], rounds: usize) {
     let ms = |d: Duration| format!("{} ms", d.as_millis());
     let mut out = format!(
         "\ncold starts, median of {rounds} round(s)\n\
-         | link | image | workload | snapshotter | pull | run | pull + run | x overlayfs | registry bytes | requests | floor | x floor |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         | link | image | workload | snapshotter | pull | run | pull + run | x overlayfs | registry bytes | requests | floor | x floor | warm run | run / warm |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for (profile, image, workload, medians) in report {
         let overlay = medians[0].1.total().as_secs_f64();
@@ -431,8 +443,15 @@ fn print_report(report: &[Row], rounds: usize) {
                 ),
                 None => ("".into(), "".into()),
             };
+            let (warm, over_warm) = match s.warm_run {
+                Some(w) => (
+                    ms(w),
+                    format!("{:.2}", s.run.as_secs_f64() / w.as_secs_f64()),
+                ),
+                None => ("".into(), "".into()),
+            };
             out.push_str(&format!(
-                "| {profile} | {image} | {} | {} | {} | {} | {} | {:.2} | {:.1} MB | {} | {floor} | {over_floor} |\n",
+                "| {profile} | {image} | {} | {} | {} | {} | {} | {:.2} | {:.1} MB | {} | {floor} | {over_floor} | {warm} | {over_warm} |\n",
                 workload.name,
                 way.name(),
                 ms(s.pull),
