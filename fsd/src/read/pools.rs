@@ -127,7 +127,14 @@ impl ChunkBuf {
     }
 
     /// Shares the buffer; it returns to the pool when the last copy drops.
+    /// Contents of at most an eighth of the buffer are copied out instead
+    /// and the buffer goes back at once: a small file's chunk held in
+    /// memory (for its readers, or kept for a reader to come) then costs its
+    /// own size, not a whole buffer's.
     pub fn freeze(self) -> Bytes {
+        if self.len <= self.pool.capacity / 8 {
+            return Bytes::copy_from_slice(self.as_slice());
+        }
         Bytes::from_owner(self)
     }
 }
@@ -169,6 +176,22 @@ mod tests {
         let again = pool.take(5).unwrap();
         assert_eq!(again.as_slice().as_ptr(), first, "the same memory");
         assert_eq!(again.len(), 0);
+    }
+
+    #[test]
+    fn small_contents_are_copied_out_and_their_buffer_returned() {
+        let pool = BufPool::new(10_000);
+        let mut buf = pool.take(10).unwrap();
+        buf.fill_from(&[7; 1_250]);
+        let small = buf.freeze();
+        assert_eq!(pool.idle_count(), 1, "the buffer is back at once");
+        assert_eq!(&small[..], &[7; 1_250][..]);
+        let mut buf = pool.take(10).unwrap();
+        buf.fill_from(&[8; 1_251]);
+        let large = buf.freeze();
+        assert_eq!(pool.idle_count(), 0, "shared until dropped");
+        drop(large);
+        assert_eq!(pool.idle_count(), 1);
     }
 
     #[test]
