@@ -541,5 +541,8 @@ mod prefetch;
 mod readahead;
 
 #[cfg(test)]
+#[path = "prefetch_tests.rs"]
+mod prefetch_tests;
+#[cfg(test)]
 #[path = "fetch_tests.rs"]
 mod tests;

@@ -1,0 +1,132 @@
+//! The prefetch list: fetched in list order, never in the way of readers.
+
+use std::collections::HashMap;
+
+use super::tests::{fetcher, ino_of, settings, CS};
+use super::*;
+use crate::testutil::{pattern, wait_until, CountingBackend, ImageBuilder, TestImage};
+
+/// Files a, b, c, d of two raw chunks each, in that order in one blob, with
+/// `listed` as the prefetch list.
+fn four_files(listed: &[&str]) -> TestImage {
+    let mut b = ImageBuilder::new(CS, false);
+    let mut ids = HashMap::new();
+    for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        ids.insert(name, b.file(name, &pattern(2 * CS as usize, i as u32)));
+    }
+    for name in listed {
+        b.prefetch(ids[name]);
+    }
+    b.build()
+}
+
+/// Where file `name`'s chunks lie in the blob.
+fn file_range(image: &TestImage, name: &str) -> (u64, u64) {
+    let b = &image.bootstrap;
+    let ino = ino_of(image, name);
+    let first = b.chunk(b.file_chunk(ino, 0).unwrap()).unwrap();
+    let last = b.chunk(b.file_chunk(ino, 1).unwrap()).unwrap();
+    (
+        first.compressed_offset,
+        last.compressed_offset + u64::from(last.compressed_size),
+    )
+}
+
+#[test]
+fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
+    let image = four_files(&["c", "a"]);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the listed files to be cached", || {
+        f.blob_caches[0]
+            .get()
+            .is_some_and(|c| c.present_count() == 4)
+    });
+    let range = |name| {
+        let (start, end) = file_range(&image, name);
+        (start, end - start)
+    };
+    assert_eq!(backend.calls(), [range("c"), range("a")]);
+    assert_eq!(metrics.snapshot().prefetch_requests, 2);
+    for (name, seed) in [("c", 2), ("a", 0)] {
+        let data = f.read(ino_of(&image, name), 0, 2 * CS).unwrap();
+        assert_eq!(data, pattern(2 * CS as usize, seed), "{name}");
+    }
+    assert_eq!(metrics.snapshot().cache_misses, 0);
+    assert_eq!(backend.calls().len(), 2, "listed files read from the cache");
+}
+
+/// A backend that holds requests starting in `held` until opened.
+struct HoldingBackend {
+    inner: CountingBackend,
+    /// Offsets of the requests made, held ones included.
+    started: std::sync::Mutex<Vec<u64>>,
+    held: std::ops::Range<u64>,
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl BlobBackend for HoldingBackend {
+    fn read_range(
+        &self,
+        blob: &BlobRecord,
+        offset: u64,
+        len: u64,
+        sink: &mut crate::read::backend::Sink<'_>,
+    ) -> Result<(), crate::read::backend::BackendError> {
+        self.started.lock().unwrap().push(offset);
+        if self.held.contains(&offset) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
+        }
+        self.inner.read_range(blob, offset, len, sink)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_read_is_not_delayed_behind_the_prefetch() {
+    let image = four_files(&["c", "d"]);
+    let (c_start, c_end) = file_range(&image, "c");
+    let backend = Arc::new(HoldingBackend {
+        inner: CountingBackend::new(&image),
+        started: std::sync::Mutex::new(Vec::new()),
+        held: c_start..c_end,
+        open: std::sync::Mutex::new(false),
+        changed: std::sync::Condvar::new(),
+    });
+    // Two workers, one of which may run background jobs.
+    let mut s = settings(2, 0);
+    s.workers = 2;
+    s.background_workers = 1;
+    let (f, _) = fetcher(&image, backend.clone(), s);
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the prefetch of c to be under way", || {
+        backend.started.lock().unwrap().first() == Some(&c_start)
+    });
+    // c's request hangs; d waits behind it for the background worker. A
+    // reader of b is served by the other worker meanwhile.
+    let start = Instant::now();
+    let data = f.read(ino_of(&image, "b"), 0, 2 * CS).unwrap();
+    assert_eq!(data, pattern(2 * CS as usize, 1));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(
+        !backend.started.lock().unwrap().iter().any(|&o| o >= c_end),
+        "d waits for the background worker"
+    );
+    *backend.open.lock().unwrap() = true;
+    backend.changed.notify_all();
+    wait_until("the rest of the list to be cached", || {
+        f.blob_caches[0]
+            .get()
+            .is_some_and(|c| c.present_count() == 6)
+    });
+}
