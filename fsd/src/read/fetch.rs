@@ -531,6 +531,37 @@ impl Fetcher {
             chunks: vec![(piece, pending)],
         }
     }
+
+    /// Leads the fetch of `piece` (unless another fetch already does) as
+    /// part of the background `job` being gathered, started with it if
+    /// there is none.
+    fn lead_into(&self, job: &mut Option<FetchJob>, piece: Piece, cache: Arc<BlobCache>) {
+        if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
+            match job {
+                Some(j) => j.push(piece, pending),
+                None => *job = Some(self.new_job(piece, pending, cache)),
+            }
+        }
+    }
+}
+
+/// Takes the background job being gathered in chunk order out, to be
+/// submitted, when `piece` does not extend it: the piece is `skip`ped
+/// (cached or in flight), not adjacent, or would take it over `limit`.
+fn close_unless_extended(
+    job: &mut Option<FetchJob>,
+    piece: &Piece,
+    skip: bool,
+    limit: u64,
+) -> Option<FetchJob> {
+    if job
+        .as_ref()
+        .is_some_and(|j| skip || !j.accepts(piece, limit))
+    {
+        job.take()
+    } else {
+        None
+    }
 }
 
 #[path = "neighbours.rs"]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use lode_common::format::Ino;
 use tracing::{debug, info, warn};
 
-use super::{Fetcher, Piece};
+use super::{close_unless_extended, Fetcher, Piece};
 use crate::metrics::Metrics;
 use crate::read::job::FetchJob;
 use crate::read::workers::{Job as _, Priority};
@@ -62,13 +62,9 @@ impl Fetcher {
         };
         let skip = cache.is_present(piece.rel) || self.ctx.inflight.contains(&piece.key());
         let mut submitted = 0;
-        if let Some(j) = job.as_ref() {
-            if skip || !j.accepts(&piece, self.settings.merge_limit) {
-                if let Some(j) = job.take() {
-                    self.submit_prefetch(j);
-                    submitted += 1;
-                }
-            }
+        if let Some(done) = close_unless_extended(job, &piece, skip, self.settings.merge_limit) {
+            self.submit_prefetch(done);
+            submitted += 1;
         }
         if skip {
             return Some(submitted);
@@ -76,12 +72,7 @@ impl Fetcher {
         if job.is_none() && !self.pool.wait_for_background_room(self.settings.workers) {
             return None;
         }
-        if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
-            match job.as_mut() {
-                Some(j) => j.push(piece, pending),
-                None => *job = Some(self.new_job(piece, pending, cache)),
-            }
-        }
+        self.lead_into(job, piece, cache);
         Some(submitted)
     }
 

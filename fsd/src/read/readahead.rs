@@ -11,7 +11,7 @@
 use lode_common::format::Ino;
 use tracing::debug;
 
-use super::Fetcher;
+use super::{close_unless_extended, Fetcher};
 use crate::metrics::Metrics;
 use crate::read::job::FetchJob;
 use crate::read::workers::Priority;
@@ -100,18 +100,11 @@ impl Fetcher {
                 cache.will_need(piece.rel, &piece.rec);
             }
             let skip = cached || self.ctx.inflight.contains(&piece.key());
-            if let Some(j) = job.as_mut() {
-                if skip || !j.accepts(&piece, request) {
-                    self.submit_background(job.take());
-                }
+            if let Some(done) = close_unless_extended(&mut job, &piece, skip, request) {
+                self.submit_background(Some(done));
             }
             if !skip {
-                if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
-                    match job.as_mut() {
-                        Some(j) => j.push(piece, pending),
-                        None => job = Some(self.new_job(piece, pending, cache)),
-                    }
-                }
+                self.lead_into(&mut job, piece, cache);
             }
             idx += 1;
         }
