@@ -3,7 +3,10 @@
 
 use lode_common::format::{ChunkIndex, Ino};
 
+use std::sync::Arc;
+
 use super::{Fetcher, Piece};
+use crate::read::inflight::Pending;
 use crate::read::job::FetchJob;
 
 /// The least a fetch may add beyond what its reader needs.
@@ -13,10 +16,10 @@ impl Fetcher {
     /// Adds the chunks that follow the job's last one in its blob while they
     /// are missing, not in flight, adjacent, within what the link delivers
     /// in a round trip (see [`Fetcher::extra_bytes`]) and within the merge
-    /// limit for the whole request; then, with
-    /// what is left, the chunks before its first one (a walker that visits
-    /// a directory backwards finds its next files there). They may belong
-    /// to any file; a reader of one joins this fetch.
+    /// limit for the whole request; then, with what is left, the chunks
+    /// before its first one (a walker that visits a directory backwards
+    /// finds its next files there). They may belong to any file; a reader
+    /// of one joins this fetch.
     pub(super) fn extend_job(&self, job: &mut FetchJob) {
         let mut len: u64 = job
             .chunks
@@ -24,43 +27,49 @@ impl Fetcher {
             .map(|(p, _)| u64::from(p.rec.compressed_size))
             .sum();
         let limit = (len + self.extra_bytes()).min(self.settings.merge_limit.max(len));
-        let wanted = |piece: &Piece, len: u64| {
-            len + u64::from(piece.rec.compressed_size) <= limit && !job.cache.is_present(piece.rel)
-        };
-        let mut after = Vec::new();
-        let mut last = *job.last();
-        while let Some(next) = self.blob_neighbour(&last, 1) {
-            if !last.adjacent(&next) || !wanted(&next, len) {
+        let last = *job.last();
+        let first = job.chunks[0].0;
+        let mut after = self.lead_neighbours(job, last, 1, limit, &mut len);
+        let mut before = self.lead_neighbours(job, first, -1, limit, &mut len);
+        before.reverse();
+        before.append(&mut job.chunks);
+        before.append(&mut after);
+        job.chunks = before;
+    }
+
+    /// Leads the fetches of the chunks `step` (1 or -1) after `from` in its
+    /// blob, in that order, while they are adjacent, missing, not in flight
+    /// and keep `len` within `limit`; records them as fetched ahead.
+    fn lead_neighbours(
+        &self,
+        job: &FetchJob,
+        from: Piece,
+        step: i32,
+        limit: u64,
+        len: &mut u64,
+    ) -> Vec<(Piece, Arc<Pending>)> {
+        let mut led = Vec::new();
+        let mut at = from;
+        while let Some(next) = self.blob_neighbour(&at, step) {
+            let adjacent = if step > 0 {
+                at.adjacent(&next)
+            } else {
+                next.adjacent(&at)
+            };
+            let size = u64::from(next.rec.compressed_size);
+            if !adjacent || *len + size > limit || job.cache.is_present(next.rel) {
                 break;
             }
             let Some(pending) = self.ctx.inflight.try_lead(next.key()) else {
                 break;
             };
-            len += u64::from(next.rec.compressed_size);
+            *len += size;
             self.access
                 .fetched_ahead(next.index(), next.rec.compressed_size);
-            after.push((next, pending));
-            last = next;
+            led.push((next, pending));
+            at = next;
         }
-        let mut before = Vec::new();
-        let mut first = job.chunks[0].0;
-        while let Some(prev) = self.blob_neighbour(&first, -1) {
-            if !prev.adjacent(&first) || !wanted(&prev, len) {
-                break;
-            }
-            let Some(pending) = self.ctx.inflight.try_lead(prev.key()) else {
-                break;
-            };
-            len += u64::from(prev.rec.compressed_size);
-            self.access
-                .fetched_ahead(prev.index(), prev.rec.compressed_size);
-            before.push((prev, pending));
-            first = prev;
-        }
-        before.reverse();
-        before.append(&mut job.chunks);
-        before.append(&mut after);
-        job.chunks = before;
+        led
     }
 
     /// What a fetch may add beyond the chunks a reader needs: what the link
