@@ -305,17 +305,29 @@ impl BlobBackend for CountingBackend {
     }
 }
 
-/// The counting backend behind a gate that holds every request until opened.
+/// The counting backend behind a gate that holds requests (every one, or
+/// those starting in a range) until opened.
 pub struct GatedBackend {
     pub inner: CountingBackend,
+    /// Requests starting here are held.
+    held: std::ops::Range<u64>,
+    /// Offsets of the requests made, held ones included.
+    started: Mutex<Vec<u64>>,
     open: Mutex<bool>,
     changed: Condvar,
 }
 
 impl GatedBackend {
     pub fn new(image: &TestImage) -> Self {
+        Self::holding(image, 0..u64::MAX)
+    }
+
+    /// Holds only the requests that start in `held`.
+    pub fn holding(image: &TestImage, held: std::ops::Range<u64>) -> Self {
         Self {
             inner: CountingBackend::new(image),
+            held,
+            started: Mutex::new(Vec::new()),
             open: Mutex::new(false),
             changed: Condvar::new(),
         }
@@ -324,6 +336,11 @@ impl GatedBackend {
     pub fn open(&self) {
         *self.open.lock().unwrap() = true;
         self.changed.notify_all();
+    }
+
+    /// Offsets of the requests made so far, held ones included.
+    pub fn started(&self) -> Vec<u64> {
+        self.started.lock().unwrap().clone()
     }
 }
 
@@ -335,11 +352,13 @@ impl BlobBackend for GatedBackend {
         len: u64,
         sink: &mut Sink<'_>,
     ) -> Result<(), BackendError> {
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.changed.wait(open).unwrap();
+        self.started.lock().unwrap().push(offset);
+        if self.held.contains(&offset) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
         }
-        drop(open);
         self.inner.read_range(blob, offset, len, sink)
     }
 

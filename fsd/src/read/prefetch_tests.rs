@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use super::tests::{fetcher, ino_of, settings, CS};
 use super::*;
-use crate::testutil::{pattern, wait_until, CountingBackend, ImageBuilder, TestImage};
+use crate::testutil::{
+    pattern, wait_until, CountingBackend, GatedBackend, ImageBuilder, TestImage,
+};
 
 /// Files a, b, c, d of two raw chunks each, in that order in one blob, with
 /// `listed` as the prefetch list.
@@ -58,50 +60,11 @@ fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
     assert_eq!(backend.calls().len(), 2, "listed files read from the cache");
 }
 
-/// A backend that holds requests starting in `held` until opened.
-struct HoldingBackend {
-    inner: CountingBackend,
-    /// Offsets of the requests made, held ones included.
-    started: std::sync::Mutex<Vec<u64>>,
-    held: std::ops::Range<u64>,
-    open: std::sync::Mutex<bool>,
-    changed: std::sync::Condvar,
-}
-
-impl BlobBackend for HoldingBackend {
-    fn read_range(
-        &self,
-        blob: &BlobRecord,
-        offset: u64,
-        len: u64,
-        sink: &mut crate::read::backend::Sink<'_>,
-    ) -> Result<(), crate::read::backend::BackendError> {
-        self.started.lock().unwrap().push(offset);
-        if self.held.contains(&offset) {
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.changed.wait(open).unwrap();
-            }
-        }
-        self.inner.read_range(blob, offset, len, sink)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[test]
 fn a_read_is_not_delayed_behind_the_prefetch() {
     let image = four_files(&["c", "d"]);
     let (c_start, c_end) = file_range(&image, "c");
-    let backend = Arc::new(HoldingBackend {
-        inner: CountingBackend::new(&image),
-        started: std::sync::Mutex::new(Vec::new()),
-        held: c_start..c_end,
-        open: std::sync::Mutex::new(false),
-        changed: std::sync::Condvar::new(),
-    });
+    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
     // Two workers, one of which may run background jobs.
     let mut s = settings(2, 0);
     s.workers = 2;
@@ -110,7 +73,7 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
     let f = Arc::new(f);
     Fetcher::start_prefetch(&f).unwrap();
     wait_until("the prefetch of c to be under way", || {
-        backend.started.lock().unwrap().first() == Some(&c_start)
+        backend.started().first() == Some(&c_start)
     });
     // c's request hangs; d waits behind it for the background worker. A
     // reader of b is served by the other worker meanwhile.
@@ -119,11 +82,10 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
     assert_eq!(data, pattern(2 * CS as usize, 1));
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(
-        !backend.started.lock().unwrap().iter().any(|&o| o >= c_end),
+        !backend.started().iter().any(|&o| o >= c_end),
         "d waits for the background worker"
     );
-    *backend.open.lock().unwrap() = true;
-    backend.changed.notify_all();
+    backend.open();
     wait_until("the rest of the list to be cached", || {
         f.blob_caches[0]
             .get()
