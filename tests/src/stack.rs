@@ -300,6 +300,21 @@ impl Node {
         chunks.iter().filter(|c| cache_durable(&cache, c)).count()
     }
 
+    /// Waits until the snapshotter serves no Lode mount and its chunk cache
+    /// is empty (after the last Lode image was removed).
+    pub fn wait_for_no_lode_mounts_or_cache(&self) {
+        let root = self.snapshotter.root();
+        wait_until(
+            Duration::from_secs(30),
+            "Lode's mounts and cache to go",
+            || {
+                mounts_below(&root.join("mnt")).is_empty()
+                    && std::fs::read_dir(root.join("cache")).map_or(0, |d| d.count()) == 0
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.snapshotter.log()));
+    }
+
     /// Removes `image` (its containers are gone) and waits until the shared
     /// daemon no longer serves it.
     pub fn remove_image_instance(&self, namespace: &str, image: &Reference) {

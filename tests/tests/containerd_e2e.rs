@@ -338,16 +338,7 @@ fn check_recoveries(s: &Stack, kills: usize) {
 /// and its cached chunks are gone too: the next pull starts cold.
 fn remove_image_and_its_cache(s: &Stack) {
     s.remove_image("lazy", &s.app.lode);
-    let cache = s.snapshotter.root().join("cache");
-    wait_until(
-        Duration::from_secs(30),
-        "the image's mount and cache to go",
-        || {
-            mounts_below(&s.snapshotter.root().join("mnt")).is_empty()
-                && std::fs::read_dir(&cache).map_or(0, |d| d.count()) == 0
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.snapshotter.log()));
+    s.wait_for_no_lode_mounts_or_cache();
 }
 
 /// Data-blob bytes the registry serves to a reader of the image that runs

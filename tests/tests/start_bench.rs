@@ -16,10 +16,9 @@ use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
 use lode_common::registry::Reference;
 use lode_tests::containerd::push_busybox_image;
 use lode_tests::link::{Link, LinkProfile};
-use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{node, Node};
-use lode_tests::{skopeo_copy, wait_until, TarEntry};
+use lode_tests::{skopeo_copy, TarEntry};
 
 const NAMESPACE: &str = "bench";
 
@@ -399,16 +398,7 @@ fn make_cold(node: &Node) {
     for digest in listed("content") {
         c.ctr_ok(NAMESPACE, ["content", "rm", &digest]).unwrap();
     }
-    let root = node.snapshotter.root();
-    wait_until(
-        Duration::from_secs(30),
-        "Lode's mounts and cache to go",
-        || {
-            mounts_below(&root.join("mnt")).is_empty()
-                && std::fs::read_dir(root.join("cache")).map_or(0, |d| d.count()) == 0
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", node.snapshotter.log()));
+    node.wait_for_no_lode_mounts_or_cache();
     drop_page_cache();
 }
 
