@@ -29,6 +29,16 @@ impl Host {
         }
     }
 
+    /// Refuses `what` (an API action) when the daemon has no supervisor.
+    pub(super) fn require_supervisor(&self, what: &str) -> Result<(), ControlError> {
+        if self.options.supervisor.is_none() {
+            return Err(ControlError::NotSupported(format!(
+                "{what} needs a supervisor (start lode-fsd with --supervisor)"
+            )));
+        }
+        Ok(())
+    }
+
     /// `PUT /daemon/fuse/sendfd`: hands the state and connection to the
     /// supervisor now.
     fn send_fd(&self) -> Result<(), ControlError> {
@@ -38,11 +48,7 @@ impl Host {
                 "daemon is {state}: no FUSE connection to send"
             )));
         }
-        if self.options.supervisor.is_none() {
-            return Err(ControlError::NotSupported(
-                "sendfd needs a supervisor (start lode-fsd with --supervisor)".into(),
-            ));
-        }
+        self.require_supervisor("sendfd")?;
         self.report()
             .map_err(|e| ControlError::Internal(format!("sendfd: {e}")))
     }

@@ -77,11 +77,7 @@ impl Host {
                 "daemon is {state}: only a daemon in INIT can take over"
             )));
         }
-        if self.options.supervisor.is_none() {
-            return Err(ControlError::NotSupported(
-                "takeover needs a supervisor (start lode-fsd with --supervisor)".into(),
-            ));
-        }
+        self.require_supervisor("takeover")?;
         self.take_over()
             .map_err(|e| ControlError::Internal(format!("takeover: {e}")))
     }
