@@ -12,11 +12,15 @@ use lode_common::Digest;
 use lode_tests::link::{Link, LinkProfile};
 use lode_tests::{pseudo_random_bytes, skip_unless, Registry};
 
-fn registry() -> Option<Registry> {
+/// A registry, and a link shaped by `profile` in front of it.
+fn linked_registry(profile: LinkProfile) -> Option<(Registry, Link)> {
     if !skip_unless(Registry::available(), "docker-registry is not installed") {
         return None;
     }
-    Some(Registry::start().expect("start docker-registry"))
+    let registry = Registry::start().expect("start docker-registry");
+    let upstream = format!("127.0.0.1:{}", registry.port()).parse().unwrap();
+    let link = Link::start(upstream, profile).unwrap();
+    Some((registry, link))
 }
 
 /// Sends `GET path` on `stream` and reads the whole response; returns its
@@ -46,15 +50,10 @@ fn get(stream: &mut TcpStream, path: &str) -> u16 {
 
 #[test]
 fn a_request_costs_a_round_trip_and_a_new_connection_one_more() {
-    let Some(registry) = registry() else {
+    let profile = LinkProfile::REGION;
+    let Some((registry, link)) = linked_registry(profile) else {
         return;
     };
-    let profile = LinkProfile::REGION;
-    let link = Link::start(
-        format!("127.0.0.1:{}", registry.port()).parse().unwrap(),
-        profile,
-    )
-    .unwrap();
     let logged_before = registry.requests().len();
 
     let start = Instant::now();
@@ -87,15 +86,10 @@ fn a_request_costs_a_round_trip_and_a_new_connection_one_more() {
 
 #[test]
 fn downloads_share_the_rate_of_the_link() {
-    let Some(registry) = registry() else {
+    let profile = LinkProfile::FAR;
+    let Some((registry, link)) = linked_registry(profile) else {
         return;
     };
-    let profile = LinkProfile::FAR;
-    let link = Link::start(
-        format!("127.0.0.1:{}", registry.port()).parse().unwrap(),
-        profile,
-    )
-    .unwrap();
     const SIZE: usize = 4 << 20;
     let blobs: Vec<(Digest, Bytes)> = (0..2u64)
         .map(|i| {
