@@ -468,11 +468,13 @@ fn api_driven_upgrade_and_recovery_of_a_shared_daemon() {
     };
     let second = Fsd::spawn_shared(&fsd, &image, &env, &env.socket("second.sock"));
     let second_api = successor_api("second.sock");
-    assert!(
-        env.log_text().contains("waiting in INIT"),
-        "{}",
-        env.log_text()
-    );
+    // The API answers (in INIT) before the daemon has logged its choice.
+    wait_until(
+        Duration::from_secs(10),
+        "the successor to wait in INIT",
+        || env.log_text().contains("waiting in INIT"),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", env.log_text()));
     take_over(&second_api, second.child.id());
     rt.block_on(first_api.exit()).unwrap();
     assert!(first.wait().success(), "{}", env.log_text());
