@@ -17,7 +17,8 @@
 # Needs root (FUSE mount, drop_caches) and release binaries
 # (`cargo build --release --workspace --bins`). Sizes can be lowered for a
 # quick run: BENCH_BIG_MIB=1024 BENCH_SMALL_FILES=20000 (defaults).
-# BENCH_PROFILE=FILE records a `perf` profile of fsd during the cold read;
+# BENCH_PROFILE=FILE records a `perf` profile of fsd during the first cold
+# read (FILE) and the cold walk (FILE.walk);
 # BENCH_FSD_CONFIG=FILE runs fsd with that configuration.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -216,9 +217,17 @@ t_mount=$(median "${mount_times[@]}")
 walk() { (cd "$1/small" && find . -type f -print0 | xargs -0 cat > /dev/null); }
 mount_fresh
 drop_caches
+if [[ -n ${BENCH_PROFILE:-} ]]; then
+    perf record -q -g -o "$BENCH_PROFILE.walk" -p "$fsd_pid" 2> /dev/null &
+    perf_pid=$!
+    sleep 0.5 # perf attaches asynchronously; only the profile depends on it
+fi
 fsd_cpu0=$(cpu_s "$fsd_pid")
 t_walk=$(timed walk "$work/mnt")
 fsd_cpu1=$(cpu_s "$fsd_pid")
+if [[ -n ${BENCH_PROFILE:-} ]]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" || true
+fi
 walk_rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
 drop_caches
 t_walk_local=$(timed walk "$rootfs")

@@ -159,7 +159,6 @@ pub struct FsMetrics {
     pub bytes_read: u64,
     pub fops: BTreeMap<String, FopCount>,
     pub read_latency: Histogram,
-    pub open_files: u64,
 }
 
 /// `GET /api/v1/metrics/cache?id=`.

@@ -175,19 +175,6 @@ impl LodeFs {
         Ok(())
     }
 
-    /// Opens a regular file read-only; the handle is the inode number and the
-    /// kernel may keep its page cache across opens (the content never changes).
-    pub fn open(&self, ino: Ino, flags: i32) -> Result<(FileHandle, FopenFlags), FsError> {
-        let inode = self.bootstrap.inode(ino)?;
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Err(FsError::ReadOnly);
-        }
-        if inode.kind == InodeKind::Dir {
-            return Err(FsError::IsDir(ino.0));
-        }
-        Ok((FileHandle(ino.0), FopenFlags::FOPEN_KEEP_CACHE))
-    }
-
     pub fn opendir(&self, ino: Ino) -> Result<(FileHandle, FopenFlags), FsError> {
         let inode = self.bootstrap.inode(ino)?;
         if inode.kind != InodeKind::Dir {
@@ -201,10 +188,6 @@ impl LodeFs {
 
     pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<bytes::Bytes, FsError> {
         Ok(self.fetcher.read(ino, offset, size)?)
-    }
-
-    pub fn release(&self, ino: Ino) {
-        self.fetcher.forget_stream(ino);
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<&[u8], FsError> {

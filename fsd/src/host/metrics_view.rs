@@ -9,7 +9,7 @@ use super::state::DaemonState;
 use super::Host;
 use crate::api::ControlError;
 use crate::instance::Instance;
-use crate::metrics::{Fop, Metrics};
+use crate::metrics::Metrics;
 
 impl Host {
     /// Runs `f` on instance `id` (the only one if `None`).
@@ -60,8 +60,6 @@ pub(super) fn access(instance: &Instance) -> Result<InstanceAccess, ControlError
 
 pub(super) fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {
     let snapshot = m.snapshot();
-    let (opens, _) = m.fop_counts(Fop::Open);
-    let (releases, _) = m.fop_counts(Fop::Release);
     FsMetrics {
         id: id.to_owned(),
         bytes_read: snapshot.bytes_read,
@@ -79,7 +77,6 @@ pub(super) fn fs_metrics(id: &str, m: &Metrics) -> FsMetrics {
             })
             .collect(),
         read_latency: m.read_latency.snapshot(),
-        open_files: opens.saturating_sub(releases),
     }
 }
 

@@ -179,6 +179,41 @@ fn every_way_serves_verified_reads_with_metrics_and_fixed_inodes() {
         };
         assert_eq!(fs.bytes_read, data.len() as u64 + 11, "{way:?}");
         assert!(fs.fops["read"].count > 0, "{way:?}");
+        // Files are opened by the kernel without asking after the first
+        // open, and their page cache is kept: opening and reading them again
+        // sends no request at all. Opens for writing are refused.
+        let fops = |name: &str| {
+            let Ok(ApiResponse::FsMetrics(fs)) = s.call(ApiRequest::FsMetrics { id: None }) else {
+                panic!("{way:?}: no fs metrics");
+            };
+            fs.fops.get(name).map_or(0, |c| c.count)
+        };
+        let before = (fops("open"), fops("read"), fops("release"));
+        for _ in 0..10 {
+            assert_eq!(std::fs::read(root.join("small")).unwrap(), b"instance 4\n");
+            assert_eq!(
+                std::fs::read(root.join("data/file")).unwrap().len(),
+                data.len()
+            );
+        }
+        assert!(before.0 <= 1, "{way:?}: {} opens sent", before.0);
+        assert_eq!(
+            (fops("open"), fops("read"), fops("release")),
+            before,
+            "{way:?}: (open, read, release) requests after reading ten times more"
+        );
+        for write in [
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(root.join("small")),
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(root.join("small")),
+        ] {
+            let e = write.expect_err("opened for writing");
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{way:?}: {e}");
+        }
         let backend = || match s.call(ApiRequest::BackendMetrics {
             id: Some(info.instances[0].id.clone()),
         }) {

@@ -159,14 +159,6 @@ impl Metrics {
         }
     }
 
-    /// Count and failures of one operation.
-    pub fn fop_counts(&self, fop: Fop) -> (u64, u64) {
-        (
-            self.fop_count[fop.slot()].load(Ordering::Relaxed),
-            self.fop_errors[fop.slot()].load(Ordering::Relaxed),
-        )
-    }
-
     pub fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let fops = Fop::ALL

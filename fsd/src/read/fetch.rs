@@ -416,14 +416,6 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Forgets the sequential-read state of `ino` (its last handle closed).
-    pub fn forget_stream(&self, ino: Ino) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ino.0);
-    }
-
     /// Cancels queued fetches (readers waiting for them get an error) and
     /// waits up to `grace` for running ones, so that what they fetched is
     /// cached before a final flush. Returns whether they all finished.

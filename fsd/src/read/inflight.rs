@@ -6,8 +6,8 @@
 //! this too.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -36,6 +36,9 @@ pub struct Pending {
     settled: AtomicBool,
     /// A reader has read the chunk to its end.
     consumed: AtomicBool,
+    /// Bytes this fetch counts against the retain budget while it is kept
+    /// for readers (0 when it is not kept).
+    retained: AtomicU64,
 }
 
 impl Pending {
@@ -90,14 +93,22 @@ impl Pending {
     }
 }
 
-/// Completed fetches kept in the map, oldest first, with their sizes, and
-/// the sum of those sizes.
-type Retained = (VecDeque<(ChunkKey, Arc<Pending>, u64)>, u64);
+/// Completed fetches kept for readers, oldest first. Only the map holds
+/// them: once a reader has taken one (or it is forgotten otherwise) its
+/// memory goes at once and its entry here is stale, skipped and pruned.
+#[derive(Default)]
+struct Retained {
+    queue: VecDeque<(ChunkKey, Weak<Pending>)>,
+    /// Queue length after the last pruning of stale entries.
+    pruned_len: usize,
+}
 
 #[derive(Default)]
 pub struct Inflight {
     map: DashMap<ChunkKey, Arc<Pending>>,
     retained: Mutex<Retained>,
+    /// Sum of the sizes of the fetches kept for readers.
+    retained_bytes: AtomicU64,
     /// Bytes of completed fetches kept for readers; older ones are dropped.
     retain_budget: u64,
 }
@@ -118,20 +129,37 @@ impl Inflight {
     /// Keeps the completed fetch of `key` (`len` bytes) for readers until it
     /// is read or the budget pushes it out.
     pub fn retain(&self, key: ChunkKey, pending: &Arc<Pending>, len: u64) {
-        if pending.consumed.load(Ordering::SeqCst) {
+        if pending.consumed.load(Ordering::SeqCst) || len == 0 {
             self.forget(key, pending);
             return;
         }
         let mut retained = self.retained.lock().unwrap_or_else(|e| e.into_inner());
-        let (queue, bytes) = &mut *retained;
-        queue.push_back((key, Arc::clone(pending), len));
-        *bytes += len;
-        while *bytes > self.retain_budget {
-            let Some((old_key, old, old_len)) = queue.pop_front() else {
+        pending.retained.store(len, Ordering::SeqCst);
+        self.retained_bytes.fetch_add(len, Ordering::SeqCst);
+        // A reader may have taken it meanwhile (and found nothing to release).
+        if pending.consumed.load(Ordering::SeqCst) {
+            self.forget(key, pending);
+            return;
+        }
+        retained.queue.push_back((key, Arc::downgrade(pending)));
+        let kept = |old: &Weak<Pending>| {
+            old.upgrade()
+                .is_some_and(|p| p.retained.load(Ordering::SeqCst) > 0)
+        };
+        while self.retained_bytes.load(Ordering::SeqCst) > self.retain_budget {
+            let Some((old_key, old)) = retained.queue.pop_front() else {
                 break;
             };
-            *bytes -= old_len;
-            self.forget(old_key, &old);
+            if let Some(old) = old.upgrade() {
+                self.forget(old_key, &old);
+            }
+        }
+        while retained.queue.front().is_some_and(|(_, old)| !kept(old)) {
+            retained.queue.pop_front();
+        }
+        if retained.queue.len() > 2 * retained.pruned_len.max(512) {
+            retained.queue.retain(|(_, old)| kept(old));
+            retained.pruned_len = retained.queue.len();
         }
     }
 
@@ -162,11 +190,21 @@ impl Inflight {
         self.forget(key, pending);
     }
 
-    /// Stops offering `pending` to new readers (they start a fresh fetch);
-    /// readers already waiting on it keep waiting.
+    /// Stops offering `pending` to new readers (they start a fresh fetch)
+    /// and stops keeping it; readers already waiting on it keep waiting.
     pub fn forget(&self, key: ChunkKey, pending: &Arc<Pending>) {
         self.map
             .remove_if(&key, |_, current| Arc::ptr_eq(current, pending));
+        let len = pending.retained.swap(0, Ordering::SeqCst);
+        if len > 0 {
+            self.retained_bytes.fetch_sub(len, Ordering::SeqCst);
+        }
+    }
+
+    /// Bytes of completed fetches kept for readers.
+    #[cfg(test)]
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes.load(Ordering::SeqCst)
     }
 
     pub fn contains(&self, key: &ChunkKey) -> bool {
@@ -235,6 +273,31 @@ mod tests {
             "the oldest was not dropped"
         );
         assert!(Arc::ptr_eq(&inflight.get(&key(2)).unwrap(), &b));
+        // A chunk a reader took goes at once, and stops counting.
+        let c = inflight.try_lead(key(3)).unwrap();
+        inflight.retain(key(3), &c, 3);
+        assert_eq!(inflight.retained_bytes(), 9);
+        let weak = Arc::downgrade(&c);
+        assert!(!c.consume(), "not settled");
+        inflight.forget(key(3), &c);
+        drop(c);
+        assert!(
+            weak.upgrade().is_none(),
+            "memory still held after it was read"
+        );
+        assert_eq!(inflight.retained_bytes(), 6);
+        // Many chunks taken one after another leave no stale entries behind.
+        for rel in 10..5_000 {
+            let p = inflight.try_lead(key(rel)).unwrap();
+            inflight.retain(key(rel), &p, 1);
+            inflight.forget(key(rel), &p);
+        }
+        assert_eq!(inflight.retained_bytes(), 6);
+        assert!(inflight.retained.lock().unwrap().queue.len() <= 1_024);
+        assert!(
+            Arc::ptr_eq(&inflight.get(&key(2)).unwrap(), &b),
+            "still kept"
+        );
         // A zero budget keeps nothing.
         let none = Inflight::new(0);
         let c = none.try_lead(key(3)).unwrap();
