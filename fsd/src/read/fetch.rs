@@ -504,7 +504,7 @@ impl Fetcher {
                 leads.next_if(|n| n.idx == job_last + 1 && job.accepts(&n.piece, merge_limit))
             {
                 job_last = next.idx;
-                job.push(next.piece, next.pending);
+                job.push(next.piece, &next.pending);
             }
             if job_last == last {
                 self.extend_job(&mut job);
@@ -520,7 +520,7 @@ impl Fetcher {
             ctx: Arc::clone(&self.ctx),
             blob: piece.blob,
             cache,
-            chunks: vec![(piece, pending)],
+            chunks: vec![(piece, Arc::downgrade(&pending))],
         }
     }
 
@@ -530,7 +530,7 @@ impl Fetcher {
     fn lead_into(&self, job: &mut Option<FetchJob>, piece: Piece, cache: Arc<BlobCache>) {
         if let Some(pending) = self.ctx.inflight.try_lead(piece.key()) {
             match job {
-                Some(j) => j.push(piece, pending),
+                Some(j) => j.push(piece, &pending),
                 None => *job = Some(self.new_job(piece, pending, cache)),
             }
         }

@@ -564,3 +564,23 @@ fn a_backward_walk_gets_the_files_before_the_one_read() {
     // first, then backwards.
     assert_eq!(backend.calls(), vec![(5000, 4000), (1000, 4000), (0, 1000)]);
 }
+
+#[test]
+fn a_chunk_leaves_memory_once_read_not_when_its_request_ends() {
+    let (image, data) = one_file(8, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    // No readahead, so nothing is kept for readers to come.
+    let (f, _) = fetcher(&image, backend.clone(), settings(8, 0));
+    let ino = ino_of(&image, "f");
+    assert_eq!(f.read(ino, 0, 100).unwrap(), data[..100]);
+    let calls = backend.calls();
+    assert_eq!(calls.len(), 1);
+    let chunks = calls[0].1.div_ceil(u64::from(CS)) as usize;
+    assert!(chunks >= 5, "the miss took {chunks} chunks along");
+    wait_cached(&f, chunks);
+    // Each chunk's buffer went back to the pool once it was delivered and
+    // cached, and the next chunk of the request reused it; a job holding
+    // its chunks to the end would have needed one buffer per chunk.
+    let made = f.ctx.pool.made_count();
+    assert!(made <= 3, "{made} buffers for one {chunks}-chunk request");
+}

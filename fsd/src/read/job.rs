@@ -3,7 +3,7 @@
 //! every reader waiting for it (or failed for them) and cached, without
 //! waiting for the rest of the range.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use lode_common::format::BlobRecord;
 use tracing::{error, warn};
@@ -29,12 +29,18 @@ pub(crate) struct JobContext {
     pub(crate) link: LinkEstimate,
 }
 
+/// A chunk of a job and the fetch its readers wait on. The job holds the
+/// fetch weakly: the in-flight map and the readers hold it, so a chunk
+/// delivered early in a long request (a 32 MiB readahead) leaves memory as
+/// soon as its reader took it, not when the whole request ends.
+pub(crate) type JobChunk = (Piece, Weak<Pending>);
+
 /// One range request covering chunks adjacent in one blob.
 pub(crate) struct FetchJob {
     pub(crate) ctx: Arc<JobContext>,
     pub(crate) blob: BlobRecord,
     pub(crate) cache: Arc<BlobCache>,
-    pub(crate) chunks: Vec<(Piece, Arc<Pending>)>,
+    pub(crate) chunks: Vec<JobChunk>,
 }
 
 impl FetchJob {
@@ -60,16 +66,18 @@ impl FetchJob {
             && self.stored_len() + u64::from(next.rec.compressed_size) <= merge_limit
     }
 
-    pub(crate) fn push(&mut self, piece: Piece, pending: Arc<Pending>) {
-        self.chunks.push((piece, pending));
+    pub(crate) fn push(&mut self, piece: Piece, pending: &Arc<Pending>) {
+        self.chunks.push((piece, Arc::downgrade(pending)));
     }
 
     /// Fails chunk `first` and those after it for their readers.
     fn finish_from(&self, first: usize, error: &FetchError) {
         for (piece, pending) in self.chunks.get(first..).unwrap_or_default() {
-            self.ctx
-                .inflight
-                .finish(piece.key(), pending, Err(error.clone()));
+            if let Some(pending) = pending.upgrade() {
+                self.ctx
+                    .inflight
+                    .finish(piece.key(), &pending, Err(error.clone()));
+            }
         }
     }
 
@@ -78,6 +86,9 @@ impl FetchJob {
     fn deliver(&self, idx: usize, decoded: Result<ChunkBuf, ChunkDefect>) {
         let metrics = &self.ctx.metrics;
         let (piece, pending) = &self.chunks[idx];
+        // Nobody waits for a fetch the map forgot (its reader timed out);
+        // the chunk is still verified and cached.
+        let pending = pending.upgrade();
         let rec = &piece.rec;
         match decoded {
             Ok(buf) => {
@@ -86,7 +97,9 @@ impl FetchJob {
                 // Waiters get the bytes before they are cached; new readers
                 // keep joining the completed fetch at least until the cache
                 // has them.
-                pending.complete(Ok(data.clone()));
+                if let Some(pending) = &pending {
+                    pending.complete(Ok(data.clone()));
+                }
                 match self.cache.write_chunk(piece.rel, rec, &data) {
                     Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
                     Err(e) => {
@@ -95,10 +108,12 @@ impl FetchJob {
                     }
                 }
                 // Kept for a sequential reader still to come.
-                pending.settle();
-                self.ctx
-                    .inflight
-                    .retain(piece.key(), pending, data.len() as u64);
+                if let Some(pending) = &pending {
+                    pending.settle();
+                    self.ctx
+                        .inflight
+                        .retain(piece.key(), pending, data.len() as u64);
+                }
             }
             Err(defect) => {
                 Metrics::add(&metrics.digest_errors, 1);
@@ -108,7 +123,9 @@ impl FetchJob {
                     blob: self.blob.digest,
                     defect,
                 };
-                self.ctx.inflight.finish(piece.key(), pending, Err(error));
+                if let Some(pending) = &pending {
+                    self.ctx.inflight.finish(piece.key(), pending, Err(error));
+                }
             }
         }
     }

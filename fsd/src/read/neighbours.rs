@@ -6,8 +6,8 @@ use lode_common::format::{ChunkIndex, Ino};
 use std::sync::Arc;
 
 use super::{Fetcher, Piece};
-use crate::read::inflight::Pending;
 use crate::read::job::FetchJob;
+use crate::read::job::JobChunk;
 
 /// The least a fetch may add beyond what its reader needs.
 const MIN_EXTRA: u64 = 256 * 1024;
@@ -47,7 +47,7 @@ impl Fetcher {
         step: i32,
         limit: u64,
         len: &mut u64,
-    ) -> Vec<(Piece, Arc<Pending>)> {
+    ) -> Vec<JobChunk> {
         let mut led = Vec::new();
         let mut at = from;
         while let Some(next) = self.blob_neighbour(&at, step) {
@@ -66,7 +66,7 @@ impl Fetcher {
             *len += size;
             self.access
                 .fetched_ahead(next.index(), next.rec.compressed_size);
-            led.push((next, pending));
+            led.push((next, Arc::downgrade(&pending)));
             at = next;
         }
         led
