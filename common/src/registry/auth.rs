@@ -26,9 +26,10 @@ pub(crate) struct Authenticator {
     /// token seen by many concurrent reads) costs one token request.
     refresh: tokio::sync::Mutex<()>,
     /// oci-client performs the challenge/token exchange; one per scheme
-    /// because its protocol setting is per client.
-    oci_https: oci_client::Client,
-    oci_http: oci_client::Client,
+    /// (https, http) because its protocol setting is per client. Built on
+    /// the first challenge: each loads the system's root certificates, and
+    /// anonymous registries never challenge.
+    oci: [std::sync::OnceLock<Result<oci_client::Client, String>>; 2],
     timeout: Duration,
 }
 
@@ -60,25 +61,35 @@ pub(crate) struct Scope<'a> {
 }
 
 impl Authenticator {
-    pub(crate) fn new(credentials: CredentialStore, timeout: Duration) -> Result<Self, String> {
-        let build = |protocol| {
+    pub(crate) fn new(credentials: CredentialStore, timeout: Duration) -> Self {
+        Self {
+            credentials,
+            cache: RwLock::new(HashMap::new()),
+            refresh: tokio::sync::Mutex::new(()),
+            oci: Default::default(),
+            timeout,
+        }
+    }
+
+    /// The oci-client of `scope`'s scheme, built on first use.
+    fn oci_client(&self, scope: &Scope<'_>) -> Result<&oci_client::Client, AttemptError> {
+        let (slot, protocol) = if scope.plain_http {
+            (&self.oci[1], ClientProtocol::Http)
+        } else {
+            (&self.oci[0], ClientProtocol::Https)
+        };
+        slot.get_or_init(|| {
             oci_client::Client::try_from(ClientConfig {
                 protocol,
-                connect_timeout: Some(timeout),
-                read_timeout: Some(timeout),
+                connect_timeout: Some(self.timeout),
+                read_timeout: Some(self.timeout),
                 user_agent: super::transport::USER_AGENT,
                 ..ClientConfig::default()
             })
             .map_err(|e| format!("cannot build the HTTP client for authentication: {e}"))
-        };
-        Ok(Self {
-            credentials,
-            cache: RwLock::new(HashMap::new()),
-            refresh: tokio::sync::Mutex::new(()),
-            oci_https: build(ClientProtocol::Https)?,
-            oci_http: build(ClientProtocol::Http)?,
-            timeout,
         })
+        .as_ref()
+        .map_err(|message| AttemptError::Setup(message.clone()))
     }
 
     pub(crate) fn credentials(&self) -> &CredentialStore {
@@ -131,11 +142,7 @@ impl Authenticator {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         };
-        let client = if scope.plain_http {
-            &self.oci_http
-        } else {
-            &self.oci_https
-        };
+        let client = self.oci_client(scope)?;
         // The tag is irrelevant to authorization; scopes are per repository.
         let image = oci_client::Reference::with_tag(
             scope.endpoint.to_owned(),

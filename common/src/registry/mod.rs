@@ -14,6 +14,7 @@ mod push;
 mod reference;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod transport;
 
 pub use credentials::Credentials;
@@ -141,8 +142,7 @@ impl RegistryClient {
             what: "client setup".to_owned(),
             message,
         };
-        let auth =
-            auth::Authenticator::new(credentials, options.request_timeout).map_err(setup_error)?;
+        let auth = auth::Authenticator::new(credentials, options.request_timeout);
         let inner = transport::Transport::new(options, auth).map_err(setup_error)?;
         Ok(Self {
             inner: Arc::new(inner),

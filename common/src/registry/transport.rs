@@ -95,6 +95,8 @@ pub(crate) enum AttemptError {
     Denied(String),
     /// Not worth retrying (digest mismatch, short range, local I/O...).
     Fatal(RegistryError),
+    /// The HTTP client for authentication could not be built.
+    Setup(String),
 }
 
 impl AttemptError {
@@ -107,7 +109,7 @@ impl AttemptError {
             }
             AttemptError::Transport(e) => !e.is_builder() && !e.is_redirect(),
             AttemptError::Timeout => true,
-            AttemptError::Denied(_) | AttemptError::Fatal(_) => false,
+            AttemptError::Denied(_) | AttemptError::Fatal(_) | AttemptError::Setup(_) => false,
         }
     }
 
@@ -154,6 +156,11 @@ impl AttemptError {
                 message: format!("{target}: {message}"),
             },
             AttemptError::Fatal(e) => e,
+            AttemptError::Setup(message) => RegistryError::Request {
+                reference: reference_text,
+                what: "client setup".to_owned(),
+                message,
+            },
         }
     }
 }
@@ -210,7 +217,10 @@ pub(crate) struct Transport {
 
 impl Transport {
     pub(crate) fn new(options: RegistryOptions, auth: Authenticator) -> Result<Self, String> {
+        let tls = super::tls::client_config()
+            .map_err(|e| format!("cannot set up TLS for the HTTP client: {e}"))?;
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .user_agent(USER_AGENT)
             .connect_timeout(options.request_timeout)
             // Detects a stalled body even on transfers without a total deadline.
@@ -398,6 +408,7 @@ fn describe(error: &AttemptError) -> String {
         AttemptError::Timeout => "deadline exceeded".to_owned(),
         AttemptError::Denied(message) => message.clone(),
         AttemptError::Fatal(e) => e.to_string(),
+        AttemptError::Setup(message) => message.clone(),
     }
 }
 

@@ -1,0 +1,105 @@
+//! TLS for registry requests with the system's root certificates loaded on
+//! the first handshake, not when a client is built.
+//!
+//! reqwest's default rustls set-up reads and parses every root certificate
+//! of the system (hundreds of files) when a client is built. Each process
+//! that talks to a registry builds one (fsd at start, `lodectl mount`, the
+//! snapshotter for each classification), and plain-HTTP registries never
+//! need them: loading them made up about a quarter of the CPU of a
+//! `lodectl mount` against a loopback registry. This verifier defers the
+//! loading to the first certificate it has to check, then verifies exactly
+//! as reqwest's own platform verifier does (the same crate, the same roots).
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
+use rustls_platform_verifier::Verifier;
+
+/// A rustls client configuration for reqwest (`use_preconfigured_tls`) that
+/// loads the system's roots on first use.
+pub(crate) fn client_config() -> Result<ClientConfig, Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = LazyPlatformVerifier {
+        provider: Arc::clone(&provider),
+        verifier: OnceLock::new(),
+    };
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct LazyPlatformVerifier {
+    provider: Arc<CryptoProvider>,
+    /// The platform verifier, or why it could not be built (no roots).
+    verifier: OnceLock<Result<Verifier, Error>>,
+}
+
+impl LazyPlatformVerifier {
+    fn platform(&self) -> Result<&Verifier, Error> {
+        self.verifier
+            .get_or_init(|| Verifier::new(Arc::clone(&self.provider)))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+impl ServerCertVerifier for LazyPlatformVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        self.platform()?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    // Handshake signatures are checked against the server's certificate,
+    // not the roots: no need to load them for these.
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
