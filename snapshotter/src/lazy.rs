@@ -80,6 +80,10 @@ pub struct LazyLayers {
     /// Manifests by reference, so that the layers of one pull cost one
     /// manifest request. `None` records "not a Lode image".
     manifests: Mutex<HashMap<String, Option<LodeManifest>>>,
+    /// One client per registry host and scheme, so that the layers of a
+    /// pull share its connections and token; rebuilt when its docker config
+    /// file changes (a `docker login` after it was built).
+    clients: Mutex<HashMap<(String, bool), RegistryClient>>,
 }
 
 impl LazyLayers {
@@ -88,15 +92,24 @@ impl LazyLayers {
             registry,
             bootstraps_dir,
             manifests: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
         }
     }
 
     fn client(&self, reference: &Reference) -> Result<RegistryClient, LazyError> {
-        Ok(RegistryClient::new(RegistryOptions {
-            plain_http: self.registry.is_plain_http(reference.host()),
+        let plain_http = self.registry.is_plain_http(reference.host());
+        let key = (reference.registry.clone(), plain_http);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(&key).filter(|c| c.credentials_current()) {
+            return Ok(client.clone());
+        }
+        let client = RegistryClient::new(RegistryOptions {
+            plain_http,
             docker_config: self.registry.docker_config.clone(),
             ..RegistryOptions::default()
-        })?)
+        })?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Classifies the layer a Prepare with these labels is about. A layer

@@ -30,6 +30,17 @@ impl fmt::Debug for Credentials {
 #[derive(Clone, Default)]
 pub(crate) struct CredentialStore {
     by_registry: HashMap<String, Credentials>,
+    /// The file read (or looked for) and its state then.
+    source: Option<(PathBuf, FileStamp)>,
+}
+
+/// What tells a config file changed: modification time and size, `None`
+/// while the file does not exist.
+type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl fmt::Debug for CredentialStore {
@@ -76,14 +87,22 @@ impl CredentialStore {
             Some(path) => path.to_path_buf(),
             None => match default_config_path() {
                 Some(path) if path.exists() => path,
-                _ => return Ok(Self::default()),
+                Some(path) => {
+                    return Ok(Self {
+                        source: Some((path, None)),
+                        ..Self::default()
+                    })
+                }
+                None => return Ok(Self::default()),
             },
         };
+        let before = stamp(&path);
         let text = std::fs::read(&path).map_err(|source| RegistryError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        let store = Self::parse(&text, &path)?;
+        let mut store = Self::parse(&text, &path)?;
+        store.source = Some((path.clone(), before));
         tracing::debug!(path = %path.display(), registries = store.by_registry.len(), "loaded registry credentials");
         Ok(store)
     }
@@ -120,7 +139,18 @@ impl CredentialStore {
             };
             by_registry.insert(registry, credentials);
         }
-        Ok(Self { by_registry })
+        Ok(Self {
+            by_registry,
+            source: None,
+        })
+    }
+
+    /// Whether the config file is as it was when loaded (a client that
+    /// outlives a `docker login` must be rebuilt to see it).
+    pub(crate) fn is_current(&self) -> bool {
+        self.source
+            .as_ref()
+            .is_none_or(|(path, then)| stamp(path) == *then)
     }
 
     /// Credentials for `registry` (`host[:port]`), if configured.
@@ -211,6 +241,24 @@ mod tests {
         assert!(store.get("empty.example.com").is_none());
         assert!(store.get("unknown.example.com").is_none());
         assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn a_loaded_store_knows_when_its_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"auths": {}}"#).unwrap();
+        let store = CredentialStore::load(Some(&path)).unwrap();
+        assert!(store.is_current());
+        let login = format!(r#"{{"auths": {{"h.io": {{"auth": "{}"}}}}}}"#, b64("u:p"));
+        std::fs::write(&path, login).unwrap();
+        assert!(!store.is_current(), "a login changed the file");
+        let again = CredentialStore::load(Some(&path)).unwrap();
+        assert!(again.is_current());
+        assert_eq!(again.get("h.io").unwrap().username, "u");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!again.is_current(), "the file went away");
+        assert!(CredentialStore::default().is_current(), "nothing to watch");
     }
 
     #[test]

@@ -149,6 +149,12 @@ impl RegistryClient {
         })
     }
 
+    /// Whether the credentials this client loaded are still those of its
+    /// docker config file; a long-lived holder rebuilds it when not.
+    pub fn credentials_current(&self) -> bool {
+        self.inner.auth.credentials().is_current()
+    }
+
     /// The options this client was built with.
     pub fn options(&self) -> &RegistryOptions {
         &self.inner.options
