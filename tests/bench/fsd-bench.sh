@@ -12,7 +12,8 @@
 #   (5) mount to first stat: `lodectl mount` (bootstrap fetch, daemon start)
 #       until a stat of a file answers; median of 3
 #   (6) a cold walk reading every small file (`find | xargs cat`) on a fresh
-#       mount: time, fsd CPU-seconds and peak RSS; local disk for reference
+#       mount: time, fsd CPU-seconds, peak RSS and range requests, medians
+#       of 3; local disk for reference
 #
 # Needs root (FUSE mount, drop_caches) and release binaries
 # (`cargo build --release --workspace --bins`). Sizes can be lowered for a
@@ -20,6 +21,9 @@
 # BENCH_PROFILE=FILE records a `perf` profile of fsd during the first cold
 # read (FILE) and the cold walk (FILE.walk);
 # BENCH_FSD_CONFIG=FILE runs fsd with that configuration.
+# BENCH_NYDUS_BIN_DIR=DIR (nydusd and nydus-image built from Dragonfly nydus)
+# also runs (5) and (6) with nydusd on the same files and registry
+# (tests/bench/nydusd-walk.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -59,7 +63,7 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 mkdir -p "$work/registry"
 cat > "$work/registry.yml" <<YML
 version: 0.1
-log: { level: warn }
+log: { level: info }
 storage: { filesystem: { rootdirectory: $work/registry } }
 http: { addr: 127.0.0.1:$port }
 YML
@@ -204,36 +208,61 @@ echo "fsd: ${t_stat_fsd}s, local: ${t_stat_local}s"
 rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
 
 echo "== (5) mount to first stat, (6) cold walk of the small files"
-# A fresh mount each time: lodectl mount fetches the bootstrap from the
-# registry, starts lode-fsd and returns once it serves; then one stat.
+# A fresh mount each time (the previous one and the cache removed first,
+# untimed): lodectl mount fetches the bootstrap from the registry, starts
+# lode-fsd and returns once it serves; then one stat.
 first_stat() {
-    mount_fresh
+    "$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" \
+        ${BENCH_FSD_CONFIG:+--fsd-config "$BENCH_FSD_CONFIG"} \
+        "127.0.0.1:$port/bench/lode:v1" "$work/mnt" > /dev/null
     stat "$work/mnt/small/d000/f000000.txt" > /dev/null
 }
 mount_times=()
-for _ in 1 2 3; do mount_times+=("$(timed first_stat)"); done
+for _ in 1 2 3; do
+    "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null || true
+    rm -rf "$work/cache"
+    mount_times+=("$(timed first_stat)")
+done
 t_mount=$(median "${mount_times[@]}")
 # The walk reads every small file once, cold: empty cache, page cache dropped.
 walk() { (cd "$1/small" && find . -type f -print0 | xargs -0 cat > /dev/null); }
-mount_fresh
-drop_caches
-if [[ -n ${BENCH_PROFILE:-} ]]; then
-    perf record -q -g -o "$BENCH_PROFILE.walk" -p "$fsd_pid" 2> /dev/null &
-    perf_pid=$!
-    sleep 0.5 # perf attaches asynchronously; only the profile depends on it
-fi
-fsd_cpu0=$(cpu_s "$fsd_pid")
-t_walk=$(timed walk "$work/mnt")
-fsd_cpu1=$(cpu_s "$fsd_pid")
-if [[ -n ${BENCH_PROFILE:-} ]]; then
-    kill -INT "$perf_pid"; wait "$perf_pid" || true
-fi
-walk_rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
-drop_caches
-t_walk_local=$(timed walk "$rootfs")
-walk_cpu=$(python3 -c "print(f'{$fsd_cpu1 - $fsd_cpu0:.2f}')")
+ranges() { grep -c '" 206 ' "$work/registry.log" || true; }
+walk_times=(); walk_cpus=(); walk_rss=(); walk_reqs=(); local_times=()
+for round in 1 2 3; do
+    mount_fresh
+    drop_caches
+    if [[ -n ${BENCH_PROFILE:-} && $round == 1 ]]; then
+        perf record -q -g -o "$BENCH_PROFILE.walk" -p "$fsd_pid" 2> /dev/null &
+        perf_pid=$!
+        sleep 0.5 # perf attaches asynchronously; only the profile depends on it
+    fi
+    walk_r0=$(ranges)
+    fsd_cpu0=$(cpu_s "$fsd_pid")
+    walk_times+=("$(timed walk "$work/mnt")")
+    fsd_cpu1=$(cpu_s "$fsd_pid")
+    walk_reqs+=("$(( $(ranges) - walk_r0 ))")
+    if [[ -n ${BENCH_PROFILE:-} && $round == 1 ]]; then
+        kill -INT "$perf_pid"; wait "$perf_pid" || true
+    fi
+    walk_rss+=("$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")")
+    walk_cpus+=("$(python3 -c "print(f'{$fsd_cpu1 - $fsd_cpu0:.2f}')")")
+    drop_caches
+    local_times+=("$(timed walk "$rootfs")")
+done
+t_walk=$(median "${walk_times[@]}")
+walk_cpu=$(median "${walk_cpus[@]}")
+walk_ranges=$(median "${walk_reqs[@]}")
+walk_rss_kib=$(printf '%s\n' "${walk_rss[@]}" | sort -n | tail -1)
+t_walk_local=$(median "${local_times[@]}")
 echo "mount to first stat: ${t_mount}s (median of 3: ${mount_times[*]})"
-echo "cold walk: fsd ${t_walk}s (fsd ${walk_cpu} CPU-s, peak RSS $((walk_rss_kib / 1024)) MiB), local ${t_walk_local}s"
+echo "cold walk, 3 rounds: fsd ${walk_times[*]} s, fsd CPU-s ${walk_cpus[*]}, peak RSS KiB ${walk_rss[*]}, range requests ${walk_reqs[*]}; local ${local_times[*]} s"
+
+nydus_report=
+if [[ -n ${BENCH_NYDUS_BIN_DIR:-} ]]; then
+    echo "== (5) and (6) with nydusd, same files, same registry"
+    NYDUS_BIN=$BENCH_NYDUS_BIN_DIR NYDUS_REGISTRY_LOG=$work/registry.log tests/bench/nydusd-walk.sh "$rootfs" "$port" | tee "$work/nydus.txt"
+    nydus_report=$(sed -n '/^== nydusd/,$p' "$work/nydus.txt")
+fi
 
 cat <<REPORT
 
@@ -245,5 +274,7 @@ cat <<REPORT
 (3) stat of all files, warm                : $stat_ratio  (goal >= 0.5)
 (4) fsd peak RSS                           : $((rss_kib / 1024)) MiB
 (5) mount to first stat                    : ${t_mount}s  (bootstrap fetched from the registry)
-(6) cold walk of the small files           : ${t_walk}s, ${walk_cpu} CPU-s, peak RSS $((walk_rss_kib / 1024)) MiB  (local disk, page cache dropped: ${t_walk_local}s)
+(6) cold walk of the small files           : ${t_walk}s, ${walk_cpu} CPU-s, peak RSS $((walk_rss_kib / 1024)) MiB, $walk_ranges range requests  (medians of 3, RSS the highest; local disk, page cache dropped: ${t_walk_local}s)
+${nydus_report:+
+$nydus_report}
 REPORT
