@@ -31,6 +31,17 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
             .map(|d| s.registry.requests_for(&d.to_string()))
             .collect::<Vec<_>>()
     );
+    // The pull already started serving the image: its first container
+    // finds the instance mounted.
+    wait_until(
+        Duration::from_secs(30),
+        "the image served after its pull",
+        || {
+            !s.snapshotter.daemon_pids().is_empty()
+                && !mounts_below(&s.snapshotter.root()).is_empty()
+        },
+    )
+    .unwrap();
     let started = Instant::now();
     let out = s.run(
         "lazy",

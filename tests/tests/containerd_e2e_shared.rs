@@ -163,10 +163,11 @@ fn recovery_in_sequence_order(policy: &'static str) {
     assert_eq!(before, after, "instances after the {policy}");
 }
 
-/// Pulls four images and mounts their instances in another order, running
-/// a reader (or one container) of each; the second instance mounted is
-/// removed again, so the three left have sequence numbers with a gap.
-/// Returns them in sequence order with their reader logs.
+/// Pulls four images and mounts their instances in another order (a pull
+/// mounts its image's instance), running a reader (or one container) of
+/// each; the second instance mounted is removed again, so the three left
+/// have sequence numbers with a gap. Returns them in sequence order with
+/// their reader logs.
 fn instances_with_a_gap(s: &Stack, with_readers: bool) -> Vec<(App, Option<PathBuf>)> {
     let apps = [
         s.app.clone(),
@@ -174,11 +175,9 @@ fn instances_with_a_gap(s: &Stack, with_readers: bool) -> Vec<(App, Option<PathB
         s.add_app("third", 4 << 20, 13),
         s.add_app("gone", 1 << 20, 14),
     ];
-    for app in &apps {
-        s.pull_lazily("lazy", &app.lode);
-    }
     let [first, second, third, gone] = apps;
     let mut mounted = vec![mount(s, third, with_readers)];
+    s.pull_lazily("lazy", &gone.lode);
     assert_verified(&gone, &s.run("lazy", &gone.lode, "gone", verify_script()));
     s.remove_image_instance("lazy", &gone.lode);
     mounted.push(mount(s, first, with_readers));
@@ -194,9 +193,10 @@ fn instances_with_a_gap(s: &Stack, with_readers: bool) -> Vec<(App, Option<PathB
     mounted
 }
 
-/// Mounts the image's instance by starting a reader of it, or by running
-/// one container.
+/// Pulls the image and mounts its instance (the pull starts serving it),
+/// then starts a reader of it, or runs one container.
 fn mount(s: &Stack, app: App, with_reader: bool) -> (App, Option<PathBuf>) {
+    s.pull_lazily("lazy", &app.lode);
     if with_reader {
         let log = s.start_reader("lazy", &app, &format!("reader-{}", app.big_seed));
         return (app, Some(log));

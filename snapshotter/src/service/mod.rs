@@ -16,7 +16,7 @@ use containerd_snapshots::{Info, Kind};
 
 pub use error::ServiceError;
 
-use crate::instances::InstanceProvider;
+use crate::instances::{InstanceProvider, LodeImage};
 use crate::lazy::{LayerKind, LazyLayers};
 use crate::metrics::Metrics;
 use crate::overlay::{self, Layers};
@@ -81,6 +81,7 @@ impl LodeSnapshotter {
                         self.commit_lazy(&target, &parent, labels, Some(digest))
                             .await?;
                         tracing::info!(snapshot = %target, image_ref = %image.image_ref, "Lode image ready to be served lazily");
+                        self.serve_ahead(image);
                         return Err(ServiceError::LayerAvailable(target));
                     }
                 }
@@ -115,6 +116,34 @@ impl LodeSnapshotter {
                 Err(error)
             }
         }
+    }
+
+    /// Starts serving a Lode image in the background as soon as its
+    /// bootstrap layer is pulled, so that its daemon is up and its prefetch
+    /// list under way by the time its first container starts (that
+    /// container's Prepare then finds the instance mounted: `acquire` is
+    /// idempotent). If the image's snapshots went meanwhile, the instance is
+    /// released again. A failure is only logged: the first container's
+    /// Prepare acquires again and reports it.
+    fn serve_ahead(&self, image: LodeImage) {
+        let instances = Arc::clone(&self.instances);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = instances.acquire(&image).await {
+                tracing::warn!(image_ref = %image.image_ref, %error, "cannot start serving the image at pull; its first container will try again");
+                return;
+            }
+            let digest = image.bootstrap_digest.as_str();
+            let used = store.all().map_or(true, |all| {
+                all.values()
+                    .any(|r| r.lode_image.as_deref() == Some(digest))
+            });
+            if !used {
+                if let Err(error) = instances.release(digest).await {
+                    tracing::warn!(%digest, %error, "cannot release the image's instance");
+                }
+            }
+        });
     }
 
     /// Records a Lode layer as committed: its content comes from the
