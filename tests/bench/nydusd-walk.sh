@@ -8,9 +8,8 @@
 #   a. nydus-image create: ROOTFS -> RAFS bootstrap (local disk) + one data blob
 #      (1 MiB chunks, sha256 chunk digests, zstd)
 #   b. push the data blob to the docker-registry on 127.0.0.1:PORT (monolithic
-#      upload); if nothing answers on PORT, a docker-registry is started there
-#      for the run; range requests are counted from its access log
-#      (NYDUS_REGISTRY_LOG names the log of a registry already running)
+#      upload); range requests are counted from its access log
+#      (NYDUS_REGISTRY_LOG, info level)
 #   c. nydusd (FUSE) on the bootstrap, registry backend, blobcache, chunk digest
 #      validation on, prefetch off; sha256 of a few files checked against ROOTFS
 #   d. umount, nydusd exits
@@ -43,12 +42,11 @@ done
 work=$(mktemp -d /var/tmp/nydus-walk.XXXXXX)
 mnt=$work/mnt cache=$work/cache
 mkdir -p "$mnt" "$work/blobs"
-registry_pid= nydusd_pid=
+nydusd_pid=
 stop_nydusd() { :; }  # redefined below
 cleanup() {
     set +e
     stop_nydusd
-    [[ -n $registry_pid ]] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
     if [[ -n ${NYDUS_KEEP:-} ]]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -60,27 +58,12 @@ hz=$(getconf CLK_TCK)
 cpu_s() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # The registry's access log (info level), to count range requests.
-registry_log=${NYDUS_REGISTRY_LOG:-$work/registry.log}
-reg_206() { if [[ -f $registry_log ]]; then grep -c '" 206 ' "$registry_log" || true; else echo 0; fi; }
+registry_log=${NYDUS_REGISTRY_LOG:?set NYDUS_REGISTRY_LOG to the registry access log}
+reg_206() { grep -c '" 206 ' "$registry_log" || true; }
 
 # --- registry -----------------------------------------------------------------
 url=http://127.0.0.1:$port
-if ! curl -sf "$url/v2/" > /dev/null; then
-    mkdir -p "$work/registry"
-    cat > "$work/registry.yml" <<YML
-version: 0.1
-log: { level: warn }
-storage: { filesystem: { rootdirectory: $work/registry } }
-http: { addr: 127.0.0.1:$port }
-YML
-    docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
-    registry_pid=$!
-    for _ in $(seq 200); do curl -sf "$url/v2/" > /dev/null && break; sleep 0.05; done
-    curl -sf "$url/v2/" > /dev/null || { echo "registry did not start" >&2; cat "$work/registry.log"; exit 1; }
-    echo "registry: started docker-registry on 127.0.0.1:$port (access log $work/registry.log)"
-else
-    echo "registry: using the one already on 127.0.0.1:$port"
-fi
+curl -sf "$url/v2/" > /dev/null || { echo "no registry answers on 127.0.0.1:$port" >&2; exit 1; }
 
 # --- a. convert -----------------------------------------------------------------
 features=()
