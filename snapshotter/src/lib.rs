@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod ctl;
 pub mod daemons;
+pub mod doctor;
 pub mod instances;
 pub mod lazy;
 pub mod localmount;

@@ -91,7 +91,7 @@ impl Snapshotter {
             .map_err(KitError::io("snapshotter log"))?;
         let child = Command::new(&self.binary)
             .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
+            .arg(self.config_path())
             .arg("--stop-daemons-on-exit")
             .env("RUST_LOG", "info,h2=warn,tower=warn,hyper=warn")
             .stdin(Stdio::null())
@@ -112,6 +112,11 @@ impl Snapshotter {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("lode.sock")
+    }
+
+    /// The configuration file it runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
     }
 
     /// The snapshotter's `root` (store, snapshots, mounts, daemons).

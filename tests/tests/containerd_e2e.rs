@@ -445,3 +445,59 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
         .unwrap();
     assert_eq!(left.lines().count(), 1, "snapshots left: {left}");
 }
+
+#[test]
+fn doctor_checks_the_node_and_names_the_fixes() {
+    let Some(s) = stack(SnapshotterOptions::default()) else {
+        return;
+    };
+    let doctor = |containerd_config: &std::path::Path| {
+        s.lodectl
+            .run([
+                "doctor".to_owned(),
+                "--containerd-config".to_owned(),
+                containerd_config.display().to_string(),
+                "--containerd-address".to_owned(),
+                s.containerd.socket().display().to_string(),
+                "--config".to_owned(),
+                s.snapshotter.config_path().display().to_string(),
+            ])
+            .unwrap()
+    };
+    // The test node: Lode registered and answering, CRI off (a warning).
+    let kit_config = s.containerd.dir().join("config.toml");
+    let run = doctor(&kit_config);
+    assert!(run.success, "{}\n{}", run.stdout, run.stderr);
+    for line in [
+        "ok   containerd: proxy plugin",
+        "ok   containerd: socket",
+        "ok   snapshotter: socket",
+        "WARN containerd: CRI (Kubernetes): the CRI plugin is disabled",
+    ] {
+        assert!(
+            run.stdout.contains(line),
+            "{line:?} missing:\n{}",
+            run.stdout
+        );
+    }
+    // CRI on, with pods on Lode but the annotations left at containerd
+    // 1.6's default: the failure says what to change.
+    let cri_on = std::fs::read_to_string(&kit_config)
+        .unwrap()
+        .replace("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n", "")
+        + "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lode\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, cri_on).unwrap();
+    let run = doctor(&path);
+    assert!(!run.success, "{}", run.stdout);
+    assert!(
+        run.stdout.contains("FAIL containerd: CRI (Kubernetes): CRI does not pass image labels")
+            && run.stdout.contains(
+                "fix: set disable_snapshot_annotations = false under [plugins.\"io.containerd.grpc.v1.cri\".containerd]"
+            ),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("1 check(s) failed"), "{}", run.stderr);
+}

@@ -5,6 +5,7 @@
 
 pub mod convert;
 pub mod daemon;
+pub mod doctor;
 pub mod mount;
 pub mod pull;
 mod pull_content;
@@ -39,6 +40,9 @@ pub enum Command {
     Pull(pull::PullArgs),
     /// Query a lode-fsd through its API socket.
     Daemon(daemon::DaemonArgs),
+    /// Check this node's set-up for Lode (containerd's configuration, the
+    /// sockets, the kernel) and say what to change.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,8 @@ pub enum CtlError {
     Pull(#[from] pull::PullError),
     #[error(transparent)]
     Daemon(#[from] lode_common::api::ClientError),
+    #[error("{failed} check(s) failed; see the fixes above")]
+    Doctor { failed: usize },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -68,6 +74,7 @@ impl Command {
             Command::Umount(args) => mount::run_umount(args),
             Command::Pull(args) => pull::run(args, out),
             Command::Daemon(args) => daemon::run(args, out),
+            Command::Doctor(args) => doctor::run(args, out),
         }
     }
 }
