@@ -60,8 +60,8 @@ pub struct FetchConfig {
     /// bytes. A miss also fetches the missing chunks around it in its blob
     /// (neighbouring files): as many bytes as the link delivers in a round
     /// trip (measured from recent requests), scaled by the share of such
-    /// bytes that readers went on to read, at least 256 KiB and at most
-    /// this.
+    /// bytes that readers went on to read; at most this, and at least
+    /// 256 KiB while that share is a half or more (less in proportion below).
     pub merge_limit_bytes: u64,
     /// How far ahead of a sequential reader, in file bytes, chunks are fetched
     /// in the background at most. The window grows with the reader: as far

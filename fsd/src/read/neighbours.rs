@@ -75,17 +75,20 @@ impl Fetcher {
     /// What a fetch may add beyond the chunks a reader needs: what the link
     /// delivers in one round trip (`merge_limit_bytes` until requests tell),
     /// scaled by the share of what earlier fetches took ahead that readers
-    /// went on to read; at least [`MIN_EXTRA`] (neighbours of small files
-    /// are worth a request's overhead even on a link with almost no delay)
-    /// and at most `merge_limit_bytes`.
+    /// went on to read; at least [`MIN_EXTRA`] while readers read half or
+    /// more of such bytes (neighbours of small files in a walk are worth a
+    /// request's overhead even on a link with almost no delay), less in
+    /// proportion below that, and at most `merge_limit_bytes`.
     ///
     /// Bytes taken ahead save a reader a round trip only if it reads them;
     /// otherwise they hold up, on the link, the bytes readers wait for.
     pub(super) fn extra_bytes(&self) -> u64 {
         let cap = self.settings.merge_limit;
         let per_round_trip = self.ctx.link.bytes_per_round_trip().unwrap_or(cap);
-        let worth = (per_round_trip as f64 * self.access.usefulness()) as u64;
-        worth.clamp(MIN_EXTRA.min(cap), cap)
+        let usefulness = self.access.usefulness();
+        let worth = (per_round_trip as f64 * usefulness) as u64;
+        let least = (MIN_EXTRA as f64 * (2.0 * usefulness).min(1.0)) as u64;
+        worth.clamp(least.min(cap), cap)
     }
 
     /// The chunk `step` places from `piece` in the chunk table, if it is in
