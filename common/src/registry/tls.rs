@@ -18,6 +18,27 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
 use rustls_platform_verifier::Verifier;
 
+/// Whether `error` comes from TLS refusing the server (a certificate that
+/// does not verify, no roots to verify it with): retrying cannot help.
+pub(crate) fn is_tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<Error>().is_some() {
+            return true;
+        }
+        // io::Error's source() skips the error it wraps (rustls errors come
+        // wrapped in io::Errors, twice): walk into it instead.
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
+}
+
 /// A rustls client configuration for reqwest (`use_preconfigured_tls`) that
 /// loads the system's roots on first use.
 pub(crate) fn client_config() -> Result<ClientConfig, Error> {
@@ -101,5 +122,60 @@ impl ServerCertVerifier for LazyPlatformVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect")]
+    struct Connect(#[source] std::io::Error);
+
+    #[test]
+    fn tls_refusals_are_told_from_other_failures() {
+        let refused = Connect(std::io::Error::other(Error::General(
+            "No CA certificates were loaded from the system".into(),
+        )));
+        assert!(is_tls_refusal(&refused));
+        assert!(is_tls_refusal(&Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer
+        )));
+        let reset = Connect(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!is_tls_refusal(&reset));
+    }
+
+    /// What reqwest reports for a server that does not speak TLS: rustls's
+    /// error, inside two io::Errors, inside hyper's and reqwest's.
+    #[tokio::test]
+    async fn a_real_handshake_failure_is_a_refusal() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for stream in listener.incoming().flatten().take(1) {
+                let _ = (&stream).write_all(b"HTTP/1.1 400 not TLS\r\n\r\n");
+            }
+        });
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(client_config().unwrap())
+            .build()
+            .unwrap();
+        let error = client
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(is_tls_refusal(&error), "{error:?}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let refused = client
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(!is_tls_refusal(&refused), "{refused:?}");
     }
 }

@@ -107,7 +107,9 @@ impl AttemptError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            AttemptError::Transport(e) => !e.is_builder() && !e.is_redirect(),
+            AttemptError::Transport(e) => {
+                !e.is_builder() && !e.is_redirect() && !super::tls::is_tls_refusal(e)
+            }
             AttemptError::Timeout => true,
             AttemptError::Denied(_) | AttemptError::Fatal(_) | AttemptError::Setup(_) => false,
         }
