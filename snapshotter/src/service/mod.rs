@@ -31,6 +31,25 @@ pub struct LodeSnapshotter {
     metrics: Arc<Metrics>,
 }
 
+/// Releases the instance of Lode image `digest` unless a snapshot still
+/// uses the image. A failed release is logged (the instance stays mounted).
+async fn release_unless_used(
+    store: &Store,
+    instances: &dyn InstanceProvider,
+    digest: &str,
+) -> Result<(), crate::store::StoreError> {
+    let used = store
+        .all()?
+        .values()
+        .any(|r| r.lode_image.as_deref() == Some(digest));
+    if !used {
+        if let Err(error) = instances.release(digest).await {
+            tracing::warn!(%digest, %error, "cannot release the image's instance");
+        }
+    }
+    Ok(())
+}
+
 impl LodeSnapshotter {
     pub fn new(
         store: Store,
@@ -133,16 +152,8 @@ impl LodeSnapshotter {
                 tracing::warn!(image_ref = %image.image_ref, %error, "cannot start serving the image at pull; its first container will try again");
                 return;
             }
-            let digest = image.bootstrap_digest.as_str();
-            let used = store.all().map_or(true, |all| {
-                all.values()
-                    .any(|r| r.lode_image.as_deref() == Some(digest))
-            });
-            if !used {
-                if let Err(error) = instances.release(digest).await {
-                    tracing::warn!(%digest, %error, "cannot release the image's instance");
-                }
-            }
+            // Unreadable records count as in use: nothing is released.
+            let _ = release_unless_used(&store, &*instances, &image.bootstrap_digest).await;
         });
     }
 
@@ -237,16 +248,7 @@ impl LodeSnapshotter {
         let removed = self.store.remove(key)?;
         disk::remove_dir(self.dir(removed.id)).await;
         if let Some(digest) = removed.lode_image {
-            let still_used = self
-                .store
-                .all()?
-                .values()
-                .any(|r| r.lode_image.as_deref() == Some(digest.as_str()));
-            if !still_used {
-                if let Err(error) = self.instances.release(&digest).await {
-                    tracing::warn!(%digest, %error, "cannot release the image's instance");
-                }
-            }
+            release_unless_used(&self.store, &*self.instances, &digest).await?;
         }
         Ok(())
     }
