@@ -32,7 +32,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn ok(check: &'static str, message: impl Into<String>) -> Self {
+    pub fn ok(check: &'static str, message: impl Into<String>) -> Self {
         Self {
             level: Level::Ok,
             check,
@@ -41,7 +41,7 @@ impl Finding {
         }
     }
 
-    fn bad(level: Level, check: &'static str, message: impl Into<String>, fix: String) -> Self {
+    pub fn bad(level: Level, check: &'static str, message: impl Into<String>, fix: String) -> Self {
         Self {
             level,
             check,

@@ -56,12 +56,12 @@ fn findings(args: &DoctorArgs) -> Vec<Finding> {
         match SnapshotterConfig::load(&args.config) {
             Ok(config) => config,
             Err(e) => {
-                findings.push(Finding {
-                    level: Level::Fail,
-                    check: "snapshotter config",
-                    message: e.to_string(),
-                    fix: Some("see misc/snapshotter.sample.toml".into()),
-                });
+                findings.push(Finding::bad(
+                    Level::Fail,
+                    "snapshotter config",
+                    e.to_string(),
+                    "see misc/snapshotter.sample.toml".into(),
+                ));
                 SnapshotterConfig::default()
             }
         }
@@ -74,12 +74,12 @@ fn findings(args: &DoctorArgs) -> Vec<Finding> {
             &args.containerd_config,
             &config.address,
         )),
-        Err(e) => findings.push(Finding {
-            level: Level::Fail,
-            check: "containerd config",
-            message: format!("cannot read {}: {e}", args.containerd_config.display()),
-            fix: Some("pass --containerd-config with the file containerd runs with".into()),
-        }),
+        Err(e) => findings.push(Finding::bad(
+            Level::Fail,
+            "containerd config",
+            format!("cannot read {}: {e}", args.containerd_config.display()),
+            "pass --containerd-config with the file containerd runs with".into(),
+        )),
     }
     findings.push(doctor::socket(
         "containerd: socket",
