@@ -592,16 +592,12 @@ fn a_chunk_leaves_memory_once_delivered_not_when_its_request_ends() {
         f.lead_into(&mut job, piece, cache);
     }
     f.pool.submit(Priority::Demand, Box::new(job.unwrap()));
-    assert_eq!(backend_calls_when_done(&f, &backend), vec![(0, size)]);
+    wait_cached(&f, 8);
+    assert_eq!(backend.calls(), vec![(0, size)]);
     // Each chunk's buffer went back to the pool once it was delivered and
     // cached, and the next chunk of the request reused it; a job holding
     // its chunks to the end would have needed one buffer per chunk.
     let made = f.ctx.pool.made_count();
     assert!(made <= 2, "{made} buffers for one 8-chunk request");
     assert_eq!(f.read(ino, 0, 100).unwrap(), data[..100]);
-}
-
-fn backend_calls_when_done(f: &Fetcher, backend: &CountingBackend) -> Vec<(u64, u64)> {
-    wait_cached(f, 8);
-    backend.calls()
 }
