@@ -104,12 +104,20 @@ cold_runs=${BENCH_COLD_RUNS:-3}
 file_bytes=$((big_mib * 1024 * 1024))
 blob_path=$(find "$work/registry" -path "*/${blob#sha256:}/data")
 mkdir -p "$work/mnt"
-mount_fresh() {
+# The previous mount and the cache go; then lodectl mount fetches the
+# bootstrap, starts lode-fsd and returns once it serves.
+unmount_and_clear() {
     "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null || true
     rm -rf "$work/cache"
+}
+mount_now() {
     "$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" \
         ${BENCH_FSD_CONFIG:+--fsd-config "$BENCH_FSD_CONFIG"} \
         "127.0.0.1:$port/bench/lode:v1" "$work/mnt" > /dev/null
+}
+mount_fresh() {
+    unmount_and_clear
+    mount_now
     fsd_pid=$(jq -r .pid "$work"/state/mounts/*.json)
 }
 # Some VMs hand freed memory back to their host ("free page reporting");
@@ -209,18 +217,14 @@ rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
 
 echo "== (5) mount to first stat, (6) cold walk of the small files"
 # A fresh mount each time (the previous one and the cache removed first,
-# untimed): lodectl mount fetches the bootstrap from the registry, starts
-# lode-fsd and returns once it serves; then one stat.
+# untimed), then one stat.
 first_stat() {
-    "$bin/lodectl" mount --state-dir "$work/state" --cache-dir "$work/cache" \
-        ${BENCH_FSD_CONFIG:+--fsd-config "$BENCH_FSD_CONFIG"} \
-        "127.0.0.1:$port/bench/lode:v1" "$work/mnt" > /dev/null
+    mount_now
     stat "$work/mnt/small/d000/f000000.txt" > /dev/null
 }
 mount_times=()
 for _ in 1 2 3; do
-    "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null || true
-    rm -rf "$work/cache"
+    unmount_and_clear
     mount_times+=("$(timed first_stat)")
 done
 t_mount=$(median "${mount_times[@]}")
