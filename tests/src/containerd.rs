@@ -1,5 +1,7 @@
-//! A throw-away containerd (own root, state and gRPC socket in a temp dir,
-//! the CRI plugin off) with Lode registered as the proxy snapshotter `lode`.
+//! A throw-away containerd (own root, state and gRPC socket in a temp dir)
+//! with Lode registered as the proxy snapshotter `lode`; its CRI plugin is
+//! off unless asked for ([`CriOptions`]), then with Lode as its snapshotter
+//! as a Kubernetes node would run it.
 //!
 //! Traps of containerd 1.6 that tests must respect:
 //! - `ctr snapshots ls` answers from containerd's own database, even while
@@ -40,23 +42,50 @@ pub fn containerd_available() -> bool {
     })
 }
 
+/// containerd's CRI plugin as kubelet's runtime: Lode as its snapshotter,
+/// snapshot annotations on, no CNI (pods use the node's network).
+#[derive(Clone, Debug)]
+pub struct CriOptions {
+    /// The pause image of every pod (`sandbox_image`).
+    pub sandbox_image: String,
+    /// Registries (`host:port`) served over plain HTTP, each described by a
+    /// `hosts.toml` under the plugin's registry `config_path`.
+    pub plain_http_registries: Vec<String>,
+}
+
 impl Containerd {
-    /// Starts containerd; `lode_socket` registers the proxy snapshotter as
-    /// [`DEFAULT_SNAPSHOTTER_NAME`].
+    /// Starts containerd without its CRI plugin; `lode_socket` registers
+    /// the proxy snapshotter as [`DEFAULT_SNAPSHOTTER_NAME`].
     pub fn start(lode_socket: Option<&Path>) -> Result<Self, KitError> {
+        Self::start_with(lode_socket, None)
+    }
+
+    /// Starts containerd; `lode_socket` registers the proxy snapshotter as
+    /// [`DEFAULT_SNAPSHOTTER_NAME`], `cri` turns the CRI plugin on.
+    pub fn start_with(
+        lode_socket: Option<&Path>,
+        cri: Option<&CriOptions>,
+    ) -> Result<Self, KitError> {
         let dir = tempfile::Builder::new()
             .prefix("lode-containerd-")
             .tempdir_in("/var/tmp")
             .map_err(KitError::io("containerd temp dir"))?;
         let socket = dir.path().join("containerd.sock");
+        let disabled = if cri.is_some() {
+            ""
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+        };
         let mut config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{disabled}\
              [grpc]\n  address = \"{socket}\"\n",
             root = dir.path().join("root").display(),
             state = dir.path().join("state").display(),
             socket = socket.display(),
         );
+        if let Some(cri) = cri {
+            config.push_str(&cri_config(dir.path(), cri)?);
+        }
         if let Some(lode) = lode_socket {
             config.push_str(&format!(
                 "[proxy_plugins.{DEFAULT_SNAPSHOTTER_NAME}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
@@ -241,12 +270,60 @@ impl Drop for Containerd {
     }
 }
 
+/// The CRI plugin's section of containerd's configuration, and the
+/// `hosts.toml` files it names, written under `dir`.
+fn cri_config(dir: &Path, cri: &CriOptions) -> Result<String, KitError> {
+    let hosts_dir = dir.join("certs.d");
+    for registry in &cri.plain_http_registries {
+        let host_dir = hosts_dir.join(registry);
+        std::fs::create_dir_all(&host_dir).map_err(KitError::io(host_dir.display().to_string()))?;
+        let hosts = format!(
+            "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        );
+        let path = host_dir.join("hosts.toml");
+        std::fs::write(&path, hosts).map_err(KitError::io(path.display().to_string()))?;
+    }
+    // An empty CNI configuration directory: pods use the node's network.
+    let cni = dir.join("cni");
+    std::fs::create_dir_all(&cni).map_err(KitError::io(cni.display().to_string()))?;
+    let cri_plugin = "plugins.\"io.containerd.grpc.v1.cri\"";
+    // restrict_oom_score_adj: these test machines refuse any negative
+    // oom_score_adj, even to root, and CRI gives pause containers -998.
+    Ok(format!(
+        "[{cri_plugin}]\n  sandbox_image = \"{sandbox}\"\n  restrict_oom_score_adj = true\n\
+         [{cri_plugin}.containerd]\n  snapshotter = \"{DEFAULT_SNAPSHOTTER_NAME}\"\n\
+         \x20 disable_snapshot_annotations = false\n\
+         [{cri_plugin}.cni]\n  conf_dir = \"{cni}\"\n\
+         [{cri_plugin}.registry]\n  config_path = \"{hosts}\"\n",
+        sandbox = cri.sandbox_image,
+        cni = cni.display(),
+        hosts = hosts_dir.display(),
+    ))
+}
+
 /// Pushes a runnable image to `registry` as `<repository>:v1`: busybox (from
 /// the host's static busybox) plus `extra` entries. Returns its reference.
 pub fn push_busybox_image(
     registry: &crate::Registry,
     repository: &str,
     extra: Vec<crate::TarEntry>,
+) -> Result<lode_common::registry::Reference, KitError> {
+    push_busybox(registry, repository, extra, ["/bin/sh"])
+}
+
+/// Pushes a pod's pause image to `registry` as `pause:v1`: busybox sleeping
+/// until it is killed.
+pub fn push_pause_image(
+    registry: &crate::Registry,
+) -> Result<lode_common::registry::Reference, KitError> {
+    push_busybox(registry, "pause", Vec::new(), ["/bin/sleep", "2147483647"])
+}
+
+fn push_busybox<const N: usize>(
+    registry: &crate::Registry,
+    repository: &str,
+    extra: Vec<crate::TarEntry>,
+    cmd: [&str; N],
 ) -> Result<lode_common::registry::Reference, KitError> {
     let busybox = std::fs::read("/bin/busybox").map_err(KitError::io("read /bin/busybox"))?;
     let mut entries = vec![
@@ -272,7 +349,7 @@ pub fn push_busybox_image(
     let image = crate::OciLayoutBuilder::new()
         .layer(crate::Layer::gzip(entries))
         .layer(crate::Layer::gzip(extra))
-        .cmd(["/bin/sh"])
+        .cmd(cmd)
         .write(layout.path(), "v1")?;
     let reference = registry.reference(&format!("{repository}:v1"));
     crate::skopeo_copy(&image.layout_dir, "v1", &reference)?;

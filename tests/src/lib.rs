@@ -10,6 +10,7 @@
 //! the reason is printed past the test harness's output capture.
 
 pub mod containerd;
+pub mod cri;
 mod error;
 pub mod failover;
 pub mod fstree;

@@ -16,7 +16,9 @@ use lode_common::registry::Reference;
 use lode_common::Digest;
 use sha2::{Digest as _, Sha256};
 
-use crate::containerd::{containerd_available, push_busybox_image, Containerd};
+use crate::containerd::{
+    containerd_available, push_busybox_image, push_pause_image, Containerd, CriOptions,
+};
 use crate::lode::Run;
 use crate::lode::{
     bounded, cache_durable, fetch_bootstrap, file_chunks, ChunkLocation, Lodectl, LODECTL,
@@ -65,6 +67,17 @@ pub struct Node {
 
 /// Starts a node, or prints why the test is skipped and returns `None`.
 pub fn node(options: SnapshotterOptions) -> Option<Node> {
+    start_node(options, false)
+}
+
+/// Starts a node whose containerd runs its CRI plugin with Lode as the
+/// snapshotter, as kubelet's runtime (the registry holds the pods' pause
+/// image, `pause:v1`), or prints why the test is skipped and returns `None`.
+pub fn cri_node(options: SnapshotterOptions) -> Option<Node> {
+    start_node(options, true)
+}
+
+fn start_node(options: SnapshotterOptions, cri: bool) -> Option<Node> {
     if !require_root()
         || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
         || !skip_unless(Registry::available(), "docker-registry missing")
@@ -79,7 +92,11 @@ pub fn node(options: SnapshotterOptions) -> Option<Node> {
     let lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
     let registry = Registry::start().unwrap();
     let snapshotter = Snapshotter::start(&options).unwrap();
-    let containerd = Containerd::start(Some(&snapshotter.socket())).unwrap();
+    let cri = cri.then(|| CriOptions {
+        sandbox_image: push_pause_image(&registry).unwrap().to_string(),
+        plain_http_registries: vec![registry.host()],
+    });
+    let containerd = Containerd::start_with(Some(&snapshotter.socket()), cri.as_ref()).unwrap();
     Some(Node {
         lodectl,
         containerd,

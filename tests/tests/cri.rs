@@ -1,0 +1,174 @@
+//! The Kubernetes path: containerd's CRI plugin with Lode as its snapshotter
+//! (annotations on), driven through the CRI gRPC API in kubelet's order.
+//! Pods use the node's network (no CNI). Root only (containers, FUSE).
+
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_cri::v1::ContainerState;
+use lode_tests::cri::{container, host_network_pod, CriClient};
+use lode_tests::mounts::mounts_below;
+use lode_tests::snapshotter::SnapshotterOptions;
+use lode_tests::stack::{cri_node, sha256_hex, App, Node};
+use lode_tests::{pseudo_random_bytes, wait_until};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a container wrote to its CRI log (`<time> <stream> <tag> <line>`).
+fn logged(log_dir: &Path, name: &str) -> String {
+    let path = log_dir.join(format!("{name}.log"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a one-shot container of `image` in the pod and returns its log,
+/// after checking that it exited with 0.
+fn run_to_exit(
+    cri: &CriClient,
+    node: &Node,
+    pod: (&str, &k8s_cri::v1::PodSandboxConfig, &Path),
+    name: &str,
+    image: &str,
+    script: &str,
+) -> (String, String) {
+    let (pod_id, pod, log_dir) = pod;
+    let id = cri
+        .start_container(pod_id, container(name, image, &["sh", "-c", script]), pod)
+        .unwrap_or_else(|e| panic!("start {name}: {e}\n{}", node.logs()));
+    let status = cri.wait_exited(&id, TIMEOUT).unwrap();
+    let log = logged(log_dir, name);
+    assert_eq!(
+        status.exit_code,
+        0,
+        "{name} exited with {}: {log}\n{}",
+        status.exit_code,
+        node.logs()
+    );
+    (id, log)
+}
+
+fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOptions) {
+    let Some(node) = cri_node(options) else {
+        return;
+    };
+    let app: App = node.add_app("app", 24 << 20, 5);
+    let lode = app.lode.to_string();
+    let plain = app.plain.to_string();
+    let logs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cri = CriClient::connect(node.containerd.socket()).unwrap();
+
+    // kubelet: the pod's sandbox first (its pause image pulled by
+    // containerd), then PullImage with the pod's config, then the containers.
+    let pod = host_network_pod("lazy", logs.path());
+    let pod_id = cri
+        .run_pod(&pod)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
+    let image_ref = cri
+        .pull(&lode, None, &pod)
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    assert!(cri.has_image(&lode).unwrap());
+    assert_eq!(
+        node.data_bytes_served(&app.lode),
+        0,
+        "PullImage of a Lode image fetches no data blob"
+    );
+
+    let in_pod = (pod_id.as_str(), &pod, logs.path());
+    let (reader, log) = run_to_exit(
+        &cri,
+        &node,
+        in_pod,
+        "reader",
+        &lode,
+        "cat /data/motd; head -c 65536 /data/big | sha256sum",
+    );
+    assert!(log.contains(&app.motd), "{log}");
+    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+    assert!(log.contains(&expected), "{log}");
+    let served = node.data_bytes_served(&app.lode);
+    assert!(
+        served > 0 && served < app.big_size / 3,
+        "the container read 64 KiB of a {} byte file; the registry served {served} bytes of data",
+        app.big_size
+    );
+
+    // ExecSync into a running container of the image.
+    let sleeper = cri
+        .start_container(
+            &pod_id,
+            container("sleeper", &lode, &["sleep", "1000"]),
+            &pod,
+        )
+        .unwrap();
+    wait_until(TIMEOUT, "the sleeper to run", || {
+        cri.status(&sleeper)
+            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
+    })
+    .unwrap();
+    let exec = cri
+        .exec_sync(
+            &sleeper,
+            &["sh", "-c", "cat /data/motd; head -c 4096 /data/big | wc -c"],
+        )
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&exec.stdout);
+    assert_eq!(
+        exec.exit_code,
+        0,
+        "{stdout} {}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    assert_eq!(stdout, format!("{}\n4096\n", app.motd));
+
+    // A plain OCI image in the same pod: Lode unpacks it as overlayfs would,
+    // so its pull downloads its layers whole.
+    let before = node.registry.bytes_served_for("/v2/app/blobs/");
+    cri.pull(&plain, None, &pod).unwrap();
+    let pulled = node.registry.bytes_served_for("/v2/app/blobs/") - before;
+    assert!(
+        pulled >= app.big_size,
+        "a plain image is downloaded whole: {pulled} bytes for a {} byte file",
+        app.big_size
+    );
+    let (plain_reader, log) = run_to_exit(&cri, &node, in_pod, "plain", &plain, "cat /data/motd");
+    assert_eq!(log, app.motd);
+
+    // kubelet tears the pod down, then its image garbage collection
+    // removes the images; Lode lets go of the Lode image's instance.
+    for id in [&sleeper, &reader, &plain_reader] {
+        cri.remove_container(id).unwrap();
+    }
+    cri.remove_pod(&pod_id).unwrap();
+    for image in [&lode, &plain] {
+        cri.remove_image(image).unwrap();
+        assert!(!cri.has_image(image).unwrap(), "{image} still there");
+    }
+    wait_until(TIMEOUT, "Lode to unmount the removed image", || {
+        mounts_below(&node.snapshotter.root()).is_empty()
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            mounts_below(&node.snapshotter.root()),
+            node.logs()
+        )
+    });
+}
+
+#[test]
+fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri_shared() {
+    pod_runs_lode_and_plain_images_as_kubelet_drives_cri(SnapshotterOptions::default());
+}
+
+#[test]
+fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri_dedicated() {
+    pod_runs_lode_and_plain_images_as_kubelet_drives_cri(SnapshotterOptions {
+        daemon_mode: "dedicated",
+        ..SnapshotterOptions::default()
+    });
+}
