@@ -29,6 +29,8 @@ pub struct SnapshotterConfig {
     pub registry: SnapshotterRegistryConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The CRI image service proxy (credentials from Kubernetes).
+    pub cri: CriConfig,
 }
 
 impl Default for SnapshotterConfig {
@@ -42,6 +44,7 @@ impl Default for SnapshotterConfig {
             cache: SnapshotterCacheConfig::default(),
             registry: SnapshotterRegistryConfig::default(),
             metrics: MetricsConfig::default(),
+            cri: CriConfig::default(),
         }
     }
 }
@@ -79,6 +82,20 @@ impl SnapshotterConfig {
                 "daemon.recover_timeout_secs",
                 "must be at least 1",
             ));
+        }
+        if let Some(address) = &self.cri.image_service_address {
+            if !address.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "cri.image_service_address",
+                    "must be an absolute path",
+                ));
+            }
+            if !self.cri.containerd_address.is_absolute() {
+                return Err(ConfigError::invalid(
+                    "cri.containerd_address",
+                    "must be an absolute path",
+                ));
+            }
         }
         if let Some(address) = &self.metrics.address {
             let addr: std::net::SocketAddr = address.parse().map_err(|_| {
@@ -260,6 +277,28 @@ pub struct MirrorConfig {
     pub endpoints: Vec<String>,
 }
 
+/// `[cri]`: the CRI image service proxy. kubelet's
+/// `--image-service-endpoint` points at it; it forwards every call to
+/// containerd and keeps the credentials of `PullImage` requests (image pull
+/// secrets), in memory only, for the lazily pulled images' reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriConfig {
+    /// The socket the proxy serves (mode 0600); unset, there is no proxy.
+    pub image_service_address: Option<PathBuf>,
+    /// containerd's socket, where its CRI plugin answers.
+    pub containerd_address: PathBuf,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            image_service_address: None,
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+        }
+    }
+}
+
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -286,6 +325,26 @@ mod tests {
         assert_eq!(config, SnapshotterConfig::default());
         assert_eq!(config.recover_policy, RecoverPolicy::Failover);
         assert_eq!(config.daemon_mode, DaemonMode::Shared);
+    }
+
+    #[test]
+    fn the_cri_proxy_is_off_unless_given_a_socket() {
+        let config = SnapshotterConfig::from_toml(
+            "[cri]\nimage_service_address = \"/run/lode/cri.sock\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            config.cri.containerd_address,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert!(SnapshotterConfig::default()
+            .cri
+            .image_service_address
+            .is_none());
+        let e = SnapshotterConfig::from_toml("[cri]\nimage_service_address = \"cri.sock\"\n", "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("cri.image_service_address"), "{e}");
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Resources<'_> {
     fn backend(&self, request: &MountRequest) -> Result<Arc<dyn BlobBackend>, InstanceError> {
         let source: BlobSource = request.config.blob_source.parse()?;
         let config = self.config_for(request);
-        Ok(source.open(&config.registry, self.runtime)?)
+        Ok(source.open(&config.registry, request.credentials.as_ref(), self.runtime)?)
     }
 }
 
@@ -184,8 +184,8 @@ impl Instance {
         })
     }
 
-    /// Replaces the blob source (and credentials) in place; the image, its
-    /// inodes and its cache stay.
+    /// Replaces the blob source (and credentials, if the request has any)
+    /// in place; the image, its inodes and its cache stay.
     pub fn remount(
         &self,
         request: MountRequest,
@@ -196,6 +196,10 @@ impl Instance {
             return Err(InstanceError::Immutable {
                 id: self.id.clone(),
             });
+        }
+        let mut request = request;
+        if request.credentials.is_none() {
+            request.credentials = saved.request.credentials.clone();
         }
         self.backend.replace(resources.backend(&request)?);
         info!(instance = %self.id, source = %self.backend.describe(), "blob source replaced");

@@ -137,6 +137,7 @@ fn main() -> anyhow::Result<()> {
             },
             seq: 1,
             image_ref: None,
+            credentials: None,
         }),
         (None, None) => None,
         _ => bail!("--bootstrap and --blob-source go together"),

@@ -4,13 +4,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use crate::cri::Keychain;
 use lode_common::contract::{
     LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
 };
 use lode_common::image::{self, ImageError, LodeManifest};
-use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
+use lode_common::registry::{
+    Credentials, Reference, RegistryClient, RegistryError, RegistryOptions,
+};
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
 
@@ -83,22 +86,33 @@ pub struct LazyLayers {
     /// One client per registry host and scheme, so that the layers of a
     /// pull share its connections and token; rebuilt when its docker config
     /// file changes (a `docker login` after it was built).
-    clients: Mutex<HashMap<(String, bool), RegistryClient>>,
+    /// Keyed also by the credentials a CRI pull gave for the repository.
+    clients: Mutex<HashMap<ClientKey, RegistryClient>>,
+    keychain: Arc<Keychain>,
 }
 
+/// Registry host, plain HTTP, and the credentials given for the repository.
+type ClientKey = (String, bool, Option<Credentials>);
+
 impl LazyLayers {
-    pub fn new(registry: SnapshotterRegistryConfig, bootstraps_dir: PathBuf) -> Self {
+    pub fn new(
+        registry: SnapshotterRegistryConfig,
+        bootstraps_dir: PathBuf,
+        keychain: Arc<Keychain>,
+    ) -> Self {
         Self {
             registry,
             bootstraps_dir,
             manifests: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            keychain,
         }
     }
 
     fn client(&self, reference: &Reference) -> Result<RegistryClient, LazyError> {
         let plain_http = self.registry.is_plain_http(reference.host());
-        let key = (reference.registry.clone(), plain_http);
+        let given = self.keychain.get(reference);
+        let key = (reference.registry.clone(), plain_http, given.clone());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = clients.get(&key).filter(|c| c.credentials_current()) {
             return Ok(client.clone());
@@ -106,6 +120,10 @@ impl LazyLayers {
         let client = RegistryClient::new(RegistryOptions {
             plain_http,
             docker_config: self.registry.docker_config.clone(),
+            credentials: given
+                .map(|c| (reference.registry.clone(), c))
+                .into_iter()
+                .collect(),
             ..RegistryOptions::default()
         })?;
         clients.insert(key, client.clone());
@@ -227,7 +245,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"));
+        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
         let hosts: Vec<String> = lazy
             .candidates(&"docker.io/library/app:v1".parse().unwrap())
             .into_iter()
@@ -240,7 +258,11 @@ mod tests {
 
     #[tokio::test]
     async fn without_labels_a_layer_is_plain() {
-        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        let lazy = LazyLayers::new(
+            Default::default(),
+            PathBuf::from("/nonexistent"),
+            Arc::default(),
+        );
         assert_eq!(
             lazy.classify(&HashMap::new()).await.unwrap(),
             LayerKind::Plain
@@ -251,7 +273,11 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_labels_are_named_in_the_error() {
-        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        let lazy = LazyLayers::new(
+            Default::default(),
+            PathBuf::from("/nonexistent"),
+            Arc::default(),
+        );
         let bad = labels(&[
             (LABEL_TARGET_REF, "x"),
             (LABEL_IMAGE_REF, "127.0.0.1:5000/app:v1"),
@@ -264,7 +290,11 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_registry_leaves_the_layer_to_containerd() {
         // Port 1 on loopback refuses connections at once.
-        let lazy = LazyLayers::new(Default::default(), PathBuf::from("/nonexistent"));
+        let lazy = LazyLayers::new(
+            Default::default(),
+            PathBuf::from("/nonexistent"),
+            Arc::default(),
+        );
         let layer = labels(&[
             (LABEL_TARGET_REF, "x"),
             (LABEL_IMAGE_REF, "127.0.0.1:1/app:v1"),

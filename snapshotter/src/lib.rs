@@ -2,6 +2,7 @@
 //! service, metadata store, daemon manager) and the `lodectl` command line.
 
 pub mod convert;
+pub mod cri;
 pub mod ctl;
 pub mod daemons;
 pub mod doctor;

@@ -352,6 +352,6 @@ fn push_busybox<const N: usize>(
         .cmd(cmd)
         .write(layout.path(), "v1")?;
     let reference = registry.reference(&format!("{repository}:v1"));
-    crate::skopeo_copy(&image.layout_dir, "v1", &reference)?;
+    crate::skopeo_copy_with_creds(&image.layout_dir, "v1", &reference, registry.credentials())?;
     Ok(reference)
 }

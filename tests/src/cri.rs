@@ -79,20 +79,27 @@ fn image_spec(image: &str) -> ImageSpec {
 }
 
 impl CriClient {
-    /// Connects to the CRI services on `socket` (containerd's own socket,
-    /// or an image service proxy's).
+    /// Connects to both CRI services on `socket` (containerd's).
     pub fn connect(socket: &Path) -> Result<Self, KitError> {
+        Self::connect_split(socket, socket)
+    }
+
+    /// The runtime service on `runtime`, the image service on `images`
+    /// (kubelet's `--image-service-endpoint`: Lode's proxy).
+    pub fn connect_split(runtime: &Path, images: &Path) -> Result<Self, KitError> {
         let rt = tokio::runtime::Runtime::new().map_err(KitError::io("tokio runtime"))?;
-        let channel = rt
-            .block_on(containerd_client::connect(socket))
-            .map_err(|e| KitError::Command {
-                what: format!("connect to CRI at {}", socket.display()),
-                message: e.to_string(),
-            })?;
+        let connect = |socket: &Path| {
+            rt.block_on(containerd_client::connect(socket))
+                .map_err(|e| KitError::Command {
+                    what: format!("connect to CRI at {}", socket.display()),
+                    message: e.to_string(),
+                })
+        };
+        let (runtime, images) = (connect(runtime)?, connect(images)?);
         Ok(Self {
+            runtime: RuntimeServiceClient::new(runtime),
+            images: ImageServiceClient::new(images),
             rt,
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            images: ImageServiceClient::new(channel),
         })
     }
 

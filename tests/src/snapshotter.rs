@@ -10,6 +10,8 @@ use crate::lode::LODE_FSD;
 use crate::{bin_path, wait_until, KitError};
 
 pub const LODE_SNAPSHOTTER: &str = "lode-snapshotter";
+const CRI_SOCKET: &str = "cri.sock";
+const CONTAINERD_LINK: &str = "containerd.sock";
 
 /// Settings that vary between tests.
 #[derive(Clone, Debug)]
@@ -20,6 +22,9 @@ pub struct SnapshotterOptions {
     pub recover_policy: &'static str,
     /// A lode-fsd configuration file for every daemon (`[daemon] config`).
     pub fsd_config: Option<PathBuf>,
+    /// Serve the CRI image service proxy on [`Snapshotter::cri_socket`],
+    /// forwarding to the socket [`Snapshotter::link_containerd`] names.
+    pub cri_proxy: bool,
 }
 
 impl Default for SnapshotterOptions {
@@ -28,6 +33,7 @@ impl Default for SnapshotterOptions {
             daemon_mode: "shared",
             recover_policy: "failover",
             fsd_config: None,
+            cri_proxy: false,
         }
     }
 }
@@ -59,10 +65,19 @@ impl Snapshotter {
             .as_ref()
             .map(|c| format!("config = \"{}\"\n", c.display()))
             .unwrap_or_default();
+        let cri = if options.cri_proxy {
+            format!(
+                "[cri]\nimage_service_address = \"{}\"\ncontainerd_address = \"{}\"\n",
+                dir.path().join(CRI_SOCKET).display(),
+                dir.path().join(CONTAINERD_LINK).display(),
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
             "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
              recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
-             [metrics]\naddress = \"127.0.0.1:0\"\n",
+             [metrics]\naddress = \"127.0.0.1:0\"\n{cri}",
             root = dir.path().join("root").display(),
             socket = dir.path().join("lode.sock").display(),
             mode = options.daemon_mode,
@@ -94,6 +109,9 @@ impl Snapshotter {
             .arg(self.config_path())
             .arg("--stop-daemons-on-exit")
             .env("RUST_LOG", "info,h2=warn,tower=warn,hyper=warn")
+            // No docker config: registry credentials come only from what
+            // a test configures (never the machine's own).
+            .env("DOCKER_CONFIG", self.dir.path().join("no-docker-config"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(KitError::io("snapshotter log"))?)
             .stderr(log)
@@ -137,6 +155,36 @@ impl Snapshotter {
         let log = self.log();
         let start = log.rfind("Prometheus metrics at ")? + "Prometheus metrics at ".len();
         log[start..].split_whitespace().next().map(str::to_owned)
+    }
+
+    /// The CRI image service proxy's socket ([`SnapshotterOptions::cri_proxy`]).
+    pub fn cri_socket(&self) -> PathBuf {
+        self.dir.path().join(CRI_SOCKET)
+    }
+
+    /// Points the CRI proxy at containerd's socket (started after the
+    /// snapshotter, so its path is known only then); the proxy connects at
+    /// its first call.
+    pub fn link_containerd(&self, containerd_socket: &Path) -> Result<(), KitError> {
+        std::os::unix::fs::symlink(containerd_socket, self.dir.path().join(CONTAINERD_LINK))
+            .map_err(KitError::io("link containerd's socket"))
+    }
+
+    /// Every file under the snapshotter's directory (config, store,
+    /// bootstraps, daemon records and logs, its own log), sockets aside.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![self.dir.path().to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                    Ok(t) if t.is_file() => found.push(entry.path()),
+                    _ => {}
+                }
+            }
+        }
+        found
     }
 
     pub fn pid(&self) -> Option<u32> {

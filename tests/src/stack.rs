@@ -63,21 +63,31 @@ pub struct Node {
     pub containerd: Containerd,
     pub snapshotter: Snapshotter,
     pub registry: Registry,
+    /// The docker config `lodectl` reads the registry's credentials from,
+    /// if it wants any.
+    _docker_config: Option<tempfile::TempDir>,
 }
 
 /// Starts a node, or prints why the test is skipped and returns `None`.
 pub fn node(options: SnapshotterOptions) -> Option<Node> {
-    start_node(options, false)
+    start_node(options, false, None)
 }
 
 /// Starts a node whose containerd runs its CRI plugin with Lode as the
 /// snapshotter, as kubelet's runtime (the registry holds the pods' pause
 /// image, `pause:v1`), or prints why the test is skipped and returns `None`.
 pub fn cri_node(options: SnapshotterOptions) -> Option<Node> {
-    start_node(options, true)
+    start_node(options, true, None)
 }
 
-fn start_node(options: SnapshotterOptions, cri: bool) -> Option<Node> {
+/// [`cri_node`] whose registry wants `user` and `password` for everything;
+/// `lodectl` has them (in a docker config of its own), the snapshotter and
+/// its daemons only what CRI pulls give them.
+pub fn private_cri_node(options: SnapshotterOptions, user: &str, password: &str) -> Option<Node> {
+    start_node(options, true, Some((user, password)))
+}
+
+fn start_node(options: SnapshotterOptions, cri: bool, auth: Option<(&str, &str)>) -> Option<Node> {
     if !require_root()
         || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
         || !skip_unless(Registry::available(), "docker-registry missing")
@@ -89,19 +99,36 @@ fn start_node(options: SnapshotterOptions, cri: bool) -> Option<Node> {
     {
         return None;
     }
-    let lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
-    let registry = Registry::start().unwrap();
+    let mut lodectl = Lodectl::new(bin_path(LODECTL).expect("lodectl built"));
+    let registry = match auth {
+        Some((user, password)) => Registry::start_with_auth(user, password).unwrap(),
+        None => Registry::start().unwrap(),
+    };
+    let docker_config = auth.map(|_| {
+        let dir = tempfile::tempdir().unwrap();
+        registry
+            .write_docker_config(&dir.path().join("config.json"))
+            .unwrap();
+        lodectl
+            .env
+            .push(("DOCKER_CONFIG".into(), dir.path().as_os_str().to_owned()));
+        dir
+    });
     let snapshotter = Snapshotter::start(&options).unwrap();
     let cri = cri.then(|| CriOptions {
         sandbox_image: push_pause_image(&registry).unwrap().to_string(),
         plain_http_registries: vec![registry.host()],
     });
     let containerd = Containerd::start_with(Some(&snapshotter.socket()), cri.as_ref()).unwrap();
+    if options.cri_proxy {
+        snapshotter.link_containerd(containerd.socket()).unwrap();
+    }
     Some(Node {
         lodectl,
         containerd,
         snapshotter,
         registry,
+        _docker_config: docker_config,
     })
 }
 
@@ -245,7 +272,19 @@ impl Node {
 
     /// The Lode image's bootstrap and data blobs.
     pub fn lode_manifest(&self, image: &Reference) -> LodeManifest {
-        let client = lode_common::registry::RegistryClient::new(Default::default()).unwrap();
+        use lode_common::registry::{Credentials, RegistryClient, RegistryOptions};
+        let credentials = self.registry.credentials().map(|(user, password)| {
+            let given = Credentials {
+                username: user.to_owned(),
+                password: password.to_owned(),
+            };
+            (self.registry.host(), given)
+        });
+        let client = RegistryClient::new(RegistryOptions {
+            credentials: credentials.into_iter().collect(),
+            ..RegistryOptions::default()
+        })
+        .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(lode_common::image::resolve(&client, image))
             .unwrap()

@@ -5,11 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_cri::v1::ContainerState;
+use k8s_cri::v1::{AuthConfig, ContainerState};
 use lode_tests::cri::{container, host_network_pod, CriClient};
 use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::{cri_node, sha256_hex, App, Node};
+use lode_tests::stack::{cri_node, private_cri_node, sha256_hex, App, Node};
 use lode_tests::{pseudo_random_bytes, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,4 +171,131 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri_dedicated() {
         daemon_mode: "dedicated",
         ..SnapshotterOptions::default()
     });
+}
+
+const USER: &str = "kube";
+const PASSWORD: &str = "pull-secret-7f3a9c";
+
+fn auth(password: &str) -> Option<AuthConfig> {
+    Some(AuthConfig {
+        username: USER.to_owned(),
+        password: password.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// Waits until the container `id` runs.
+fn wait_running(cri: &CriClient, id: &str) {
+    wait_until(TIMEOUT, "the container to run", || {
+        cri.status(id)
+            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
+    })
+    .unwrap();
+}
+
+/// `sha256sum` of `len` bytes of `/data/big` from `offset`, run in `id`.
+fn exec_sha(cri: &CriClient, id: &str, offset: u64, len: u64) -> String {
+    let script = format!(
+        "tail -c +{} /data/big | head -c {len} | sha256sum",
+        offset + 1
+    );
+    let exec = cri.exec_sync(id, &["sh", "-c", &script]).unwrap();
+    let stderr = String::from_utf8_lossy(&exec.stderr);
+    assert_eq!(exec.exit_code, 0, "{stderr}");
+    String::from_utf8_lossy(&exec.stdout).into_owned()
+}
+
+/// A private Lode image through Lode's CRI image service proxy: the
+/// snapshotter and its daemons have no credentials but those of the pull.
+fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
+    let options = SnapshotterOptions {
+        daemon_mode: mode,
+        cri_proxy: true,
+        ..SnapshotterOptions::default()
+    };
+    let Some(mut node) = private_cri_node(options, USER, PASSWORD) else {
+        return;
+    };
+    let app = node.add_app("private", 24 << 20, 11);
+    let lode = app.lode.to_string();
+    let logs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let images = node.snapshotter.cri_socket();
+    let cri = CriClient::connect_split(node.containerd.socket(), &images).unwrap();
+    let pod = host_network_pod("private", logs.path());
+    // The pause image is in the same private registry: pulled first, as a
+    // node pre-pulls it.
+    let pause = node.registry.reference("pause:v1").to_string();
+    cri.pull(&pause, auth(PASSWORD), &pod)
+        .unwrap_or_else(|e| panic!("pull the pause image: {e}\n{}", node.logs()));
+    let pod_id = cri.run_pod(&pod).unwrap();
+
+    let refused = cri.pull(&lode, auth("wrong"), &pod).unwrap_err();
+    assert!(
+        refused.message().to_lowercase().contains("unauthorized"),
+        "the registry's answer: {refused:?}"
+    );
+    assert!(!cri.has_image(&lode).unwrap());
+    cri.pull(&lode, auth(PASSWORD), &pod)
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+    assert_eq!(node.data_bytes_served(&app.lode), 0, "the pull stays lazy");
+
+    let sleeper = cri
+        .start_container(
+            &pod_id,
+            container("reader", &lode, &["sleep", "1000"]),
+            &pod,
+        )
+        .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
+    wait_running(&cri, &sleeper);
+    let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+    assert!(exec_sha(&cri, &sleeper, 0, 65536).contains(&head));
+    let served = node.data_bytes_served(&app.lode);
+    assert!(served > 0, "the daemon fetched with the pull's credentials");
+
+    // Never on disk: not in the store, records, bootstraps, configs, logs.
+    for file in node.snapshotter.files() {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(PASSWORD.len())
+                .any(|w| w == PASSWORD.as_bytes()),
+            "the password is in {}",
+            file.display()
+        );
+    }
+
+    // The snapshotter restarts and forgets; the daemons keep theirs, so the
+    // running container reads on from the registry without an error.
+    node.snapshotter.restart().unwrap();
+    let tail = app.big_size - 65536;
+    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
+    assert!(exec_sha(&cri, &sleeper, tail, 65536).contains(&expected));
+    assert!(
+        node.data_bytes_served(&app.lode) > served,
+        "the tail was fetched after the restart"
+    );
+    // The next pull hands the credentials on again (retried as kubelet
+    // does while containerd reconnects to the restarted snapshotter).
+    let cri = CriClient::connect_split(node.containerd.socket(), &images).unwrap();
+    wait_until(TIMEOUT, "a pull after the restart", || {
+        cri.pull(&lode, auth(PASSWORD), &pod).is_ok()
+    })
+    .unwrap();
+    assert!(
+        node.snapshotter
+            .log()
+            .contains("credentials handed to the daemon"),
+        "{}",
+        node.snapshotter.log()
+    );
+}
+
+#[test]
+fn private_image_reads_with_the_credentials_of_its_pull_shared() {
+    private_image_reads_with_the_credentials_of_its_pull("shared");
+}
+
+#[test]
+fn private_image_reads_with_the_credentials_of_its_pull_dedicated() {
+    private_image_reads_with_the_credentials_of_its_pull("dedicated");
 }

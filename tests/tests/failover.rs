@@ -430,6 +430,7 @@ fn api_driven_upgrade_and_recovery_of_a_shared_daemon() {
         },
         seq: 7,
         image_ref: Some("127.0.0.1:5000/failover:v1".into()),
+        credentials: None,
     };
     rt.block_on(first_api.mount(&instance, &request)).unwrap();
     let watch = MountWatch::start(&env.mountpoint);

@@ -28,6 +28,7 @@ fn client_with(docker_config: &Path, timeout: Duration, max_retries: u32) -> Reg
         request_timeout: timeout,
         max_retries,
         docker_config: Some(docker_config.to_path_buf()),
+        ..RegistryOptions::default()
     })
     .expect("client")
 }

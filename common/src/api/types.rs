@@ -126,6 +126,11 @@ pub struct MountRequest {
     pub seq: u32,
     #[serde(default)]
     pub image_ref: Option<String>,
+    /// Credentials for the blob source's registry, in place of the docker
+    /// config's (a CRI pull's image pull secret). Kept in memory only; a
+    /// remount without them keeps the instance's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<crate::registry::Credentials>,
 }
 
 /// Error body of every non-2xx answer.

@@ -138,7 +138,7 @@ impl Authenticator {
 
     async fn authenticate(&self, scope: &Scope<'_>) -> Result<Option<HeaderValue>, AttemptError> {
         let credentials = self.credentials.get(scope.registry);
-        let auth = match credentials {
+        let auth = match &credentials {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         };
@@ -166,7 +166,7 @@ impl Authenticator {
             Ok(Some(token)) => Ok(Some(sensitive(&format!("Bearer {token}"))?)),
             // No bearer challenge: either the registry wants basic
             // credentials, or it has no challenge at all.
-            Ok(None) => match credentials {
+            Ok(None) => match &credentials {
                 Some(c) => {
                     let raw = format!("{}:{}", c.username, c.password);
                     let encoded = base64::engine::general_purpose::STANDARD.encode(raw);

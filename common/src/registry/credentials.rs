@@ -1,4 +1,6 @@
-//! Registry credentials from a docker `config.json` (`auths` section).
+//! Registry credentials: given in memory (a CRI pull's), from a docker
+//! `config.json`'s credential helpers (`credHelpers`, `credsStore`), or its
+//! inline `auths` entries, in that order.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -7,11 +9,13 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::Deserialize;
 
+use super::credential_helper::Helpers;
 use super::RegistryError;
 
 /// A user name and password for one registry. The password never appears in
-/// `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq)]
+/// `Debug` output or logs; it travels only between Lode's processes (over
+/// their unix sockets) and is never written to disk by Lode.
+#[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
@@ -29,7 +33,10 @@ impl fmt::Debug for Credentials {
 /// Credentials by registry (`host[:port]`, as written in references).
 #[derive(Clone, Default)]
 pub(crate) struct CredentialStore {
+    /// Given in memory; they take precedence over the config file.
+    given: HashMap<String, Credentials>,
     by_registry: HashMap<String, Credentials>,
+    helpers: Helpers,
     /// The file read (or looked for) and its state then.
     source: Option<(PathBuf, FileStamp)>,
 }
@@ -76,7 +83,8 @@ struct AuthEntry {
 }
 
 /// Docker Hub's registry is known under several names in config files.
-const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+pub(super) const DOCKER_HUB_ALIASES: [&str; 3] =
+    ["docker.io", "index.docker.io", "registry-1.docker.io"];
 
 impl CredentialStore {
     /// Loads `explicit`, else `$DOCKER_CONFIG/config.json`, else
@@ -114,12 +122,14 @@ impl CredentialStore {
         };
         let config: DockerConfig = serde_json::from_slice(text)
             .map_err(|e| err(format!("not a docker config file: {e}")))?;
-        if config.creds_store.is_some() || !config.cred_helpers.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                "docker config names credential helpers; Lode only reads inline \"auths\" entries"
-            );
-        }
+        let helpers = Helpers::new(
+            config.creds_store.filter(|s| !s.is_empty()),
+            config
+                .cred_helpers
+                .into_iter()
+                .map(|(key, helper)| (normalize_key(&key), helper))
+                .collect(),
+        );
         let mut by_registry = HashMap::new();
         for (key, entry) in config.auths {
             let registry = normalize_key(&key);
@@ -140,9 +150,17 @@ impl CredentialStore {
             by_registry.insert(registry, credentials);
         }
         Ok(Self {
+            given: HashMap::new(),
             by_registry,
+            helpers,
             source: None,
         })
+    }
+
+    /// `given` in place of whatever the config file has for those registries.
+    pub(crate) fn with_given(mut self, given: HashMap<String, Credentials>) -> Self {
+        self.given = given;
+        self
     }
 
     /// Whether the config file is as it was when loaded (a client that
@@ -153,17 +171,23 @@ impl CredentialStore {
             .is_none_or(|(path, then)| stamp(path) == *then)
     }
 
-    /// Credentials for `registry` (`host[:port]`), if configured.
-    pub(crate) fn get(&self, registry: &str) -> Option<&Credentials> {
-        if let Some(found) = self.by_registry.get(registry) {
+    /// Credentials for `registry` (`host[:port]`), if any: given ones,
+    /// else the config file's helper for it (`credHelpers`, then
+    /// `credsStore`), else its `auths` entry. Docker Hub answers to any of
+    /// its names.
+    pub(crate) fn get(&self, registry: &str) -> Option<Credentials> {
+        let names: &[&str] = if DOCKER_HUB_ALIASES.contains(&registry) {
+            &DOCKER_HUB_ALIASES
+        } else {
+            std::slice::from_ref(&registry)
+        };
+        if let Some(found) = names.iter().find_map(|n| self.given.get(*n)) {
+            return Some(found.clone());
+        }
+        if let Some(found) = self.helpers.get(registry) {
             return Some(found);
         }
-        if DOCKER_HUB_ALIASES.contains(&registry) {
-            return DOCKER_HUB_ALIASES
-                .iter()
-                .find_map(|alias| self.by_registry.get(*alias));
-        }
-        None
+        names.iter().find_map(|n| self.by_registry.get(*n)).cloned()
     }
 
     #[cfg(test)]
@@ -183,7 +207,7 @@ fn default_config_path() -> Option<PathBuf> {
 
 /// `https://host:port/v1/` → `host:port`: docker writes keys as URLs or as
 /// bare hosts.
-fn normalize_key(key: &str) -> String {
+pub(super) fn normalize_key(key: &str) -> String {
     let without_scheme = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
@@ -230,6 +254,7 @@ mod tests {
         );
         let store = parse(&text).unwrap();
         let alice = store.get("reg.example.com").unwrap();
+        let alice = &alice;
         assert_eq!(
             (alice.username.as_str(), alice.password.as_str()),
             ("alice", "s3cret")
@@ -285,8 +310,32 @@ mod tests {
 
     #[test]
     fn config_without_auths_is_anonymous() {
-        let store = parse(r#"{"credsStore": "desktop"}"#).unwrap();
+        let store = parse(r#"{"auths": {}}"#).unwrap();
         assert_eq!(store.len(), 0);
+        assert!(store.get("h.io").is_none());
+    }
+
+    #[test]
+    fn given_credentials_come_before_the_file() {
+        let file = format!(
+            r#"{{"auths":{{"h.io":{{"auth":"{}"}}, "docker.io":{{"auth":"{}"}}}}}}"#,
+            b64("file:pw"),
+            b64("hubfile:pw")
+        );
+        let given = |user: &str| Credentials {
+            username: user.into(),
+            password: "x".into(),
+        };
+        let store = parse(&file).unwrap().with_given(HashMap::from([
+            ("h.io".to_owned(), given("cri")),
+            ("index.docker.io".to_owned(), given("hubcri")),
+        ]));
+        assert_eq!(store.get("h.io").unwrap().username, "cri");
+        assert_eq!(
+            store.get("registry-1.docker.io").unwrap().username,
+            "hubcri"
+        );
+        assert!(store.get("other.io").is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and plain HTTP only for loopback hosts or when asked.
 
 mod auth;
+mod credential_helper;
 mod credentials;
 #[cfg(test)]
 mod fake_server;
@@ -20,6 +21,7 @@ mod transport;
 pub use credentials::Credentials;
 pub use reference::{Reference, ReferenceError};
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +43,9 @@ pub struct RegistryOptions {
     /// Docker config with `auths`; `None` means `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` if present.
     pub docker_config: Option<PathBuf>,
+    /// Credentials by registry (`host[:port]`), given in memory (a CRI
+    /// pull's); used for those registries instead of the docker config's.
+    pub credentials: HashMap<String, Credentials>,
 }
 
 impl Default for RegistryOptions {
@@ -50,6 +55,7 @@ impl Default for RegistryOptions {
             request_timeout: Duration::from_secs(30),
             max_retries: 3,
             docker_config: None,
+            credentials: HashMap::new(),
         }
     }
 }
@@ -136,7 +142,8 @@ impl RegistryClient {
     /// Builds a client and loads registry credentials (see
     /// [`RegistryOptions::docker_config`]).
     pub fn new(options: RegistryOptions) -> Result<Self, RegistryError> {
-        let credentials = credentials::CredentialStore::load(options.docker_config.as_deref())?;
+        let credentials = credentials::CredentialStore::load(options.docker_config.as_deref())?
+            .with_given(options.credentials.clone());
         let setup_error = |message: String| RegistryError::Request {
             reference: "(none)".to_owned(),
             what: "client setup".to_owned(),

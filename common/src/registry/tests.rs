@@ -37,6 +37,7 @@ fn client_with_config(
         request_timeout: Duration::from_millis(timeout_ms),
         max_retries,
         docker_config,
+        ..RegistryOptions::default()
     })
     .unwrap()
 }

@@ -70,6 +70,7 @@ async fn typed_client_over_the_socket() {
         },
         seq: 0,
         image_ref: None,
+        credentials: None,
     };
     let e = client
         .mount(&dir.path().join("elsewhere with space"), &bad)

@@ -107,6 +107,7 @@ fn saved_request(state: &InstanceState) -> Result<MountRequest, HostError> {
             reason: format!("seq {} out of range", state.seq),
         })?,
         image_ref: state.image_ref.clone(),
+        credentials: None,
     })
 }
 
@@ -137,6 +138,7 @@ mod tests {
             },
             seq: 7,
             image_ref: Some("r".into()),
+            credentials: None,
         };
         let saved = state(serde_json::to_string(&request).unwrap());
         assert_eq!(saved_request(&saved).unwrap(), request);

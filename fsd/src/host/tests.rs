@@ -32,6 +32,7 @@ pub(super) fn request(source: &Path, blob_source: &str, seq: u32) -> MountReques
         },
         seq,
         image_ref: Some("example/app:1".into()),
+        credentials: None,
     }
 }
 

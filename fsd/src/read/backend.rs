@@ -12,7 +12,9 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
 use lode_common::format::BlobRecord;
-use lode_common::registry::{Reference, RegistryClient, RegistryError, RegistryOptions};
+use lode_common::registry::{
+    Credentials, Reference, RegistryClient, RegistryError, RegistryOptions,
+};
 use lode_config::RegistryConfig;
 
 /// Where [`BlobBackend::read_range`] puts the bytes.
@@ -150,9 +152,11 @@ impl fmt::Display for BlobSource {
 
 impl BlobSource {
     /// The backend reading from this source; registry requests run on `runtime`.
+    /// `credentials`, if given, are the registry's.
     pub fn open(
         &self,
         registry: &RegistryConfig,
+        credentials: Option<&Credentials>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<dyn BlobBackend>, RegistryError> {
         Ok(match self {
@@ -162,6 +166,10 @@ impl BlobSource {
                     request_timeout: registry.request_timeout(),
                     max_retries: registry.max_retries,
                     docker_config: registry.docker_config.clone(),
+                    credentials: credentials
+                        .map(|c| (reference.registry.clone(), c.clone()))
+                        .into_iter()
+                        .collect(),
                 })?;
                 Arc::new(RegistryBackend::new(
                     client,

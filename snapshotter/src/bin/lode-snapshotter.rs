@@ -16,12 +16,13 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use containerd_snapshots::tonic::transport::Server;
 use lode_config::SnapshotterConfig;
+use lode_snapshotter::cri::Keychain;
 use lode_snapshotter::daemons::DaemonManager;
 use lode_snapshotter::lazy::LazyLayers;
 use lode_snapshotter::metrics::Metrics;
 use lode_snapshotter::service::LodeSnapshotter;
 use lode_snapshotter::store::Store;
-use lode_snapshotter::{metrics_http, overlay};
+use lode_snapshotter::{cri, metrics_http, overlay};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -79,8 +80,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let manager = DaemonManager::start(&config, store.database(), metrics.clone()).await?;
-    let lazy = LazyLayers::new(config.registry.clone(), config.bootstraps_dir());
+    let keychain = Arc::new(Keychain::new());
+    let manager =
+        DaemonManager::start(&config, store.database(), metrics.clone(), keychain.clone()).await?;
+    let lazy = LazyLayers::new(
+        config.registry.clone(),
+        config.bootstraps_dir(),
+        keychain.clone(),
+    );
     let snapshotter = LodeSnapshotter::new(
         store,
         config.snapshots_dir(),
@@ -105,12 +112,33 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let cri_proxy = match &config.cri.image_service_address {
+        Some(path) => {
+            let listener = bind(path).await?;
+            let mut stopped = stopped.clone();
+            let containerd = config.cri.containerd_address.clone();
+            tracing::info!(address = %path.display(), containerd = %containerd.display(), "CRI image service proxy serving");
+            Some(tokio::spawn(cri::serve(
+                listener,
+                path.clone(),
+                containerd,
+                keychain,
+                manager.clone(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
         tracing::info!("shutting down");
+        let _ = stop.send(true);
     };
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "lode-snapshotter serving");
     Server::builder()
@@ -119,6 +147,12 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
         .await
         .context("gRPC server")?;
     let _ = std::fs::remove_file(&config.address);
+    if let (Some(task), Some(path)) = (cri_proxy, &config.cri.image_service_address) {
+        if let Ok(Err(error)) = task.await {
+            tracing::error!(%error, "CRI image service proxy");
+        }
+        let _ = std::fs::remove_file(path);
+    }
     if stop_daemons {
         manager.stop_all().await;
     }

@@ -24,10 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use lode_common::api::{DaemonClient, DaemonState, InstanceConfig, MountRequest};
+use lode_common::registry::Reference;
 use lode_common::supervisor::SupervisorServer;
 use lode_config::{DaemonMode, RecoverPolicy, SnapshotterConfig};
 use tokio::sync::Mutex;
 
+use crate::cri::Keychain;
 use crate::instances::{InstanceError, InstanceProvider, LodeImage};
 use crate::metrics::Metrics;
 use records::{DaemonRecord, InstanceRecord, Records};
@@ -86,6 +88,8 @@ pub struct DaemonManager {
     binary: PathBuf,
     records: Records,
     metrics: Arc<Metrics>,
+    /// Credentials from CRI pulls, handed to the daemons.
+    keychain: Arc<Keychain>,
     /// Serialises daemon and instance changes (acquire, release, recovery).
     state: Mutex<ManagerState>,
     this: Weak<DaemonManager>,
@@ -104,6 +108,7 @@ impl DaemonManager {
         config: &SnapshotterConfig,
         db: Arc<redb::Database>,
         metrics: Arc<Metrics>,
+        keychain: Arc<Keychain>,
     ) -> Result<Arc<Self>, DaemonError> {
         for dir in [
             config.daemons_dir(),
@@ -118,6 +123,7 @@ impl DaemonManager {
             config: config.clone(),
             records,
             metrics,
+            keychain,
             state: Mutex::new(ManagerState::default()),
             this: this.clone(),
         });
@@ -253,6 +259,64 @@ impl DaemonManager {
         });
     }
 
+    /// What a daemon is asked to mount for `image`, with the credentials a
+    /// CRI pull of it left in the keychain, if any.
+    fn mount_request(&self, image: &LodeImage, seq: u32) -> MountRequest {
+        MountRequest {
+            source: image.bootstrap_path.clone(),
+            config: InstanceConfig {
+                blob_source: image.blob_source.clone(),
+                plain_http: image.plain_http,
+                docker_config: self.config.registry.docker_config.clone(),
+            },
+            seq,
+            image_ref: Some(image.image_ref.clone()),
+            credentials: image
+                .image_ref
+                .parse::<Reference>()
+                .ok()
+                .and_then(|r| self.keychain.get(&r)),
+        }
+    }
+
+    /// Hands the keychain's credentials for `reference`'s repository to the
+    /// daemons serving images of it (a later pull brought new ones). A
+    /// daemon that cannot take them keeps its old ones; that is logged.
+    /// Runs without the manager's lock: an instance released meanwhile
+    /// just refuses the remount.
+    pub async fn refresh_credentials(&self, reference: &Reference) {
+        let (Ok(instances), Ok(daemons)) = (self.records.instances(), self.records.daemons())
+        else {
+            tracing::warn!(image = %reference, "cannot read the daemon records; credentials not handed on");
+            return;
+        };
+        for instance in instances {
+            let same_repository = instance
+                .image
+                .image_ref
+                .parse::<Reference>()
+                .is_ok_and(|r| {
+                    r.registry == reference.registry && r.repository == reference.repository
+                });
+            let daemon = daemons.iter().find(|d| d.id == instance.daemon_id);
+            let (true, Some(daemon)) = (same_repository, daemon) else {
+                continue;
+            };
+            let request = self.mount_request(&instance.image, instance.seq);
+            match DaemonClient::new(&daemon.apisock)
+                .remount(&instance.mountpoint, &request)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(daemon_id = %daemon.id, image_ref = %instance.image.image_ref, "credentials handed to the daemon")
+                }
+                Err(error) => {
+                    tracing::warn!(daemon_id = %daemon.id, image_ref = %instance.image.image_ref, %error, "cannot hand new credentials to the daemon")
+                }
+            }
+        }
+    }
+
     /// Mounts an instance of `image` in its daemon, starting the daemon first
     /// when needed.
     async fn mount_instance(
@@ -272,16 +336,7 @@ impl DaemonManager {
             _ => self.launch(state, wanted, false).await?,
         };
         let mountpoint = self.instance_mountpoint(&daemon, image);
-        let request = MountRequest {
-            source: image.bootstrap_path.clone(),
-            config: InstanceConfig {
-                blob_source: image.blob_source.clone(),
-                plain_http: image.plain_http,
-                docker_config: self.config.registry.docker_config.clone(),
-            },
-            seq,
-            image_ref: Some(image.image_ref.clone()),
-        };
+        let request = self.mount_request(image, seq);
         let client = DaemonClient::new(&daemon.apisock);
         client.mount(&mountpoint, &request).await.map_err(|e| {
             DaemonError::daemon(&daemon.id, format!("mount {}: {e}", mountpoint.display()))

@@ -287,6 +287,7 @@ impl ModeFsd {
             },
             seq,
             image_ref: None,
+            credentials: None,
         }
     }
 
