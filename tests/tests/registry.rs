@@ -491,3 +491,90 @@ async fn layout_pushed_with_skopeo_reads_back_unchanged() {
         ]
     );
 }
+
+/// `lodectl convert` of a private image with credentials only from a docker
+/// credential helper (`credHelpers`, then `credsStore`): a script on the
+/// process's PATH answering as docker-credential-helpers do.
+#[test]
+fn lodectl_reads_and_writes_a_private_registry_through_a_credential_helper() {
+    let Some(lodectl) = lode_tests::Lodectl::find() else {
+        skip_unless(false, "lodectl is not built");
+        return;
+    };
+    if !skip_unless(Registry::available(), "docker-registry is not installed")
+        || !skip_unless(skopeo_available(), "skopeo is not installed")
+    {
+        return;
+    }
+    let registry = Registry::start_with_auth("helped", "from-the-helper").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    OciLayoutBuilder::new()
+        .layer(Layer::gzip(vec![TarEntry::file("secret", "s")]))
+        .write(&layout, "v1")
+        .unwrap();
+    let source = registry.reference("lode/helped:v1");
+    skopeo_copy_with_creds(&layout, "v1", &source, registry.credentials()).unwrap();
+
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let asked = dir.path().join("asked");
+    let helper = bin.join("docker-credential-lodetest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\necho \"$server\" >> {asked}\n\
+             [ \"$server\" = \"{host}\" ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\n\
+             echo '{{\"ServerURL\":\"{host}\",\"Username\":\"helped\",\"Secret\":\"from-the-helper\"}}'\n",
+            asked = asked.display(),
+            host = registry.host(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (n, config) in [
+        format!(
+            r#"{{"credHelpers": {{"{}": "lodetest"}}}}"#,
+            registry.host()
+        ),
+        r#"{"credsStore": "lodetest"}"#.to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let config_dir = dir.path().join(format!("docker{n}"));
+        std::fs::create_dir(&config_dir).unwrap();
+        std::fs::write(config_dir.join("config.json"), config).unwrap();
+        let mut helped = lodectl.clone();
+        helped.env.push(("PATH".into(), path.clone().into()));
+        helped
+            .env
+            .push(("DOCKER_CONFIG".into(), config_dir.into_os_string()));
+        let target = registry.reference(&format!("lode/helped:lode{n}"));
+        helped
+            .convert(&source, &target, None)
+            .unwrap_or_else(|e| panic!("{config}: {e}"));
+        let asked = std::fs::read_to_string(&asked).unwrap();
+        assert!(asked.lines().all(|l| l == registry.host()), "{asked}");
+    }
+    // Without the helper the registry refuses.
+    let mut anonymous = lodectl.clone();
+    anonymous.env.push((
+        "DOCKER_CONFIG".into(),
+        dir.path().join("none").into_os_string(),
+    ));
+    let run = anonymous
+        .convert_run(&source, &registry.reference("lode/helped:none"), None)
+        .unwrap();
+    assert!(!run.success);
+    assert!(
+        run.stderr.to_lowercase().contains("denied") || run.stderr.contains("401"),
+        "{}",
+        run.stderr
+    );
+}
