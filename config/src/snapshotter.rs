@@ -252,6 +252,11 @@ pub struct SnapshotterRegistryConfig {
     pub plain_http_hosts: Vec<String>,
     /// Mirrors per registry host, tried in order before the host itself.
     pub mirrors: Vec<MirrorConfig>,
+    /// containerd's registry host directory (its CRI plugin's
+    /// `registry.config_path`, e.g. `/etc/containerd/certs.d`): the
+    /// `hosts.toml` files there say where each registry's content is
+    /// fetched from, host by host, request by request.
+    pub config_path: Option<PathBuf>,
     /// Docker-style credentials file (`auths`); defaults to
     /// `$HOME/.docker/config.json` when unset.
     pub docker_config: Option<PathBuf>,

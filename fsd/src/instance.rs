@@ -85,7 +85,12 @@ impl Resources<'_> {
     fn backend(&self, request: &MountRequest) -> Result<Arc<dyn BlobBackend>, InstanceError> {
         let source: BlobSource = request.config.blob_source.parse()?;
         let config = self.config_for(request);
-        Ok(source.open(&config.registry, request.credentials.as_ref(), self.runtime)?)
+        Ok(source.open(
+            &config.registry,
+            request.credentials.as_ref(),
+            &request.config.hosts,
+            self.runtime,
+        )?)
     }
 }
 

@@ -134,6 +134,7 @@ fn main() -> anyhow::Result<()> {
                 blob_source: source.to_string(),
                 plain_http: args.plain_http,
                 docker_config: None,
+                hosts: Vec::new(),
             },
             seq: 1,
             image_ref: None,

@@ -19,6 +19,11 @@ pub struct LodeImage {
     pub blob_source: String,
     /// Whether that registry is reached over plain HTTP.
     pub plain_http: bool,
+    /// Where the data blobs are fetched from, in order, request by request
+    /// (mirrors, then the registry); empty in records of earlier versions:
+    /// the registry alone.
+    #[serde(default)]
+    pub hosts: Vec<lode_common::registry::RegistryHost>,
 }
 
 #[derive(Debug, thiserror::Error)]

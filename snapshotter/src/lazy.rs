@@ -12,7 +12,8 @@ use lode_common::contract::{
 };
 use lode_common::image::{self, ImageError, LodeManifest};
 use lode_common::registry::{
-    Credentials, Reference, RegistryClient, RegistryError, RegistryOptions,
+    hosts_for, Capability, Credentials, HostClients, HostsError, Reference, RegistryError,
+    RegistryHost, RegistryOptions,
 };
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
@@ -34,6 +35,16 @@ pub enum LazyError {
     },
     #[error("registry client: {0}")]
     Client(#[from] RegistryError),
+    #[error("registry hosts: {0}")]
+    Hosts(#[from] HostsError),
+}
+
+fn no_host(reference: &Reference, capability: &str) -> ImageError {
+    ImageError::Registry(RegistryError::Request {
+        reference: reference.to_string(),
+        what: "registry hosts".to_owned(),
+        message: format!("no host has the capability {capability:?}"),
+    })
 }
 
 /// What a prepared layer turned out to be.
@@ -83,16 +94,16 @@ pub struct LazyLayers {
     /// Manifests by reference, so that the layers of one pull cost one
     /// manifest request. `None` records "not a Lode image".
     manifests: Mutex<HashMap<String, Option<LodeManifest>>>,
-    /// One client per registry host and scheme, so that the layers of a
-    /// pull share its connections and token; rebuilt when its docker config
-    /// file changes (a `docker login` after it was built).
-    /// Keyed also by the credentials a CRI pull gave for the repository.
-    clients: Mutex<HashMap<ClientKey, RegistryClient>>,
+    /// Clients of each registry's hosts, so that the layers of a pull
+    /// share connections and tokens; keyed also by the credentials a CRI
+    /// pull gave for the repository, and rebuilt when the docker config
+    /// file changes (a `docker login` after they were built).
+    clients: Mutex<HashMap<ClientKey, Arc<HostClients>>>,
     keychain: Arc<Keychain>,
 }
 
-/// Registry host, plain HTTP, and the credentials given for the repository.
-type ClientKey = (String, bool, Option<Credentials>);
+/// Registry, and the credentials given for the repository.
+type ClientKey = (String, Option<Credentials>);
 
 impl LazyLayers {
     pub fn new(
@@ -109,25 +120,49 @@ impl LazyLayers {
         }
     }
 
-    fn client(&self, reference: &Reference) -> Result<RegistryClient, LazyError> {
-        let plain_http = self.registry.is_plain_http(reference.host());
-        let given = self.keychain.get(reference);
-        let key = (reference.registry.clone(), plain_http, given.clone());
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(client) = clients.get(&key).filter(|c| c.credentials_current()) {
-            return Ok(client.clone());
+    /// Where `reference`'s content is fetched from, in order: the
+    /// `[[registry.mirrors]]` of its registry, then what containerd's
+    /// `hosts.toml` for it says (`registry.config_path`), which ends with
+    /// the registry itself.
+    fn hosts(&self, reference: &Reference) -> Result<Vec<RegistryHost>, LazyError> {
+        let plain = |host: &str| {
+            let bare = host.rsplit_once(':').map_or(host, |(name, _)| name);
+            self.registry.is_plain_http(bare) || self.registry.is_plain_http(host)
+        };
+        let mut hosts: Vec<RegistryHost> = self
+            .registry
+            .mirrors
+            .iter()
+            .filter(|m| m.host == reference.registry)
+            .flat_map(|m| m.endpoints.iter())
+            .map(|endpoint| RegistryHost::origin(endpoint, plain(endpoint)))
+            .collect();
+        let own = plain(&reference.registry);
+        match &self.registry.config_path {
+            Some(dir) => hosts.extend(hosts_for(dir, &reference.registry, own)?),
+            None => hosts.push(RegistryHost::origin(&reference.registry, own)),
         }
-        let client = RegistryClient::new(RegistryOptions {
-            plain_http,
+        Ok(hosts)
+    }
+
+    fn clients(&self, reference: &Reference) -> Result<Arc<HostClients>, LazyError> {
+        let given = self.keychain.get(reference);
+        let key = (reference.registry.clone(), given.clone());
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = clients.get(&key).filter(|c| c.credentials_current()) {
+            return Ok(Arc::clone(found));
+        }
+        let options = RegistryOptions {
             docker_config: self.registry.docker_config.clone(),
             credentials: given
                 .map(|c| (reference.registry.clone(), c))
                 .into_iter()
                 .collect(),
             ..RegistryOptions::default()
-        })?;
-        clients.insert(key, client.clone());
-        Ok(client)
+        };
+        let built = Arc::new(HostClients::new(self.hosts(reference)?, &options)?);
+        clients.insert(key, Arc::clone(&built));
+        Ok(built)
     }
 
     /// Classifies the layer a Prepare with these labels is about. A layer
@@ -140,7 +175,8 @@ impl LazyLayers {
         let Some(layer) = layer_labels(labels)? else {
             return Ok(LayerKind::Plain);
         };
-        let Some((reference, client, manifest)) = self.resolve(&layer.reference).await? else {
+        let clients = self.clients(&layer.reference)?;
+        let Some(manifest) = self.manifest(&clients, &layer.reference).await else {
             return Ok(LayerKind::Plain);
         };
         if manifest.data_blobs.contains(&layer.layer) {
@@ -150,74 +186,82 @@ impl LazyLayers {
             return Ok(LayerKind::Plain);
         }
         let image_ref = layer.reference.to_string();
-        let path =
-            image::fetch_bootstrap(&client, &layer.reference, &manifest, &self.bootstraps_dir)
-                .await
-                .map_err(|source| LazyError::Image {
-                    image_ref: image_ref.clone(),
-                    source,
-                })?;
+        let path = self
+            .fetch_bootstrap(&clients, &layer.reference, &manifest)
+            .await
+            .map_err(|source| LazyError::Image {
+                image_ref: image_ref.clone(),
+                source,
+            })?;
+        let reference = &layer.reference;
         Ok(LayerKind::Bootstrap(LodeImage {
             bootstrap_digest: manifest.bootstrap.to_string(),
             bootstrap_path: path,
             image_ref: labels.get(LABEL_IMAGE_REF).cloned().unwrap_or(image_ref),
             blob_source: format!("registry://{}/{}", reference.registry, reference.repository),
             plain_http: self.registry.is_plain_http(reference.host()),
+            hosts: self.hosts(reference)?,
         }))
     }
 
-    /// The configured mirrors of the reference's registry, then the
-    /// registry itself: the first that has the image serves it (manifest,
-    /// bootstrap and, through the daemon, the data blobs).
-    fn candidates(&self, reference: &Reference) -> Vec<Reference> {
-        let mut candidates: Vec<Reference> = self
-            .registry
-            .mirrors
-            .iter()
-            .filter(|m| m.host == reference.registry)
-            .flat_map(|m| m.endpoints.iter())
-            .map(|endpoint| Reference {
-                registry: endpoint.clone(),
-                ..reference.clone()
-            })
-            .collect();
-        candidates.push(reference.clone());
-        candidates
-    }
-
-    async fn resolve(
+    /// The bootstrap, from the first host that serves it.
+    async fn fetch_bootstrap(
         &self,
+        clients: &HostClients,
         reference: &Reference,
-    ) -> Result<Option<(Reference, RegistryClient, LodeManifest)>, LazyError> {
-        for candidate in self.candidates(reference) {
-            let client = self.client(&candidate)?;
-            if let Some(manifest) = self.manifest(&client, &candidate).await {
-                return Ok(Some((candidate, client, manifest)));
+        manifest: &LodeManifest,
+    ) -> Result<PathBuf, ImageError> {
+        let mut last = None;
+        for attempt in clients.attempts(reference, Capability::Pull) {
+            let fetched = image::fetch_bootstrap(
+                attempt.client,
+                &attempt.reference,
+                manifest,
+                &self.bootstraps_dir,
+            )
+            .await;
+            match fetched {
+                Ok(path) => return Ok(path),
+                Err(ImageError::Registry(e)) => {
+                    clients.failed(&attempt, &e);
+                    last = Some(ImageError::Registry(e));
+                }
+                Err(other) => return Err(other),
             }
         }
-        Ok(None)
+        Err(last.unwrap_or_else(|| no_host(reference, "pull")))
     }
 
-    async fn manifest(
-        &self,
-        client: &RegistryClient,
-        reference: &Reference,
-    ) -> Option<LodeManifest> {
+    /// The image's manifest from the first host that resolves it; `None`
+    /// for an image that is not Lode's (remembered) or that no host could
+    /// give (tried again next time).
+    async fn manifest(&self, clients: &HostClients, reference: &Reference) -> Option<LodeManifest> {
         let key = reference.to_string();
         if let Some(known) = self.lock().get(&key) {
             return known.clone();
         }
-        let resolved = match image::resolve(client, reference).await {
-            Ok(manifest) => Some(manifest),
-            Err(ImageError::NotLode { .. }) => None,
-            Err(error) => {
-                // Not cached: the registry may answer next time.
-                tracing::warn!(image_ref = %key, %error, "cannot read the image manifest; unpacking the layer normally");
-                return None;
-            }
+        let capability = match reference.digest {
+            Some(_) => Capability::Pull,
+            None => Capability::Resolve,
         };
-        self.lock().insert(key, resolved.clone());
-        resolved
+        for attempt in clients.attempts(reference, capability) {
+            match image::resolve(attempt.client, &attempt.reference).await {
+                Ok(manifest) => {
+                    self.lock().insert(key, Some(manifest.clone()));
+                    return Some(manifest);
+                }
+                Err(ImageError::NotLode { .. }) => {
+                    self.lock().insert(key, None);
+                    return None;
+                }
+                Err(ImageError::Registry(e)) => clients.failed(&attempt, &e),
+                Err(error) => {
+                    tracing::warn!(image_ref = %key, host = %attempt.reference.registry, %error, "cannot read the image manifest");
+                }
+            }
+        }
+        tracing::warn!(image_ref = %key, hosts = %clients.describe(), "no host gave the image manifest; unpacking the layer normally");
+        None
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<LodeManifest>>> {
@@ -247,13 +291,49 @@ mod tests {
         };
         let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
         let hosts: Vec<String> = lazy
-            .candidates(&"docker.io/library/app:v1".parse().unwrap())
+            .hosts(&"docker.io/library/app:v1".parse().unwrap())
+            .unwrap()
             .into_iter()
-            .map(|r| r.registry)
+            .map(|h| h.host)
             .collect();
         assert_eq!(hosts, ["mirror.local:5000", "docker.io"]);
-        let other = lazy.candidates(&"quay.io/app:v1".parse().unwrap());
+        let other = lazy.hosts(&"quay.io/app:v1".parse().unwrap()).unwrap();
         assert_eq!(other.len(), 1);
+    }
+
+    #[test]
+    fn containerd_hosts_files_follow_the_mirrors_table() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("reg.io")).unwrap();
+        std::fs::write(
+            dir.path().join("reg.io/hosts.toml"),
+            "server = \"https://reg.io\"\n[host.\"http://cache.local:5000\"]\n",
+        )
+        .unwrap();
+        let registry = SnapshotterRegistryConfig {
+            mirrors: vec![lode_config::MirrorConfig {
+                host: "reg.io".into(),
+                endpoints: vec!["first.local".into()],
+            }],
+            config_path: Some(dir.path().to_owned()),
+            ..Default::default()
+        };
+        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
+        let hosts = lazy.hosts(&"reg.io/app:v1".parse().unwrap()).unwrap();
+        let names: Vec<(&str, bool)> = hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.plain_http))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("first.local", false),
+                ("cache.local:5000", true),
+                ("reg.io", false)
+            ]
+        );
+        let elsewhere = lazy.hosts(&"quay.io/app:v1".parse().unwrap()).unwrap();
+        assert_eq!(elsewhere, vec![RegistryHost::origin("quay.io", false)]);
     }
 
     #[tokio::test]

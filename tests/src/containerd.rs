@@ -48,9 +48,29 @@ pub fn containerd_available() -> bool {
 pub struct CriOptions {
     /// The pause image of every pod (`sandbox_image`).
     pub sandbox_image: String,
-    /// Registries (`host:port`) served over plain HTTP, each described by a
-    /// `hosts.toml` under the plugin's registry `config_path`.
-    pub plain_http_registries: Vec<String>,
+    /// The plugin's registry `config_path`: a `hosts.toml` per registry
+    /// ([`write_hosts_toml`]), read at every pull.
+    pub hosts_dir: PathBuf,
+}
+
+/// Writes `<hosts_dir>/<registry>/hosts.toml` as a node's administrator
+/// would for a registry served over plain HTTP, with `mirrors` (`host:port`,
+/// plain HTTP) tried before it.
+pub fn write_hosts_toml(
+    hosts_dir: &Path,
+    registry: &str,
+    mirrors: &[String],
+) -> Result<(), KitError> {
+    let dir = hosts_dir.join(registry);
+    std::fs::create_dir_all(&dir).map_err(KitError::io(dir.display().to_string()))?;
+    let mut hosts = format!("server = \"http://{registry}\"\n");
+    for host in mirrors.iter().chain(std::iter::once(&registry.to_owned())) {
+        hosts.push_str(&format!(
+            "\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+    let path = dir.join("hosts.toml");
+    std::fs::write(&path, hosts).map_err(KitError::io(path.display().to_string()))
 }
 
 impl Containerd {
@@ -270,19 +290,8 @@ impl Drop for Containerd {
     }
 }
 
-/// The CRI plugin's section of containerd's configuration, and the
-/// `hosts.toml` files it names, written under `dir`.
+/// The CRI plugin's section of containerd's configuration.
 fn cri_config(dir: &Path, cri: &CriOptions) -> Result<String, KitError> {
-    let hosts_dir = dir.join("certs.d");
-    for registry in &cri.plain_http_registries {
-        let host_dir = hosts_dir.join(registry);
-        std::fs::create_dir_all(&host_dir).map_err(KitError::io(host_dir.display().to_string()))?;
-        let hosts = format!(
-            "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        );
-        let path = host_dir.join("hosts.toml");
-        std::fs::write(&path, hosts).map_err(KitError::io(path.display().to_string()))?;
-    }
     // An empty CNI configuration directory: pods use the node's network.
     let cni = dir.join("cni");
     std::fs::create_dir_all(&cni).map_err(KitError::io(cni.display().to_string()))?;
@@ -297,7 +306,7 @@ fn cri_config(dir: &Path, cri: &CriOptions) -> Result<String, KitError> {
          [{cri_plugin}.registry]\n  config_path = \"{hosts}\"\n",
         sandbox = cri.sandbox_image,
         cni = cni.display(),
-        hosts = hosts_dir.display(),
+        hosts = cri.hosts_dir.display(),
     ))
 }
 

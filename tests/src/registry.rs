@@ -73,6 +73,8 @@ pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     credentials: Option<(String, String)>,
+    /// The registry this one is a pull-through cache of (its URL).
+    remote: Option<String>,
     child: Mutex<Option<Child>>,
     markers: AtomicU64,
 }
@@ -85,16 +87,25 @@ impl Registry {
 
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self, KitError> {
-        Self::launch(None)
+        Self::launch(None, None)
+    }
+
+    /// Starts a pull-through cache of `origin` (`proxy.remoteurl`): it
+    /// fetches what it is asked for from `origin` and keeps it.
+    pub fn start_mirror_of(origin: &Registry) -> Result<Self, KitError> {
+        Self::launch(None, Some(origin.url()))
     }
 
     /// Starts a registry requiring HTTP basic authentication (htpasswd with
     /// bcrypt, made by `htpasswd -B` from apache2-utils).
     pub fn start_with_auth(user: &str, password: &str) -> Result<Self, KitError> {
-        Self::launch(Some((user.to_owned(), password.to_owned())))
+        Self::launch(Some((user.to_owned(), password.to_owned())), None)
     }
 
-    fn launch(credentials: Option<(String, String)>) -> Result<Self, KitError> {
+    fn launch(
+        credentials: Option<(String, String)>,
+        remote: Option<String>,
+    ) -> Result<Self, KitError> {
         if !Self::available() {
             return Err(KitError::Invalid(format!(
                 "{DOCKER_REGISTRY} not found (apt-get install docker-registry)"
@@ -111,6 +122,7 @@ impl Registry {
             dir,
             port: 0,
             credentials,
+            remote,
             child: Mutex::new(None),
             markers: AtomicU64::new(0),
         };
@@ -137,13 +149,17 @@ impl Registry {
             ),
             None => String::new(),
         };
+        let proxy = match &self.remote {
+            Some(url) => format!("proxy:\n  remoteurl: {url}\n"),
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: 127.0.0.1:{}\n  secret: lode-test-secret\n\
-             {auth}",
+             {auth}{proxy}",
             storage.display(),
             self.port
         );

@@ -25,6 +25,8 @@ pub struct SnapshotterOptions {
     /// Serve the CRI image service proxy on [`Snapshotter::cri_socket`],
     /// forwarding to the socket [`Snapshotter::link_containerd`] names.
     pub cri_proxy: bool,
+    /// containerd's registry hosts directory (`[registry] config_path`).
+    pub registry_config_path: Option<PathBuf>,
 }
 
 impl Default for SnapshotterOptions {
@@ -34,6 +36,7 @@ impl Default for SnapshotterOptions {
             recover_policy: "failover",
             fsd_config: None,
             cri_proxy: false,
+            registry_config_path: None,
         }
     }
 }
@@ -65,6 +68,11 @@ impl Snapshotter {
             .as_ref()
             .map(|c| format!("config = \"{}\"\n", c.display()))
             .unwrap_or_default();
+        let hosts = options
+            .registry_config_path
+            .as_ref()
+            .map(|dir| format!("[registry]\nconfig_path = \"{}\"\n", dir.display()))
+            .unwrap_or_default();
         let cri = if options.cri_proxy {
             format!(
                 "[cri]\nimage_service_address = \"{}\"\ncontainerd_address = \"{}\"\n",
@@ -77,7 +85,7 @@ impl Snapshotter {
         let config = format!(
             "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
              recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
-             [metrics]\naddress = \"127.0.0.1:0\"\n{cri}",
+             [metrics]\naddress = \"127.0.0.1:0\"\n{cri}{hosts}",
             root = dir.path().join("root").display(),
             socket = dir.path().join("lode.sock").display(),
             mode = options.daemon_mode,

@@ -17,7 +17,8 @@ use lode_common::Digest;
 use sha2::{Digest as _, Sha256};
 
 use crate::containerd::{
-    containerd_available, push_busybox_image, push_pause_image, Containerd, CriOptions,
+    containerd_available, push_busybox_image, push_pause_image, write_hosts_toml, Containerd,
+    CriOptions,
 };
 use crate::lode::Run;
 use crate::lode::{
@@ -66,6 +67,9 @@ pub struct Node {
     /// The docker config `lodectl` reads the registry's credentials from,
     /// if it wants any.
     _docker_config: Option<tempfile::TempDir>,
+    /// containerd's registry hosts directory, which Lode reads too (CRI
+    /// nodes only).
+    hosts_dir: Option<tempfile::TempDir>,
 }
 
 /// Starts a node, or prints why the test is skipped and returns `None`.
@@ -87,7 +91,11 @@ pub fn private_cri_node(options: SnapshotterOptions, user: &str, password: &str)
     start_node(options, true, Some((user, password)))
 }
 
-fn start_node(options: SnapshotterOptions, cri: bool, auth: Option<(&str, &str)>) -> Option<Node> {
+fn start_node(
+    mut options: SnapshotterOptions,
+    cri: bool,
+    auth: Option<(&str, &str)>,
+) -> Option<Node> {
     if !require_root()
         || !skip_unless(containerd_available(), "containerd, ctr or runc missing")
         || !skip_unless(Registry::available(), "docker-registry missing")
@@ -114,10 +122,16 @@ fn start_node(options: SnapshotterOptions, cri: bool, auth: Option<(&str, &str)>
             .push(("DOCKER_CONFIG".into(), dir.path().as_os_str().to_owned()));
         dir
     });
+    let hosts_dir = cri.then(|| {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        write_hosts_toml(dir.path(), &registry.host(), &[]).unwrap();
+        options.registry_config_path = Some(dir.path().to_owned());
+        dir
+    });
     let snapshotter = Snapshotter::start(&options).unwrap();
-    let cri = cri.then(|| CriOptions {
+    let cri = hosts_dir.as_ref().map(|dir| CriOptions {
         sandbox_image: push_pause_image(&registry).unwrap().to_string(),
-        plain_http_registries: vec![registry.host()],
+        hosts_dir: dir.path().to_owned(),
     });
     let containerd = Containerd::start_with(Some(&snapshotter.socket()), cri.as_ref()).unwrap();
     if options.cri_proxy {
@@ -129,6 +143,7 @@ fn start_node(options: SnapshotterOptions, cri: bool, auth: Option<(&str, &str)>
         snapshotter,
         registry,
         _docker_config: docker_config,
+        hosts_dir,
     })
 }
 
@@ -204,6 +219,13 @@ fn build_app(
 }
 
 impl Node {
+    /// Makes containerd and Lode fetch the node registry's content from
+    /// `mirrors` first (its `hosts.toml`, read at the next pull).
+    pub fn use_mirrors(&self, mirrors: &[String]) {
+        let dir = self.hosts_dir.as_ref().expect("a CRI node");
+        write_hosts_toml(dir.path(), &self.registry.host(), mirrors).unwrap();
+    }
+
     /// Builds, pushes and converts another image named `name`, whose
     /// `/data/big` has `big_size` bytes from `big_seed`.
     pub fn add_app(&self, name: &str, big_size: u64, big_seed: u64) -> App {

@@ -427,6 +427,7 @@ fn api_driven_upgrade_and_recovery_of_a_shared_daemon() {
             blob_source: image.blob_source.clone(),
             plain_http: false,
             docker_config: None,
+            hosts: Vec::new(),
         },
         seq: 7,
         image_ref: Some("127.0.0.1:5000/failover:v1".into()),

@@ -113,6 +113,11 @@ pub struct InstanceConfig {
     /// Docker config file with registry credentials (default: the daemon's).
     #[serde(default)]
     pub docker_config: Option<PathBuf>,
+    /// The hosts to fetch from, in order, request by request (a
+    /// `hosts.toml`'s mirrors, then the registry); empty: the blob
+    /// source's registry alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<crate::registry::RegistryHost>,
 }
 
 /// Body of `POST` and `PUT /api/v1/mount?mountpoint=P`.

@@ -10,6 +10,7 @@ mod credential_helper;
 mod credentials;
 #[cfg(test)]
 mod fake_server;
+mod hosts;
 mod pull;
 mod push;
 mod reference;
@@ -19,6 +20,7 @@ mod tls;
 mod transport;
 
 pub use credentials::Credentials;
+pub use hosts::{hosts_for, Attempt, Capability, HostClients, HostsError, RegistryHost};
 pub use reference::{Reference, ReferenceError};
 
 use std::collections::HashMap;
@@ -46,6 +48,8 @@ pub struct RegistryOptions {
     /// Credentials by registry (`host[:port]`), given in memory (a CRI
     /// pull's); used for those registries instead of the docker config's.
     pub credentials: HashMap<String, Credentials>,
+    /// Headers sent with every request (a `hosts.toml` host's `header`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for RegistryOptions {
@@ -56,6 +60,7 @@ impl Default for RegistryOptions {
             max_retries: 3,
             docker_config: None,
             credentials: HashMap::new(),
+            headers: Vec::new(),
         }
     }
 }

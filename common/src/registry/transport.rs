@@ -221,8 +221,17 @@ impl Transport {
     pub(crate) fn new(options: RegistryOptions, auth: Authenticator) -> Result<Self, String> {
         let tls = super::tls::client_config()
             .map_err(|e| format!("cannot set up TLS for the HTTP client: {e}"))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &options.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("header {name:?}: {e}"))?;
+            let value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|e| format!("header {name}: {e}"))?;
+            headers.append(name, value);
+        }
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .default_headers(headers)
             .user_agent(USER_AGENT)
             .connect_timeout(options.request_timeout)
             // Detects a stalled body even on transfers without a total deadline.

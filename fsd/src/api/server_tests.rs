@@ -67,6 +67,7 @@ async fn typed_client_over_the_socket() {
             blob_source: "dir:///nonexistent".into(),
             plain_http: false,
             docker_config: None,
+            hosts: Vec::new(),
         },
         seq: 0,
         image_ref: None,

@@ -101,6 +101,7 @@ fn saved_request(state: &InstanceState) -> Result<MountRequest, HostError> {
             blob_source: state.blob_source.clone(),
             plain_http: config.registry.plain_http,
             docker_config: config.registry.docker_config,
+            hosts: Vec::new(),
         },
         seq: u32::try_from(state.seq).map_err(|_| HostError::SavedState {
             id: state.id.clone(),
@@ -135,6 +136,7 @@ mod tests {
                 blob_source: "dir:///blobs".into(),
                 plain_http: true,
                 docker_config: None,
+                hosts: Vec::new(),
             },
             seq: 7,
             image_ref: Some("r".into()),

@@ -29,6 +29,7 @@ pub(super) fn request(source: &Path, blob_source: &str, seq: u32) -> MountReques
             blob_source: blob_source.into(),
             plain_http: false,
             docker_config: None,
+            hosts: Vec::new(),
         },
         seq,
         image_ref: Some("example/app:1".into()),

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use lode_common::format::BlobRecord;
 use lode_common::registry::{
-    Credentials, Reference, RegistryClient, RegistryError, RegistryOptions,
+    Capability, Credentials, HostClients, Reference, RegistryError, RegistryHost, RegistryOptions,
 };
 use lode_config::RegistryConfig;
 
@@ -152,16 +152,26 @@ impl fmt::Display for BlobSource {
 
 impl BlobSource {
     /// The backend reading from this source; registry requests run on `runtime`.
-    /// `credentials`, if given, are the registry's.
+    /// `credentials`, if given, are the registry's; `hosts`, if any, are
+    /// where to fetch from in order (else the registry itself).
     pub fn open(
         &self,
         registry: &RegistryConfig,
         credentials: Option<&Credentials>,
+        hosts: &[RegistryHost],
         runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<dyn BlobBackend>, RegistryError> {
         Ok(match self {
             BlobSource::Registry(reference) => {
-                let client = RegistryClient::new(RegistryOptions {
+                let hosts = if hosts.is_empty() {
+                    vec![RegistryHost::origin(
+                        &reference.registry,
+                        registry.plain_http,
+                    )]
+                } else {
+                    hosts.to_vec()
+                };
+                let options = RegistryOptions {
                     plain_http: registry.plain_http,
                     request_timeout: registry.request_timeout(),
                     max_retries: registry.max_retries,
@@ -170,9 +180,10 @@ impl BlobSource {
                         .map(|c| (reference.registry.clone(), c.clone()))
                         .into_iter()
                         .collect(),
-                })?;
+                    headers: Vec::new(),
+                };
                 Arc::new(RegistryBackend::new(
-                    client,
+                    HostClients::new(hosts, &options)?,
                     reference.clone(),
                     runtime.clone(),
                 ))
@@ -281,21 +292,18 @@ impl BlobBackend for DirBackend {
     }
 }
 
-/// Range requests against one registry repository, run on the daemon's runtime.
+/// Range requests against one registry repository, run on the daemon's
+/// runtime, host after host (mirrors, then the registry) request by request.
 pub struct RegistryBackend {
-    client: RegistryClient,
+    hosts: HostClients,
     reference: Reference,
     runtime: tokio::runtime::Handle,
 }
 
 impl RegistryBackend {
-    pub fn new(
-        client: RegistryClient,
-        reference: Reference,
-        runtime: tokio::runtime::Handle,
-    ) -> Self {
+    pub fn new(hosts: HostClients, reference: Reference, runtime: tokio::runtime::Handle) -> Self {
         Self {
-            client,
+            hosts,
             reference,
             runtime,
         }
@@ -314,20 +322,45 @@ impl BlobBackend for RegistryBackend {
         // The request runs on this (non-runtime) thread inside the runtime's
         // context, so its I/O is driven by the runtime and no tokio worker
         // ever waits for us (nor for `sink`).
-        self.runtime.block_on(self.client.pull_blob_range_with(
-            &self.reference,
-            &blob.digest,
-            offset,
-            len,
-            sink,
-        ))?;
-        Ok(())
+        // A host failing mid-range hands the rest of the range to the next.
+        let mut done = 0u64;
+        let mut last = None;
+        for attempt in self.hosts.attempts(&self.reference, Capability::Pull) {
+            let (start, rest) = (offset + done, len - done);
+            let mut counted = |piece: &[u8]| {
+                done += piece.len() as u64;
+                sink(piece);
+            };
+            let result = self.runtime.block_on(attempt.client.pull_blob_range_with(
+                &attempt.reference,
+                &blob.digest,
+                start,
+                rest,
+                &mut counted,
+            ));
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.hosts.failed(&attempt, &e);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| RegistryError::Request {
+                reference: self.reference.to_string(),
+                what: format!("blob {}", blob.digest),
+                message: "no host can serve content (capability \"pull\")".to_owned(),
+            })
+            .into())
     }
 
     fn describe(&self) -> String {
         format!(
-            "registry://{}/{}",
-            self.reference.registry, self.reference.repository
+            "registry://{}/{} via {}",
+            self.reference.registry,
+            self.reference.repository,
+            self.hosts.describe()
         )
     }
 }

@@ -268,6 +268,7 @@ impl DaemonManager {
                 blob_source: image.blob_source.clone(),
                 plain_http: image.plain_http,
                 docker_config: self.config.registry.docker_config.clone(),
+                hosts: image.hosts.clone(),
             },
             seq,
             image_ref: Some(image.image_ref.clone()),

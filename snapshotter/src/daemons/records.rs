@@ -159,6 +159,7 @@ mod tests {
             image_ref: "r".into(),
             blob_source: "registry://h/r".into(),
             plain_http: true,
+            hosts: Vec::new(),
         }
     }
 

@@ -284,6 +284,7 @@ impl ModeFsd {
                 blob_source: self.options.blob_source.clone(),
                 plain_http: self.options.plain_http,
                 docker_config: None,
+                hosts: Vec::new(),
             },
             seq,
             image_ref: None,

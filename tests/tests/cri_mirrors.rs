@@ -1,0 +1,132 @@
+//! containerd's registry host configuration, shared by containerd and Lode:
+//! a pull-through cache (`docker-registry` with `proxy.remoteurl`) in front
+//! of the registry, named once in the registry's `hosts.toml`. Containers
+//! run through containerd's CRI plugin. Root only.
+
+use std::time::Duration;
+
+use k8s_cri::v1::ContainerState;
+use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
+use lode_common::Digest;
+use lode_tests::cri::{container, host_network_pod, CriClient};
+use lode_tests::snapshotter::SnapshotterOptions;
+use lode_tests::stack::{cri_node, sha256_hex};
+use lode_tests::{pseudo_random_bytes, wait_until, Registry};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Range and blob requests Lode sent to `registry` for `digest` (a mirror
+/// forwards what it lacks with the client's user agent, so the registry
+/// behind it counts those too).
+fn lode_requests(registry: &Registry, digest: &Digest) -> usize {
+    registry
+        .requests_for(&digest.to_string())
+        .iter()
+        .filter(|e| e.user_agent.starts_with("lode/"))
+        .count()
+}
+
+/// Pulls `blobs` of `image` through `mirror`, as other nodes would have:
+/// the mirror then has them.
+fn warm(mirror: &Registry, image: &Reference, blobs: &[Digest]) {
+    let client = RegistryClient::new(RegistryOptions::default()).unwrap();
+    let through = Reference {
+        registry: mirror.host(),
+        ..image.clone()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for digest in blobs {
+        rt.block_on(client.pull_blob(&through, digest)).unwrap();
+    }
+}
+
+fn exec_sha(cri: &CriClient, id: &str, offset: u64, len: u64) -> String {
+    let script = format!(
+        "tail -c +{} /data/big | head -c {len} | sha256sum",
+        offset + 1
+    );
+    let exec = cri.exec_sync(id, &["sh", "-c", &script]).unwrap();
+    let stderr = String::from_utf8_lossy(&exec.stderr);
+    assert_eq!(exec.exit_code, 0, "{stderr}");
+    String::from_utf8_lossy(&exec.stdout).into_owned()
+}
+
+fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'static str) {
+    let Some(node) = cri_node(SnapshotterOptions {
+        daemon_mode: mode,
+        ..SnapshotterOptions::default()
+    }) else {
+        return;
+    };
+    let mirror = Registry::start_mirror_of(&node.registry).unwrap();
+    node.use_mirrors(&[mirror.host()]);
+    let app = node.add_app("mirrored", 24 << 20, 17);
+    let manifest = node.lode_manifest(&app.lode);
+    warm(&mirror, &app.lode, &manifest.data_blobs);
+    let data = &manifest.data_blobs;
+    let from = |registry: &Registry| {
+        data.iter()
+            .map(|d| lode_requests(registry, d))
+            .sum::<usize>()
+    };
+    let warming = from(&node.registry);
+
+    let logs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cri = CriClient::connect(node.containerd.socket()).unwrap();
+    let pod = host_network_pod("mirrored", logs.path());
+    let pod_id = cri
+        .run_pod(&pod)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
+    let lode = app.lode.to_string();
+    cri.pull(&lode, None, &pod)
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+    assert!(
+        lode_requests(&mirror, &manifest.bootstrap) > 0,
+        "Lode fetched the bootstrap through the mirror"
+    );
+
+    let sleeper = cri
+        .start_container(
+            &pod_id,
+            container("reader", &lode, &["sleep", "1000"]),
+            &pod,
+        )
+        .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
+    wait_until(TIMEOUT, "the container to run", || {
+        cri.status(&sleeper)
+            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
+    })
+    .unwrap();
+    let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+    assert!(exec_sha(&cri, &sleeper, 0, 65536).contains(&head));
+    assert!(from(&mirror) > 0, "the daemon read through the mirror");
+    assert_eq!(
+        from(&node.registry),
+        warming,
+        "and the mirror had the data: the registry served none"
+    );
+
+    // The mirror dies while the container runs: its reads go on from the
+    // registry, without an error.
+    mirror.stop();
+    let tail = app.big_size - 65536;
+    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
+    assert!(exec_sha(&cri, &sleeper, tail, 65536).contains(&expected));
+    let middle = app.big_size / 2;
+    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, middle, 65536));
+    assert!(exec_sha(&cri, &sleeper, middle, 65536).contains(&expected));
+    assert!(
+        from(&node.registry) > warming,
+        "the registry served what the mirror could not"
+    );
+}
+
+#[test]
+fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies_shared() {
+    reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies("shared");
+}
+
+#[test]
+fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies_dedicated() {
+    reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies("dedicated");
+}
