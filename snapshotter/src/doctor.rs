@@ -203,6 +203,49 @@ fn cri(config: &toml::Table) -> Vec<Finding> {
     findings
 }
 
+/// Whether Lode reads the registry hosts containerd's CRI plugin reads
+/// (`registry.config_path`), so that mirrors are described once; `None`
+/// when containerd names none (or its configuration does not parse, which
+/// [`containerd_config`] reports).
+pub fn registry_hosts(containerd: &str, lode: Option<&Path>) -> Option<Finding> {
+    const CHECK: &str = "registry hosts";
+    let config: toml::Table = containerd.parse().ok()?;
+    let theirs = config
+        .get("plugins")?
+        .get(CRI_PLUGIN)?
+        .get("registry")?
+        .get("config_path")?
+        .as_str()
+        .filter(|p| !p.is_empty())?;
+    let fix = format!(
+        "set config_path = \"{theirs}\" under [registry] in the snapshotter's configuration"
+    );
+    Some(match lode {
+        Some(ours) if ours == Path::new(theirs) => Finding::ok(
+            CHECK,
+            format!("containerd and Lode read the hosts.toml files under {theirs}"),
+        ),
+        Some(ours) => Finding::bad(
+            Level::Warn,
+            CHECK,
+            format!(
+                "containerd reads registry hosts under {theirs}, Lode under {}: their mirrors differ",
+                ours.display()
+            ),
+            fix,
+        ),
+        None => Finding::bad(
+            Level::Warn,
+            CHECK,
+            format!(
+                "containerd reads registry hosts (mirrors) under {theirs}, Lode does not: \
+                 Lode's reads go to each registry directly"
+            ),
+            fix,
+        ),
+    })
+}
+
 /// Whether a unix socket at `path` accepts connections; `private` also
 /// wants it readable and writable by its owner only.
 pub fn socket(check: &'static str, path: &Path, private: bool, fix: &str) -> Finding {
@@ -365,6 +408,30 @@ mod tests {
         let warn: Vec<_> = found.iter().filter(|f| f.level == Level::Warn).collect();
         assert_eq!(warn.len(), 1, "{found:#?}");
         assert!(warn[0].message.contains("overlayfs"));
+    }
+
+    #[test]
+    fn containerds_registry_hosts_should_be_lodes() {
+        let with = format!(
+            "{SAMPLE}\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n"
+        );
+        assert!(
+            registry_hosts(SAMPLE, None).is_none(),
+            "containerd names none"
+        );
+        let same = registry_hosts(&with, Some(Path::new("/etc/containerd/certs.d"))).unwrap();
+        assert_eq!(same.level, Level::Ok);
+        for lode in [None, Some(Path::new("/elsewhere"))] {
+            let found = registry_hosts(&with, lode).unwrap();
+            assert_eq!(found.level, Level::Warn);
+            assert!(
+                found
+                    .fix
+                    .unwrap()
+                    .contains("config_path = \"/etc/containerd/certs.d\""),
+                "{lode:?}"
+            );
+        }
     }
 
     #[test]

@@ -69,11 +69,17 @@ fn findings(args: &DoctorArgs) -> Vec<Finding> {
         SnapshotterConfig::default()
     };
     match std::fs::read_to_string(&args.containerd_config) {
-        Ok(text) => findings.extend(doctor::containerd_config(
-            &text,
-            &args.containerd_config,
-            &config.address,
-        )),
+        Ok(text) => {
+            findings.extend(doctor::containerd_config(
+                &text,
+                &args.containerd_config,
+                &config.address,
+            ));
+            findings.extend(doctor::registry_hosts(
+                &text,
+                config.registry.config_path.as_deref(),
+            ));
+        }
         Err(e) => findings.push(Finding::bad(
             Level::Fail,
             "containerd config",
@@ -93,6 +99,14 @@ fn findings(args: &DoctorArgs) -> Vec<Finding> {
         true,
         "start lode-snapshotter (misc/lode-snapshotter.service), or pass --config with its configuration",
     ));
+    if let Some(proxy) = &config.cri.image_service_address {
+        findings.push(doctor::socket(
+            "snapshotter: CRI image service",
+            proxy,
+            true,
+            "start lode-snapshotter; kubelet's --image-service-endpoint points at this socket",
+        ));
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     findings.extend(doctor::kernel(
         release.trim(),
