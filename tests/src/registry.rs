@@ -75,6 +75,8 @@ pub struct Registry {
     credentials: Option<(String, String)>,
     /// The registry this one is a pull-through cache of (its URL).
     remote: Option<String>,
+    /// Served over HTTPS with a self-signed certificate ([`Self::ca_path`]).
+    tls: bool,
     child: Mutex<Option<Child>>,
     markers: AtomicU64,
 }
@@ -87,24 +89,32 @@ impl Registry {
 
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self, KitError> {
-        Self::launch(None, None)
+        Self::launch(None, None, false)
+    }
+
+    /// Starts a registry served over HTTPS only, with a certificate for
+    /// 127.0.0.1 signed by nobody but itself ([`Self::ca_path`]; made by
+    /// `openssl`).
+    pub fn start_with_tls() -> Result<Self, KitError> {
+        Self::launch(None, None, true)
     }
 
     /// Starts a pull-through cache of `origin` (`proxy.remoteurl`): it
     /// fetches what it is asked for from `origin` and keeps it.
     pub fn start_mirror_of(origin: &Registry) -> Result<Self, KitError> {
-        Self::launch(None, Some(origin.url()))
+        Self::launch(None, Some(origin.url()), false)
     }
 
     /// Starts a registry requiring HTTP basic authentication (htpasswd with
     /// bcrypt, made by `htpasswd -B` from apache2-utils).
     pub fn start_with_auth(user: &str, password: &str) -> Result<Self, KitError> {
-        Self::launch(Some((user.to_owned(), password.to_owned())), None)
+        Self::launch(Some((user.to_owned(), password.to_owned())), None, false)
     }
 
     fn launch(
         credentials: Option<(String, String)>,
         remote: Option<String>,
+        tls: bool,
     ) -> Result<Self, KitError> {
         if !Self::available() {
             return Err(KitError::Invalid(format!(
@@ -123,6 +133,7 @@ impl Registry {
             port: 0,
             credentials,
             remote,
+            tls,
             child: Mutex::new(None),
             markers: AtomicU64::new(0),
         };
@@ -149,6 +160,16 @@ impl Registry {
             ),
             None => String::new(),
         };
+        let tls = if self.tls {
+            self.make_certificate()?;
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                self.dir.path().join("cert.pem").display(),
+                self.dir.path().join("key.pem").display()
+            )
+        } else {
+            String::new()
+        };
         let proxy = match &self.remote {
             Some(url) => format!("proxy:\n  remoteurl: {url}\n"),
             None => String::new(),
@@ -158,13 +179,75 @@ impl Registry {
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: 127.0.0.1:{}\n  secret: lode-test-secret\n\
+             http:\n  addr: 127.0.0.1:{}\n  secret: lode-test-secret\n{tls}\
              {auth}{proxy}",
             storage.display(),
             self.port
         );
         let path = self.config_path();
         fs::write(&path, config).map_err(KitError::io(format!("write {}", path.display())))
+    }
+
+    /// The authority that signed the registry's certificate (PEM).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A test authority and a server certificate for 127.0.0.1 it signed.
+    fn make_certificate(&self) -> Result<(), KitError> {
+        let dir = self.dir.path();
+        if dir.join("cert.pem").exists() {
+            return Ok(());
+        }
+        let extensions = dir.join("leaf.ext");
+        fs::write(
+            &extensions,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .map_err(KitError::io("write leaf.ext"))?;
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let steps: [Vec<&str>; 3] = [
+            [
+                &["req", "-x509"][..],
+                &key,
+                &["-days", "2", "-subj", "/CN=lode test CA"],
+            ]
+            .concat(),
+            [&["req"][..], &key, &["-subj", "/CN=127.0.0.1"]].concat(),
+            vec!["x509", "-req", "-days", "2", "-CAcreateserial"],
+        ];
+        let files: [&[(&str, &str)]; 3] = [
+            &[("-keyout", "ca.key"), ("-out", "ca.pem")],
+            &[("-keyout", "key.pem"), ("-out", "leaf.csr")],
+            &[
+                ("-in", "leaf.csr"),
+                ("-CA", "ca.pem"),
+                ("-CAkey", "ca.key"),
+                ("-extfile", "leaf.ext"),
+                ("-out", "cert.pem"),
+            ],
+        ];
+        for (args, files) in steps.iter().zip(files) {
+            let mut command = Command::new("openssl");
+            command.args(args).current_dir(dir);
+            for (flag, file) in files {
+                command.arg(flag).arg(file);
+            }
+            let output = command.output().map_err(KitError::io("run openssl"))?;
+            if !output.status.success() {
+                return Err(KitError::Command {
+                    what: format!("openssl {args:?}"),
+                    message: String::from_utf8_lossy(&output.stderr).into_owned(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn config_path(&self) -> PathBuf {
@@ -238,7 +321,8 @@ impl Registry {
 
     /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.host())
     }
 
     /// `127.0.0.1:<port>/<repository_and_tag>` as a reference.
@@ -454,7 +538,12 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response);
-    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    // An HTTPS registry answers plain HTTP with an HTTP/1.0 400: it is up.
+    text.strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))?
+        .get(..3)?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

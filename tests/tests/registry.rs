@@ -578,3 +578,61 @@ fn lodectl_reads_and_writes_a_private_registry_through_a_credential_helper() {
         run.stderr
     );
 }
+
+/// A registry served over HTTPS with a certificate of its own making,
+/// named in a containerd `hosts.toml`: trusted through the file's `ca`, or
+/// with `skip_verify`, and refused without either.
+#[tokio::test]
+async fn a_tls_registry_is_trusted_through_its_hosts_toml() {
+    use lode_common::registry::{hosts_for, Capability, HostClients, TlsOptions};
+    if !skip_unless(Registry::available(), "docker-registry is not installed") {
+        return;
+    }
+    let registry = Registry::start_with_tls().unwrap();
+    let reference = registry.reference("lode/tls:v1");
+    let (data, digest) = blob(21, 4096);
+    let trusting = RegistryClient::new(RegistryOptions {
+        tls: TlsOptions {
+            ca: vec![registry.ca_path()],
+            required: true,
+            ..TlsOptions::default()
+        },
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    trusting
+        .push_blob(&reference, &digest, data.clone())
+        .await
+        .unwrap();
+
+    let certs = tempfile::tempdir().unwrap();
+    let host_dir = certs.path().join(registry.host());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(registry.ca_path(), host_dir.join("registry.pem")).unwrap();
+    let url = format!("https://{}", registry.host());
+    for (settings, trusted) in [
+        ("ca = \"registry.pem\"", true),
+        ("skip_verify = true", true),
+        ("", false),
+    ] {
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"{url}\"\n[host.\"{url}\"]\n{settings}\n"),
+        )
+        .unwrap();
+        let hosts = hosts_for(certs.path(), &registry.host(), true).unwrap();
+        assert!(hosts.iter().all(|h| h.https), "{hosts:?}");
+        let clients =
+            HostClients::new(vec![hosts[0].clone()], &RegistryOptions::default()).unwrap();
+        let attempt = &clients.attempts(&reference, Capability::Pull)[0];
+        let pulled = attempt.client.pull_blob(&attempt.reference, &digest).await;
+        match (trusted, pulled) {
+            (true, Ok(bytes)) => assert_eq!(bytes, data, "{settings}"),
+            (false, Err(e)) => assert!(
+                e.to_string().to_lowercase().contains("certificate"),
+                "refused for its certificate: {e}"
+            ),
+            (_, other) => panic!("{settings}: {other:?}"),
+        }
+    }
+}

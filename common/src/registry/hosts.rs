@@ -4,8 +4,8 @@
 //! it), and clients for those hosts tried in order, request by request.
 //!
 //! A `hosts.toml` lists hosts (`[host."https://mirror:5000"]`, in file
-//! order, each with `capabilities`, `header`) tried before `server` (the
-//! registry itself unless given). A host that fails at the transport level
+//! order, each with `capabilities`, `header`, `ca`, `skip_verify`) tried
+//! before `server` (the registry itself unless given). A host that fails at the transport level
 //! (refused, timed out, 5xx) is passed over for a while, so that a dead
 //! mirror costs each request nothing once noticed.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Reference, RegistryClient, RegistryError, RegistryOptions};
+use super::{Reference, RegistryClient, RegistryError, RegistryOptions, TlsOptions};
 
 /// How long a host that failed at the transport level is passed over.
 const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -37,6 +37,16 @@ pub struct RegistryHost {
     /// Extra request headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Named `https://` (or without a scheme) in a `hosts.toml`: HTTPS even
+    /// on loopback.
+    #[serde(default)]
+    pub https: bool,
+    /// Accept any certificate.
+    #[serde(default)]
+    pub skip_verify: bool,
+    /// Certificate authorities (PEM files) trusted besides the system's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca: Vec<PathBuf>,
 }
 
 impl RegistryHost {
@@ -48,6 +58,9 @@ impl RegistryHost {
             resolve: true,
             pull: true,
             headers: BTreeMap::new(),
+            https: false,
+            skip_verify: false,
+            ca: Vec::new(),
         }
     }
 }
@@ -139,10 +152,21 @@ fn parse(
         };
         let entry: HostEntry = entry.try_into().map_err(|e| bad(e.to_string()))?;
         let (host, plain) = split_url(&url, entry.override_path).map_err(bad)?;
-        if entry.skip_verify || entry.ca.is_some() {
-            tracing::warn!(path = %path.display(), host = %url, "skip_verify and ca are not applied by Lode: the host's certificate is checked against the system's roots");
-        }
         let mut host = capable(host, plain, entry.capabilities.as_deref()).map_err(bad)?;
+        host.skip_verify = entry.skip_verify;
+        // Relative CA paths are relative to the file's directory, as
+        // containerd has them.
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        host.ca = match entry.ca {
+            None => Vec::new(),
+            Some(toml::Value::String(ca)) => vec![dir.join(ca)],
+            Some(toml::Value::Array(cas)) => cas
+                .iter()
+                .map(|v| v.as_str().map(|ca| dir.join(ca)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("ca: not a path or a list of paths".to_owned()))?,
+            Some(_) => return Err(bad("ca: not a path or a list of paths".to_owned())),
+        };
         for (name, value) in entry.header {
             let value = match value {
                 toml::Value::String(s) => s,
@@ -200,12 +224,14 @@ fn split_url(url: &str, override_path: bool) -> Result<(String, bool), String> {
     Ok((host.to_owned(), plain))
 }
 
+/// A host named in a `hosts.toml`, its scheme as written.
 fn capable(
     host: String,
     plain_http: bool,
     caps: Option<&[String]>,
 ) -> Result<RegistryHost, String> {
     let mut found = RegistryHost::origin(&host, plain_http);
+    found.https = !plain_http;
     if let Some(caps) = caps {
         for cap in caps {
             if !matches!(cap.as_str(), "pull" | "resolve" | "push") {
@@ -250,6 +276,11 @@ impl HostClients {
                     plain_http: options.plain_http || host.plain_http,
                     max_retries: if i == last { options.max_retries } else { 0 },
                     headers: host.headers.clone().into_iter().collect(),
+                    tls: TlsOptions {
+                        ca: host.ca.clone(),
+                        skip_verify: host.skip_verify,
+                        required: host.https,
+                    },
                     ..options.clone()
                 })?;
                 Ok(HostClient {
@@ -361,12 +392,33 @@ server = "https://reg.io"
         assert_eq!(found[0].headers["x-token"], "t");
         assert_eq!(found[0].headers["x-list"], "a, b");
         assert!(found[2].resolve && found[2].pull);
+        assert!(!found[0].https && found[1].https && found[2].https);
+    }
+
+    #[test]
+    fn ca_paths_are_relative_to_the_file_and_skip_verify_is_kept() {
+        let found = hosts(
+            "[host.\"https://m\"]\nca = \"m.pem\"\nskip_verify = true\n\
+             [host.\"https://n\"]\nca = [\"/etc/ssl/a.pem\", \"b.pem\"]\n",
+        )
+        .unwrap();
+        assert_eq!(found[0].ca, [PathBuf::from("/certs.d/reg.io/m.pem")]);
+        assert!(found[0].skip_verify && !found[1].skip_verify);
+        assert_eq!(
+            found[1].ca,
+            [
+                PathBuf::from("/etc/ssl/a.pem"),
+                PathBuf::from("/certs.d/reg.io/b.pem")
+            ]
+        );
+        assert!(hosts("[host.\"https://m\"]\nca = 1\n").is_err());
     }
 
     #[test]
     fn without_a_server_the_registry_itself_comes_last() {
         let found = hosts("[host.\"mirror\"]\n").unwrap();
-        assert_eq!(found[0], RegistryHost::origin("mirror", false));
+        assert_eq!(found[0].host, "mirror");
+        assert!(found[0].https, "no scheme means https");
         assert_eq!(found[1], RegistryHost::origin("reg.io", false));
         assert_eq!(
             hosts("").unwrap(),

@@ -22,6 +22,7 @@ mod transport;
 pub use credentials::Credentials;
 pub use hosts::{hosts_for, Attempt, Capability, HostClients, HostsError, RegistryHost};
 pub use reference::{Reference, ReferenceError};
+pub use tls::TlsOptions;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,6 +51,8 @@ pub struct RegistryOptions {
     pub credentials: HashMap<String, Credentials>,
     /// Headers sent with every request (a `hosts.toml` host's `header`).
     pub headers: Vec<(String, String)>,
+    /// How certificates are checked.
+    pub tls: TlsOptions,
 }
 
 impl Default for RegistryOptions {
@@ -61,6 +64,7 @@ impl Default for RegistryOptions {
             docker_config: None,
             credentials: HashMap::new(),
             headers: Vec::new(),
+            tls: TlsOptions::default(),
         }
     }
 }

@@ -10,10 +10,12 @@
 //! loading to the first certificate it has to check, then verifies exactly
 //! as reqwest's own platform verifier does (the same crate, the same roots).
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
 use rustls_platform_verifier::Verifier;
@@ -39,13 +41,28 @@ pub(crate) fn is_tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool 
     false
 }
 
+/// How a host's certificate is checked (a `hosts.toml` host's `ca` and
+/// `skip_verify`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM files of certificate authorities trusted besides the system's.
+    pub ca: Vec<PathBuf>,
+    /// Accept any certificate (the handshake is still encrypted).
+    pub skip_verify: bool,
+    /// Use HTTPS even for a loopback host (an `https://` host of a
+    /// `hosts.toml`); otherwise loopback hosts use plain HTTP.
+    pub required: bool,
+}
+
 /// A rustls client configuration for reqwest (`use_preconfigured_tls`) that
-/// loads the system's roots on first use.
-pub(crate) fn client_config() -> Result<ClientConfig, Error> {
+/// loads the system's roots (and `tls.ca`) on first use.
+pub(crate) fn client_config(tls: &TlsOptions) -> Result<ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = LazyPlatformVerifier {
         provider: Arc::clone(&provider),
         verifier: OnceLock::new(),
+        ca: tls.ca.clone(),
+        skip_verify: tls.skip_verify,
     };
     Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -57,17 +74,43 @@ pub(crate) fn client_config() -> Result<ClientConfig, Error> {
 #[derive(Debug)]
 struct LazyPlatformVerifier {
     provider: Arc<CryptoProvider>,
-    /// The platform verifier, or why it could not be built (no roots).
+    /// The platform verifier, or why it could not be built (no roots, an
+    /// unreadable CA file).
     verifier: OnceLock<Result<Verifier, Error>>,
+    ca: Vec<PathBuf>,
+    skip_verify: bool,
 }
 
 impl LazyPlatformVerifier {
     fn platform(&self) -> Result<&Verifier, Error> {
         self.verifier
-            .get_or_init(|| Verifier::new(Arc::clone(&self.provider)))
+            .get_or_init(|| {
+                let provider = Arc::clone(&self.provider);
+                if self.ca.is_empty() {
+                    return Verifier::new(provider);
+                }
+                Verifier::new_with_extra_roots(extra_roots(&self.ca)?, provider)
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
+}
+
+/// The certificates of the PEM files `paths`.
+fn extra_roots(paths: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let mut roots = Vec::new();
+    for path in paths {
+        let unreadable =
+            |e: &dyn std::fmt::Display| Error::General(format!("CA file {}: {e}", path.display()));
+        let before = roots.len();
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| unreadable(&e))? {
+            roots.push(cert.map_err(|e| unreadable(&e))?);
+        }
+        if roots.len() == before {
+            return Err(unreadable(&"no certificate in it"));
+        }
+    }
+    Ok(roots)
 }
 
 impl ServerCertVerifier for LazyPlatformVerifier {
@@ -79,6 +122,9 @@ impl ServerCertVerifier for LazyPlatformVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if self.skip_verify {
+            return Ok(ServerCertVerified::assertion());
+        }
         self.platform()?.verify_server_cert(
             end_entity,
             intermediates,
@@ -159,7 +205,7 @@ mod tests {
             }
         });
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(client_config().unwrap())
+            .use_preconfigured_tls(client_config(&TlsOptions::default()).unwrap())
             .build()
             .unwrap();
         let error = client

@@ -219,7 +219,7 @@ pub(crate) struct Transport {
 
 impl Transport {
     pub(crate) fn new(options: RegistryOptions, auth: Authenticator) -> Result<Self, String> {
-        let tls = super::tls::client_config()
+        let tls = super::tls::client_config(&options.tls)
             .map_err(|e| format!("cannot set up TLS for the HTTP client: {e}"))?;
         let mut headers = reqwest::header::HeaderMap::new();
         for (name, value) in &options.headers {
@@ -247,7 +247,8 @@ impl Transport {
     }
 
     pub(crate) fn endpoint<'a>(&self, reference: &'a Reference, access: Access) -> Endpoint<'a> {
-        let plain_http = self.options.plain_http || reference.is_loopback();
+        let plain_http =
+            !self.options.tls.required && (self.options.plain_http || reference.is_loopback());
         let scheme = if plain_http { "http" } else { "https" };
         // Docker Hub's API is not served under the name users write.
         let host = match reference.registry.as_str() {

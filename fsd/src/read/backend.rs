@@ -180,7 +180,7 @@ impl BlobSource {
                         .map(|c| (reference.registry.clone(), c.clone()))
                         .into_iter()
                         .collect(),
-                    headers: Vec::new(),
+                    ..RegistryOptions::default()
                 };
                 Arc::new(RegistryBackend::new(
                     HostClients::new(hosts, &options)?,
