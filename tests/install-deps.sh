@@ -3,7 +3,7 @@
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
-packages=(docker-registry skopeo umoci fuse3 curl ca-certificates jq
+packages=(docker-registry skopeo umoci fuse3 curl ca-certificates openssl jq
           protobuf-compiler containerd runc apache2-utils busybox-static debootstrap)
 missing=()
 for p in "${packages[@]}"; do
