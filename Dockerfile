@@ -1,4 +1,5 @@
-# Builds every Lode binary in one stage and ships them on a slim Debian image.
+# Builds every Lode binary in one stage and ships them on a slim Debian image,
+# with the node installer of misc/kubernetes/lode-node.yaml.
 FROM rust:1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler \
@@ -14,4 +15,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates fuse3 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
+# For Kubernetes nodes (misc/kubernetes/lode-node.yaml): what the installer
+# puts on the node.
+COPY misc/lode-snapshotter.service /usr/share/lode/lode-snapshotter.service
+COPY misc/kubernetes/install-on-node.sh /usr/local/bin/lode-install-node
 ENTRYPOINT ["/usr/local/bin/lodectl"]
