@@ -200,6 +200,41 @@ impl CriClient {
         Ok(last.expect("polled"))
     }
 
+    /// Polls ContainerStatus until the container runs.
+    pub fn wait_running(&self, id: &str, timeout: Duration) -> Result<(), KitError> {
+        wait_until(timeout, &format!("container {id} to run"), || {
+            self.status(id)
+                .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
+        })
+    }
+
+    /// `sha256sum` of `len` bytes of `path` from `offset`, run in the
+    /// container `id` by ExecSync: its output, or why it failed.
+    pub fn sha256_of_range(
+        &self,
+        id: &str,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<String, KitError> {
+        let script = format!("tail -c +{} {path} | head -c {len} | sha256sum", offset + 1);
+        let failed = |message: String| KitError::Command {
+            what: format!("exec in {id}: {script}"),
+            message,
+        };
+        let exec = self
+            .exec_sync(id, &["sh", "-c", &script])
+            .map_err(|e| failed(e.to_string()))?;
+        if exec.exit_code != 0 {
+            return Err(failed(format!(
+                "exit {}: {}",
+                exec.exit_code,
+                String::from_utf8_lossy(&exec.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&exec.stdout).into_owned())
+    }
+
     pub fn exec_sync(&self, id: &str, cmd: &[&str]) -> Result<ExecSyncResponse, Status> {
         let request = ExecSyncRequest {
             container_id: id.to_owned(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_cri::v1::{AuthConfig, ContainerState};
+use k8s_cri::v1::AuthConfig;
 use lode_tests::cri::{container, host_network_pod, CriClient};
 use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
@@ -105,11 +105,7 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
             &pod,
         )
         .unwrap();
-    wait_until(TIMEOUT, "the sleeper to run", || {
-        cri.status(&sleeper)
-            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
-    })
-    .unwrap();
+    cri.wait_running(&sleeper, TIMEOUT).unwrap();
     let exec = cri
         .exec_sync(
             &sleeper,
@@ -184,27 +180,6 @@ fn auth(password: &str) -> Option<AuthConfig> {
     })
 }
 
-/// Waits until the container `id` runs.
-fn wait_running(cri: &CriClient, id: &str) {
-    wait_until(TIMEOUT, "the container to run", || {
-        cri.status(id)
-            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
-    })
-    .unwrap();
-}
-
-/// `sha256sum` of `len` bytes of `/data/big` from `offset`, run in `id`.
-fn exec_sha(cri: &CriClient, id: &str, offset: u64, len: u64) -> String {
-    let script = format!(
-        "tail -c +{} /data/big | head -c {len} | sha256sum",
-        offset + 1
-    );
-    let exec = cri.exec_sync(id, &["sh", "-c", &script]).unwrap();
-    let stderr = String::from_utf8_lossy(&exec.stderr);
-    assert_eq!(exec.exit_code, 0, "{stderr}");
-    String::from_utf8_lossy(&exec.stdout).into_owned()
-}
-
 /// A private Lode image through Lode's CRI image service proxy: the
 /// snapshotter and its daemons have no credentials but those of the pull.
 fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
@@ -246,9 +221,12 @@ fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
             &pod,
         )
         .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
-    wait_running(&cri, &sleeper);
+    cri.wait_running(&sleeper, TIMEOUT).unwrap();
     let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
-    assert!(exec_sha(&cri, &sleeper, 0, 65536).contains(&head));
+    assert!(cri
+        .sha256_of_range(&sleeper, "/data/big", 0, 65536)
+        .unwrap()
+        .contains(&head));
     let served = node.data_bytes_served(&app.lode);
     assert!(served > 0, "the daemon fetched with the pull's credentials");
 
@@ -269,7 +247,10 @@ fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
     node.snapshotter.restart().unwrap();
     let tail = app.big_size - 65536;
     let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
-    assert!(exec_sha(&cri, &sleeper, tail, 65536).contains(&expected));
+    assert!(cri
+        .sha256_of_range(&sleeper, "/data/big", tail, 65536)
+        .unwrap()
+        .contains(&expected));
     assert!(
         node.data_bytes_served(&app.lode) > served,
         "the tail was fetched after the restart"

@@ -5,13 +5,12 @@
 
 use std::time::Duration;
 
-use k8s_cri::v1::ContainerState;
 use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
 use lode_common::Digest;
 use lode_tests::cri::{container, host_network_pod, CriClient};
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{cri_node, sha256_hex};
-use lode_tests::{pseudo_random_bytes, wait_until, Registry};
+use lode_tests::{pseudo_random_bytes, Registry};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -38,17 +37,6 @@ fn warm(mirror: &Registry, image: &Reference, blobs: &[Digest]) {
     for digest in blobs {
         rt.block_on(client.pull_blob(&through, digest)).unwrap();
     }
-}
-
-fn exec_sha(cri: &CriClient, id: &str, offset: u64, len: u64) -> String {
-    let script = format!(
-        "tail -c +{} /data/big | head -c {len} | sha256sum",
-        offset + 1
-    );
-    let exec = cri.exec_sync(id, &["sh", "-c", &script]).unwrap();
-    let stderr = String::from_utf8_lossy(&exec.stderr);
-    assert_eq!(exec.exit_code, 0, "{stderr}");
-    String::from_utf8_lossy(&exec.stdout).into_owned()
 }
 
 fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'static str) {
@@ -92,13 +80,12 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
             &pod,
         )
         .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
-    wait_until(TIMEOUT, "the container to run", || {
-        cri.status(&sleeper)
-            .is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32)
-    })
-    .unwrap();
+    cri.wait_running(&sleeper, TIMEOUT).unwrap();
     let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
-    assert!(exec_sha(&cri, &sleeper, 0, 65536).contains(&head));
+    assert!(cri
+        .sha256_of_range(&sleeper, "/data/big", 0, 65536)
+        .unwrap()
+        .contains(&head));
     assert!(from(&mirror) > 0, "the daemon read through the mirror");
     assert_eq!(
         from(&node.registry),
@@ -111,10 +98,16 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
     mirror.stop();
     let tail = app.big_size - 65536;
     let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
-    assert!(exec_sha(&cri, &sleeper, tail, 65536).contains(&expected));
+    assert!(cri
+        .sha256_of_range(&sleeper, "/data/big", tail, 65536)
+        .unwrap()
+        .contains(&expected));
     let middle = app.big_size / 2;
     let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, middle, 65536));
-    assert!(exec_sha(&cri, &sleeper, middle, 65536).contains(&expected));
+    assert!(cri
+        .sha256_of_range(&sleeper, "/data/big", middle, 65536)
+        .unwrap()
+        .contains(&expected));
     assert!(
         from(&node.registry) > warming,
         "the registry served what the mirror could not"
