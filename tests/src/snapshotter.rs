@@ -195,6 +195,50 @@ impl Snapshotter {
         found
     }
 
+    /// Overwrites the first record of every table of the stopped
+    /// snapshotter's metadata store that holds records (snapshots, images,
+    /// daemons, instances) with bytes that do not decode; returns each
+    /// table and key.
+    pub fn damage_one_record_per_table(&self) -> Result<Vec<(String, String)>, KitError> {
+        use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition, TableHandle as _};
+        let path = self.root().join("metadata.redb");
+        let failed = |e: &dyn std::fmt::Display| KitError::Command {
+            what: format!("damage {}", path.display()),
+            message: e.to_string(),
+        };
+        let db = redb::Database::open(&path).map_err(|e| failed(&e))?;
+        let names: Vec<String> = db
+            .begin_read()
+            .map_err(|e| failed(&e))?
+            .list_tables()
+            .map_err(|e| failed(&e))?
+            .map(|t| t.name().to_owned())
+            .collect();
+        let txn = db.begin_write().map_err(|e| failed(&e))?;
+        let mut damaged = Vec::new();
+        for name in names {
+            // Counters (u64 values) do not open as records: skipped.
+            let Ok(mut table) = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) else {
+                continue;
+            };
+            let first = table
+                .iter()
+                .map_err(|e| failed(&e))?
+                .next()
+                .transpose()
+                .map_err(|e| failed(&e))?
+                .map(|(key, _)| key.value().to_owned());
+            if let Some(key) = first {
+                table
+                    .insert(key.as_str(), &b"\xff\x00 damaged"[..])
+                    .map_err(|e| failed(&e))?;
+                damaged.push((name, key));
+            }
+        }
+        txn.commit().map_err(|e| failed(&e))?;
+        Ok(damaged)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -501,3 +501,55 @@ fn doctor_checks_the_node_and_names_the_fixes() {
     );
     assert!(run.stderr.contains("1 check(s) failed"), "{}", run.stderr);
 }
+
+/// A record of every table of the metadata store damaged while the
+/// snapshotter is down: it starts again, names them, detaches nothing and
+/// stops no daemon, and the running container reads on.
+fn damaged_records_leave_running_containers_alone(options: SnapshotterOptions) {
+    let Some(mut s) = stack(options) else {
+        return;
+    };
+    s.pull_lazily("lazy", &s.app.lode);
+    let log = s.start_reader("lazy", &s.app, "reader");
+    wait_for_rounds(&log, 1);
+    let daemons = s.snapshotter.daemon_pids();
+    let mounts = mounts_below(&s.snapshotter.root());
+    assert!(!mounts.is_empty());
+    s.snapshotter.kill9();
+    let damaged = s.snapshotter.damage_one_record_per_table().unwrap();
+    let tables: Vec<&str> = damaged.iter().map(|(t, _)| t.as_str()).collect();
+    for table in ["snapshots", "lode_images", "daemons", "instances"] {
+        assert!(tables.contains(&table), "{table} not damaged: {damaged:?}");
+    }
+    // It starts (serves its socket) despite them.
+    s.snapshotter.restart().unwrap();
+    assert_eq!(s.snapshotter.daemon_pids(), daemons, "no daemon stopped");
+    assert_eq!(
+        mounts_below(&s.snapshotter.root()),
+        mounts,
+        "nothing detached"
+    );
+    wait_for_rounds(&log, 2);
+    let (_, errors) = rounds(&log);
+    assert!(errors.is_empty(), "reader errors: {errors:?}");
+    let said = s.snapshotter.log();
+    for (table, key) in &damaged {
+        assert!(
+            said.contains(key.as_str()),
+            "{table} record {key} not named:\n{said}"
+        );
+    }
+}
+
+#[test]
+fn damaged_records_leave_running_containers_alone_shared() {
+    damaged_records_leave_running_containers_alone(SnapshotterOptions::default());
+}
+
+#[test]
+fn damaged_records_leave_running_containers_alone_dedicated() {
+    damaged_records_leave_running_containers_alone(SnapshotterOptions {
+        daemon_mode: "dedicated",
+        ..SnapshotterOptions::default()
+    });
+}

@@ -442,19 +442,29 @@ impl DaemonManager {
     /// instance uses.
     fn clean_cache(&self, released: &LodeImage) {
         let gone = cache::blobs_of(&released.bootstrap_path);
-        let kept = self.referenced_blobs();
+        let Some(kept) = self.referenced_blobs() else {
+            return;
+        };
         let freed = cache::remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
         tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
     }
 
-    /// Blobs of every recorded instance's image.
-    fn referenced_blobs(&self) -> std::collections::HashSet<String> {
-        self.records
-            .instances()
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
-            .collect()
+    /// Blobs of every recorded instance's image; `None` (logged) while a
+    /// record cannot be read: its image's blobs would look unused.
+    fn referenced_blobs(&self) -> Option<std::collections::HashSet<String>> {
+        let instances = match self.records.instances() {
+            Ok(instances) if self.records.all_readable() => instances,
+            _ => {
+                tracing::warn!("daemon records unreadable or damaged; not removing cached blobs");
+                return None;
+            }
+        };
+        Some(
+            instances
+                .iter()
+                .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
+                .collect(),
+        )
     }
 
     /// Instances a daemon serves, in sequence order.
@@ -475,7 +485,9 @@ impl DaemonManager {
             // bootstrap on each mount to find out.
             return;
         }
-        let referenced = self.referenced_blobs();
+        let Some(referenced) = self.referenced_blobs() else {
+            return;
+        };
         let freed = cache::enforce_limit(&self.config.cache_dir(), &referenced, limit);
         if freed > 0 {
             tracing::info!(

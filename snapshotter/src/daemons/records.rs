@@ -62,15 +62,26 @@ impl Records {
         Ok(Self { db })
     }
 
+    /// The daemon records that decode (the others are logged and skipped).
     pub fn daemons(&self) -> Result<Vec<DaemonRecord>, RecordError> {
-        self.read_all(DAEMONS)
+        Ok(self.read_all(DAEMONS)?.0)
     }
 
-    /// Instances in sequence order.
+    /// The instance records that decode, in sequence order (the others
+    /// are logged and skipped).
     pub fn instances(&self) -> Result<Vec<InstanceRecord>, RecordError> {
-        let mut all: Vec<InstanceRecord> = self.read_all(INSTANCES)?;
+        let mut all: Vec<InstanceRecord> = self.read_all(INSTANCES)?.0;
         all.sort_by_key(|i| i.seq);
         Ok(all)
+    }
+
+    /// Whether every daemon and instance record can be read and decodes:
+    /// what no record names may be removed only then (a damaged record
+    /// may name it).
+    pub fn all_readable(&self) -> bool {
+        let daemons = self.read_all::<DaemonRecord>(DAEMONS);
+        let instances = self.read_all::<InstanceRecord>(INSTANCES);
+        matches!((daemons, instances), (Ok((_, d)), Ok((_, i))) if d.is_empty() && i.is_empty())
     }
 
     pub fn put_daemon(&self, daemon: &DaemonRecord) -> Result<(), RecordError> {
@@ -103,20 +114,30 @@ impl Records {
         u32::try_from(seq).map_err(|_| RecordError(format!("instance sequence {seq} overflows")))
     }
 
+    /// The records of `table` that decode as `T`, and the keys of those
+    /// that do not (each logged).
     fn read_all<T: serde::de::DeserializeOwned>(
         &self,
         table: TableDefinition<'_, &str, &[u8]>,
-    ) -> Result<Vec<T>, RecordError> {
+    ) -> Result<(Vec<T>, Vec<String>), RecordError> {
+        let name = table.to_string();
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(table).map_err(err)?;
         let mut out = BTreeMap::new();
+        let mut damaged = Vec::new();
         for entry in table.iter().map_err(err)? {
             let (key, value) = entry.map_err(err)?;
-            let record = serde_json::from_slice(value.value())
-                .map_err(|e| RecordError(format!("record {}: {e}", key.value())))?;
-            out.insert(key.value().to_string(), record);
+            match serde_json::from_slice::<T>(value.value()) {
+                Ok(record) => {
+                    out.insert(key.value().to_string(), record);
+                }
+                Err(e) => {
+                    tracing::warn!(table = %name, record = key.value(), error = %e, "record does not decode; skipped");
+                    damaged.push(key.value().to_string());
+                }
+            }
         }
-        Ok(out.into_values().collect())
+        Ok((out.into_values().collect(), damaged))
     }
 
     fn put<T: Serialize>(
@@ -186,5 +207,40 @@ mod tests {
         let seqs: Vec<u32> = records.instances().unwrap().iter().map(|i| i.seq).collect();
         assert_eq!(seqs, vec![a, b]);
         assert!(records.next_seq().unwrap() > b);
+    }
+
+    #[test]
+    fn a_damaged_record_is_skipped_and_makes_the_records_not_all_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
+        let records = Records::new(Arc::clone(&db)).unwrap();
+        let daemon = |id: &str| DaemonRecord {
+            id: id.into(),
+            mode: "shared".into(),
+            apisock: "/a".into(),
+            supervisor: "/s".into(),
+            mountpoint: "/m".into(),
+            pid: 1,
+        };
+        records.put_daemon(&daemon("good")).unwrap();
+        records.put_daemon(&daemon("bad")).unwrap();
+        assert!(records.all_readable());
+        for table in [DAEMONS, INSTANCES] {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table)
+                .unwrap()
+                .insert("bad", &b"{\"json\": \"but not a record\"}"[..])
+                .unwrap();
+            txn.commit().unwrap();
+            assert!(!records.all_readable(), "{table}");
+        }
+        let ids: Vec<String> = records
+            .daemons()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids, ["good"]);
+        assert!(records.instances().unwrap().is_empty());
     }
 }

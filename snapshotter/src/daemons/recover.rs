@@ -151,7 +151,15 @@ impl DaemonManager {
                 Err(_) => tracing::error!(daemon_id = %id, ?timeout, "recovering daemon timed out"),
             }
         }
-        // Instances whose daemon record is gone (a crash between records).
+        // Instances whose daemon record is gone (a crash between records);
+        // not while a record is damaged: it may be their daemon's, which
+        // may still serve them.
+        if !self.records.all_readable() {
+            tracing::warn!(
+                "daemon records damaged; instances without a readable daemon record are left alone"
+            );
+            return;
+        }
         let daemons: HashSet<String> = self
             .records
             .daemons()
@@ -213,8 +221,16 @@ impl DaemonManager {
     }
 
     /// Sockets and mount directories that no record names.
+    /// Nothing is removed while a record cannot be read: it may name what
+    /// looks orphaned (a running container's image mount).
     async fn remove_orphans(&self) {
-        let daemons = self.records.daemons().unwrap_or_default();
+        let daemons = match self.records.daemons() {
+            Ok(daemons) if self.records.all_readable() => daemons,
+            _ => {
+                tracing::warn!("daemon records unreadable or damaged; not removing sockets or mountpoints that no record names");
+                return;
+            }
+        };
         let known_files: HashSet<PathBuf> = daemons
             .iter()
             .flat_map(|d| [d.apisock.clone(), d.supervisor.clone()])

@@ -131,7 +131,7 @@ impl Snapshotter for LodeSnapshotter {
                 .map(|f| Filter::parse(f).map_err(ServiceError::InvalidArgument))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut infos = Vec::new();
-            for (name, record) in self.store.all()? {
+            for (name, record) in self.store.all()?.records {
                 let candidate = Candidate {
                     name: &name,
                     parent: &record.parent,

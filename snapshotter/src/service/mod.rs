@@ -38,11 +38,13 @@ async fn release_unless_used(
     instances: &dyn InstanceProvider,
     digest: &str,
 ) -> Result<(), crate::store::StoreError> {
-    let used = store
-        .all()?
+    let listing = store.all()?;
+    let used = listing
+        .records
         .values()
         .any(|r| r.lode_image.as_deref() == Some(digest));
-    if !used {
+    // A damaged record may be one of the image's snapshots: keep serving.
+    if !used && listing.damaged.is_empty() {
         if let Err(error) = instances.release(digest).await {
             tracing::warn!(%digest, %error, "cannot release the image's instance");
         }
@@ -291,8 +293,13 @@ impl LodeSnapshotter {
     /// between making a directory and recording it, or after forgetting it).
     /// Runs at start and on containerd's Cleanup.
     pub async fn cleanup(&self) -> Result<(), ServiceError> {
-        let ids: std::collections::HashSet<u64> =
-            self.store.all()?.values().map(|r| r.id).collect();
+        let listing = self.store.all()?;
+        if !listing.damaged.is_empty() {
+            // Their directories cannot be told from orphans: keep them all.
+            tracing::warn!(damaged = ?listing.damaged, "snapshot records do not decode; not removing any snapshot directory");
+            return Ok(());
+        }
+        let ids: std::collections::HashSet<u64> = listing.records.values().map(|r| r.id).collect();
         let entries = std::fs::read_dir(&self.snapshots_dir)
             .map_err(ServiceError::io(&self.snapshots_dir))?;
         for entry in entries.flatten() {

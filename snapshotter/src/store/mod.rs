@@ -47,6 +47,15 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
 }
 
+/// The snapshot records that decode, and the keys of those that do not.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub records: BTreeMap<String, SnapshotRecord>,
+    /// Whatever they describe is unknown: nothing may be removed on the
+    /// grounds that no record names it while this is not empty.
+    pub damaged: Vec<String>,
+}
+
 fn db_err(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(Box::new(error.into()))
 }
@@ -91,18 +100,26 @@ impl Store {
         load(&table, key)
     }
 
-    /// Every snapshot, by key.
-    pub fn all(&self) -> Result<BTreeMap<String, SnapshotRecord>, StoreError> {
+    /// Every snapshot, by key, and the keys of records that do not decode
+    /// (each logged): a damaged record hides only itself.
+    pub fn all(&self) -> Result<Listing, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        let mut all = BTreeMap::new();
+        let mut listing = Listing::default();
         for entry in table.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
             let key = key.value().to_string();
-            let record = SnapshotRecord::decode(&key, value.value())?;
-            all.insert(key, record);
+            match SnapshotRecord::decode(&key, value.value()) {
+                Ok(record) => {
+                    listing.records.insert(key, record);
+                }
+                Err(error) => {
+                    tracing::warn!(snapshot = %key, %error, "snapshot record does not decode; skipped");
+                    listing.damaged.push(key);
+                }
+            }
         }
-        Ok(all)
+        Ok(listing)
     }
 
     /// Allocates the id of a snapshot about to be created (its directory is

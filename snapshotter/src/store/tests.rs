@@ -82,11 +82,38 @@ fn a_parent_cannot_be_removed_before_its_children() {
     ));
     store.remove("child").unwrap();
     store.remove("base").unwrap();
-    assert!(store.all().unwrap().is_empty());
+    assert!(store.all().unwrap().records.is_empty());
 }
 
 #[test]
 fn corrupt_records_are_errors_not_panics() {
     assert!(SnapshotRecord::decode("k", b"{not json").is_err());
     assert!(SnapshotRecord::decode("k", &[0xff, 0x00]).is_err());
+}
+
+/// Overwrites the record of `key` in `table` with bytes that do not decode.
+pub(crate) fn damage(db: &redb::Database, table: TableDefinition<'_, &str, &[u8]>, key: &str) {
+    let txn = db.begin_write().unwrap();
+    txn.open_table(table)
+        .unwrap()
+        .insert(key, &b"\xffnot a record"[..])
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_damaged_record_hides_only_itself() {
+    let (_dir, store) = open();
+    store
+        .create("good", &record(1, SnapshotKind::Active, ""))
+        .unwrap();
+    store
+        .create("bad", &record(2, SnapshotKind::Active, ""))
+        .unwrap();
+    damage(&store.database(), SNAPSHOTS, "bad");
+    let listing = store.all().unwrap();
+    assert_eq!(listing.records.keys().collect::<Vec<_>>(), ["good"]);
+    assert_eq!(listing.damaged, ["bad"]);
+    let e = store.get("bad").unwrap_err();
+    assert!(e.to_string().contains("bad"), "names the record: {e}");
 }
