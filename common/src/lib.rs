@@ -10,6 +10,7 @@ pub mod image;
 pub mod mountinfo;
 pub mod oci;
 pub mod registry;
+pub mod socket;
 pub mod supervisor;
 
 pub use digest::Digest;

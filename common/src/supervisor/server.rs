@@ -8,16 +8,12 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    accept4, bind, listen, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag, SockType,
-    UnixAddr,
-};
+use nix::sys::socket::{accept4, listen, shutdown, Backlog, Shutdown, SockFlag, SockType};
 use tracing::{debug, info, warn};
 
 use super::{wire, DaemonState, Message, SupervisorError};
@@ -106,23 +102,8 @@ impl SupervisorServer {
             path: path.display().to_string(),
             source,
         };
-        let listener = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(err)?;
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(Errno::from_raw(e.raw_os_error().unwrap_or(0)))),
-        }
-        let addr = UnixAddr::new(path).map_err(err)?;
-        bind(listener.as_raw_fd(), &addr).map_err(err)?;
-        // Before listen: nobody can connect until then.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| err(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let listener = crate::socket::bind_private(path, SockType::SeqPacket)
+            .map_err(|e| err(Errno::from_raw(e.source.raw_os_error().unwrap_or(0))))?;
         listen(&listener, Backlog::new(16).map_err(err)?).map_err(err)?;
         let listener = Arc::new(listener);
         let shared = Arc::new(Shared::default());
@@ -211,6 +192,9 @@ fn accept_loop(listener: &OwnedFd, shared: &Arc<Shared>) {
                 return;
             }
         };
+        if !crate::socket::peer_is_trusted(&conn) {
+            continue;
+        }
         let shared = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
             .name("lode-supervisor-conn".into())

@@ -3,7 +3,6 @@
 //! call runs on a blocking thread because mounting does I/O.
 
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use nix::sys::socket::{Backlog, SockType};
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
@@ -33,20 +33,21 @@ pub enum ServerError {
     },
 }
 
-/// Binds `path` (replacing a stale socket file) with mode 0600. Must be
-/// called inside the runtime that will serve it.
+/// Binds `path` (replacing a stale socket file) with mode 0600 from the
+/// start. Must be called inside the runtime that will serve it; serves
+/// only peers of the daemon's user (or root).
 pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let err = |source| ServerError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => debug!(path = %path.display(), "removed stale API socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let fd =
+        lode_common::socket::bind_private(path, SockType::Stream).map_err(|e| err(e.source))?;
+    nix::sys::socket::listen(&fd, Backlog::new(128).expect("a valid backlog"))
+        .map_err(|e| err(std::io::Error::from_raw_os_error(e as i32)))?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(err)?;
+    let listener = UnixListener::from_std(listener).map_err(err)?;
     info!(path = %path.display(), "API listening");
     Ok(listener)
 }
@@ -130,7 +131,8 @@ pub async fn serve(
 ) {
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) if lode_common::socket::peer_is_trusted(&stream) => stream,
+            Ok(_) => continue,
             Err(e) => {
                 warn!(error = %e, "API accept failed");
                 // Out of descriptors, typically: back off instead of spinning.

@@ -8,7 +8,6 @@
 //! SIGTERM/SIGINT stop serving (daemons keep running unless
 //! --stop-daemons-on-exit).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -23,6 +22,7 @@ use lode_snapshotter::metrics::Metrics;
 use lode_snapshotter::service::LodeSnapshotter;
 use lode_snapshotter::store::Store;
 use lode_snapshotter::{cri, metrics_http, overlay};
+use nix::sys::socket::{listen, Backlog, SockType};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -159,24 +159,22 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
     Ok(())
 }
 
-/// Binds the gRPC socket with mode 0600, replacing a stale socket file but
-/// refusing one a live process still answers on.
+/// Binds a socket with mode 0600 from the start, replacing a stale socket
+/// file but refusing one a live process still answers on.
 async fn bind(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "{}: another process is serving on this socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    if path.exists() && UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "{}: another process is serving on this socket",
+            path.display()
+        );
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(listener)
+    let fd = lode_common::socket::bind_private(path, SockType::Stream)?;
+    listen(&fd, Backlog::new(128).expect("a valid backlog"))
+        .with_context(|| format!("listen on {}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
 }
