@@ -95,15 +95,17 @@ pub struct LazyLayers {
     /// manifest request. `None` records "not a Lode image".
     manifests: Mutex<HashMap<String, Option<LodeManifest>>>,
     /// Clients of each registry's hosts, so that the layers of a pull
-    /// share connections and tokens; keyed also by the credentials a CRI
-    /// pull gave for the repository, and rebuilt when the docker config
-    /// file changes (a `docker login` after they were built).
+    /// share connections and tokens; keyed also by the hosts (a
+    /// `hosts.toml` edited since gets new clients, as containerd reads it
+    /// at each pull) and the credentials a CRI pull gave for the
+    /// repository, and rebuilt when the docker config file changes (a
+    /// `docker login` after they were built).
     clients: Mutex<HashMap<ClientKey, Arc<HostClients>>>,
     keychain: Arc<Keychain>,
 }
 
-/// Registry, and the credentials given for the repository.
-type ClientKey = (String, Option<Credentials>);
+/// Registry, its hosts, and the credentials given for the repository.
+type ClientKey = (String, Vec<RegistryHost>, Option<Credentials>);
 
 impl LazyLayers {
     pub fn new(
@@ -147,7 +149,8 @@ impl LazyLayers {
 
     fn clients(&self, reference: &Reference) -> Result<Arc<HostClients>, LazyError> {
         let given = self.keychain.get(reference);
-        let key = (reference.registry.clone(), given.clone());
+        let hosts = self.hosts(reference)?;
+        let key = (reference.registry.clone(), hosts.clone(), given.clone());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(found) = clients.get(&key).filter(|c| c.credentials_current()) {
             return Ok(Arc::clone(found));
@@ -160,7 +163,7 @@ impl LazyLayers {
                 .collect(),
             ..RegistryOptions::default()
         };
-        let built = Arc::new(HostClients::new(self.hosts(reference)?, &options)?);
+        let built = Arc::new(HostClients::new(hosts, &options)?);
         clients.insert(key, Arc::clone(&built));
         Ok(built)
     }
@@ -334,6 +337,30 @@ mod tests {
         );
         let elsewhere = lazy.hosts(&"quay.io/app:v1".parse().unwrap()).unwrap();
         assert_eq!(elsewhere, vec![RegistryHost::origin("quay.io", false)]);
+    }
+
+    #[test]
+    fn an_edited_hosts_file_gets_new_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reg.io/hosts.toml");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "[host.\"http://a.local:1\"]\n").unwrap();
+        let registry = SnapshotterRegistryConfig {
+            config_path: Some(dir.path().to_owned()),
+            ..Default::default()
+        };
+        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
+        let reference: Reference = "reg.io/app:v1".parse().unwrap();
+        let first = lazy.clients(&reference).unwrap();
+        assert!(Arc::ptr_eq(&first, &lazy.clients(&reference).unwrap()));
+        std::fs::write(&file, "[host.\"http://b.local:1\"]\n").unwrap();
+        let second = lazy.clients(&reference).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(
+            second.describe().starts_with("b.local:1"),
+            "{}",
+            second.describe()
+        );
     }
 
     #[tokio::test]

@@ -183,11 +183,22 @@ async fn access_log_counts_the_bytes_of_a_range_request() {
         .await
         .unwrap();
 
-    let gets: Vec<_> = registry
-        .requests_for(&digest.to_string())
-        .into_iter()
-        .filter(|r| r.method == "GET")
-        .collect();
+    // The registry logs a request once its handler returns, which can be
+    // after the client has the body (and after the kit's log marker).
+    let gets = || -> Vec<_> {
+        registry
+            .requests_for(&digest.to_string())
+            .into_iter()
+            .filter(|r| r.method == "GET")
+            .collect()
+    };
+    lode_tests::wait_until(
+        Duration::from_secs(10),
+        "the range GET in the access log",
+        || !gets().is_empty(),
+    )
+    .unwrap();
+    let gets = gets();
     assert_eq!(gets.len(), 1, "{gets:?}");
     assert_eq!(gets[0].status, 206);
     assert_eq!(

@@ -22,7 +22,7 @@ use super::{Reference, RegistryClient, RegistryError, RegistryOptions, TlsOption
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// One host to fetch a registry's content from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryHost {
     /// `host[:port]`.
