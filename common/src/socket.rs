@@ -103,8 +103,54 @@ mod tests {
     }
 
     #[test]
-    fn peers_of_the_same_user_are_trusted() {
+    fn peers_of_the_same_user_are_trusted_and_of_another_not() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(peer_is_trusted(&a));
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED peers of another user: needs root to become another user");
+            return;
+        }
+        // An abstract address: no file whose mode could keep the peer out.
+        let name = format!("lode-peer-test-{}", std::process::id());
+        let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
+        let listener = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(listener.as_raw_fd(), &addr).unwrap();
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(1).unwrap()).unwrap();
+        // SAFETY: the child only makes system calls (no allocation, no
+        // locks) before it exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let nobody = 65534;
+                let ok = nix::unistd::setgid(nix::unistd::Gid::from_raw(nobody)).is_ok()
+                    && nix::unistd::setuid(nix::unistd::Uid::from_raw(nobody)).is_ok()
+                    && socket(
+                        AddressFamily::Unix,
+                        SockType::Stream,
+                        SockFlag::empty(),
+                        None,
+                    )
+                    .and_then(|fd| nix::sys::socket::connect(fd.as_raw_fd(), &addr))
+                    .is_ok();
+                // SAFETY: ends the child without running the parent's
+                // destructors or exit handlers.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                // The child's connection waits in the backlog (with its
+                // credentials) after the child is gone.
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                let conn = nix::sys::socket::accept(listener.as_raw_fd()).unwrap();
+                // SAFETY: accept returned a new descriptor nothing else owns.
+                let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) };
+                assert!(!peer_is_trusted(&conn), "a peer of uid 65534 is refused");
+            }
+        }
     }
 }

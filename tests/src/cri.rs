@@ -200,6 +200,25 @@ impl CriClient {
         Ok(last.expect("polled"))
     }
 
+    /// Starts a container of `image` named `name` that sleeps (to exec
+    /// into), and waits until it runs; its id.
+    pub fn start_idle(
+        &self,
+        pod_id: &str,
+        name: &str,
+        image: &str,
+        pod: &PodSandboxConfig,
+    ) -> Result<String, KitError> {
+        let id = self
+            .start_container(pod_id, container(name, image, &["sleep", "100000"]), pod)
+            .map_err(|e| KitError::Command {
+                what: format!("start {name} ({image})"),
+                message: e.to_string(),
+            })?;
+        self.wait_running(&id, Duration::from_secs(60))?;
+        Ok(id)
+    }
+
     /// Polls ContainerStatus until the container runs.
     pub fn wait_running(&self, id: &str, timeout: Duration) -> Result<(), KitError> {
         wait_until(timeout, &format!("container {id} to run"), || {

@@ -45,11 +45,12 @@ pub struct App {
 
 impl App {
     pub fn big_sha256(&self) -> String {
-        sha256_hex(&pseudo_random_bytes(
-            self.big_seed,
-            0,
-            self.big_size as usize,
-        ))
+        self.big_range_sha256(0, self.big_size)
+    }
+
+    /// The sha256 (hex) of `len` bytes of `/data/big` from `offset`.
+    pub fn big_range_sha256(&self, offset: u64, len: u64) -> String {
+        sha256_hex(&pseudo_random_bytes(self.big_seed, offset, len as usize))
     }
 }
 

@@ -9,8 +9,8 @@ use k8s_cri::v1::AuthConfig;
 use lode_tests::cri::{container, host_network_pod, CriClient};
 use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::{cri_node, private_cri_node, sha256_hex, App, Node};
-use lode_tests::{pseudo_random_bytes, wait_until};
+use lode_tests::stack::{cri_node, private_cri_node, App, Node};
+use lode_tests::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -88,7 +88,7 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
         "cat /data/motd; head -c 65536 /data/big | sha256sum",
     );
     assert!(log.contains(&app.motd), "{log}");
-    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+    let expected = app.big_range_sha256(0, 65536);
     assert!(log.contains(&expected), "{log}");
     let served = node.data_bytes_served(&app.lode);
     assert!(
@@ -98,14 +98,7 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
     );
 
     // ExecSync into a running container of the image.
-    let sleeper = cri
-        .start_container(
-            &pod_id,
-            container("sleeper", &lode, &["sleep", "1000"]),
-            &pod,
-        )
-        .unwrap();
-    cri.wait_running(&sleeper, TIMEOUT).unwrap();
+    let sleeper = cri.start_idle(&pod_id, "sleeper", &lode, &pod).unwrap();
     let exec = cri
         .exec_sync(
             &sleeper,
@@ -215,14 +208,9 @@ fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
     assert_eq!(node.data_bytes_served(&app.lode), 0, "the pull stays lazy");
 
     let sleeper = cri
-        .start_container(
-            &pod_id,
-            container("reader", &lode, &["sleep", "1000"]),
-            &pod,
-        )
-        .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
-    cri.wait_running(&sleeper, TIMEOUT).unwrap();
-    let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+        .start_idle(&pod_id, "reader", &lode, &pod)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    let head = app.big_range_sha256(0, 65536);
     assert!(cri
         .sha256_of_range(&sleeper, "/data/big", 0, 65536)
         .unwrap()
@@ -246,7 +234,7 @@ fn private_image_reads_with_the_credentials_of_its_pull(mode: &'static str) {
     // running container reads on from the registry without an error.
     node.snapshotter.restart().unwrap();
     let tail = app.big_size - 65536;
-    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
+    let expected = app.big_range_sha256(tail, 65536);
     assert!(cri
         .sha256_of_range(&sleeper, "/data/big", tail, 65536)
         .unwrap()

@@ -3,16 +3,12 @@
 //! of the registry, named once in the registry's `hosts.toml`. Containers
 //! run through containerd's CRI plugin. Root only.
 
-use std::time::Duration;
-
 use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
 use lode_common::Digest;
-use lode_tests::cri::{container, host_network_pod, CriClient};
+use lode_tests::cri::{host_network_pod, CriClient};
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::{cri_node, sha256_hex};
-use lode_tests::{pseudo_random_bytes, Registry};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
+use lode_tests::stack::cri_node;
+use lode_tests::Registry;
 
 /// Range and blob requests Lode sent to `registry` for `digest` (a mirror
 /// forwards what it lacks with the client's user agent, so the registry
@@ -74,14 +70,9 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
     );
 
     let sleeper = cri
-        .start_container(
-            &pod_id,
-            container("reader", &lode, &["sleep", "1000"]),
-            &pod,
-        )
-        .unwrap_or_else(|e| panic!("start: {e}\n{}", node.logs()));
-    cri.wait_running(&sleeper, TIMEOUT).unwrap();
-    let head = sha256_hex(&pseudo_random_bytes(app.big_seed, 0, 65536));
+        .start_idle(&pod_id, "reader", &lode, &pod)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    let head = app.big_range_sha256(0, 65536);
     assert!(cri
         .sha256_of_range(&sleeper, "/data/big", 0, 65536)
         .unwrap()
@@ -97,13 +88,13 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
     // registry, without an error.
     mirror.stop();
     let tail = app.big_size - 65536;
-    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, tail, 65536));
+    let expected = app.big_range_sha256(tail, 65536);
     assert!(cri
         .sha256_of_range(&sleeper, "/data/big", tail, 65536)
         .unwrap()
         .contains(&expected));
     let middle = app.big_size / 2;
-    let expected = sha256_hex(&pseudo_random_bytes(app.big_seed, middle, 65536));
+    let expected = app.big_range_sha256(middle, 65536);
     assert!(cri
         .sha256_of_range(&sleeper, "/data/big", middle, 65536)
         .unwrap()
