@@ -83,6 +83,12 @@ impl SnapshotterConfig {
                 "must be at least 1",
             ));
         }
+        if self.daemon.call_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "daemon.call_timeout_secs",
+                "must be at least 1",
+            ));
+        }
         if let Some(address) = &self.cri.image_service_address {
             if !address.is_absolute() {
                 return Err(ConfigError::invalid(
@@ -207,6 +213,13 @@ pub struct DaemonConfig {
     /// Bound on recovering one daemon or instance (after a crash or a
     /// snapshotter restart), in seconds; one hung item cannot block the rest.
     pub recover_timeout_secs: u64,
+    /// Deadline of every API call to a daemon (mount, unmount, state), in
+    /// seconds. A daemon that misses it is taken for hung: it is killed and
+    /// replaced by the recover policy.
+    pub call_timeout_secs: u64,
+    /// How often each daemon's API is probed, in seconds (0: never), so a
+    /// hung daemon is found and replaced even when no call is due.
+    pub health_interval_secs: u64,
 }
 
 impl Default for DaemonConfig {
@@ -217,6 +230,8 @@ impl Default for DaemonConfig {
             threads: 4,
             start_timeout_secs: 10,
             recover_timeout_secs: 30,
+            call_timeout_secs: 5,
+            health_interval_secs: 5,
         }
     }
 }
@@ -228,6 +243,15 @@ impl DaemonConfig {
 
     pub fn recover_timeout(&self) -> Duration {
         Duration::from_secs(self.recover_timeout_secs)
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_secs(self.call_timeout_secs)
+    }
+
+    /// `None` when probing is off.
+    pub fn health_interval(&self) -> Option<Duration> {
+        (self.health_interval_secs > 0).then(|| Duration::from_secs(self.health_interval_secs))
     }
 }
 

@@ -24,6 +24,7 @@ pub struct Metrics {
     registry: Registry,
     op_seconds: Family<OpLabels, Histogram>,
     daemon_deaths: Counter,
+    daemon_hangs: Counter,
     daemon_recoveries: Family<RecoveryLabels, Counter>,
 }
 
@@ -51,6 +52,12 @@ impl Metrics {
             "lode-fsd daemons that died (crashed or were killed)",
             daemon_deaths.clone(),
         );
+        let daemon_hangs = Counter::default();
+        registry.register(
+            "daemon_hangs",
+            "lode-fsd daemons killed for missing a call's deadline (then recovered like dead ones)",
+            daemon_hangs.clone(),
+        );
         let daemon_recoveries = Family::<RecoveryLabels, Counter>::default();
         registry.register(
             "daemon_recoveries",
@@ -61,6 +68,7 @@ impl Metrics {
             registry,
             op_seconds,
             daemon_deaths,
+            daemon_hangs,
             daemon_recoveries,
         }
     }
@@ -74,6 +82,10 @@ impl Metrics {
 
     pub fn daemon_died(&self) {
         self.daemon_deaths.inc();
+    }
+
+    pub fn daemon_hung(&self) {
+        self.daemon_hangs.inc();
     }
 
     /// `how` is "failover" or "restart".

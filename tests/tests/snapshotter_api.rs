@@ -501,3 +501,92 @@ fn root_permission_directory_modes_and_intermediate_removal() {
     api.remove("child-c").unwrap();
     api.remove("modes").unwrap();
 }
+
+/// Cleanup removes directories no record names; Prepare makes a directory,
+/// then records it. Raced, a Cleanup must never take the directory of a
+/// snapshot being prepared: every snapshot prepared meanwhile keeps its
+/// directories, and only the planted orphans go.
+#[test]
+fn cleanup_racing_prepare_removes_only_orphans() {
+    let Some((snapshotter, api)) = setup() else {
+        return;
+    };
+    const PREPARERS: usize = 4;
+    const EACH: usize = 60;
+    let snapshots = snapshotter.root().join("snapshots");
+    let orphans: Vec<_> = (0..20)
+        .map(|i| snapshots.join(format!("{}", 900_000 + i)))
+        .collect();
+    for orphan in &orphans {
+        std::fs::create_dir_all(orphan.join("fs")).unwrap();
+    }
+    let client = api.client.clone();
+    let prepared: Vec<(String, Vec<Mount>)> = api.rt.block_on(async move {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cleaner = {
+            let (mut client, done) = (client.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut rounds = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = CleanupRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                    };
+                    client.cleanup(request).await.expect("cleanup");
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        let preparers: Vec<_> = (0..PREPARERS)
+            .map(|p| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let mut mounts = Vec::new();
+                    for i in 0..EACH {
+                        let key = format!("race-{p}-{i}");
+                        let request = PrepareSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key: key.clone(),
+                            parent: String::new(),
+                            labels: HashMap::new(),
+                        };
+                        let answer = client.prepare(request).await.expect("prepare");
+                        mounts.push((key, answer.into_inner().mounts));
+                    }
+                    mounts
+                })
+            })
+            .collect();
+        let mut prepared = Vec::new();
+        for preparer in preparers {
+            prepared.extend(preparer.await.unwrap());
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = cleaner.await.unwrap();
+        assert!(
+            rounds >= 2,
+            "cleanup ran {rounds} times during the prepares"
+        );
+        prepared
+    });
+    assert_eq!(prepared.len(), PREPARERS * EACH);
+    let mut missing = Vec::new();
+    for (key, mounts) in &prepared {
+        let [mount] = mounts.as_slice() else {
+            panic!("{key}: {mounts:?}")
+        };
+        assert_eq!(mount.r#type, "bind", "{key}: {mount:?}");
+        let dir = Path::new(&mount.source);
+        if !dir.is_dir() || !dir.parent().unwrap().join("work").is_dir() {
+            missing.push(key.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "cleanup removed the directories of {} prepared snapshots: {missing:?}",
+        missing.len()
+    );
+    for orphan in &orphans {
+        assert!(!orphan.exists(), "orphan {} kept", orphan.display());
+    }
+}

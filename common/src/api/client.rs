@@ -18,6 +18,8 @@ use super::API_PREFIX;
 
 /// Largest response body the client accepts.
 const MAX_RESPONSE: usize = 16 << 20;
+/// How long one call may take unless the client is given its own deadline.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -59,6 +61,15 @@ pub enum ClientError {
     },
     #[error("daemon at {path} exited before reaching state {wanted}")]
     Exited { path: PathBuf, wanted: String },
+    /// The daemon accepted the call but did not answer within the deadline
+    /// (stopped, or stuck): it is taken for hung.
+    #[error("{method} {uri} on {path}: no answer within {after:?}")]
+    Timeout {
+        method: Method,
+        uri: String,
+        path: PathBuf,
+        after: Duration,
+    },
 }
 
 impl ClientError {
@@ -76,12 +87,19 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the daemon missed the call's deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
 }
 
-/// Talks to one daemon's API socket.
+/// Talks to one daemon's API socket. Every call has a deadline (connect,
+/// request and the whole answer).
 #[derive(Clone, Debug)]
 pub struct DaemonClient {
     socket: PathBuf,
+    timeout: Duration,
 }
 
 fn mountpoint_query(mountpoint: &Path) -> String {
@@ -97,7 +115,14 @@ impl DaemonClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            timeout: DEFAULT_CALL_TIMEOUT,
         }
+    }
+
+    /// The same client with another deadline per call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn socket(&self) -> &Path {
@@ -209,7 +234,12 @@ impl DaemonClient {
                     wanted: states_text(wanted),
                 });
             }
-            let last = match self.daemon_info().await {
+            // No probe outlives the deadline of the wait.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let probe = self
+                .clone()
+                .with_timeout(self.timeout.min(remaining.max(Duration::from_millis(50))));
+            let last = match probe.daemon_info().await {
                 Ok(info) if wanted.contains(&info.state) => return Ok(info),
                 Ok(info) if info.state == DaemonState::Stopped => {
                     return Err(self.state_timeout(wanted, "STOPPED".into()))
@@ -258,8 +288,27 @@ impl DaemonClient {
     }
 
     /// Sends one request on a new connection; returns the full URI and the
-    /// body of a 2xx answer, or the decoded error of any other.
+    /// body of a 2xx answer, or the decoded error of any other. The whole
+    /// exchange is bounded by the client's deadline.
     async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&B>,
+    ) -> Result<(String, Bytes), ClientError> {
+        let exchange = self.exchange(method.clone(), uri, body);
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout {
+                method,
+                uri: format!("{API_PREFIX}{uri}"),
+                path: self.socket.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn exchange<B: Serialize>(
         &self,
         method: Method,
         uri: &str,
@@ -285,8 +334,9 @@ impl DaemonClient {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http(e.into()))?;
-        // Drives the connection until the exchange ends; dropped with the task.
-        let driver = tokio::spawn(conn);
+        // Drives the connection until the exchange ends, or is given up at
+        // the deadline (the guard aborts it either way).
+        let _driver = AbortOnDrop(tokio::spawn(conn));
         let request = Request::builder()
             .method(method.clone())
             .uri(&uri)
@@ -308,7 +358,6 @@ impl DaemonClient {
             Ok::<_, ClientError>((status, bytes))
         }
         .await;
-        driver.abort();
         let (status, bytes) = result?;
         if status.is_success() {
             return Ok((uri, bytes));
@@ -327,6 +376,15 @@ impl DaemonClient {
             code,
             message,
         })
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -13,6 +13,12 @@
 //! starts a fresh daemon that mounts the instances again in sequence order;
 //! `none` only logs. Daemons outlive the snapshotter: on start it re-attaches
 //! to the live ones and recovers the dead ones.
+//!
+//! Every call to a daemon has a deadline (`call_timeout_secs`), and each
+//! daemon's API is probed every `health_interval_secs`: a daemon that misses
+//! a deadline is taken for hung, killed, and recovered like a dead one. Work
+//! on one daemon (start, mount, release, recovery) holds that daemon's lock
+//! only, so a hung daemon never holds up another's images.
 
 mod cache;
 mod process;
@@ -21,13 +27,13 @@ mod recover;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 
 use lode_common::api::{DaemonClient, DaemonState, InstanceConfig, MountRequest};
 use lode_common::registry::Reference;
 use lode_common::supervisor::SupervisorServer;
 use lode_config::{DaemonMode, RecoverPolicy, SnapshotterConfig};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::cri::Keychain;
 use crate::instances::{InstanceError, InstanceProvider, LodeImage};
@@ -90,15 +96,30 @@ pub struct DaemonManager {
     metrics: Arc<Metrics>,
     /// Credentials from CRI pulls, handed to the daemons.
     keychain: Arc<Keychain>,
-    /// Serialises daemon and instance changes (acquire, release, recovery).
-    state: Mutex<ManagerState>,
+    /// Serialises the changes to each daemon and its instances (start,
+    /// acquire, release, recovery), daemon by daemon.
+    locks: DaemonLocks,
+    /// One supervisor socket per supervised daemon, by daemon id.
+    supervisors: std::sync::Mutex<HashMap<String, SupervisorServer>>,
     this: Weak<DaemonManager>,
 }
 
+/// One lock per daemon id. Whoever holds a daemon's lock may start, call,
+/// kill and recover that daemon and change its records.
 #[derive(Default)]
-struct ManagerState {
-    /// One supervisor socket per supervised daemon, by daemon id.
-    supervisors: HashMap<String, SupervisorServer>,
+struct DaemonLocks(std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>);
+
+impl DaemonLocks {
+    async fn lock(&self, daemon_id: &str) -> OwnedMutexGuard<()> {
+        let lock = Arc::clone(
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(daemon_id.to_string())
+                .or_default(),
+        );
+        lock.lock_owned().await
+    }
 }
 
 impl DaemonManager {
@@ -124,10 +145,12 @@ impl DaemonManager {
             records,
             metrics,
             keychain,
-            state: Mutex::new(ManagerState::default()),
+            locks: DaemonLocks::default(),
+            supervisors: std::sync::Mutex::default(),
             this: this.clone(),
         });
         manager.recover_all().await;
+        manager.watch_health();
         Ok(manager)
     }
 
@@ -184,11 +207,30 @@ impl DaemonManager {
         self.config.recover_policy == RecoverPolicy::Failover
     }
 
+    /// The daemon's API, with the configured deadline on every call.
+    fn client(&self, daemon: &DaemonRecord) -> DaemonClient {
+        DaemonClient::new(&daemon.apisock).with_timeout(self.config.daemon.call_timeout())
+    }
+
+    /// The recorded daemon `daemon_id`, if any.
+    fn daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>, DaemonError> {
+        Ok(self
+            .records
+            .daemons()?
+            .into_iter()
+            .find(|d| d.id == daemon_id))
+    }
+
+    fn supervisors(&self) -> std::sync::MutexGuard<'_, HashMap<String, SupervisorServer>> {
+        self.supervisors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Starts a daemon for `record` (fresh or taking over) and waits until it
-    /// serves; records its pid and watches it.
+    /// serves; records its pid and watches it. The daemon's lock is held.
     async fn launch(
         &self,
-        state: &mut ManagerState,
         mut record: DaemonRecord,
         takeover: bool,
     ) -> Result<DaemonRecord, DaemonError> {
@@ -198,9 +240,9 @@ impl DaemonManager {
             std::fs::create_dir_all(&record.mountpoint)
                 .map_err(DaemonError::io(&record.mountpoint))?;
         }
-        if self.supervised() && !state.supervisors.contains_key(&record.id) {
+        if self.supervised() && !self.supervisors().contains_key(&record.id) {
             let server = SupervisorServer::bind(&record.supervisor)?;
-            state.supervisors.insert(record.id.clone(), server);
+            self.supervisors().insert(record.id.clone(), server);
         }
         if !takeover {
             let _ = std::fs::remove_file(&record.apisock);
@@ -219,7 +261,7 @@ impl DaemonManager {
         record.pid = pid;
         self.records.put_daemon(&record)?;
         self.watch(&record);
-        let client = DaemonClient::new(&record.apisock);
+        let client = self.client(&record);
         let wanted: &[DaemonState] = match (self.config.daemon_mode, takeover) {
             (DaemonMode::Dedicated, false) => &[DaemonState::Init],
             _ => &[DaemonState::Ready, DaemonState::Running],
@@ -304,7 +346,8 @@ impl DaemonManager {
                 continue;
             };
             let request = self.mount_request(&instance.image, instance.seq);
-            match DaemonClient::new(&daemon.apisock)
+            match self
+                .client(daemon)
                 .remount(&instance.mountpoint, &request)
                 .await
             {
@@ -319,30 +362,31 @@ impl DaemonManager {
     }
 
     /// Mounts an instance of `image` in its daemon, starting the daemon first
-    /// when needed.
+    /// when needed; the daemon's lock is held. With `Recovery::Allowed`, a
+    /// recorded daemon found dead is recovered first, and a daemon that
+    /// misses the mount's deadline is killed, recovered and asked again;
+    /// recovery itself mounts with `Recovery::Not`.
     async fn mount_instance(
         &self,
-        state: &mut ManagerState,
         image: &LodeImage,
         seq: u32,
+        recovery: Recovery,
     ) -> Result<PathBuf, DaemonError> {
         let wanted = self.daemon_record_for(image);
-        let daemon = match self
-            .records
-            .daemons()?
-            .into_iter()
-            .find(|d| d.id == wanted.id)
-        {
-            Some(d) if process::is_live_fsd(d.pid) => d,
-            _ => self.launch(state, wanted, false).await?,
-        };
+        let mut daemon = self.serving_daemon(wanted, recovery).await?;
         let mountpoint = self.instance_mountpoint(&daemon, image);
         let request = self.mount_request(image, seq);
-        let client = DaemonClient::new(&daemon.apisock);
-        client.mount(&mountpoint, &request).await.map_err(|e| {
+        let mut mounted = self.client(&daemon).mount(&mountpoint, &request).await;
+        if recovery == Recovery::Allowed && mounted.as_ref().is_err_and(|e| e.is_timeout()) {
+            Box::pin(self.replace_hung(&daemon)).await;
+            daemon = self.serving_daemon(daemon, Recovery::Not).await?;
+            mounted = self.client(&daemon).mount(&mountpoint, &request).await;
+        }
+        mounted.map_err(|e| {
             DaemonError::daemon(&daemon.id, format!("mount {}: {e}", mountpoint.display()))
         })?;
         if self.config.daemon_mode == DaemonMode::Dedicated {
+            let client = self.client(&daemon);
             let deadline = self.config.daemon.start_timeout();
             let state = process::wait_for_states(
                 &client,
@@ -369,12 +413,44 @@ impl DaemonManager {
         tracing::info!(daemon_id = %daemon.id, seq, image_ref = %image.image_ref, mountpoint = %mountpoint.display(), "instance mounted");
         Ok(mountpoint)
     }
+
+    /// The live daemon recorded as `wanted.id`; one is started when none is
+    /// recorded, and a recorded one found dead (its watcher has not got to
+    /// it yet) is recovered first when `recovery` allows. The daemon's lock
+    /// is held.
+    async fn serving_daemon(
+        &self,
+        wanted: DaemonRecord,
+        recovery: Recovery,
+    ) -> Result<DaemonRecord, DaemonError> {
+        match self.daemon(&wanted.id)? {
+            Some(d) if process::is_live_fsd(d.pid) => return Ok(d),
+            Some(dead) if recovery == Recovery::Allowed => {
+                Box::pin(self.recover(dead)).await;
+                if let Some(d) = self.daemon(&wanted.id)? {
+                    if process::is_live_fsd(d.pid) {
+                        return Ok(d);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.launch(wanted, false).await
+    }
+}
+
+/// Whether a mount may recover its daemon (see [`DaemonManager::mount_instance`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recovery {
+    Allowed,
+    Not,
 }
 
 #[async_trait::async_trait]
 impl InstanceProvider for DaemonManager {
     async fn acquire(&self, image: &LodeImage) -> Result<PathBuf, InstanceError> {
-        let mut state = self.state.lock().await;
+        let daemon_id = self.daemon_record_for(image).id;
+        let _held = self.locks.lock(&daemon_id).await;
         let known = self
             .records
             .instances()
@@ -385,26 +461,28 @@ impl InstanceProvider for DaemonManager {
             return Ok(instance.mountpoint);
         }
         let seq = self.records.next_seq().map_err(DaemonError::from)?;
-        let mountpoint = self.mount_instance(&mut state, image, seq).await?;
+        let mountpoint = self.mount_instance(image, seq, Recovery::Allowed).await?;
         self.enforce_cache_limit();
         Ok(mountpoint)
     }
 
     async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError> {
-        let mut state = self.state.lock().await;
-        let instances = self.records.instances().map_err(DaemonError::from)?;
-        let Some(instance) = instances
-            .into_iter()
-            .find(|i| i.image.bootstrap_digest == bootstrap_digest)
-        else {
+        let find = || -> Result<Option<InstanceRecord>, DaemonError> {
+            Ok(self
+                .records
+                .instances()?
+                .into_iter()
+                .find(|i| i.image.bootstrap_digest == bootstrap_digest))
+        };
+        let Some(instance) = find()? else {
             return Ok(());
         };
-        let daemon = self
-            .records
-            .daemons()
-            .map_err(DaemonError::from)?
-            .into_iter()
-            .find(|d| d.id == instance.daemon_id);
+        let _held = self.locks.lock(&instance.daemon_id).await;
+        // Looked up again under the lock: a concurrent release may have won.
+        let Some(instance) = find()? else {
+            return Ok(());
+        };
+        let daemon = self.daemon(&instance.daemon_id)?;
         self.records
             .remove_instance(bootstrap_digest)
             .map_err(DaemonError::from)?;
@@ -421,15 +499,19 @@ impl InstanceProvider for DaemonManager {
             self.records
                 .remove_daemon(&daemon.id)
                 .map_err(DaemonError::from)?;
-            state.supervisors.remove(&daemon.id);
+            self.supervisors().remove(&daemon.id);
         }
-        let client = DaemonClient::new(&daemon.apisock);
-        if let Err(error) = client.umount(&instance.mountpoint).await {
+        if let Err(error) = self.client(&daemon).umount(&instance.mountpoint).await {
             tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
             process::detach_mount(instance.mountpoint.clone()).await;
+            if error.is_timeout() && !last {
+                // It serves other images too: they need it answering.
+                self.replace_hung(&daemon).await;
+            }
         }
-        if last && self.config.daemon_mode == DaemonMode::Shared {
-            process::stop(&daemon).await;
+        if last {
+            // A daemon that does not stop (hung) is killed.
+            process::stop(&daemon, self.config.daemon.call_timeout()).await;
         }
         tracing::info!(daemon_id = %daemon.id, mountpoint = %instance.mountpoint.display(), "instance released");
         self.clean_cache(&instance.image);

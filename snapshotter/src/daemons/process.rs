@@ -190,26 +190,45 @@ pub async fn detach_mount(path: PathBuf) {
     .await;
 }
 
-/// Stops a daemon (SIGTERM: it unmounts and exits) and waits for it, up to
-/// ten seconds; then detaches whatever is left of its mount.
-pub async fn stop(record: &DaemonRecord) {
-    if is_live_fsd(record.pid) {
-        if let Some(fd) = pidfd(record.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(record.pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            if tokio::time::timeout(Duration::from_secs(10), wait_for_exit(fd))
-                .await
-                .is_err()
-            {
-                tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon did not stop within 10 s");
-            }
+/// Stops a daemon (SIGTERM: it unmounts and exits) and waits for it up to
+/// `grace`, then kills it (a hung daemon ignores SIGTERM); then detaches
+/// whatever is left of its mount.
+pub async fn stop(record: &DaemonRecord, grace: Duration) {
+    if let Some(fd) = live_pidfd(record.pid) {
+        let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::TERM);
+        if tokio::time::timeout(grace, wait_for_exit(fd))
+            .await
+            .is_err()
+        {
+            tracing::warn!(daemon_id = %record.id, pid = record.pid, ?grace, "daemon did not stop in time; killing it");
+            kill(record).await;
         }
     }
     detach_mount(record.mountpoint.clone()).await;
     let _ = std::fs::remove_file(&record.apisock);
     let _ = std::fs::remove_file(&record.supervisor);
+}
+
+/// Kills a daemon with SIGKILL (which a stopped process does not hold up)
+/// and waits until it is gone. Its mounts and sockets stay for recovery.
+pub async fn kill(record: &DaemonRecord) {
+    let Some(fd) = live_pidfd(record.pid) else {
+        return;
+    };
+    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+    if tokio::time::timeout(Duration::from_secs(10), wait_for_exit(fd))
+        .await
+        .is_err()
+    {
+        tracing::error!(daemon_id = %record.id, pid = record.pid, "daemon still there 10 s after SIGKILL");
+    }
+}
+
+/// A pidfd of `pid` if it is a live `lode-fsd`; opened before the check, so
+/// the check cannot be about a recycled pid.
+fn live_pidfd(pid: u32) -> Option<OwnedFd> {
+    let fd = pidfd(pid)?;
+    is_live_fsd(pid).then_some(fd)
 }
 
 #[cfg(test)]

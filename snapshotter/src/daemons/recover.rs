@@ -1,34 +1,91 @@
 //! What happens when a daemon dies, and when the snapshotter starts again
 //! while daemons it started earlier are still running (or are not).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use lode_common::api::DaemonClient;
+use futures_util::StreamExt;
 use lode_common::supervisor::SupervisorServer;
 use lode_config::RecoverPolicy;
 
-use super::records::DaemonRecord;
-use super::{process, DaemonError, DaemonManager, ManagerState};
+use super::records::{DaemonRecord, InstanceRecord};
+use super::{process, DaemonError, DaemonManager, Recovery};
 
-/// How long a live daemon may take to answer its API during re-attach.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Successors tried before a failover turns into a restart.
 const FAILOVER_ATTEMPTS: u32 = 3;
+/// Daemons recovered at once at start.
+const RECOVER_CONCURRENCY: usize = 4;
 
 impl DaemonManager {
     pub(super) async fn on_death(&self, id: &str, pid: u32) {
-        let mut state = self.state.lock().await;
-        let Ok(daemons) = self.records.daemons() else {
-            return;
-        };
-        let Some(record) = daemons.into_iter().find(|d| d.id == id) else {
+        let _held = self.locks.lock(id).await;
+        let Ok(Some(record)) = self.daemon(id) else {
             return; // released on purpose
         };
         if record.pid != pid {
             return; // already replaced
         }
+        self.recover(record).await;
+    }
+
+    /// Probes every daemon's API every `health_interval_secs`; a daemon that
+    /// does not answer within the call deadline is replaced.
+    pub(super) fn watch_health(&self) {
+        let Some(interval) = self.config.daemon.health_interval() else {
+            return;
+        };
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(manager) = this.upgrade() else {
+                    return;
+                };
+                manager.probe_all().await;
+            }
+        });
+    }
+
+    async fn probe_all(&self) {
+        let daemons = self.records.daemons().unwrap_or_default();
+        let probes = daemons.into_iter().map(|record| async move {
+            let answer = self.client(&record).daemon_info().await;
+            (record, answer)
+        });
+        for (record, answer) in futures_util::future::join_all(probes).await {
+            let Err(error) = answer else { continue };
+            if !error.is_timeout() {
+                continue; // gone (its watcher recovers it) or still starting
+            }
+            let _held = self.locks.lock(&record.id).await;
+            let same = self
+                .daemon(&record.id)
+                .ok()
+                .flatten()
+                .is_some_and(|d| d.pid == record.pid);
+            if same && process::is_live_fsd(record.pid) {
+                self.replace_hung(&record).await;
+            }
+        }
+    }
+
+    /// A daemon that missed a call's deadline: it is killed, so that
+    /// nothing waits on it again, and recovered by the policy like a dead
+    /// one (its readers pause, then go on with failover). The daemon's lock
+    /// is held.
+    pub(super) async fn replace_hung(&self, record: &DaemonRecord) {
+        tracing::error!(daemon_id = %record.id, pid = record.pid, deadline = ?self.config.daemon.call_timeout(), "daemon did not answer in time; killing and replacing it");
+        self.metrics.daemon_hung();
+        process::kill(record).await;
+        self.recover(record.clone()).await;
+    }
+
+    /// Recovers a dead daemon by the policy. The daemon's lock is held.
+    pub(super) async fn recover(&self, record: DaemonRecord) {
+        let (id, pid) = (record.id.as_str(), record.pid);
         let policy = self.config.recover_policy;
         tracing::warn!(daemon_id = id, pid, policy = policy.as_str(), "daemon died");
         self.metrics.daemon_died();
@@ -40,7 +97,7 @@ impl DaemonManager {
                 // reports its own state, so a successor that dies during
                 // its takeover can be replaced by another.
                 for attempt in 1..=FAILOVER_ATTEMPTS {
-                    let launched = self.launch(&mut state, record.clone(), true);
+                    let launched = self.launch(record.clone(), true);
                     match tokio::time::timeout(timeout, launched).await {
                         Ok(Ok(_)) => {
                             self.metrics.daemon_recovered("failover");
@@ -58,16 +115,16 @@ impl DaemonManager {
                     }
                 }
                 tracing::error!(daemon_id = id, "failover failed; restarting the daemon");
-                self.restart_logged(&mut state, record).await;
+                self.restart_logged(record).await;
             }
-            RecoverPolicy::Restart => self.restart_logged(&mut state, record).await,
+            RecoverPolicy::Restart => self.restart_logged(record).await,
         }
     }
 
-    async fn restart_logged(&self, state: &mut ManagerState, record: DaemonRecord) {
+    async fn restart_logged(&self, record: DaemonRecord) {
         let id = record.id.clone();
         let timeout = self.config.daemon.recover_timeout();
-        match tokio::time::timeout(timeout, self.restart(state, record)).await {
+        match tokio::time::timeout(timeout, self.restart(record)).await {
             Ok(Ok(())) => self.metrics.daemon_recovered("restart"),
             Ok(Err(error)) => tracing::error!(daemon_id = %id, %error, "daemon restart failed"),
             Err(_) => tracing::error!(daemon_id = %id, ?timeout, "daemon restart timed out"),
@@ -77,14 +134,11 @@ impl DaemonManager {
     /// Clears what a dead daemon left (its held FUSE descriptors, its mount,
     /// its socket), starts a new one and mounts its instances again in
     /// sequence order. Each instance is bounded by the recover timeout.
-    async fn restart(
-        &self,
-        state: &mut ManagerState,
-        record: DaemonRecord,
-    ) -> Result<(), DaemonError> {
+    /// The daemon's lock is held.
+    async fn restart(&self, record: DaemonRecord) -> Result<(), DaemonError> {
         // Dropping the supervisor's copies ends the dead connection, so the
         // detach below cannot leave readers hanging on it.
-        state.supervisors.remove(&record.id);
+        self.supervisors().remove(&record.id);
         let instances = self.instances_of(&record.id)?;
         for instance in &instances {
             if instance.mountpoint != record.mountpoint {
@@ -98,19 +152,15 @@ impl DaemonManager {
             return Ok(());
         }
         let fresh = DaemonRecord { pid: 0, ..record };
-        self.launch(state, fresh, false).await?;
-        self.mount_missing(state, instances, &HashSet::new()).await;
+        self.launch(fresh, false).await?;
+        self.mount_missing(instances, &HashSet::new()).await;
         Ok(())
     }
 
-    /// Mounts the given instances (already in sequence order) that are not
-    /// in `mounted`, skipping those whose bootstrap is gone.
-    async fn mount_missing(
-        &self,
-        state: &mut ManagerState,
-        instances: Vec<super::records::InstanceRecord>,
-        mounted: &HashSet<PathBuf>,
-    ) {
+    /// Mounts the given instances (already in sequence order, all of one
+    /// daemon, whose lock is held) that are not in `mounted`, skipping
+    /// those whose bootstrap is gone.
+    async fn mount_missing(&self, instances: Vec<InstanceRecord>, mounted: &HashSet<PathBuf>) {
         let timeout = self.config.daemon.recover_timeout();
         for instance in instances {
             if mounted.contains(&instance.mountpoint) {
@@ -123,7 +173,7 @@ impl DaemonManager {
                     .remove_instance(&instance.image.bootstrap_digest);
                 continue;
             }
-            let mount = self.mount_instance(state, &instance.image, instance.seq);
+            let mount = self.mount_instance(&instance.image, instance.seq, Recovery::Not);
             match tokio::time::timeout(timeout, mount).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
@@ -139,18 +189,26 @@ impl DaemonManager {
     }
 
     /// At start: re-attach to live daemons, recover dead ones, mount the
-    /// instances that are missing, and remove what no record names.
+    /// instances that are missing, and remove what no record names. Daemons
+    /// are recovered a few at a time, each bounded by the recover timeout.
     pub(super) async fn recover_all(&self) {
-        let mut state = self.state.lock().await;
         let timeout = self.config.daemon.recover_timeout();
-        for record in self.records.daemons().unwrap_or_default() {
-            let id = record.id.clone();
-            match tokio::time::timeout(timeout, self.reattach(&mut state, record)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::error!(daemon_id = %id, %error, "cannot recover daemon"),
-                Err(_) => tracing::error!(daemon_id = %id, ?timeout, "recovering daemon timed out"),
-            }
-        }
+        let daemons = self.records.daemons().unwrap_or_default();
+        futures_util::stream::iter(daemons)
+            .for_each_concurrent(RECOVER_CONCURRENCY, |record| async move {
+                let _held = self.locks.lock(&record.id).await;
+                let id = record.id.clone();
+                match tokio::time::timeout(timeout, self.reattach(record)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::error!(daemon_id = %id, %error, "cannot recover daemon")
+                    }
+                    Err(_) => {
+                        tracing::error!(daemon_id = %id, ?timeout, "recovering daemon timed out")
+                    }
+                }
+            })
+            .await;
         // Instances whose daemon record is gone (a crash between records);
         // not while a record is damaged: it may be their daemon's, which
         // may still serve them.
@@ -167,41 +225,43 @@ impl DaemonManager {
             .into_iter()
             .map(|d| d.id)
             .collect();
-        let orphans: Vec<_> = self
-            .records
-            .instances()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|i| !daemons.contains(&i.daemon_id))
-            .collect();
-        self.mount_missing(&mut state, orphans, &HashSet::new())
+        let mut orphans: BTreeMap<String, Vec<InstanceRecord>> = BTreeMap::new();
+        for instance in self.records.instances().unwrap_or_default() {
+            if !daemons.contains(&instance.daemon_id) {
+                let id = self.daemon_record_for(&instance.image).id;
+                orphans.entry(id).or_default().push(instance);
+            }
+        }
+        futures_util::stream::iter(orphans)
+            .for_each_concurrent(RECOVER_CONCURRENCY, |(id, instances)| async move {
+                let _held = self.locks.lock(&id).await;
+                self.mount_missing(instances, &HashSet::new()).await;
+            })
             .await;
         self.remove_orphans().await;
     }
 
-    async fn reattach(
-        &self,
-        state: &mut ManagerState,
-        record: DaemonRecord,
-    ) -> Result<(), DaemonError> {
-        let client = DaemonClient::new(&record.apisock);
-        let info = if process::is_live_fsd(record.pid) {
-            tokio::time::timeout(PROBE_TIMEOUT, client.daemon_info())
-                .await
-                .ok()
-                .and_then(Result::ok)
-        } else {
-            None
+    async fn reattach(&self, record: DaemonRecord) -> Result<(), DaemonError> {
+        let client = self.client(&record);
+        let live = process::is_live_fsd(record.pid);
+        let info = match live {
+            true => client.daemon_info().await.ok(),
+            false => None,
         };
         let Some(info) = info else {
-            tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon is gone; restarting it");
-            self.restart(state, record).await?;
+            if live {
+                tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon does not answer; killing and restarting it");
+                process::kill(&record).await;
+            } else {
+                tracing::warn!(daemon_id = %record.id, pid = record.pid, "daemon is gone; restarting it");
+            }
+            self.restart(record).await?;
             self.metrics.daemon_recovered("restart");
             return Ok(());
         };
         if self.supervised() {
             let server = SupervisorServer::bind(&record.supervisor)?;
-            state.supervisors.insert(record.id.clone(), server);
+            self.supervisors().insert(record.id.clone(), server);
             // The supervisor that held the descriptor died with the old
             // snapshotter; the daemon hands it over again.
             if let Err(error) = client.send_fd().await {
@@ -216,7 +276,7 @@ impl DaemonManager {
             .map(|i| i.mountpoint.clone())
             .collect();
         let instances = self.instances_of(&record.id)?;
-        self.mount_missing(state, instances, &mounted).await;
+        self.mount_missing(instances, &mounted).await;
         Ok(())
     }
 
@@ -264,11 +324,11 @@ impl DaemonManager {
     /// Stops every daemon and unmounts everything (for a full shutdown; a
     /// snapshotter restart leaves daemons running instead).
     pub async fn stop_all(&self) {
-        let mut state = self.state.lock().await;
         for record in self.records.daemons().unwrap_or_default() {
+            let _held = self.locks.lock(&record.id).await;
             let _ = self.records.remove_daemon(&record.id);
-            state.supervisors.remove(&record.id);
-            process::stop(&record).await;
+            self.supervisors().remove(&record.id);
+            process::stop(&record, self.config.daemon.call_timeout()).await;
             for instance in self.records.instances().unwrap_or_default() {
                 if instance.daemon_id == record.id {
                     let _ = self

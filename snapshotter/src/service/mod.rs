@@ -29,6 +29,10 @@ pub struct LodeSnapshotter {
     lazy: LazyLayers,
     instances: Arc<dyn InstanceProvider>,
     metrics: Arc<Metrics>,
+    /// Held shared from making a snapshot directory until its record is
+    /// written, and exclusively by [`LodeSnapshotter::cleanup`], which would
+    /// otherwise take a directory made meanwhile for an orphan.
+    dirs: tokio::sync::RwLock<()>,
 }
 
 /// Releases the instance of Lode image `digest` unless a snapshot still
@@ -67,6 +71,7 @@ impl LodeSnapshotter {
             lazy,
             instances,
             metrics,
+            dirs: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -108,6 +113,7 @@ impl LodeSnapshotter {
                 }
             }
         }
+        let recording = self.dirs.read().await;
         let id = self.store.next_id()?;
         let dir = self.dir(id);
         disk::create_snapshot_dirs(&dir, kind == SnapshotKind::Active)?;
@@ -127,6 +133,7 @@ impl LodeSnapshotter {
             disk::remove_dir(dir).await;
             return Err(error.into());
         }
+        drop(recording);
         match self.mounts_of(&record).await {
             Ok(mounts) => Ok(mounts),
             Err(error) => {
@@ -168,6 +175,7 @@ impl LodeSnapshotter {
         labels: HashMap<String, String>,
         lode_image: Option<String>,
     ) -> Result<(), ServiceError> {
+        let _recording = self.dirs.read().await;
         let id = self.store.next_id()?;
         let dir = self.dir(id);
         disk::create_snapshot_dirs(&dir, false)?;
@@ -293,6 +301,7 @@ impl LodeSnapshotter {
     /// between making a directory and recording it, or after forgetting it).
     /// Runs at start and on containerd's Cleanup.
     pub async fn cleanup(&self) -> Result<(), ServiceError> {
+        let _exclusive = self.dirs.write().await;
         let listing = self.store.all()?;
         if !listing.damaged.is_empty() {
             // Their directories cannot be told from orphans: keep them all.
