@@ -18,6 +18,10 @@
 //! Timers have tokio's millisecond resolution, so delays below a few
 //! milliseconds are approximate. TCP windows are not modelled: up to
 //! [`IN_FLIGHT_CHUNKS`] reads per direction and connection may be in flight.
+//!
+//! A [`Fault`] set on the link ([`Link::set_fault`]) breaks the traffic in
+//! one way until it is cleared: cut connections, stalls, flipped bytes,
+//! server errors.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::KitError;
@@ -92,6 +96,27 @@ impl std::fmt::Display for LinkProfile {
     }
 }
 
+/// A way the link breaks the traffic while it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every connection is closed after this many bytes towards the client
+    /// (a link that keeps breaking but keeps delivering).
+    CutAfter(u64),
+    /// Nothing more reaches the clients until the fault is cleared; the
+    /// connections stay open (a stalled transfer).
+    Stall,
+    /// One byte in the middle of every read towards the client larger than
+    /// 4 KiB is flipped (bodies, not response heads).
+    FlipBytes,
+    /// The link answers every request itself with `503 Service
+    /// Unavailable` and closes the connection; connections open when the
+    /// fault is set are cut.
+    ServerError,
+}
+
+/// Reads towards the client at least this large get a byte flipped.
+const FLIP_MIN_READ: usize = 4096;
+
 /// What went through a link so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkStats {
@@ -102,6 +127,9 @@ pub struct LinkStats {
     pub bytes_up: u64,
     /// Bytes towards the clients.
     pub bytes_down: u64,
+    /// Times a fault acted: connections cut or answered 503, reads
+    /// flipped or stalled.
+    pub faults: u64,
 }
 
 impl std::ops::Sub for LinkStats {
@@ -112,6 +140,7 @@ impl std::ops::Sub for LinkStats {
             requests: self.requests - earlier.requests,
             bytes_up: self.bytes_up - earlier.bytes_up,
             bytes_down: self.bytes_down - earlier.bytes_down,
+            faults: self.faults - earlier.faults,
         }
     }
 }
@@ -122,6 +151,7 @@ struct Counters {
     requests: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    faults: AtomicU64,
 }
 
 /// One direction of the link: when it is next free to send.
@@ -165,6 +195,17 @@ struct Shared {
     up: Pipe,
     down: Pipe,
     counters: Counters,
+    fault: watch::Sender<Option<Fault>>,
+}
+
+impl Shared {
+    fn fault(&self) -> Option<Fault> {
+        *self.fault.borrow()
+    }
+
+    fn count_fault(&self) {
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A running link; it stops (and drops its connections) when dropped.
@@ -196,6 +237,7 @@ impl Link {
             up: Pipe::new(),
             down: Pipe::new(),
             counters: Counters::default(),
+            fault: watch::Sender::new(None),
         });
         runtime.spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -225,7 +267,14 @@ impl Link {
             requests: c.requests.load(Ordering::Relaxed),
             bytes_up: c.bytes_up.load(Ordering::Relaxed),
             bytes_down: c.bytes_down.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
         }
+    }
+
+    /// Breaks the traffic in the way `fault` says from now on, or (`None`)
+    /// lets it flow again.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.shared.fault.send_replace(fault);
     }
 }
 
@@ -245,6 +294,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         shared.counters.connections.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         tokio::spawn(async move {
+            if shared.fault() == Some(Fault::ServerError) {
+                answer_503(client, &shared).await;
+                return;
+            }
             let accepted = Instant::now();
             // A client the upstream refuses sees its connection closed, as
             // it would if the server were down behind a real link.
@@ -266,13 +319,42 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let down = relay(
                 server_read,
                 client_write,
-                shared,
+                shared.clone(),
                 Direction::Down,
                 handshake_done,
             );
-            tokio::join!(up, down);
+            let mut faults = shared.fault.subscribe();
+            let server_error = faults.wait_for(|f| *f == Some(Fault::ServerError));
+            tokio::select! {
+                _ = async { tokio::join!(up, down) } => {}
+                // Dropping both directions closes the connection.
+                _ = server_error => shared.count_fault(),
+            }
         });
     }
+}
+
+/// Reads a request's head from `client` and answers 503 with
+/// `Connection: close`, as an overloaded registry (or its load balancer)
+/// would.
+async fn answer_503(mut client: TcpStream, shared: &Shared) {
+    let mut requests = RequestCounter::default();
+    let mut buf = vec![0u8; READ_SIZE];
+    loop {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if requests.feed(&buf[..n]) > 0 => break,
+            Ok(_) => {}
+        }
+    }
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    shared.count_fault();
+    let _ = client
+        .write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    let _ = client.shutdown().await;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -299,6 +381,8 @@ async fn relay(
         let shared = shared.clone();
         async move {
             let mut requests = RequestCounter::default();
+            let mut faults = shared.fault.subscribe();
+            let mut delivered = 0u64;
             loop {
                 let mut buf = vec![0u8; READ_SIZE];
                 let n = match from.read(&mut buf).await {
@@ -306,6 +390,27 @@ async fn relay(
                     Ok(n) => n,
                 };
                 buf.truncate(n);
+                let mut cut = false;
+                if direction == Direction::Down {
+                    match shared.fault() {
+                        Some(Fault::Stall) => {
+                            shared.count_fault();
+                            let _ = faults.wait_for(|f| *f != Some(Fault::Stall)).await;
+                        }
+                        Some(Fault::FlipBytes) if n >= FLIP_MIN_READ => {
+                            shared.count_fault();
+                            buf[n / 2] ^= 0xff;
+                        }
+                        Some(Fault::CutAfter(limit)) if delivered + n as u64 > limit => {
+                            shared.count_fault();
+                            buf.truncate(limit.saturating_sub(delivered) as usize);
+                            cut = true;
+                        }
+                        _ => {}
+                    }
+                    delivered += buf.len() as u64;
+                }
+                let n = buf.len();
                 let counters = &shared.counters;
                 let (pipe, bytes) = match direction {
                     Direction::Up => {
@@ -317,7 +422,7 @@ async fn relay(
                 };
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
                 let sent = pipe.send(&shared.profile, n as u64, not_before).await;
-                if tx.send((sent + half_rtt, buf)).await.is_err() {
+                if tx.send((sent + half_rtt, buf)).await.is_err() || cut {
                     break;
                 }
             }

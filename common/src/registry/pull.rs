@@ -139,7 +139,7 @@ impl Transport {
         let url = endpoint.blob_url(digest);
         let timeout = self.options.request_timeout;
         let mut received = 0u64;
-        retrying!(self, &endpoint, target, |auth| {
+        retrying!(self, &endpoint, target, progress = received, |auth| {
             let start = offset + received;
             let response = self
                 .unbounded_request(Method::GET, &url, auth.as_ref())
@@ -218,7 +218,7 @@ impl Transport {
         let timeout = self.options.request_timeout;
         let mut hasher = Hasher::new();
         let mut received = 0u64;
-        retrying!(self, &endpoint, target, |auth| {
+        retrying!(self, &endpoint, target, progress = received, |auth| {
             let mut request = self.unbounded_request(Method::GET, &url, auth.as_ref());
             if received > 0 {
                 request = request.header(RANGE, format!("bytes={received}-"));

@@ -224,6 +224,40 @@ async fn cut_off_range_resumes_where_the_sink_stopped() {
 }
 
 #[tokio::test]
+async fn a_transfer_cut_every_few_bytes_completes_while_it_delivers() {
+    // Every answer is cut after 2 bytes; one retry allowed. Each attempt
+    // delivers, so the retries start afresh and the range completes.
+    let server = FakeServer::start(|req, _| {
+        let mut response = range_response(req);
+        response.cut_after = Some(2);
+        response
+    })
+    .await;
+    let c = client(2000, 1);
+    let got = c
+        .pull_blob_range(&server.reference("app"), &digest(), 4, 12)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &BLOB[4..16]);
+    assert_eq!(server.requests().len(), 6, "2 bytes per attempt");
+}
+
+#[tokio::test]
+async fn a_transfer_cut_before_its_first_byte_gives_up_after_max_retries() {
+    let server = FakeServer::start(|req, _| {
+        let mut response = range_response(req);
+        response.cut_after = Some(0);
+        response
+    })
+    .await;
+    let c = client(2000, 1);
+    c.pull_blob_range(&server.reference("app"), &digest(), 4, 12)
+        .await
+        .unwrap_err();
+    assert_eq!(server.requests().len(), 2, "no progress: max_retries only");
+}
+
+#[tokio::test]
 async fn resume_answered_with_another_range_is_refused() {
     let server = FakeServer::start(|req, i| {
         if i == 0 {

@@ -69,6 +69,23 @@ impl fmt::Display for Target<'_> {
 /// A loop rather than a closure-taking helper: futures of async closures
 /// cannot currently be proven `Send`, and callers spawn these operations.
 macro_rules! retrying {
+    // `progress` counts what the operation has kept so far (bytes): an
+    // attempt that moved it on failed having delivered, so the retries
+    // start afresh (see [`Attempts::progressed`]).
+    ($transport:expr, $endpoint:expr, $target:expr, progress = $progress:ident, |$auth:ident| $body:block) => {{
+        let mut attempts = $transport.attempts($endpoint, $target);
+        loop {
+            let $auth = attempts.auth();
+            let before = $progress;
+            let result: Result<_, $crate::registry::transport::AttemptError> = async $body.await;
+            if $progress > before {
+                attempts.progressed();
+            }
+            if let Some(value) = attempts.outcome(result).await? {
+                break value;
+            }
+        }
+    }};
     ($transport:expr, $endpoint:expr, $target:expr, |$auth:ident| $body:block) => {{
         let mut attempts = $transport.attempts($endpoint, $target);
         loop {
@@ -325,6 +342,8 @@ impl Transport {
             retries: 0,
             reauthenticated: false,
             auth: None,
+            started: std::time::Instant::now(),
+            progressed: false,
         }
     }
 }
@@ -332,6 +351,12 @@ impl Transport {
 /// Retry state of one operation (see [`retrying!`]): transient failures
 /// are retried with exponential backoff, a 401 leads to one
 /// re-authentication, anything else becomes a [`RegistryError`].
+///
+/// Retries are counted from the last attempt that delivered something: a
+/// link that keeps breaking but keeps delivering (every connection cut
+/// after some bytes) still completes, retrying at once after each piece.
+/// Such retries end when the operation has taken as long as all of its
+/// attempts could without progress (`request_timeout × (max_retries + 1)`).
 pub(crate) struct Attempts<'a> {
     transport: &'a Transport,
     endpoint: &'a Endpoint<'a>,
@@ -339,6 +364,9 @@ pub(crate) struct Attempts<'a> {
     retries: u32,
     reauthenticated: bool,
     auth: Option<HeaderValue>,
+    started: std::time::Instant,
+    /// The attempt that just failed had delivered something.
+    progressed: bool,
 }
 
 impl Attempts<'_> {
@@ -346,6 +374,19 @@ impl Attempts<'_> {
     pub(crate) fn auth(&mut self) -> Option<HeaderValue> {
         self.auth = self.transport.auth.header(&self.endpoint.scope);
         self.auth.clone()
+    }
+
+    /// The attempt about to be judged delivered something.
+    pub(crate) fn progressed(&mut self) {
+        self.progressed = true;
+    }
+
+    /// How long the operation may go on retrying after progress.
+    fn budget(&self) -> Duration {
+        let options = &self.transport.options;
+        options
+            .request_timeout
+            .saturating_mul(options.max_retries.saturating_add(1))
     }
 
     /// `Ok(Some(value))` on success, `Ok(None)` to make another attempt
@@ -381,6 +422,17 @@ impl Attempts<'_> {
                     Err(auth_error) => return Err(self.fail(auth_error)),
                 }
             }
+        }
+        let progressed = std::mem::take(&mut self.progressed);
+        if error.is_transient() && progressed && self.started.elapsed() < self.budget() {
+            self.retries = 0;
+            tracing::debug!(
+                reference = %self.endpoint.reference,
+                target = %self.target,
+                error = %describe(&error),
+                "registry transfer broke after delivering; resuming at once"
+            );
+            return Ok(None);
         }
         if error.is_transient() && self.retries < max_retries {
             self.backoff(&error).await;
@@ -459,6 +511,13 @@ async fn error_message(mut response: Response) -> String {
         }
     }
     body.truncate(MAX_ERROR_BODY);
+    error_body_message(&body)
+}
+
+/// The message of a registry's error response body: the codes and messages
+/// of an OCI error envelope (`{"errors":[{"code","message"}]}`), else the
+/// body's text, trimmed.
+pub fn error_body_message(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Envelope {
         errors: Vec<EnvelopeError>,
@@ -470,7 +529,7 @@ async fn error_message(mut response: Response) -> String {
         #[serde(default)]
         message: String,
     }
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) {
+    if let Ok(envelope) = serde_json::from_slice::<Envelope>(body) {
         let parts: Vec<String> = envelope
             .errors
             .into_iter()
@@ -480,7 +539,7 @@ async fn error_message(mut response: Response) -> String {
             return parts.join("; ");
         }
     }
-    let text = String::from_utf8_lossy(&body);
+    let text = String::from_utf8_lossy(body);
     let text = text.trim();
     if text.is_empty() {
         "(no message)".to_owned()
