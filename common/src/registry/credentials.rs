@@ -32,7 +32,7 @@ impl fmt::Debug for Credentials {
 
 /// Credentials by registry (`host[:port]`, as written in references).
 #[derive(Clone, Default)]
-pub(crate) struct CredentialStore {
+pub struct CredentialStore {
     /// Given in memory; they take precedence over the config file.
     given: HashMap<String, Credentials>,
     by_registry: HashMap<String, Credentials>,
@@ -115,7 +115,10 @@ impl CredentialStore {
         Ok(store)
     }
 
-    pub(crate) fn parse(text: &[u8], path: &Path) -> Result<Self, RegistryError> {
+    /// Parses the text of a docker `config.json` (`auths`, `credsStore`,
+    /// `credHelpers`; other keys are ignored). `path` only names the file
+    /// in errors. Runs no credential helper: they are asked on lookup.
+    pub fn parse(text: &[u8], path: &Path) -> Result<Self, RegistryError> {
         let err = |message: String| RegistryError::Credentials {
             path: path.display().to_string(),
             message,

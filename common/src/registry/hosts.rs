@@ -130,10 +130,14 @@ pub fn hosts_for(
         path: path.clone(),
         source,
     })?;
-    parse(&text, path, registry, plain_http)
+    parse_hosts(&text, path, registry, plain_http)
 }
 
-fn parse(
+/// Parses the text of a containerd `hosts.toml` (read from `path`, which
+/// names it in errors and anchors relative `ca` paths) into the hosts of
+/// `registry` in the order to try them: the file's `[host]` entries, then
+/// its `server` (else the registry itself, over HTTP if `plain_http`).
+pub fn parse_hosts(
     text: &str,
     path: &Path,
     registry: &str,
@@ -360,7 +364,7 @@ mod tests {
     use super::*;
 
     fn hosts(text: &str) -> Result<Vec<RegistryHost>, HostsError> {
-        parse(
+        parse_hosts(
             text,
             Path::new("/certs.d/reg.io/hosts.toml"),
             "reg.io",

@@ -19,10 +19,14 @@ mod tests;
 mod tls;
 mod transport;
 
-pub use credentials::Credentials;
-pub use hosts::{hosts_for, Attempt, Capability, HostClients, HostsError, RegistryHost};
+pub use credentials::{CredentialStore, Credentials};
+pub use hosts::{
+    hosts_for, parse_hosts, Attempt, Capability, HostClients, HostsError, RegistryHost,
+};
+pub use pull::media_type_from_body;
 pub use reference::{Reference, ReferenceError};
 pub use tls::TlsOptions;
+pub use transport::error_body_message;
 
 use std::collections::HashMap;
 use std::fmt;

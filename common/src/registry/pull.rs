@@ -394,8 +394,11 @@ fn is_manifest_media_type(media_type: &str) -> bool {
     .contains(&media_type)
 }
 
-/// OCI manifests may omit `mediaType`; fall back to their shape.
-fn media_type_from_body(bytes: &[u8]) -> Option<String> {
+/// The media type of a manifest or index response body (used when the
+/// response's `Content-Type` is not one): its `mediaType` if that names a
+/// manifest or index, else its shape, as OCI manifests may omit `mediaType`.
+/// `None` for anything else, JSON or not.
+pub fn media_type_from_body(bytes: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Shape {
         #[serde(rename = "mediaType")]

@@ -41,6 +41,7 @@ use lode_common::registry::RegistryOptions;
 use lode_common::Digest;
 
 pub use chunks::{ChunkCounters, ChunkStore, LayerBlob};
+pub use decompress::{LayerCompression, LayerReader};
 pub use error::{ConvertError, EntryProblem};
 pub use layer::{Converter, LayerStats};
 pub use location::{ImageLocation, PlatformSpec};
