@@ -256,7 +256,7 @@ impl DaemonConfig {
 }
 
 /// `[cache]`: the chunk cache of all daemons.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SnapshotterCacheConfig {
     /// Defaults to `<root>/cache`.
@@ -265,6 +265,27 @@ pub struct SnapshotterCacheConfig {
     /// blobs no image references, then the least recently used unreferenced
     /// ones, never a blob of a mounted image.
     pub size_limit_bytes: u64,
+    /// How often the limit is applied while running, in seconds (besides
+    /// at start and whenever an image is mounted); 0: only then.
+    pub check_interval_secs: u64,
+}
+
+impl Default for SnapshotterCacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            size_limit_bytes: 0,
+            check_interval_secs: 60,
+        }
+    }
+}
+
+impl SnapshotterCacheConfig {
+    /// `None` when the limit is not applied periodically.
+    pub fn check_interval(&self) -> Option<Duration> {
+        (self.check_interval_secs > 0 && self.size_limit_bytes > 0)
+            .then(|| Duration::from_secs(self.check_interval_secs))
+    }
 }
 
 /// `[registry]`: reaching registries.

@@ -27,6 +27,10 @@ pub struct SnapshotterOptions {
     pub cri_proxy: bool,
     /// containerd's registry hosts directory (`[registry] config_path`).
     pub registry_config_path: Option<PathBuf>,
+    /// `[cache] size_limit_bytes` (0: unbounded) and `check_interval_secs`
+    /// (`None`: the default).
+    pub cache_size_limit_bytes: u64,
+    pub cache_check_interval_secs: Option<u64>,
 }
 
 impl Default for SnapshotterOptions {
@@ -37,6 +41,8 @@ impl Default for SnapshotterOptions {
             fsd_config: None,
             cri_proxy: false,
             registry_config_path: None,
+            cache_size_limit_bytes: 0,
+            cache_check_interval_secs: None,
         }
     }
 }
@@ -82,10 +88,17 @@ impl Snapshotter {
         } else {
             String::new()
         };
+        let mut cache = format!(
+            "[cache]\nsize_limit_bytes = {}\n",
+            options.cache_size_limit_bytes
+        );
+        if let Some(interval) = options.cache_check_interval_secs {
+            cache.push_str(&format!("check_interval_secs = {interval}\n"));
+        }
         let config = format!(
             "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
              recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
-             [metrics]\naddress = \"127.0.0.1:0\"\n{cri}{hosts}",
+             [metrics]\naddress = \"127.0.0.1:0\"\n{cri}{hosts}{cache}",
             root = dir.path().join("root").display(),
             socket = dir.path().join("lode.sock").display(),
             mode = options.daemon_mode,

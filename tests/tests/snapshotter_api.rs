@@ -590,3 +590,64 @@ fn cleanup_racing_prepare_removes_only_orphans() {
         assert!(!orphan.exists(), "orphan {} kept", orphan.display());
     }
 }
+
+/// Bytes the files directly in `dir` take on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Writes `count` cached blobs of 1 MiB that no image uses.
+fn unused_blobs(cache: &Path, first: u8, count: u8) {
+    for i in first..first + count {
+        let hex = format!("{i:02x}").repeat(32);
+        std::fs::write(cache.join(&hex), vec![i; 1 << 20]).unwrap();
+        std::fs::write(cache.join(format!("{hex}.map")), [i; 64]).unwrap();
+    }
+}
+
+/// `cache.size_limit_bytes` holds at start (before the snapshotter serves)
+/// and while it runs (every `check_interval_secs`), removing blobs no image
+/// uses.
+#[test]
+fn cache_limit_is_applied_at_start_and_while_running() {
+    if !require_root()
+        || !skip_unless(
+            Snapshotter::available(),
+            "lode-snapshotter/lode-fsd not built",
+        )
+    {
+        return;
+    }
+    const LIMIT: u64 = 1 << 20;
+    let mut snapshotter = Snapshotter::start(&SnapshotterOptions {
+        cache_size_limit_bytes: LIMIT,
+        cache_check_interval_secs: Some(1),
+        ..SnapshotterOptions::default()
+    })
+    .unwrap();
+    let cache = snapshotter.root().join("cache");
+    snapshotter.kill9();
+    unused_blobs(&cache, 1, 4);
+    assert!(disk_bytes(&cache) > 4 * LIMIT);
+    snapshotter.restart().unwrap();
+    let at_start = disk_bytes(&cache);
+    assert!(
+        at_start <= LIMIT,
+        "{at_start} bytes cached when the snapshotter serves, limit {LIMIT}\n{}",
+        snapshotter.log()
+    );
+
+    unused_blobs(&cache, 10, 3);
+    lode_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the cache trimmed to its limit while running",
+        || disk_bytes(&cache) <= LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} bytes\n{}", disk_bytes(&cache), snapshotter.log()));
+}

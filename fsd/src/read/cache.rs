@@ -587,6 +587,32 @@ fn open_map(path: &Path, header: &[u8], count: usize) -> std::io::Result<File> {
     open()
 }
 
+/// Logs chunks that could not be cached: the first failure at once, then
+/// at most one line per [`WriteFailureLog::EVERY`] with how many failed
+/// since, since a full disk fails every chunk. (`cache_write_errors`
+/// counts them all.)
+#[derive(Default)]
+pub(crate) struct WriteFailureLog {
+    /// When the last line was written, and the failures since.
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl WriteFailureLog {
+    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Counts one failure; logs it if a line is due. Returns whether it did.
+    pub(crate) fn failed(&self, error: &CacheError) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        if state.0.is_some_and(|last| last.elapsed() < Self::EVERY) {
+            return false;
+        }
+        warn!(error = %error, failed_chunks = state.1, "cannot cache chunks; serving them uncached (still verified); the next such line comes a minute later at the earliest");
+        *state = (Some(std::time::Instant::now()), 0);
+        true
+    }
+}
+
 #[cfg(test)]
 #[path = "cache_tests.rs"]
 mod tests;

@@ -278,3 +278,17 @@ fn aligned_chunks_go_direct_where_supported_and_both_paths_read_back() {
         }
     }
 }
+
+#[test]
+fn cache_write_failures_are_logged_once_a_minute() {
+    let log = WriteFailureLog::default();
+    let error = CacheError::Io {
+        path: "/cache/x.data".into(),
+        digest: "sha256:00".into(),
+        what: "write chunk",
+        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+    };
+    assert!(log.failed(&error), "the first failure is logged");
+    let logged = (0..1000).filter(|_| log.failed(&error)).count();
+    assert_eq!(logged, 0, "then nothing within the minute");
+}

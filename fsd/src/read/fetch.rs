@@ -27,7 +27,7 @@ use lode_config::FetchConfig;
 use crate::metrics::Metrics;
 use crate::read::access::{AccessRecord, Accessed};
 use crate::read::backend::{BackendError, BlobBackend};
-use crate::read::cache::{BlobCache, CacheError, ChunkCache};
+use crate::read::cache::{BlobCache, CacheError, ChunkCache, WriteFailureLog};
 use crate::read::inflight::{ChunkKey, Inflight, Pending};
 use crate::read::job::{FetchJob, JobContext};
 use crate::read::link::LinkEstimate;
@@ -199,6 +199,7 @@ impl Fetcher {
                 metrics: Arc::clone(&metrics),
                 pool,
                 link: LinkEstimate::default(),
+                cache_failures: WriteFailureLog::default(),
             }),
             pool: WorkerPool::new(settings.workers, settings.background_workers)?,
             metrics,

@@ -6,11 +6,11 @@
 use std::sync::{Arc, Weak};
 
 use lode_common::format::BlobRecord;
-use tracing::{error, warn};
+use tracing::error;
 
 use crate::metrics::Metrics;
 use crate::read::backend::BlobBackend;
-use crate::read::cache::BlobCache;
+use crate::read::cache::{BlobCache, WriteFailureLog};
 use crate::read::fetch::{FetchError, Piece};
 use crate::read::inflight::{Inflight, Pending};
 use crate::read::link::LinkEstimate;
@@ -27,6 +27,8 @@ pub(crate) struct JobContext {
     pub(crate) pool: Arc<BufPool>,
     /// What the link to the blobs delivers, learnt from every job.
     pub(crate) link: LinkEstimate,
+    /// Chunks that could not be cached (a full disk fails them all).
+    pub(crate) cache_failures: WriteFailureLog,
 }
 
 /// A chunk of a job and the fetch its readers wait on. The job holds the
@@ -104,7 +106,7 @@ impl FetchJob {
                     Ok(()) => Metrics::add(&metrics.cache_bytes_written, data.len() as u64),
                     Err(e) => {
                         Metrics::add(&metrics.cache_write_errors, 1);
-                        warn!(error = %e, "cannot cache chunk; serving it uncached");
+                        self.ctx.cache_failures.failed(&e);
                     }
                 }
                 // Kept for a sequential reader still to come.

@@ -150,7 +150,9 @@ impl DaemonManager {
             this: this.clone(),
         });
         manager.recover_all().await;
+        manager.enforce_cache_limit();
         manager.watch_health();
+        manager.watch_cache();
         Ok(manager)
     }
 
@@ -557,6 +559,27 @@ impl DaemonManager {
             .into_iter()
             .filter(|i| i.daemon_id == daemon_id)
             .collect())
+    }
+
+    /// Applies the cache's size limit every `cache.check_interval_secs`.
+    fn watch_cache(&self) {
+        let Some(interval) = self.config.cache.check_interval() else {
+            return;
+        };
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(manager) = this.upgrade() else {
+                    return;
+                };
+                // Walks the cache directory and opens bootstraps.
+                let _ = tokio::task::spawn_blocking(move || manager.enforce_cache_limit()).await;
+            }
+        });
     }
 
     /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.

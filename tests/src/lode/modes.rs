@@ -76,6 +76,8 @@ pub struct Counters {
     pub backend_bytes: u64,
     pub backend_errors: u64,
     pub digest_errors: u64,
+    /// Chunks that could not be written to the cache (served all the same).
+    pub cache_write_errors: u64,
 }
 
 impl Counters {
@@ -231,6 +233,7 @@ impl ModeFsd {
                 backend_bytes: counter(&m, "bytes_fetched"),
                 backend_errors: counter(&m, "backend_errors"),
                 digest_errors: counter(&m, "digest_errors"),
+                cache_write_errors: counter(&m, "cache_write_errors"),
             });
         }
         let id = (self.mode == Mode::Shared).then_some(INSTANCE_ID);
@@ -245,6 +248,7 @@ impl ModeFsd {
             backend_bytes: backend.bytes,
             backend_errors: backend.errors,
             digest_errors: cache.digest_errors,
+            cache_write_errors: cache.write_errors,
         })
     }
 
