@@ -31,6 +31,9 @@ pub struct SnapshotterOptions {
     /// (`None`: the default).
     pub cache_size_limit_bytes: u64,
     pub cache_check_interval_secs: Option<u64>,
+    /// Puts the root on a tmpfs of this size (`8m`), so that a test can
+    /// fill its disk.
+    pub root_tmpfs_size: Option<&'static str>,
 }
 
 impl Default for SnapshotterOptions {
@@ -43,6 +46,7 @@ impl Default for SnapshotterOptions {
             registry_config_path: None,
             cache_size_limit_bytes: 0,
             cache_check_interval_secs: None,
+            root_tmpfs_size: None,
         }
     }
 }
@@ -69,6 +73,18 @@ impl Snapshotter {
             .prefix("lode-snapshotter-")
             .tempdir_in("/var/tmp")
             .map_err(KitError::io("snapshotter temp dir"))?;
+        if let Some(size) = options.root_tmpfs_size {
+            let root = dir.path().join("root");
+            std::fs::create_dir(&root).map_err(KitError::io("snapshotter root"))?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &root,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={size},mode=0700").as_str()),
+            )
+            .map_err(|e| KitError::Invalid(format!("mount a tmpfs at {}: {e}", root.display())))?;
+        }
         let fsd_config = options
             .fsd_config
             .as_ref()

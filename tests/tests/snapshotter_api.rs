@@ -651,3 +651,110 @@ fn cache_limit_is_applied_at_start_and_while_running() {
     )
     .unwrap_or_else(|e| panic!("{e}: {} bytes\n{}", disk_bytes(&cache), snapshotter.log()));
 }
+
+/// Fills `path`'s filesystem with a file at `path`.
+fn fill(path: &Path) {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0x5a; 64 << 10];
+    loop {
+        match file.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("fill {}: {e}", path.display()),
+        }
+    }
+    let _ = file.sync_all();
+}
+
+/// The snapshotter's root (metadata store and snapshot directories) on a
+/// disk that fills up: operations fail with a gRPC error that says so,
+/// nothing recorded before is lost, and once space is back everything
+/// works again, across a restart too.
+#[test]
+fn a_full_disk_fails_operations_clearly_and_loses_nothing() {
+    if !require_root()
+        || !skip_unless(
+            Snapshotter::available(),
+            "lode-snapshotter/lode-fsd not built",
+        )
+    {
+        return;
+    }
+    let mut snapshotter = Snapshotter::start(&SnapshotterOptions {
+        root_tmpfs_size: Some("16m"),
+        ..SnapshotterOptions::default()
+    })
+    .unwrap();
+    let mut api = Api::connect(&snapshotter);
+    api.prepare("kept", "").unwrap();
+    api.commit("kept-c", "kept").unwrap();
+    api.prepare("kept-2", "kept-c").unwrap();
+    let before = api.list(&[]).unwrap();
+
+    let filler = snapshotter.root().join("filler");
+    fill(&filler);
+    // The store has room ahead in its file: prepare (with large labels)
+    // until it must grow.
+    let mut refused = Vec::new();
+    let mut prepared = Vec::new();
+    for i in 0..2000 {
+        let request = PrepareSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: format!("full-{i}"),
+            parent: "kept-c".into(),
+            labels: [("pad".to_string(), "x".repeat(3000))].into(),
+        };
+        match api.rt.block_on(api.client.prepare(request)) {
+            Ok(_) => prepared.push(format!("full-{i}")),
+            Err(status) => refused.push(status),
+        }
+        if refused.len() == 3 {
+            break;
+        }
+    }
+    eprintln!(
+        "with the disk full: {} prepared, then {:?}",
+        prepared.len(),
+        refused
+            .iter()
+            .map(|s| (s.code(), s.message()))
+            .collect::<Vec<_>>()
+    );
+    assert!(!refused.is_empty(), "no Prepare failed with the disk full");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("No space left on device"),
+            "{status:?}"
+        );
+    }
+    let listed = api.list(&[]).unwrap();
+    for key in before.iter().chain(&prepared) {
+        assert!(
+            listed.contains(key),
+            "{key} lost with the disk full: {listed:?}"
+        );
+    }
+    assert!(api.mounts("kept-2").is_ok());
+
+    std::fs::remove_file(&filler).unwrap();
+    api.prepare("after", "kept-c")
+        .unwrap_or_else(|code| panic!("Prepare with space again: {code:?}\n{}", snapshotter.log()));
+    snapshotter.restart().unwrap();
+    let mut api = Api::connect(&snapshotter);
+    let listed = api.list(&[]).unwrap();
+    for key in before
+        .iter()
+        .chain(&prepared)
+        .chain(["after".to_string()].iter())
+    {
+        assert!(
+            listed.contains(key),
+            "{key} lost after a restart: {listed:?}"
+        );
+    }
+    for key in listed.iter().filter(|k| k.starts_with("full-")) {
+        assert!(api.mounts(key).is_ok(), "{key} recorded but unusable");
+    }
+}

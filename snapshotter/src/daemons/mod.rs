@@ -127,7 +127,7 @@ impl DaemonManager {
     /// recovers the rest (see [`recover`]).
     pub async fn start(
         config: &SnapshotterConfig,
-        db: Arc<redb::Database>,
+        db: Arc<crate::store::MetaDb>,
         metrics: Arc<Metrics>,
         keychain: Arc<Keychain>,
     ) -> Result<Arc<Self>, DaemonError> {

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::instances::LodeImage;
+use crate::store::MetaDb;
 
 const DAEMONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("daemons");
 const INSTANCES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("instances");
@@ -49,11 +50,11 @@ fn err(e: impl std::fmt::Display) -> RecordError {
 
 #[derive(Clone)]
 pub struct Records {
-    db: Arc<Database>,
+    db: Arc<MetaDb>,
 }
 
 impl Records {
-    pub fn new(db: Arc<Database>) -> Result<Self, RecordError> {
+    pub fn new(db: Arc<MetaDb>) -> Result<Self, RecordError> {
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(DAEMONS).map_err(err)?;
         txn.open_table(INSTANCES).map_err(err)?;
@@ -188,7 +189,7 @@ mod tests {
     fn sequence_numbers_increase_across_reopen_and_order_instances() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let records = Records::new(Arc::new(Database::create(&path).unwrap())).unwrap();
+        let records = Records::new(MetaDb::open(&path).unwrap()).unwrap();
         let a = records.next_seq().unwrap();
         let b = records.next_seq().unwrap();
         assert!(a >= 1 && b > a);
@@ -203,7 +204,7 @@ mod tests {
                 .unwrap();
         }
         drop(records);
-        let records = Records::new(Arc::new(Database::create(&path).unwrap())).unwrap();
+        let records = Records::new(MetaDb::open(&path).unwrap()).unwrap();
         let seqs: Vec<u32> = records.instances().unwrap().iter().map(|i| i.seq).collect();
         assert_eq!(seqs, vec![a, b]);
         assert!(records.next_seq().unwrap() > b);
@@ -212,7 +213,7 @@ mod tests {
     #[test]
     fn a_damaged_record_is_skipped_and_makes_the_records_not_all_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("db")).unwrap());
+        let db = MetaDb::open(&dir.path().join("db")).unwrap();
         let records = Records::new(Arc::clone(&db)).unwrap();
         let daemon = |id: &str| DaemonRecord {
             id: id.into(),

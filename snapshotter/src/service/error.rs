@@ -35,7 +35,23 @@ impl ServiceError {
         }
     }
 
+    /// Whether the snapshotter's disk is full (the store's file or a
+    /// snapshot directory could not grow).
+    pub fn disk_full(&self) -> bool {
+        let enospc = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOSPC);
+        match self {
+            Self::Io { source, .. } => enospc(source),
+            Self::Store(StoreError::Db(error)) => {
+                matches!(&**error, redb::Error::Io(e) if enospc(e))
+            }
+            _ => false,
+        }
+    }
+
     pub fn code(&self) -> Code {
+        if self.disk_full() {
+            return Code::ResourceExhausted;
+        }
         match self {
             Self::Store(StoreError::NotFound(_)) => Code::NotFound,
             Self::Store(StoreError::AlreadyExists(_)) | Self::LayerAvailable(_) => {
@@ -53,6 +69,13 @@ impl ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
-        Status::new(error.code(), error.to_string())
+        let mut message = error.to_string();
+        if error.disk_full() {
+            message.push_str(
+                " (the filesystem of the snapshotter's root is full: free space there; \
+                 what was recorded before is kept)",
+            );
+        }
+        Status::new(error.code(), message)
     }
 }

@@ -7,6 +7,7 @@
 //! the one that forgets them; what a crash leaves behind is a directory
 //! without a record, which `Cleanup` (and the start-up sweep) removes.
 
+mod db;
 mod record;
 #[cfg(test)]
 mod tests;
@@ -16,8 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
+pub use db::MetaDb;
 pub use record::{SnapshotKind, SnapshotRecord};
 
 use crate::instances::LodeImage;
@@ -63,7 +65,7 @@ fn db_err(error: impl Into<redb::Error>) -> StoreError {
 /// The metadata store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<MetaDb>,
 }
 
 /// Nanoseconds since the epoch, the stored form of times.
@@ -75,11 +77,11 @@ pub fn now_ns() -> u64 {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        let db = MetaDb::open(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source: Box::new(source),
         })?;
-        let store = Self { db: Arc::new(db) };
+        let store = Self { db };
         // Create the tables so read transactions never meet a missing one.
         let txn = store.db.begin_write().map_err(db_err)?;
         txn.open_table(SNAPSHOTS).map_err(db_err)?;
@@ -90,7 +92,7 @@ impl Store {
     }
 
     /// The database, for modules that keep their own tables in the same file.
-    pub fn database(&self) -> Arc<Database> {
+    pub fn database(&self) -> Arc<MetaDb> {
         self.db.clone()
     }
 

@@ -92,7 +92,7 @@ fn corrupt_records_are_errors_not_panics() {
 }
 
 /// Overwrites the record of `key` in `table` with bytes that do not decode.
-pub(crate) fn damage(db: &redb::Database, table: TableDefinition<'_, &str, &[u8]>, key: &str) {
+pub(crate) fn damage(db: &MetaDb, table: TableDefinition<'_, &str, &[u8]>, key: &str) {
     let txn = db.begin_write().unwrap();
     txn.open_table(table)
         .unwrap()
