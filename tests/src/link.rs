@@ -112,6 +112,12 @@ pub enum Fault {
     /// Unavailable` and closes the connection; connections open when the
     /// fault is set are cut.
     ServerError,
+    /// Every `Content-Range` towards the client names another range (its
+    /// first byte moved; the length unchanged).
+    WrongRange,
+    /// Towards the clients, the link delivers only this many bytes per
+    /// second (a slow drip that never quite stops).
+    Drip(u64),
 }
 
 /// Reads towards the client at least this large get a byte flipped.
@@ -406,6 +412,16 @@ async fn relay(
                             buf.truncate(limit.saturating_sub(delivered) as usize);
                             cut = true;
                         }
+                        Some(Fault::WrongRange) => {
+                            if move_range_start(&mut buf) {
+                                shared.count_fault();
+                            }
+                        }
+                        Some(Fault::Drip(rate)) => {
+                            shared.count_fault();
+                            let pause = n as f64 / rate.max(1) as f64;
+                            tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+                        }
                         _ => {}
                     }
                     delivered += buf.len() as u64;
@@ -489,6 +505,26 @@ impl RequestCounter {
     }
 }
 
+/// Changes the last digit of the first byte position in a
+/// `Content-Range: bytes A-B/N` header in `buf`; returns whether there was
+/// one. (Registries write the header name in this case.)
+fn move_range_start(buf: &mut [u8]) -> bool {
+    const HEADER: &[u8] = b"Content-Range: bytes ";
+    let Some(at) = find(buf, HEADER) else {
+        return false;
+    };
+    let digits = buf[at + HEADER.len()..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 {
+        return false;
+    }
+    let last = at + HEADER.len() + digits - 1;
+    buf[last] = b'0' + (buf[last] - b'0' + 1) % 10;
+    true
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -528,6 +564,15 @@ mod tests {
         );
         assert_eq!(c.feed(b"1234GET / HTTP/1.1\r\n\r\n"), 1);
         assert!(!c.lost);
+    }
+
+    #[test]
+    fn a_wrong_range_moves_only_the_first_position() {
+        let mut head =
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 1039-2047/9999\r\n\r\n".to_vec();
+        assert!(move_range_start(&mut head));
+        assert!(find(&head, b"Content-Range: bytes 1030-2047/9999\r\n").is_some());
+        assert!(!move_range_start(&mut b"HTTP/1.1 200 OK\r\n\r\n".to_vec()));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Faults on the wire between `lode-fsd` and the registry, injected by the
 //! test kit's emulated link (`lode_tests::link`) in front of a real
 //! `docker-registry`, in every mode: connections cut after every 16 KiB, a
-//! stalled transfer, flipped bytes and a burst of 503s. What a reader sees
+//! stalled transfer, flipped bytes, a burst of 503s, a wrong
+//! `Content-Range` and a slow drip. What a reader sees
 //! is the file's bytes or EIO within the deadline, never other bytes and
 //! never a hang; the metrics count the faults; reads succeed again as soon
 //! as the fault ends. Root only (FUSE).
@@ -111,16 +112,35 @@ fn counters(fsd: &ModeFsd) -> Counters {
         .unwrap_or_else(|e| panic!("[{}] counters: {e}", fsd.mode()))
 }
 
-/// Reads `file` while `fault` is on: EIO within [`FAIL_BOUND`], never other
-/// bytes. Then clears the fault and reads it again: its bytes.
+/// Reads the first [`READ`] bytes of `path` in one call on a guarded
+/// thread; returns the result and how long it took.
+fn timed_pread(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
+    use std::os::unix::fs::FileExt as _;
+    let what = format!("reading {}", path.display());
+    bounded(HANG_GUARD, &what, move || {
+        let started = Instant::now();
+        let mut buf = vec![0u8; READ];
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.read_exact_at(&mut buf, 0))
+            .map(|()| buf);
+        (read, started.elapsed())
+    })
+}
+
+/// Bytes of one read while a fault is on.
+const READ: usize = 128 * 1024;
+
+/// Reads the start of `file` while `fault` is on: its bytes, or EIO within
+/// [`FAIL_BOUND`]; never other bytes. Then clears the fault and reads the
+/// whole file: its bytes.
 fn fails_while_and_recovers(fx: &Fixture, fsd: &ModeFsd, fault: Fault, file: u64) -> Duration {
     let mode = fsd.mode();
     fx.link.set_fault(Some(fault));
-    let (result, took) = timed_read(fsd.join(name(file)));
+    let (result, took) = timed_pread(fsd.join(name(file)));
     fx.link.set_fault(None);
     match result {
         Ok(data) => assert!(
-            data == file_content(file),
+            data[..] == file_content(file)[..READ],
             "[{mode}] {fault:?}: {} read {} bytes that are not the file's",
             name(file),
             data.len()
@@ -218,6 +238,19 @@ fn faults_on_the_wire(mode: Mode) {
         counters(&fsd).backend_errors > before.1.backend_errors,
         "[{mode}] 503s not counted"
     );
+
+    // A registry answering with another range than asked for.
+    let before = counters(&fsd);
+    let took = fails_while_and_recovers(&fx, &fsd, Fault::WrongRange, next_file());
+    eprintln!("[{mode}] wrong Content-Range: the read ended after {took:?}");
+    assert!(
+        counters(&fsd).backend_errors > before.backend_errors,
+        "[{mode}] wrong ranges not counted"
+    );
+
+    // A slow drip (32 KiB/s): the bytes, or EIO at the deadline.
+    let took = fails_while_and_recovers(&fx, &fsd, Fault::Drip(32 << 10), next_file());
+    eprintln!("[{mode}] slow drip: the read ended after {took:?}");
 
     // Everything else reads as it should once the link is sound again.
     for file in next_file()..FILES {
