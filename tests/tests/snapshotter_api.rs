@@ -152,13 +152,18 @@ impl Api {
     }
 }
 
-fn setup() -> Option<(Snapshotter, Api)> {
-    if !require_root()
-        || !skip_unless(
+/// Whether the machine can run these tests (root, binaries built); prints
+/// why not.
+fn may_run() -> bool {
+    require_root()
+        && skip_unless(
             Snapshotter::available(),
             "lode-snapshotter/lode-fsd not built",
         )
-    {
+}
+
+fn setup() -> Option<(Snapshotter, Api)> {
+    if !may_run() {
         return None;
     }
     let snapshotter = Snapshotter::start(&SnapshotterOptions::default()).unwrap();
@@ -616,12 +621,7 @@ fn unused_blobs(cache: &Path, first: u8, count: u8) {
 /// uses.
 #[test]
 fn cache_limit_is_applied_at_start_and_while_running() {
-    if !require_root()
-        || !skip_unless(
-            Snapshotter::available(),
-            "lode-snapshotter/lode-fsd not built",
-        )
-    {
+    if !may_run() {
         return;
     }
     const LIMIT: u64 = 1 << 20;
@@ -673,12 +673,7 @@ fn fill(path: &Path) {
 /// works again, across a restart too.
 #[test]
 fn a_full_disk_fails_operations_clearly_and_loses_nothing() {
-    if !require_root()
-        || !skip_unless(
-            Snapshotter::available(),
-            "lode-snapshotter/lode-fsd not built",
-        )
-    {
+    if !may_run() {
         return;
     }
     let mut snapshotter = Snapshotter::start(&SnapshotterOptions {

@@ -563,9 +563,20 @@ impl DaemonManager {
 
     /// Applies the cache's size limit every `cache.check_interval_secs`.
     fn watch_cache(&self) {
-        let Some(interval) = self.config.cache.check_interval() else {
-            return;
-        };
+        if let Some(interval) = self.config.cache.check_interval() {
+            self.every(interval, |manager| async move {
+                // Walks the cache directory and opens bootstraps.
+                let _ = tokio::task::spawn_blocking(move || manager.enforce_cache_limit()).await;
+            });
+        }
+    }
+
+    /// Runs `work` every `interval` (not at once) while the manager lives.
+    fn every<F, Fut>(&self, interval: std::time::Duration, work: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let this = self.this.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
@@ -576,8 +587,7 @@ impl DaemonManager {
                 let Some(manager) = this.upgrade() else {
                     return;
                 };
-                // Walks the cache directory and opens bootstraps.
-                let _ = tokio::task::spawn_blocking(move || manager.enforce_cache_limit()).await;
+                work(manager).await;
             }
         });
     }

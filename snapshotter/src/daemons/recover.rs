@@ -31,22 +31,9 @@ impl DaemonManager {
     /// Probes every daemon's API every `health_interval_secs`; a daemon that
     /// does not answer within the call deadline is replaced.
     pub(super) fn watch_health(&self) {
-        let Some(interval) = self.config.daemon.health_interval() else {
-            return;
-        };
-        let this = self.this.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let Some(manager) = this.upgrade() else {
-                    return;
-                };
-                manager.probe_all().await;
-            }
-        });
+        if let Some(interval) = self.config.daemon.health_interval() {
+            self.every(interval, |manager| async move { manager.probe_all().await });
+        }
     }
 
     async fn probe_all(&self) {
