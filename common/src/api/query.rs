@@ -34,8 +34,11 @@ fn decode(raw: &str) -> Result<String, QueryError> {
     while let Some(&b) = bytes.get(i) {
         match b {
             b'%' => {
+                // Two hex digits exactly: `u8::from_str_radix` alone would
+                // also take a sign (`%+1`).
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or_else(|| QueryError::Escape(raw.chars().take(100).collect()))?;
@@ -81,6 +84,8 @@ mod tests {
         assert_eq!(pairs[1], ("id".into(), "x".into()));
         assert!(matches!(parse("a=%zz"), Err(QueryError::Escape(_))));
         assert!(matches!(parse("a=%4"), Err(QueryError::Escape(_))));
+        assert!(matches!(parse("a=%+1"), Err(QueryError::Escape(_))));
+        assert!(matches!(parse("%+f=1"), Err(QueryError::Escape(_))));
         assert!(matches!(parse("a=%ff"), Err(QueryError::Utf8(_))));
         assert!(matches!(parse("a=1&a=2"), Err(QueryError::Duplicate(_))));
     }

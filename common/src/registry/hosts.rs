@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::reference::validate_host_port;
 use super::{Reference, RegistryClient, RegistryError, RegistryOptions, TlsOptions};
 
 /// How long a host that failed at the transport level is passed over.
@@ -219,6 +220,10 @@ fn split_url(url: &str, override_path: bool) -> Result<(String, bool), String> {
     if host.is_empty() {
         return Err("no host".to_owned());
     }
+    // The host replaces the registry of the references requests are made
+    // for; anything but `host[:port]` (user information, a query, a
+    // fragment) would change what the request URLs mean.
+    validate_host_port(host).map_err(|e| format!("{e}: expected host[:port]"))?;
     let path = path.trim_end_matches('/');
     if override_path || !(path.is_empty() || path == "v2") {
         return Err(format!(
@@ -442,6 +447,35 @@ server = "https://reg.io"
         ] {
             let e = hosts(text).unwrap_err().to_string();
             assert!(e.contains("/certs.d/reg.io/hosts.toml"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_host_is_a_name_and_a_port_and_nothing_more() {
+        // Found by fuzzing: `==?alm` was taken as a host, and requests to
+        // it would have carried `?alm` as their query.
+        for url in [
+            "==?alm",
+            "https://user:pw@m.io",
+            "https://m.io?x",
+            "https://m.io#f",
+            "https://a b",
+            "https://m_1",
+            "https://m.io:99999",
+            "https://m.io:",
+            "http://[::1",
+        ] {
+            let e = hosts(&format!("[host.{url:?}]\n")).unwrap_err().to_string();
+            assert!(e.contains("expected host[:port]"), "{url}: {e}");
+        }
+        assert!(hosts("server = \"https://u@reg.io\"").is_err());
+        for url in [
+            "https://m",
+            "http://10.0.0.1:5000",
+            "https://[::1]:443/v2",
+            "Mirror-1.example.com",
+        ] {
+            assert!(hosts(&format!("[host.{url:?}]\n")).is_ok(), "{url}");
         }
     }
 

@@ -101,36 +101,38 @@ fn validate_registry(registry: &str) -> Result<(), String> {
              (containing '.' or ':', or 'localhost'); Lode does not assume docker.io"
         ));
     }
-    if let Some(rest) = registry.strip_prefix('[') {
+    validate_host_port(registry).map_err(|e| format!("{e} in registry {registry:?}"))
+}
+
+/// Checks that `host_port` is `host[:port]` and nothing more: DNS labels
+/// or an IPv4 address or a bracketed IPv6 address, and a port in 1..=65535.
+pub(crate) fn validate_host_port(host_port: &str) -> Result<(), String> {
+    if let Some(rest) = host_port.strip_prefix('[') {
         let Some((host, tail)) = rest.split_once(']') else {
-            return Err(format!("unclosed '[' in registry {registry:?}"));
+            return Err("unclosed '['".to_owned());
         };
         if host.parse::<Ipv6Addr>().is_err() {
-            return Err(format!(
-                "invalid IPv6 address {host:?} in registry {registry:?}"
-            ));
+            return Err(format!("invalid IPv6 address {host:?}"));
         }
         if !tail.is_empty() && !tail.starts_with(':') {
-            return Err(format!(
-                "unexpected text after IPv6 address in registry {registry:?}"
-            ));
+            return Err("unexpected text after IPv6 address".to_owned());
         }
     }
-    let (host, port) = split_host_port(registry);
+    let (host, port) = split_host_port(host_port);
     if let Some(port) = port {
         let valid = !port.is_empty()
             && port.len() <= 5
             && port.bytes().all(|b| b.is_ascii_digit())
             && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p));
         if !valid {
-            return Err(format!("invalid port {port:?} in registry {registry:?}"));
+            return Err(format!("invalid port {port:?}"));
         }
     }
-    if registry.starts_with('[') {
+    if host_port.starts_with('[') {
         return Ok(());
     }
     if host.is_empty() {
-        return Err(format!("empty host in registry {registry:?}"));
+        return Err("empty host".to_owned());
     }
     for label in host.split('.') {
         let bytes = label.as_bytes();
@@ -145,9 +147,7 @@ fn validate_registry(registry: &str) -> Result<(), String> {
             _ => false,
         };
         if !valid {
-            return Err(format!(
-                "invalid host name {host:?} in registry {registry:?}"
-            ));
+            return Err(format!("invalid host name {host:?}"));
         }
     }
     Ok(())
