@@ -3,8 +3,10 @@
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
+# g++: libfuzzer-sys compiles libFuzzer for the fuzz targets (tests/bench/fuzz.sh).
 packages=(docker-registry skopeo umoci fuse3 curl ca-certificates openssl jq
-          protobuf-compiler containerd runc apache2-utils busybox-static debootstrap)
+          protobuf-compiler containerd runc apache2-utils busybox-static debootstrap
+          g++)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
