@@ -412,10 +412,9 @@ async fn relay(
                             buf.truncate(limit.saturating_sub(delivered) as usize);
                             cut = true;
                         }
-                        Some(Fault::WrongRange) => {
-                            if move_range_start(&mut buf) {
-                                shared.count_fault();
-                            }
+                        // Rewrites the header when the read holds one.
+                        Some(Fault::WrongRange) if move_range_start(&mut buf) => {
+                            shared.count_fault();
                         }
                         Some(Fault::Drip(rate)) => {
                             shared.count_fault();
