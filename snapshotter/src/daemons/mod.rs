@@ -223,6 +223,13 @@ impl DaemonManager {
             .find(|d| d.id == daemon_id))
     }
 
+    /// The recorded daemon `daemon_id` if its process is alive.
+    fn live_daemon(&self, daemon_id: &str) -> Result<Option<DaemonRecord>, DaemonError> {
+        Ok(self
+            .daemon(daemon_id)?
+            .filter(|d| process::is_live_fsd(d.pid)))
+    }
+
     fn supervisors(&self) -> std::sync::MutexGuard<'_, HashMap<String, SupervisorServer>> {
         self.supervisors
             .lock()
@@ -425,17 +432,16 @@ impl DaemonManager {
         wanted: DaemonRecord,
         recovery: Recovery,
     ) -> Result<DaemonRecord, DaemonError> {
-        match self.daemon(&wanted.id)? {
-            Some(d) if process::is_live_fsd(d.pid) => return Ok(d),
-            Some(dead) if recovery == Recovery::Allowed => {
+        if let Some(live) = self.live_daemon(&wanted.id)? {
+            return Ok(live);
+        }
+        if recovery == Recovery::Allowed {
+            if let Some(dead) = self.daemon(&wanted.id)? {
                 Box::pin(self.recover(dead)).await;
-                if let Some(d) = self.daemon(&wanted.id)? {
-                    if process::is_live_fsd(d.pid) {
-                        return Ok(d);
-                    }
+                if let Some(live) = self.live_daemon(&wanted.id)? {
+                    return Ok(live);
                 }
             }
-            _ => {}
         }
         self.launch(wanted, false).await
     }

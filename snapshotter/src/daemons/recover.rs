@@ -48,12 +48,12 @@ impl DaemonManager {
                 continue; // gone (its watcher recovers it) or still starting
             }
             let _held = self.locks.lock(&record.id).await;
-            let same = self
-                .daemon(&record.id)
+            let still_there = self
+                .live_daemon(&record.id)
                 .ok()
                 .flatten()
                 .is_some_and(|d| d.pid == record.pid);
-            if same && process::is_live_fsd(record.pid) {
+            if still_there {
                 self.replace_hung(&record).await;
             }
         }
@@ -231,9 +231,10 @@ impl DaemonManager {
     async fn reattach(&self, record: DaemonRecord) -> Result<(), DaemonError> {
         let client = self.client(&record);
         let live = process::is_live_fsd(record.pid);
-        let info = match live {
-            true => client.daemon_info().await.ok(),
-            false => None,
+        let info = if live {
+            client.daemon_info().await.ok()
+        } else {
+            None
         };
         let Some(info) = info else {
             if live {

@@ -26,10 +26,6 @@ impl MetaDb {
         }))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn begin_write(&self) -> Result<WriteTransaction, TransactionError> {
         self.with_reopen(Database::begin_write)
     }
