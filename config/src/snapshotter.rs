@@ -261,9 +261,9 @@ impl DaemonConfig {
 pub struct SnapshotterCacheConfig {
     /// Defaults to `<root>/cache`.
     pub dir: Option<PathBuf>,
-    /// Upper bound of the cache in bytes; 0 = unbounded. The cleaner removes
-    /// blobs no image references, then the least recently used unreferenced
-    /// ones, never a blob of a mounted image.
+    /// Upper bound of the cache in bytes; 0 = unbounded. Above it, blobs no
+    /// mounted image uses are removed, then blobs of mounted images not read
+    /// for a while, least recently used first; never a blob being read.
     pub size_limit_bytes: u64,
     /// How often the limit is applied while running, in seconds (besides
     /// at start and whenever an image is mounted); 0: only then.

@@ -267,7 +267,8 @@ impl Drop for Instance {
     }
 }
 
-/// Makes written cache chunks durable periodically, and once more at stop.
+/// Makes written cache chunks durable periodically (and once more at stop),
+/// and lets go of blobs whose cache files were removed (`ChunkCache::maintain`).
 struct Flusher {
     stop: mpsc::Sender<()>,
     thread: JoinHandle<()>,
@@ -286,6 +287,7 @@ impl Flusher {
                 if let Err(e) = cache.flush() {
                     warn!(error = %e, "periodic cache flush failed");
                 }
+                cache.maintain();
                 if last {
                     return;
                 }

@@ -1,13 +1,20 @@
-//! Faults on disk, with real components: the chunk cache on a filesystem
-//! that fills up (a 1 MiB tmpfs) under `lode-fsd` in every mode. Reads go
-//! on being served, verified, uncached; the failures are counted and
-//! logged once, not once per chunk. Root only (FUSE, tmpfs).
+//! Faults on disk, with real components, under `lode-fsd` in every mode:
+//! - the chunk cache on a filesystem that fills up (a 1 MiB tmpfs): reads
+//!   go on being served, verified, uncached; the failures are counted and
+//!   logged once, not once per chunk;
+//! - the cache files of a mounted image removed (as the snapshotter's size
+//!   limit does): the daemon lets them go, so their space is freed, and
+//!   serves the image's files correctly again, fetching them anew.
+//!
+//! Root only (FUSE, tmpfs).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lode_tests::failover::{file_content, push_image, FILES};
-use lode_tests::lode::{Mode, ModeFsd};
+use lode_tests::lode::{
+    cache_disk_bytes, remove_cached_blobs, removed_cache_files_held, Mode, ModeFsd,
+};
 use lode_tests::{bounded, lode_prerequisites, Registry};
 
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -27,6 +34,90 @@ fn full_cache_disk_dedicated() {
 #[test]
 fn full_cache_disk_shared() {
     full_cache_disk(Mode::Shared);
+}
+
+#[test]
+fn removed_cache_files_standalone() {
+    removed_cache_files(Mode::Standalone);
+}
+
+#[test]
+fn removed_cache_files_dedicated() {
+    removed_cache_files(Mode::Dedicated);
+}
+
+#[test]
+fn removed_cache_files_shared() {
+    removed_cache_files(Mode::Shared);
+}
+
+/// The daemon's `cache.flush_interval_ms` (default): how often it looks
+/// for removed cache files.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads every file of the image under `fsd` (from the daemon, not the
+/// kernel's page cache) and checks its bytes.
+fn read_all(fsd: &ModeFsd, what: &str) {
+    let mode = fsd.mode();
+    for file in 0..FILES {
+        let path = fsd.join(format!("data/f{file:02}"));
+        let data = bounded(HANG_GUARD, "reading a file", move || {
+            drop_page_cache(&path);
+            std::fs::read(&path)
+        })
+        .unwrap_or_else(|e| panic!("[{mode}] {what}: file {file}: {e}"));
+        assert!(
+            data == file_content(file),
+            "[{mode}] {what}: file {file}: wrong bytes"
+        );
+    }
+}
+
+fn removed_cache_files(mode: Mode) {
+    let Some(bins) = lode_prerequisites() else {
+        return;
+    };
+    let registry = Registry::start().expect("start docker-registry");
+    let image = push_image(&bins.lodectl, &registry, "evicted");
+    let fsd = ModeFsd::start(&bins.fsd, mode, &image.fsd_options(None), false)
+        .unwrap_or_else(|e| panic!("[{mode}] start lode-fsd: {e}"));
+    let pid = fsd.pid().expect("the daemon's pid") as u32;
+
+    read_all(&fsd, "first read");
+    let first = fsd.settled_counters().unwrap();
+    let cached = cache_disk_bytes(&image.cache);
+    assert!(cached > 1 << 20, "[{mode}] {cached} bytes cached");
+
+    // The files go while the image is mounted and its blob open.
+    let removed = remove_cached_blobs(&image.cache).unwrap();
+    assert!(removed >= 1, "[{mode}] no cached blob to remove");
+    assert!(removed_cache_files_held(&[pid], &image.cache) > 0);
+    let start = std::time::Instant::now();
+    lode_tests::wait_until(
+        FLUSH_INTERVAL * 5,
+        "the daemon to let the removed cache files go",
+        || removed_cache_files_held(&[pid], &image.cache) == 0,
+    )
+    .unwrap_or_else(|e| panic!("[{mode}] {e}\n{}", fsd.log_text()));
+    let let_go = start.elapsed();
+
+    read_all(&fsd, "after the cache files were removed");
+    let second = fsd.settled_counters().unwrap();
+    let refetched = second.backend_bytes - first.backend_bytes;
+    eprintln!(
+        "[{mode}] {cached} cached bytes removed under a mounted image: let go after {let_go:?}; \
+         every file read correctly again, {refetched} bytes fetched anew"
+    );
+    assert!(
+        refetched >= first.backend_bytes / 2,
+        "[{mode}] {refetched} bytes fetched again of {} (the removed cache still served?)",
+        first.backend_bytes
+    );
+    assert_eq!(second.digest_errors, 0, "[{mode}] {second:?}");
+    assert!(
+        cache_disk_bytes(&image.cache) > 1 << 20,
+        "[{mode}] the blob was not cached afresh"
+    );
 }
 
 /// A tmpfs of `size` at `path`, unmounted on drop.

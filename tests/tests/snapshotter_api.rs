@@ -15,6 +15,7 @@ use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::Code;
 use containerd_client::types::Mount;
 use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
+use lode_tests::lode::cache_disk_bytes;
 use lode_tests::snapshotter::{Snapshotter, SnapshotterOptions};
 use lode_tests::{require_root, skip_unless};
 
@@ -596,17 +597,6 @@ fn cleanup_racing_prepare_removes_only_orphans() {
     }
 }
 
-/// Bytes the files directly in `dir` take on disk.
-fn disk_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
-}
-
 /// Writes `count` cached blobs of 1 MiB that no image uses.
 fn unused_blobs(cache: &Path, first: u8, count: u8) {
     for i in first..first + count {
@@ -634,9 +624,9 @@ fn cache_limit_is_applied_at_start_and_while_running() {
     let cache = snapshotter.root().join("cache");
     snapshotter.kill9();
     unused_blobs(&cache, 1, 4);
-    assert!(disk_bytes(&cache) > 4 * LIMIT);
+    assert!(cache_disk_bytes(&cache) > 4 * LIMIT);
     snapshotter.restart().unwrap();
-    let at_start = disk_bytes(&cache);
+    let at_start = cache_disk_bytes(&cache);
     assert!(
         at_start <= LIMIT,
         "{at_start} bytes cached when the snapshotter serves, limit {LIMIT}\n{}",
@@ -647,9 +637,15 @@ fn cache_limit_is_applied_at_start_and_while_running() {
     lode_tests::wait_until(
         std::time::Duration::from_secs(10),
         "the cache trimmed to its limit while running",
-        || disk_bytes(&cache) <= LIMIT,
+        || cache_disk_bytes(&cache) <= LIMIT,
     )
-    .unwrap_or_else(|e| panic!("{e}: {} bytes\n{}", disk_bytes(&cache), snapshotter.log()));
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} bytes\n{}",
+            cache_disk_bytes(&cache),
+            snapshotter.log()
+        )
+    });
 }
 
 /// Fills `path`'s filesystem with a file at `path`.

@@ -13,7 +13,7 @@
 //! consumes what has arrived.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -163,7 +163,9 @@ struct Lead {
 pub struct Fetcher {
     bootstrap: Arc<Bootstrap>,
     cache: Arc<ChunkCache>,
-    blob_caches: Box<[OnceLock<Arc<BlobCache>>]>,
+    /// Each blob's cache once opened, held by `cache` (which drops it when
+    /// its files were removed; then the next read opens it afresh).
+    blob_caches: Box<[RwLock<Weak<BlobCache>>]>,
     ctx: Arc<JobContext>,
     pool: WorkerPool,
     metrics: Arc<Metrics>,
@@ -186,7 +188,7 @@ impl Fetcher {
         let chunk_size = bootstrap.chunk_size().min(MAX_CHUNK_SIZE) as usize;
         let pool = pools.get(chunk_size + chunk_size / 128 + 1024);
         let blob_caches = (0..bootstrap.blob_count())
-            .map(|_| OnceLock::new())
+            .map(|_| RwLock::new(Weak::new()))
             .collect();
         Ok(Self {
             cache,
@@ -467,8 +469,9 @@ impl Fetcher {
                 ino: 0,
                 reason: format!("blob index {} out of range", piece.blob_index.0),
             })?;
-        if let Some(cache) = slot.get() {
-            return Ok(Arc::clone(cache));
+        let current = slot.read().unwrap_or_else(|e| e.into_inner()).upgrade();
+        if let Some(cache) = current.filter(|c| !c.is_evicted()) {
+            return Ok(cache);
         }
         let blob = &piece.blob;
         let chunks = (0..blob.chunk_count)
@@ -479,7 +482,7 @@ impl Fetcher {
                 source: Arc::new(source),
             })?;
         let cache = self.cache.blob(blob, &chunks)?;
-        let _ = slot.set(Arc::clone(&cache));
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&cache);
         Ok(cache)
     }
 

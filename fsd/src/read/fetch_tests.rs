@@ -278,7 +278,9 @@ fn sequential_reads_start_background_readahead_that_grows_with_the_reader() {
     assert!(metrics.snapshot().readahead_requests >= 1);
     wait_until("readahead chunks to arrive", || {
         f.blob_caches[0]
-            .get()
+            .read()
+            .unwrap()
+            .upgrade()
             .is_some_and(|c| c.present_count() >= 4)
     });
     assert!(
@@ -402,7 +404,9 @@ fn a_read_failing_midway_leaves_no_orphaned_fetch() {
 fn wait_cached(f: &Fetcher, count: usize) {
     wait_until("chunks to be cached", || {
         f.blob_caches[0]
-            .get()
+            .read()
+            .unwrap()
+            .upgrade()
             .is_some_and(|c| c.present_count() == count)
     });
 }
@@ -511,7 +515,7 @@ fn a_corrupt_neighbour_fails_only_its_own_readers_and_is_not_cached() {
     assert_eq!(backend.calls()[0].0, 0);
     // f0, f2 and f3 arrive; f1 is counted and left out.
     wait_cached(&f, 3);
-    let cache = f.blob_caches[0].get().unwrap();
+    let cache = f.blob_caches[0].read().unwrap().upgrade().unwrap();
     assert!(!cache.is_present(1), "the corrupt neighbour was cached");
     assert!(cache.is_present(2) && cache.is_present(3));
     assert_eq!(metrics.snapshot().digest_errors, 1);

@@ -43,7 +43,9 @@ fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
     Fetcher::start_prefetch(&f).unwrap();
     wait_until("the listed files to be cached", || {
         f.blob_caches[0]
-            .get()
+            .read()
+            .unwrap()
+            .upgrade()
             .is_some_and(|c| c.present_count() == 4)
     });
     let range = |name| {
@@ -88,7 +90,9 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
     backend.open();
     wait_until("the rest of the list to be cached", || {
         f.blob_caches[0]
-            .get()
+            .read()
+            .unwrap()
+            .upgrade()
             .is_some_and(|c| c.present_count() == 6)
     });
 }

@@ -1,12 +1,21 @@
-//! Removing cached chunks of images that are gone. The cache holds, per
-//! data blob, a file named by the blob digest's hex and its presence map
-//! `<hex>.map`; a blob is removed only when no recorded instance's image
-//! uses it, so a mounted image never loses its cache.
+//! Removing cached chunks: of images that are gone, and of any blob not in
+//! use when the cache is over its size limit. The cache holds, per data
+//! blob, a file named by the blob digest's hex and its presence map
+//! `<hex>.map`. A blob's files may be removed while daemons hold them open:
+//! they go on reading correct bytes from them, notice the removal within a
+//! flush interval (`cache.flush_interval_ms` of `lode-fsd`), let the files
+//! go and start the blob's cache afresh on its next read.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use lode_common::format::{BlobIndex, Bootstrap};
+
+/// A blob that daemons marked used (the map file's modification time, set
+/// once per flush interval while it is read) this recently is being read:
+/// the size limit leaves it alone.
+pub const IN_USE: Duration = Duration::from_secs(10);
 
 /// Hex digests of the data blobs a bootstrap names (empty if unreadable).
 pub fn blobs_of(bootstrap: &Path) -> HashSet<String> {
@@ -26,19 +35,24 @@ pub fn remove_unreferenced(
     gone: &HashSet<String>,
     kept: &HashSet<String>,
 ) -> u64 {
-    let mut freed = 0;
-    for hex in gone.difference(kept) {
-        for path in [cache_dir.join(hex), cache_dir.join(format!("{hex}.map"))] {
-            freed += remove(&path);
-        }
-    }
-    freed
+    gone.difference(kept)
+        .map(|hex| remove_blob(cache_dir, hex))
+        .sum()
 }
 
-/// Keeps the cache under `limit` bytes (0: no limit) by removing, oldest
-/// first, blobs that `referenced` does not name; never a referenced one, so
-/// the cache may stay above the limit when mounted images need it all.
-/// Returns the bytes freed.
+/// One blob's files in the cache directory.
+#[derive(Default)]
+struct CachedBlob {
+    bytes: u64,
+    /// When a daemon last wrote or marked it used.
+    last_used: Option<SystemTime>,
+}
+
+/// Keeps the cache under `limit` bytes (0: no limit) by removing blobs,
+/// least recently used first: those no recorded image names (`referenced`),
+/// then those of mounted images not used for [`IN_USE`]. A blob being read
+/// is never removed, so the cache may stay above the limit while readers
+/// need it all. Returns the bytes freed.
 pub fn enforce_limit(cache_dir: &Path, referenced: &HashSet<String>, limit: u64) -> u64 {
     if limit == 0 {
         return 0;
@@ -46,29 +60,52 @@ pub fn enforce_limit(cache_dir: &Path, referenced: &HashSet<String>, limit: u64)
     let Ok(entries) = std::fs::read_dir(cache_dir) else {
         return 0;
     };
-    let mut total = 0u64;
-    let mut candidates = Vec::new();
+    let mut blobs: HashMap<String, CachedBlob> = HashMap::new();
     for entry in entries.flatten() {
         let Ok(meta) = entry.metadata() else { continue };
-        let size = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-        total += size;
         let name = entry.file_name().to_string_lossy().into_owned();
         let hex = name.strip_suffix(".map").unwrap_or(&name).to_string();
-        if !referenced.contains(&hex) {
-            candidates.push((meta.modified().ok(), entry.path()));
-        }
+        let blob = blobs.entry(hex).or_default();
+        blob.bytes += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        blob.last_used = blob.last_used.max(meta.modified().ok());
     }
+    let mut total: u64 = blobs.values().map(|b| b.bytes).sum();
+    if total <= limit {
+        return 0;
+    }
+    let now = SystemTime::now();
+    let idle = |b: &CachedBlob| {
+        b.last_used
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age >= IN_USE)
+    };
+    // Unreferenced blobs first, then the least recently used.
+    let mut candidates: Vec<_> = blobs
+        .iter()
+        .filter(|(hex, b)| !referenced.contains(*hex) || idle(b))
+        .map(|(hex, b)| (referenced.contains(hex), b.last_used, hex))
+        .collect();
     candidates.sort();
     let mut freed = 0;
-    for (_, path) in candidates {
+    for (_, _, hex) in candidates {
         if total <= limit {
             break;
         }
-        let size = remove(&path);
+        let size = remove_blob(cache_dir, hex);
         total = total.saturating_sub(size);
         freed += size;
     }
     freed
+}
+
+/// Removes a blob's map, then its data file (a data file without its map is
+/// harmless; a map whose data file is replaced must not be kept). Returns
+/// the bytes freed.
+fn remove_blob(cache_dir: &Path, hex: &str) -> u64 {
+    [cache_dir.join(format!("{hex}.map")), cache_dir.join(hex)]
+        .iter()
+        .map(remove)
+        .sum()
 }
 
 fn remove(path: &PathBuf) -> u64 {
@@ -89,21 +126,56 @@ fn remove(path: &PathBuf) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_limit_removes_only_unreferenced_blobs() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["aa", "bb", "cc"] {
-            std::fs::write(dir.path().join(name), vec![1u8; 64 << 10]).unwrap();
+    /// A blob's data and map files, `size` bytes of data, last used `ago`.
+    fn blob(dir: &Path, hex: &str, size: usize, ago: Duration) {
+        let when = SystemTime::now() - ago;
+        for (name, len) in [(hex.to_string(), size), (format!("{hex}.map"), 64)] {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![1u8; len]).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(when).unwrap();
         }
-        let referenced: HashSet<String> = ["aa"].map(String::from).into();
+    }
+
+    fn kept(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_limit_removes_unreferenced_blobs_then_idle_ones_never_busy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        blob(dir.path(), "aa", 64 << 10, minutes(1)); // referenced, idle, newer
+        blob(dir.path(), "bb", 64 << 10, Duration::ZERO); // referenced, being read
+        blob(dir.path(), "cc", 64 << 10, minutes(5)); // referenced, idle, older
+        blob(dir.path(), "dd", 64 << 10, Duration::ZERO); // unreferenced, recent
+        let referenced: HashSet<String> = ["aa", "bb", "cc"].map(String::from).into();
         assert_eq!(enforce_limit(dir.path(), &referenced, 0), 0, "no limit");
-        let freed = enforce_limit(dir.path(), &referenced, 1);
-        assert!(freed >= 128 << 10, "{freed}");
-        assert!(
-            dir.path().join("aa").exists(),
-            "in use: kept over the limit"
+        assert_eq!(
+            enforce_limit(dir.path(), &referenced, 1 << 30),
+            0,
+            "under the limit"
         );
-        assert!(!dir.path().join("bb").exists() && !dir.path().join("cc").exists());
+
+        // Room for three blobs: the unreferenced one goes.
+        let freed = enforce_limit(dir.path(), &referenced, 3 * (68 << 10) + 4096);
+        assert!(freed >= 64 << 10, "{freed}");
+        assert_eq!(
+            kept(dir.path()),
+            ["aa", "aa.map", "bb", "bb.map", "cc", "cc.map"]
+        );
+        // Room for two: the least recently used of the idle ones.
+        enforce_limit(dir.path(), &referenced, 2 * (68 << 10) + 4096);
+        assert_eq!(kept(dir.path()), ["aa", "aa.map", "bb", "bb.map"]);
+        // No room: the one being read stays, over the limit.
+        enforce_limit(dir.path(), &referenced, 1);
+        assert_eq!(kept(dir.path()), ["bb", "bb.map"]);
     }
 
     #[test]

@@ -598,7 +598,8 @@ impl DaemonManager {
         });
     }
 
-    /// Applies `cache.size_limit_bytes`: unreferenced blobs go, oldest first.
+    /// Applies `cache.size_limit_bytes`: unreferenced blobs go first, then
+    /// blobs of mounted images not being read, least recently used first.
     fn enforce_cache_limit(&self) {
         let limit = self.config.cache.size_limit_bytes;
         if limit == 0 {

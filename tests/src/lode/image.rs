@@ -113,3 +113,50 @@ pub fn cache_durable(cache_dir: &Path, chunk: &ChunkLocation) -> bool {
         .and_then(|f| f.read_exact_at(&mut byte, CACHE_MAP_HEADER + u64::from(chunk.rel)))
         .is_ok_and(|()| byte[0] == 1)
 }
+
+/// Bytes the files in the chunk cache `cache_dir` occupy on disk.
+pub fn cache_disk_bytes(cache_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir(cache_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Removes every cached blob in `cache_dir` as `lode-snapshotter`'s size
+/// limit does (the map, then the data file), while daemons may use them.
+/// Returns how many blobs it removed.
+pub fn remove_cached_blobs(cache_dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(cache_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(hex) = name.strip_suffix(".map") {
+            std::fs::remove_file(entry.path())?;
+            std::fs::remove_file(cache_dir.join(hex))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// How many descriptors the processes `pids` hold on files of `cache_dir`
+/// that were removed (their space is not freed while they are held).
+pub fn removed_cache_files_held(pids: &[u32], cache_dir: &Path) -> usize {
+    let prefix = format!("{}/", cache_dir.display());
+    pids.iter()
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with(&prefix) && t.ends_with(" (deleted)"))
+        .count()
+}

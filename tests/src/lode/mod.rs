@@ -19,7 +19,10 @@ pub use ctl::{LodeMount, Lodectl, MountRecord, Run};
 pub use fsd::{
     counter, force_unmount, is_fsd_mount, process_alive, request_metrics, FsdDaemon, FsdOptions,
 };
-pub use image::{cache_durable, data_blobs, fetch_bootstrap, file_chunks, ChunkLocation};
+pub use image::{
+    cache_disk_bytes, cache_durable, data_blobs, fetch_bootstrap, file_chunks, remove_cached_blobs,
+    removed_cache_files_held, ChunkLocation,
+};
 pub use modes::{Counters, Mode, ModeFsd};
 
 pub const LODECTL: &str = "lodectl";

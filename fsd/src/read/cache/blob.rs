@@ -1,130 +1,26 @@
-//! The persistent chunk cache: verified, decompressed chunks kept on disk across
-//! restarts and shared by every daemon that uses the same directory.
-//!
-//! Per blob there are two files, named by the blob digest's hex:
-//! - `<hex>`: the blob's chunks decompressed, each at its `uncompressed_offset`
-//!   (a sparse file: only fetched chunks occupy space);
-//! - `<hex>.map`: a header identifying the blob's chunk layout, then one byte
-//!   per chunk of the blob, 1 when the chunk's bytes are durable in the data file.
-//!
-//! A chunk is readable by this process as soon as its bytes are written
-//! (in-memory state), but its map byte is written only after a flush has
-//! fdatasync'ed the data file, so after a crash the map never claims bytes
-//! that did not reach the disk. Several processes may write the same chunk:
-//! they write identical (verified) bytes. A chunk another process made durable
-//! is found through its map byte on a miss.
-//!
-//! Chunks whose offset and length are page-aligned are written with O_DIRECT
-//! when the filesystem allows: the kernel already caches file data above FUSE,
-//! and a second copy in the cache file's page cache would cost memory and a
-//! copy into freshly allocated pages for every byte fetched.
+//! The cached chunks of one blob: its data file, its map file and what this
+//! process knows of both.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use lode_common::format::{BlobRecord, ChunkRecord};
 use lode_common::Digest;
-use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
+use super::map::{data_inode_of, map_header, open_map, MAP_HEADER_LEN};
+use super::CacheError;
 use crate::read::pools::DIRECT_ALIGN;
-
-const MAP_MAGIC: &[u8; 8] = b"LODEMAP1";
-/// magic (8) + chunk count (4) + reserved (4) + uncompressed size (8) + layout hash (32) + pad.
-const MAP_HEADER_LEN: u64 = 64;
 
 const ABSENT: u8 = 0;
 /// Written to the data file, not yet fdatasync'ed.
 const WRITTEN: u8 = 1;
 /// Fdatasync'ed and recorded in the map file.
 const DURABLE: u8 = 2;
-
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("cache {path} (blob {digest}): {what}: {source}")]
-    Io {
-        path: PathBuf,
-        digest: String,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cache directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("blob {digest}: {reason}")]
-    Layout { digest: String, reason: String },
-}
-
-/// All cached blobs under one directory.
-pub struct ChunkCache {
-    dir: PathBuf,
-    blobs: Mutex<HashMap<Digest, Arc<BlobCache>>>,
-    direct_io: bool,
-}
-
-impl ChunkCache {
-    /// Opens (creating it if needed) the cache directory.
-    pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|source| CacheError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            blobs: Mutex::new(HashMap::new()),
-            direct_io: true,
-        })
-    }
-
-    /// Whether aligned chunks are written with O_DIRECT (default on; blobs
-    /// opened before the change keep their setting).
-    pub fn with_direct_io(mut self, on: bool) -> Self {
-        self.direct_io = on;
-        self
-    }
-
-    /// The cache of one blob; `chunks` is the blob's slice of the chunk table
-    /// (`blob.chunk_count` records, in order). Opened once per process.
-    pub fn blob(
-        &self,
-        blob: &BlobRecord,
-        chunks: &[ChunkRecord],
-    ) -> Result<Arc<BlobCache>, CacheError> {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = blobs.get(&blob.digest) {
-            return Ok(Arc::clone(existing));
-        }
-        let opened = Arc::new(BlobCache::open(&self.dir, blob, chunks, self.direct_io)?);
-        blobs.insert(blob.digest, Arc::clone(&opened));
-        Ok(opened)
-    }
-
-    /// Makes every written chunk durable and records it in its map. Every blob
-    /// is attempted; the first error is returned.
-    pub fn flush(&self) -> Result<(), CacheError> {
-        let blobs: Vec<_> = {
-            let map = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
-        let mut first_err = None;
-        for blob in blobs {
-            if let Err(e) = blob.flush() {
-                warn!(error = %e, "cache flush failed");
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-}
 
 /// The cached chunks of one blob.
 pub struct BlobCache {
@@ -133,10 +29,19 @@ pub struct BlobCache {
     map_path: PathBuf,
     data: File,
     /// The data file opened with O_DIRECT, for aligned chunks.
-    direct: Option<File>,
+    pub(super) direct: Option<File>,
     /// Cleared when the filesystem refuses a direct write.
-    direct_ok: AtomicBool,
+    pub(super) direct_ok: AtomicBool,
     map: File,
+    /// Inode numbers of the data and map files opened: the files are this
+    /// cache's while the paths still name them.
+    data_inode: u64,
+    map_inode: u64,
+    /// Read or written since the last [`ChunkCache::maintain`].
+    used: AtomicBool,
+    /// The files were removed or replaced: readers take a fresh cache from
+    /// [`ChunkCache::blob`] (this one still reads correct bytes meanwhile).
+    evicted: AtomicBool,
     state: Box<[AtomicU8]>,
     /// Chunks in state WRITTEN, waiting for the next flush.
     dirty: Mutex<Vec<u32>>,
@@ -151,7 +56,7 @@ pub struct BlobCache {
 }
 
 impl BlobCache {
-    fn open(
+    pub(super) fn open(
         dir: &Path,
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
@@ -195,13 +100,16 @@ impl BlobCache {
         } else {
             None
         };
-        let header = map_header(blob, chunks);
+        let data_meta = data
+            .metadata()
+            .map_err(|e| io(&data_path, "stat data file", e))?;
+        let header = map_header(blob, chunks, data_meta.ino());
         let map = open_map(&map_path, &header, chunks.len())
             .map_err(|e| io(&map_path, "open map file", e))?;
-        let data_len = data
+        let map_inode = map
             .metadata()
-            .map_err(|e| io(&data_path, "stat data file", e))?
-            .len();
+            .map_err(|e| io(&map_path, "stat map file", e))?
+            .ino();
 
         let cache = Self {
             digest: blob.digest,
@@ -211,12 +119,16 @@ impl BlobCache {
             direct_ok: AtomicBool::new(direct.is_some()),
             direct,
             map,
+            data_inode: data_meta.ino(),
+            map_inode,
+            used: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
             state: (0..chunks.len()).map(|_| AtomicU8::new(ABSENT)).collect(),
             dirty: Mutex::new(Vec::new()),
             flushing: Mutex::new(()),
             writing: Mutex::new(()),
         };
-        cache.load_map(&header, chunks, data_len)?;
+        cache.load_map(&header, chunks, data_meta.len())?;
         Ok(cache)
     }
 
@@ -228,6 +140,10 @@ impl BlobCache {
         chunks: &[ChunkRecord],
         data_len: u64,
     ) -> Result<(), CacheError> {
+        // A flush of another process checks the header and writes presence
+        // bytes under this lock: once the map is reset for this data file,
+        // no byte for another data file lands in it.
+        let _locked = self.lock_map()?;
         let expected_len = MAP_HEADER_LEN + chunks.len() as u64;
         let mut content = vec![0u8; expected_len as usize];
         let actual_len = self
@@ -275,6 +191,60 @@ impl BlobCache {
         }
         debug!(blob = %self.digest, present = self.present_count(), "cache map loaded");
         Ok(())
+    }
+
+    /// Holds the map file's advisory lock (every process using the blob)
+    /// until dropped.
+    fn lock_map(&self) -> Result<MapLock<'_>, CacheError> {
+        rustix::fs::flock(&self.map, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| self.io_err(true, "lock map file", e.into()))?;
+        Ok(MapLock(&self.map))
+    }
+
+    /// Whether the map file still describes this cache's data file.
+    fn map_is_ours(&self) -> Result<bool, CacheError> {
+        let named = data_inode_of(&self.map).map_err(|e| self.io_err(true, "read map file", e))?;
+        Ok(named == self.data_inode)
+    }
+
+    pub(super) fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub(super) fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
+    /// Whether the paths still name the files this cache opened.
+    pub(super) fn files_are_current(&self) -> bool {
+        let inode = |path: &Path| std::fs::metadata(path).ok().map(|m| m.ino());
+        inode(&self.data_path) == Some(self.data_inode)
+            && inode(&self.map_path) == Some(self.map_inode)
+    }
+
+    /// Whether the files were found removed or replaced.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    pub(super) fn mark_evicted(&self) {
+        self.evicted.store(true, Ordering::Release);
+    }
+
+    fn mark_used(&self) {
+        // Read before written: most calls find it set, and a store on every
+        // read would bounce the cache line between reader threads.
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the map file's modification time to now if the blob was used
+    /// since the last call. Only a hint for the trimming: errors are ignored.
+    pub(super) fn touch_if_used(&self) {
+        if self.used.swap(false, Ordering::Relaxed) {
+            let _ = self.map.set_modified(std::time::SystemTime::now());
+        }
     }
 
     fn reset_map(&self, header: &[u8], count: usize) -> Result<(), CacheError> {
@@ -344,6 +314,7 @@ impl BlobCache {
         let Some(state) = self.state.get(rel as usize) else {
             return Ok(false);
         };
+        self.mark_used();
         if u64::from(offset) + buf.len() as u64 > u64::from(rec.uncompressed_size) {
             return Err(CacheError::Layout {
                 digest: self.digest.to_string(),
@@ -393,6 +364,12 @@ impl BlobCache {
             .read_exact_at(&mut byte, MAP_HEADER_LEN + u64::from(rel))
             .map_err(|e| self.io_err(true, "read map file", e))?;
         if byte[0] == 1 {
+            // Read after the byte: a map reset for another data file (ours
+            // was replaced) says so before it holds any byte for that file.
+            if !self.map_is_ours()? {
+                self.mark_evicted();
+                return Ok(false);
+            }
             let _ = self.state[rel as usize].compare_exchange(
                 ABSENT,
                 DURABLE,
@@ -425,6 +402,7 @@ impl BlobCache {
                 ),
             });
         }
+        self.mark_used();
         if state.load(Ordering::Acquire) != ABSENT {
             return Ok(());
         }
@@ -505,16 +483,39 @@ impl BlobCache {
         if pending.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.data.sync_data() {
-            // Keep them for the next attempt; they stay readable meanwhile.
+        // Failed chunks are kept for the next attempt; they stay readable
+        // meanwhile.
+        let requeue = |chunks: &[u32]| {
             self.dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .extend(pending);
+                .extend_from_slice(chunks);
+        };
+        if let Err(e) = self.data.sync_data() {
+            requeue(&pending);
             return Err(self.io_err(false, "fdatasync data file", e));
         }
         pending.sort_unstable();
         pending.dedup();
+        let _locked = match self.lock_map() {
+            Ok(locked) => locked,
+            Err(e) => {
+                requeue(&pending);
+                return Err(e);
+            }
+        };
+        match self.map_is_ours() {
+            Ok(true) => {}
+            Ok(false) => {
+                // Our data file was replaced: the map is another file's now.
+                self.mark_evicted();
+                return Ok(());
+            }
+            Err(e) => {
+                requeue(&pending);
+                return Err(e);
+            }
+        }
         let mut start = 0;
         while start < pending.len() {
             let mut end = start + 1;
@@ -526,10 +527,7 @@ impl BlobCache {
                 .map
                 .write_all_at(&ones, MAP_HEADER_LEN + u64::from(pending[start]))
             {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&pending[start..]);
+                requeue(&pending[start..]);
                 return Err(self.io_err(true, "write map file", e));
             }
             for &rel in &pending[start..end] {
@@ -542,77 +540,11 @@ impl BlobCache {
     }
 }
 
-/// The map header: identifies the chunk layout the presence bytes refer to.
-fn map_header(blob: &BlobRecord, chunks: &[ChunkRecord]) -> Vec<u8> {
-    let mut hasher = Sha256::new();
-    for rec in chunks {
-        hasher.update(rec.digest.as_bytes());
-        hasher.update(rec.uncompressed_offset.to_le_bytes());
-        hasher.update(rec.uncompressed_size.to_le_bytes());
-    }
-    let mut header = Vec::with_capacity(MAP_HEADER_LEN as usize);
-    header.extend_from_slice(MAP_MAGIC);
-    header.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
-    header.extend_from_slice(&[0u8; 4]);
-    header.extend_from_slice(&blob.uncompressed_size.to_le_bytes());
-    header.extend_from_slice(&hasher.finalize());
-    header.resize(MAP_HEADER_LEN as usize, 0);
-    header
-}
+/// The map file's advisory lock, released on drop.
+struct MapLock<'a>(&'a File);
 
-/// Opens the map file, creating it complete (header and zeros) through a
-/// temporary file and a hard link, so that no process ever sees it half made.
-fn open_map(path: &Path, header: &[u8], count: usize) -> std::io::Result<File> {
-    let open = || OpenOptions::new().read(true).write(true).open(path);
-    match open() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        other => return other,
-    }
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = path.with_extension(format!(
-        "map.tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut content = header.to_vec();
-    content.resize(MAP_HEADER_LEN as usize + count, 0);
-    std::fs::write(&tmp, &content)?;
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    open()
-}
-
-/// Logs chunks that could not be cached: the first failure at once, then
-/// at most one line per [`WriteFailureLog::EVERY`] with how many failed
-/// since, since a full disk fails every chunk. (`cache_write_errors`
-/// counts them all.)
-#[derive(Default)]
-pub(crate) struct WriteFailureLog {
-    /// When the last line was written, and the failures since.
-    state: Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-impl WriteFailureLog {
-    pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-    /// Counts one failure; logs it if a line is due. Returns whether it did.
-    pub(crate) fn failed(&self, error: &CacheError) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 += 1;
-        if state.0.is_some_and(|last| last.elapsed() < Self::EVERY) {
-            return false;
-        }
-        warn!(error = %error, failed_chunks = state.1, "cannot cache chunks; serving them uncached (still verified); the next such line comes a minute later at the earliest");
-        *state = (Some(std::time::Instant::now()), 0);
-        true
+impl Drop for MapLock<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, rustix::fs::FlockOperation::Unlock);
     }
 }
-
-#[cfg(test)]
-#[path = "cache_tests.rs"]
-mod tests;

@@ -1,3 +1,8 @@
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+use super::map::MAP_HEADER_LEN;
 use super::*;
 use lode_common::format::{BlobIndex, ChunkIndex};
 
@@ -291,4 +296,121 @@ fn cache_write_failures_are_logged_once_a_minute() {
     assert!(log.failed(&error), "the first failure is logged");
     let logged = (0..1000).filter(|_| log.failed(&error)).count();
     assert_eq!(logged, 0, "then nothing within the minute");
+}
+
+fn data_path(dir: &Path, blob: &BlobRecord) -> PathBuf {
+    dir.join(blob.digest.hex())
+}
+
+/// Descriptors of this process open on files under `dir` that were removed.
+fn removed_files_held(dir: &Path) -> usize {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with(&prefix) && t.ends_with(" (deleted)"))
+        .count()
+}
+
+#[test]
+fn removed_files_are_let_go_and_the_blob_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(3, 4096);
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let old = cache.blob(&blob, &chunks).unwrap();
+    old.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(cache.maintain(), 0, "nothing was removed");
+    assert!(!old.is_evicted());
+
+    // What the snapshotter's trimming does: the map first, then the data.
+    std::fs::remove_file(map_path(dir.path(), &blob)).unwrap();
+    std::fs::remove_file(data_path(dir.path(), &blob)).unwrap();
+    assert_eq!(cache.maintain(), 1);
+    assert!(old.is_evicted());
+    // A reader still holding the old cache reads correct bytes from it.
+    assert_eq!(read_chunk(&old, 0, &chunks[0]).unwrap(), contents[0]);
+
+    let fresh = cache.blob(&blob, &chunks).unwrap();
+    assert!(!Arc::ptr_eq(&old, &fresh));
+    assert_eq!(fresh.present_count(), 0, "a fresh cache is empty");
+    assert!(read_chunk(&fresh, 0, &chunks[0]).is_none());
+    fresh.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+    cache.flush().unwrap();
+    assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 1);
+    // The old data file (twice with O_DIRECT) and map.
+    assert!(removed_files_held(dir.path()) >= 2);
+    drop(old);
+    assert_eq!(
+        removed_files_held(dir.path()),
+        0,
+        "the removed files are let go"
+    );
+}
+
+#[test]
+fn a_map_reset_for_a_new_data_file_is_not_trusted_with_the_old_one() {
+    // Two processes: `a` holds the data file that was removed (the map was
+    // left), `b` opens the blob afresh, with a new data file, and resets the
+    // map for it.
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(3, 4096);
+    let a = ChunkCache::open(dir.path()).unwrap();
+    let ba = a.blob(&blob, &chunks).unwrap();
+    ba.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+    a.flush().unwrap();
+    std::fs::remove_file(data_path(dir.path(), &blob)).unwrap();
+
+    let b = ChunkCache::open(dir.path()).unwrap();
+    let bb = b.blob(&blob, &chunks).unwrap();
+    assert_eq!(
+        bb.present_count(),
+        0,
+        "the map vouched for another data file"
+    );
+    bb.write_chunk(1, &chunks[1], &contents[1]).unwrap();
+    b.flush().unwrap();
+
+    // `a` must not take b's chunk 1 from its own (old) data file, where it
+    // was never written, and its flushes must not mark its chunks in b's map.
+    assert!(read_chunk(&ba, 1, &chunks[1]).is_none());
+    assert!(ba.is_evicted());
+    ba.write_chunk(2, &chunks[2], &contents[2]).unwrap();
+    a.flush().unwrap();
+    let fresh = ChunkCache::open(dir.path()).unwrap();
+    let reopened = fresh.blob(&blob, &chunks).unwrap();
+    assert!(reopened.is_present(1));
+    assert!(
+        !reopened.is_present(2),
+        "a chunk of the old data file was recorded"
+    );
+    assert!(!reopened.is_present(0));
+    assert_eq!(read_chunk(&bb, 1, &chunks[1]).unwrap(), contents[1]);
+}
+
+#[test]
+fn used_blobs_are_marked_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, chunks, contents) = layout(3, 4096);
+    let cache = ChunkCache::open(dir.path()).unwrap();
+    let b = cache.blob(&blob, &chunks).unwrap();
+    b.write_chunk(0, &chunks[0], &contents[0]).unwrap();
+    cache.flush().unwrap();
+    let map = map_path(dir.path(), &blob);
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+    let set_long_ago = || {
+        let f = OpenOptions::new().write(true).open(&map).unwrap();
+        f.set_modified(long_ago).unwrap();
+    };
+    let modified = || std::fs::metadata(&map).unwrap().modified().unwrap();
+
+    cache.maintain();
+    set_long_ago();
+    cache.maintain();
+    assert_eq!(modified(), long_ago, "not used since the last pass");
+    assert!(read_chunk(&b, 0, &chunks[0]).is_some());
+    cache.maintain();
+    assert!(modified() > long_ago, "read since the last pass");
 }
