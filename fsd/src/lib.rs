@@ -13,6 +13,7 @@ pub(crate) mod api;
 pub(crate) mod fs;
 pub mod host;
 pub(crate) mod instance;
+pub(crate) mod log_budget;
 pub(crate) mod metrics;
 pub(crate) mod mount;
 pub mod read;

@@ -5,14 +5,14 @@
 //! a failing blob source or a bug, and is logged at error level, rate-limited
 //! because a container can trigger it in a loop.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fuser::Errno;
 use lode_common::format::FormatError;
 use tracing::{debug, error, trace};
 
+use crate::log_budget::LogBudget;
 use crate::read::fetch::FetchError;
 
 /// Why a filesystem operation failed.
@@ -81,11 +81,16 @@ const ERRORS_PER_SECOND: u64 = 20;
 
 /// Logs failed operations: expected ones at trace/debug, faults at error
 /// level with a per-second budget.
-#[derive(Default)]
 pub struct ErrorLog {
-    second: AtomicU64,
-    logged: AtomicU64,
-    suppressed: AtomicU64,
+    budget: LogBudget,
+}
+
+impl Default for ErrorLog {
+    fn default() -> Self {
+        Self {
+            budget: LogBudget::new(ERRORS_PER_SECOND, Duration::from_secs(1)),
+        }
+    }
 }
 
 impl ErrorLog {
@@ -104,26 +109,10 @@ impl ErrorLog {
             }
             return errno;
         }
-        if self.admit() {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        if let Some(suppressed) = self.budget.admit() {
             error!(op, ino, errno = i32::from(errno), suppressed, error = %err, "filesystem operation failed");
         }
         errno
-    }
-
-    fn admit(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.second.swap(now, Ordering::Relaxed) != now {
-            self.logged.store(0, Ordering::Relaxed);
-        }
-        if self.logged.fetch_add(1, Ordering::Relaxed) < ERRORS_PER_SECOND {
-            true
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            false
-        }
     }
 }
 
@@ -185,12 +174,11 @@ mod tests {
     #[test]
     fn error_lines_are_rate_limited() {
         let log = ErrorLog::default();
-        let admitted = (0..100).filter(|_| log.admit()).count() as u64;
+        let admitted = (0..100).filter(|_| log.budget.admit().is_some()).count() as u64;
         // A second boundary may fall inside the loop and admit one more batch.
         assert!(
             (ERRORS_PER_SECOND..=2 * ERRORS_PER_SECOND).contains(&admitted),
             "{admitted}"
         );
-        assert!(log.suppressed.load(Ordering::Relaxed) > 0);
     }
 }

@@ -41,11 +41,21 @@ pub struct InstanceRecord {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("daemon records: {0}")]
-pub struct RecordError(String);
+pub enum RecordError {
+    #[error("daemon records: {0}")]
+    Db(#[source] Box<redb::Error>),
+    #[error("daemon record {key}: cannot encode it: {source}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("daemon records: instance sequence {0} overflows")]
+    SequenceOverflow(u64),
+}
 
-fn err(e: impl std::fmt::Display) -> RecordError {
-    RecordError(e.to_string())
+fn err(e: impl Into<redb::Error>) -> RecordError {
+    RecordError::Db(Box::new(e.into()))
 }
 
 #[derive(Clone)]
@@ -112,7 +122,7 @@ impl Records {
             seq
         };
         txn.commit().map_err(err)?;
-        u32::try_from(seq).map_err(|_| RecordError(format!("instance sequence {seq} overflows")))
+        u32::try_from(seq).map_err(|_| RecordError::SequenceOverflow(seq))
     }
 
     /// The records of `table` that decode as `T`, and the keys of those
@@ -147,7 +157,10 @@ impl Records {
         key: &str,
         value: &T,
     ) -> Result<(), RecordError> {
-        let bytes = serde_json::to_vec(value).map_err(err)?;
+        let bytes = serde_json::to_vec(value).map_err(|source| RecordError::Encode {
+            key: key.to_string(),
+            source,
+        })?;
         let txn = self.db.begin_write().map_err(err)?;
         txn.open_table(table)
             .map_err(err)?

@@ -35,6 +35,8 @@ use lode_common::format::{BlobRecord, ChunkRecord};
 use lode_common::Digest;
 use tracing::{info, warn};
 
+use crate::log_budget::LogBudget;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache {path} (blob {digest}): {what}: {source}")]
@@ -150,10 +152,16 @@ impl ChunkCache {
 /// at most one line per [`WriteFailureLog::EVERY`] with how many failed
 /// since, since a full disk fails every chunk. (`cache_write_errors`
 /// counts them all.)
-#[derive(Default)]
 pub(crate) struct WriteFailureLog {
-    /// When the last line was written, and the failures since.
-    state: Mutex<(Option<std::time::Instant>, u64)>,
+    budget: LogBudget,
+}
+
+impl Default for WriteFailureLog {
+    fn default() -> Self {
+        Self {
+            budget: LogBudget::new(1, Self::EVERY),
+        }
+    }
 }
 
 impl WriteFailureLog {
@@ -161,13 +169,10 @@ impl WriteFailureLog {
 
     /// Counts one failure; logs it if a line is due. Returns whether it did.
     pub(crate) fn failed(&self, error: &CacheError) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 += 1;
-        if state.0.is_some_and(|last| last.elapsed() < Self::EVERY) {
+        let Some(suppressed) = self.budget.admit() else {
             return false;
-        }
-        warn!(error = %error, failed_chunks = state.1, "cannot cache chunks; serving them uncached (still verified); the next such line comes a minute later at the earliest");
-        *state = (Some(std::time::Instant::now()), 0);
+        };
+        warn!(error = %error, failed_chunks = suppressed + 1, "cannot cache chunks; serving them uncached (still verified); the next such line comes a minute later at the earliest");
         true
     }
 }
