@@ -1,9 +1,10 @@
 //! Shared kit for Lode's real-component tests: a throw-away
-//! `docker-registry` with access-log accounting, an OCI image layout builder
-//! with `skopeo` pushes, wrappers of Lode's own binaries (`lodectl`,
-//! `lode-fsd`), a registry-snapshotter-containerd stack with container
-//! readers ([`stack`]), a directory tree capture-and-compare, and small
-//! helpers for polling and skipping.
+//! `docker-registry` with access-log accounting (and, for token
+//! authentication, a token server of its own: [`token_server`]), an OCI
+//! image layout builder with `skopeo` pushes, wrappers of Lode's own
+//! binaries (`lodectl`, `lode-fsd`), a registry-snapshotter-containerd
+//! stack with container readers ([`stack`]), a directory tree
+//! capture-and-compare, and small helpers for polling and skipping.
 //!
 //! Tests that need something the machine lacks (root, `/dev/fuse`, a
 //! Debian package, a workspace binary) call [`skip_unless`] and return early;
@@ -23,6 +24,7 @@ mod skopeo;
 pub mod snapshotter;
 pub mod stack;
 mod tar_writer;
+pub mod token_server;
 pub mod umoci;
 mod util;
 

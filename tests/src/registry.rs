@@ -19,6 +19,7 @@ use std::time::Duration;
 use lode_common::registry::Reference;
 use lode_common::Digest;
 
+use crate::token_server::TokenServer;
 use crate::{wait_until, KitError};
 
 pub const DOCKER_REGISTRY: &str = "/usr/bin/docker-registry";
@@ -77,6 +78,8 @@ pub struct Registry {
     remote: Option<String>,
     /// Served over HTTPS with a self-signed certificate ([`Self::ca_path`]).
     tls: bool,
+    /// The server of the tokens it requires, if any.
+    token_server: Option<TokenServer>,
     child: Mutex<Option<Child>>,
     markers: AtomicU64,
 }
@@ -89,32 +92,45 @@ impl Registry {
 
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self, KitError> {
-        Self::launch(None, None, false)
+        Self::launch(None, None, false, None)
     }
 
     /// Starts a registry served over HTTPS only, with a certificate for
     /// 127.0.0.1 signed by nobody but itself ([`Self::ca_path`]; made by
     /// `openssl`).
     pub fn start_with_tls() -> Result<Self, KitError> {
-        Self::launch(None, None, true)
+        Self::launch(None, None, true, None)
     }
 
     /// Starts a pull-through cache of `origin` (`proxy.remoteurl`): it
     /// fetches what it is asked for from `origin` and keeps it.
     pub fn start_mirror_of(origin: &Registry) -> Result<Self, KitError> {
-        Self::launch(None, Some(origin.url()), false)
+        Self::launch(None, Some(origin.url()), false, None)
     }
 
     /// Starts a registry requiring HTTP basic authentication (htpasswd with
     /// bcrypt, made by `htpasswd -B` from apache2-utils).
     pub fn start_with_auth(user: &str, password: &str) -> Result<Self, KitError> {
-        Self::launch(Some((user.to_owned(), password.to_owned())), None, false)
+        Self::launch(
+            Some((user.to_owned(), password.to_owned())),
+            None,
+            false,
+            None,
+        )
+    }
+
+    /// Starts a registry requiring bearer tokens from a [`TokenServer`] of
+    /// its own, which grants anyone everything in tokens that work for `ttl`
+    /// ([`Self::token_server`]).
+    pub fn start_with_token_auth(ttl: Duration) -> Result<Self, KitError> {
+        Self::launch(None, None, false, Some(TokenServer::start(ttl)?))
     }
 
     fn launch(
         credentials: Option<(String, String)>,
         remote: Option<String>,
         tls: bool,
+        token_server: Option<TokenServer>,
     ) -> Result<Self, KitError> {
         if !Self::available() {
             return Err(KitError::Invalid(format!(
@@ -134,6 +150,7 @@ impl Registry {
             credentials,
             remote,
             tls,
+            token_server,
             child: Mutex::new(None),
             markers: AtomicU64::new(0),
         };
@@ -153,12 +170,13 @@ impl Registry {
 
     fn write_config(&self) -> Result<(), KitError> {
         let storage = self.storage_dir();
-        let auth = match &self.credentials {
-            Some(_) => format!(
+        let auth = match (&self.credentials, &self.token_server) {
+            (Some(_), _) => format!(
                 "auth:\n  htpasswd:\n    realm: lode-test\n    path: {}\n",
                 self.dir.path().join("htpasswd").display()
             ),
-            None => String::new(),
+            (None, Some(server)) => server.registry_config(),
+            (None, None) => String::new(),
         };
         let tls = if self.tls {
             self.make_certificate()?;
@@ -285,7 +303,7 @@ impl Registry {
                 exited = Some(status);
                 return true;
             }
-            http_status(self.port, "/v2/").is_some()
+            http_status(self.port, "/v2/", None).is_some()
         });
         if let Some(status) = exited {
             return Err(KitError::Command {
@@ -337,6 +355,11 @@ impl Registry {
         self.credentials
             .as_ref()
             .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// The token server of a registry started with token authentication.
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token_server.as_ref()
     }
 
     /// Writes a docker `config.json` with this registry's credentials.
@@ -455,7 +478,7 @@ impl Registry {
             "{MARKER_PATH}{}",
             self.markers.fetch_add(1, Ordering::SeqCst)
         );
-        if http_status(self.port, &marker).is_none() {
+        if http_status(self.port, &marker, None).is_none() {
             return;
         }
         let _ = wait_until(Duration::from_secs(10), "the access log marker", || {
@@ -526,13 +549,17 @@ fn free_port() -> Result<u16, KitError> {
 }
 
 /// Status of `GET path` on the registry, or `None` if it does not answer.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+pub(crate) fn http_status(port: u16, path: &str, authorization: Option<&str>) -> Option<u16> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream.set_write_timeout(Some(timeout)).ok()?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let authorization = authorization
+        .map(|value| format!("Authorization: {value}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{authorization}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).ok()?;
     let _ = stream.shutdown(Shutdown::Write);
     let mut response = Vec::new();
