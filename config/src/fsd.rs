@@ -63,6 +63,13 @@ pub struct FetchConfig {
     /// bytes that readers went on to read; at most this, and at least
     /// 256 KiB while that share is a half or more (less in proportion below).
     pub merge_limit_bytes: u64,
+    /// What misses take along is also bounded by what readers read: the
+    /// bytes taken along that no reader has read (yet) stay below this
+    /// share, in percent, of the bytes readers read, so that without a
+    /// prefetch list an image moves at most 1 + this/100 times what its
+    /// readers need (readahead of sequential readers aside). 0 takes nothing
+    /// along.
+    pub unread_ahead_percent: u32,
     /// How far ahead of a sequential reader, in file bytes, chunks are fetched
     /// in the background at most. The window grows with the reader: as far
     /// ahead as it has read in order, at least a round trip's worth of the
@@ -88,6 +95,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             merge_limit_bytes: 4 * MIB,
+            unread_ahead_percent: 50,
             readahead_bytes: 64 * MIB,
             readahead_request_bytes: 32 * MIB,
             deadline_secs: 30,
@@ -208,6 +216,12 @@ impl FsdConfig {
             self.fetch.merge_limit_bytes,
             64 * KIB,
             256 * MIB,
+        )?;
+        check_range(
+            "fetch.unread_ahead_percent",
+            u64::from(self.fetch.unread_ahead_percent),
+            0,
+            10_000,
         )?;
         check_range(
             "fetch.background_share_percent",

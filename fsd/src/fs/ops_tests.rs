@@ -33,6 +33,7 @@ fn fixture() -> Fixture {
     let cache = Arc::new(ChunkCache::open(&image.cache_dir).unwrap());
     let settings = FetchSettings {
         merge_limit: 4 << 20,
+        unread_ahead_percent: 50,
         readahead: 0,
         readahead_request: 4 << 20,
         deadline: Duration::from_secs(10),

@@ -114,6 +114,14 @@ impl AccessRecord {
     /// The share of the bytes fetched ahead of readers that readers went on
     /// to read, starting from an even guess that the evidence soon
     /// outweighs.
+    /// How many more bytes may be taken along with misses while those taken
+    /// along and not read stay below `percent` % of the bytes read.
+    pub(crate) fn unread_ahead_allowance(&self, percent: u32) -> u64 {
+        let order = self.lock();
+        let unread = order.ahead_bytes.saturating_sub(order.ahead_read_bytes);
+        (order.chunk_bytes * u64::from(percent) / 100).saturating_sub(unread)
+    }
+
     pub(crate) fn usefulness(&self) -> f64 {
         let order = self.lock();
         (order.ahead_read_bytes as f64 + PRIOR_READ) / (order.ahead_bytes as f64 + PRIOR_AHEAD)
@@ -222,5 +230,27 @@ mod tests {
             (accessed.chunks, accessed.chunk_bytes),
             (2, 5 * u64::from(MIB))
         );
+    }
+
+    #[test]
+    fn the_allowance_is_a_share_of_the_bytes_read_less_the_unread_taken_along() {
+        let mut image = crate::testutil::ImageBuilder::new(64 * 1024, false);
+        for name in ["a", "b", "c", "d"] {
+            image.file(name, name.as_bytes());
+        }
+        let image = image.build();
+        let bootstrap = Bootstrap::open(&image.bootstrap_path).unwrap();
+        let record = AccessRecord::new(&bootstrap);
+        assert_eq!(record.unread_ahead_allowance(50), 0, "nothing read yet");
+        record.chunk_read(ChunkIndex(0), 1000);
+        assert_eq!(record.unread_ahead_allowance(50), 500);
+        assert_eq!(record.unread_ahead_allowance(0), 0);
+        record.fetched_ahead(ChunkIndex(1), 400);
+        assert_eq!(record.unread_ahead_allowance(50), 100);
+        record.fetched_ahead(ChunkIndex(2), 400);
+        assert_eq!(record.unread_ahead_allowance(50), 0, "over the share");
+        // Read, what was taken along counts as read, not as unread.
+        record.chunk_read(ChunkIndex(1), 400);
+        assert_eq!(record.unread_ahead_allowance(50), 700 - 400);
     }
 }

@@ -80,6 +80,9 @@ impl From<CacheError> for FetchError {
 #[derive(Clone, Copy, Debug)]
 pub struct FetchSettings {
     pub merge_limit: u64,
+    /// Bytes taken along with misses and not read stay below this share,
+    /// in percent, of the bytes read.
+    pub unread_ahead_percent: u32,
     pub readahead: u64,
     /// Merge limit of background readahead requests.
     pub readahead_request: u64,
@@ -93,6 +96,7 @@ impl From<&FetchConfig> for FetchSettings {
     fn from(c: &FetchConfig) -> Self {
         Self {
             merge_limit: c.merge_limit_bytes,
+            unread_ahead_percent: c.unread_ahead_percent,
             readahead: c.readahead_bytes,
             readahead_request: c.readahead_request_bytes,
             deadline: c.deadline(),

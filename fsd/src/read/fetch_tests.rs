@@ -9,6 +9,8 @@ pub(super) const CS: u32 = 64 * 1024;
 pub(super) fn settings(merge_chunks: u64, readahead_chunks: u64) -> FetchSettings {
     FetchSettings {
         merge_limit: merge_chunks * u64::from(CS),
+        // Neighbour tests look at the link and merge bounds alone.
+        unread_ahead_percent: 1_000_000,
         readahead: readahead_chunks * u64::from(CS),
         readahead_request: merge_chunks * u64::from(CS),
         deadline: Duration::from_secs(10),
@@ -147,6 +149,38 @@ fn a_miss_extends_its_request_over_the_following_chunks() {
         "reading what was taken along grew the extension: {:?}",
         backend.calls()
     );
+}
+
+/// Bytes fetched by a reader of every fourth chunk of a file, with
+/// `unread_ahead_percent`, and the bytes of the chunks it read.
+fn sparse_reader_fetches(percent: u32) -> (u64, u64) {
+    let (image, data) = one_file(64, false);
+    let backend = Arc::new(CountingBackend::new(&image));
+    let mut s = settings(16, 0);
+    s.unread_ahead_percent = percent;
+    let (f, _) = fetcher(&image, backend.clone(), s);
+    let ino = ino_of(&image, "f");
+    let cs = u64::from(CS);
+    let mut read = 0;
+    for i in (0..64).step_by(4) {
+        let at = i * cs;
+        assert_eq!(f.read(ino, at, 100).unwrap(), data[at as usize..][..100]);
+        read += cs;
+    }
+    (backend.calls().iter().map(|c| c.1).sum(), read)
+}
+
+#[test]
+fn bytes_taken_along_and_not_read_stay_within_their_share_of_the_bytes_read() {
+    let (unbounded, read) = sparse_reader_fetches(1_000_000);
+    assert!(unbounded > read, "nothing taken along without the bound");
+    let (bounded, read) = sparse_reader_fetches(50);
+    assert!(
+        bounded <= read * 3 / 2,
+        "{bounded} bytes fetched for {read} read"
+    );
+    let (nothing_along, read) = sparse_reader_fetches(0);
+    assert_eq!(nothing_along, read);
 }
 
 #[test]

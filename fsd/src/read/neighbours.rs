@@ -82,13 +82,23 @@ impl Fetcher {
     ///
     /// Bytes taken ahead save a reader a round trip only if it reads them;
     /// otherwise they hold up, on the link, the bytes readers wait for.
+    ///
+    /// Whatever the link, bytes taken along and not read (yet) stay below
+    /// `unread_ahead_percent` of the bytes read
+    /// ([`AccessRecord::unread_ahead_allowance`]): the first misses take
+    /// little along, and the extension grows as readers read what it took.
+    ///
+    /// [`AccessRecord::unread_ahead_allowance`]: crate::read::access::AccessRecord::unread_ahead_allowance
     pub(super) fn extra_bytes(&self) -> u64 {
         let cap = self.settings.merge_limit;
         let per_round_trip = self.ctx.link.bytes_per_round_trip().unwrap_or(cap);
         let usefulness = self.access.usefulness();
         let worth = (per_round_trip as f64 * usefulness) as u64;
         let least = (MIN_EXTRA as f64 * (2.0 * usefulness).min(1.0)) as u64;
-        worth.clamp(least.min(cap), cap)
+        let allowance = self
+            .access
+            .unread_ahead_allowance(self.settings.unread_ahead_percent);
+        worth.clamp(least.min(cap), cap).min(allowance)
     }
 
     /// The chunk `step` places from `piece` in the chunk table, if it is in
