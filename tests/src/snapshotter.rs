@@ -296,6 +296,27 @@ impl Snapshotter {
         std::fs::read_to_string(self.root().join("daemons").join(format!("{id}.log")))
             .unwrap_or_default()
     }
+
+    /// The warnings and errors of every daemon's log, the last `lines` of
+    /// each, for a failure message.
+    pub fn daemon_problems(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let dir = self.root().join("daemons");
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let problems: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let tail = &problems[problems.len().saturating_sub(lines)..];
+            out.push_str(&format!("== {}\n{}\n", path.display(), tail.join("\n")));
+        }
+        out
+    }
 }
 
 /// Live `lode-fsd` processes whose command line names `root`.

@@ -177,16 +177,25 @@ fn kill9(pid: u32) {
 /// and removes the image again.
 fn cycle_image(s: &Stack, app: &App, n: usize) {
     s.pull_lazily(NAMESPACE, &app.lode);
-    let out = s.run(
+    let run = s.try_run(
         NAMESPACE,
         &app.lode,
         &format!("cycled-{n}"),
         "cat /data/motd; sha256sum /data/big",
     );
-    assert!(
-        out.contains(&app.motd) && out.contains(&app.big_sha256()),
-        "cycled image, run {n}: {out}"
-    );
+    if !(run.stdout.contains(&app.motd) && run.stdout.contains(&app.big_sha256())) {
+        let log = s.snapshotter.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "cycled image, run {n}: {:?} (exit {:?})\nstderr: {}\n\
+             snapshotter log (newest first):\n{}\n{}",
+            run.stdout,
+            run.code,
+            run.stderr,
+            tail.join("\n"),
+            s.snapshotter.daemon_problems(30),
+        );
+    }
     s.remove_image(NAMESPACE, &app.lode);
 }
 

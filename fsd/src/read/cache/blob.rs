@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -89,12 +90,14 @@ impl BlobCache {
             .open(&data_path)
             .map_err(|e| io(&data_path, "open data file", e))?;
         // Not every filesystem supports O_DIRECT (tmpfs before 6.6); then
-        // every chunk goes through the page cache.
+        // every chunk goes through the page cache. Opened again through the
+        // descriptor, not the path: the path may name another file by now
+        // (the cache trimmed), and writes must go where reads look.
         let direct = if direct_io {
             OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(&data_path)
+                .open(format!("/proc/self/fd/{}", data.as_raw_fd()))
                 .map_err(|e| debug!(path = %data_path.display(), error = %e, "no O_DIRECT for the cache"))
                 .ok()
         } else {

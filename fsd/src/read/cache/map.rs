@@ -51,27 +51,31 @@ pub(super) fn data_inode_of(map: &File) -> std::io::Result<u64> {
 
 /// Opens the map file, creating it complete (header and zeros) through a
 /// temporary file and a hard link, so that no process ever sees it half made.
+/// The cache may be trimmed meanwhile (the file removed right after it was
+/// made): then it is made again, a few times at most.
 pub(super) fn open_map(path: &Path, header: &[u8], count: usize) -> std::io::Result<File> {
     let open = || OpenOptions::new().read(true).write(true).open(path);
-    match open() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        other => return other,
-    }
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = path.with_extension(format!(
-        "map.tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut content = header.to_vec();
-    content.resize(MAP_HEADER_LEN as usize + count, 0);
-    std::fs::write(&tmp, &content)?;
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+    for _ in 0..3 {
+        match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_extension(format!(
+            "map.tmp.{}.{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut content = header.to_vec();
+        content.resize(MAP_HEADER_LEN as usize + count, 0);
+        std::fs::write(&tmp, &content)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
     }
     open()
 }
