@@ -21,35 +21,17 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 /// The log line of a failed cache write.
 const CACHE_FAILURE_LINE: &str = "cannot cache chunks";
 
-#[test]
-fn full_cache_disk_standalone() {
-    full_cache_disk(Mode::Standalone);
-}
+lode_tests::mode_tests!(full_cache_disk =>
+    full_cache_disk_standalone,
+    full_cache_disk_dedicated,
+    full_cache_disk_shared,
+);
 
-#[test]
-fn full_cache_disk_dedicated() {
-    full_cache_disk(Mode::Dedicated);
-}
-
-#[test]
-fn full_cache_disk_shared() {
-    full_cache_disk(Mode::Shared);
-}
-
-#[test]
-fn removed_cache_files_standalone() {
-    removed_cache_files(Mode::Standalone);
-}
-
-#[test]
-fn removed_cache_files_dedicated() {
-    removed_cache_files(Mode::Dedicated);
-}
-
-#[test]
-fn removed_cache_files_shared() {
-    removed_cache_files(Mode::Shared);
-}
+lode_tests::mode_tests!(removed_cache_files =>
+    removed_cache_files_standalone,
+    removed_cache_files_dedicated,
+    removed_cache_files_shared,
+);
 
 /// The daemon's `cache.flush_interval_ms` (default): how often it looks
 /// for removed cache files.

@@ -35,21 +35,10 @@ const READERS: usize = 4;
 /// registry's 60 s leeway not accounted for, it would take a minute more.
 const EXPIRY_BOUND: Duration = Duration::from_secs(TTL.as_secs() + 10);
 
-macro_rules! every_mode {
-    ($($name:ident => $mode:ident),+ $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                token_expiry(Mode::$mode);
-            }
-        )+
-    };
-}
-
-every_mode!(
-    token_expiry_standalone => Standalone,
-    token_expiry_dedicated => Dedicated,
-    token_expiry_shared => Shared,
+lode_tests::mode_tests!(token_expiry =>
+    token_expiry_standalone,
+    token_expiry_dedicated,
+    token_expiry_shared,
 );
 
 struct Fixture {

@@ -26,21 +26,10 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 /// What a cut link delivers per connection.
 const CUT_AFTER: u64 = 16 * 1024;
 
-macro_rules! every_mode {
-    ($($name:ident => $mode:ident),+ $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                faults_on_the_wire(Mode::$mode);
-            }
-        )+
-    };
-}
-
-every_mode!(
-    faults_on_the_wire_standalone => Standalone,
-    faults_on_the_wire_dedicated => Dedicated,
-    faults_on_the_wire_shared => Shared,
+lode_tests::mode_tests!(faults_on_the_wire =>
+    faults_on_the_wire_standalone,
+    faults_on_the_wire_dedicated,
+    faults_on_the_wire_shared,
 );
 
 struct Fixture {

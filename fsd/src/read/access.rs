@@ -202,8 +202,8 @@ mod tests {
         assert!(bits.is_marked(64) && !bits.is_marked(65) && !bits.is_marked(192));
     }
 
-    #[test]
-    fn usefulness_follows_what_was_read_of_what_was_fetched_ahead() {
+    /// An image of four one-chunk files, and an empty record of it.
+    fn four_files() -> (crate::testutil::TestImage, Bootstrap, AccessRecord) {
         let mut image = crate::testutil::ImageBuilder::new(64 * 1024, false);
         for name in ["a", "b", "c", "d"] {
             image.file(name, name.as_bytes());
@@ -211,6 +211,12 @@ mod tests {
         let image = image.build();
         let bootstrap = Bootstrap::open(&image.bootstrap_path).unwrap();
         let record = AccessRecord::new(&bootstrap);
+        (image, bootstrap, record)
+    }
+
+    #[test]
+    fn usefulness_follows_what_was_read_of_what_was_fetched_ahead() {
+        let (_image, bootstrap, record) = four_files();
         const MIB: u32 = 1 << 20;
         let four = 4.0 * f64::from(MIB);
         assert_eq!(record.usefulness(), PRIOR_READ / PRIOR_AHEAD);
@@ -234,13 +240,7 @@ mod tests {
 
     #[test]
     fn the_allowance_is_a_share_of_the_bytes_read_less_the_unread_taken_along() {
-        let mut image = crate::testutil::ImageBuilder::new(64 * 1024, false);
-        for name in ["a", "b", "c", "d"] {
-            image.file(name, name.as_bytes());
-        }
-        let image = image.build();
-        let bootstrap = Bootstrap::open(&image.bootstrap_path).unwrap();
-        let record = AccessRecord::new(&bootstrap);
+        let (_image, _, record) = four_files();
         assert_eq!(record.unread_ahead_allowance(50), 0, "nothing read yet");
         record.chunk_read(ChunkIndex(0), 1000);
         assert_eq!(record.unread_ahead_allowance(50), 500);

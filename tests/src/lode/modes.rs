@@ -499,3 +499,26 @@ impl Drop for ModeFsd {
         }
     }
 }
+
+/// Declares a `#[test]` per daemon mode, each calling `$run` with its
+/// [`Mode`]: `mode_tests!(faults => faults_standalone, faults_dedicated,
+/// faults_shared);` (every behaviour of `lode-fsd` holds in every mode).
+#[macro_export]
+macro_rules! mode_tests {
+    ($run:ident => $standalone:ident, $dedicated:ident, $shared:ident $(,)?) => {
+        #[test]
+        fn $standalone() {
+            $run($crate::lode::Mode::Standalone);
+        }
+
+        #[test]
+        fn $dedicated() {
+            $run($crate::lode::Mode::Dedicated);
+        }
+
+        #[test]
+        fn $shared() {
+            $run($crate::lode::Mode::Shared);
+        }
+    };
+}
