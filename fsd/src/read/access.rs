@@ -111,9 +111,6 @@ impl AccessRecord {
         }
     }
 
-    /// The share of the bytes fetched ahead of readers that readers went on
-    /// to read, starting from an even guess that the evidence soon
-    /// outweighs.
     /// How many more bytes may be taken along with misses while those taken
     /// along and not read stay below `percent` % of the bytes read.
     pub(crate) fn unread_ahead_allowance(&self, percent: u32) -> u64 {
@@ -122,6 +119,9 @@ impl AccessRecord {
         (order.chunk_bytes * u64::from(percent) / 100).saturating_sub(unread)
     }
 
+    /// The share of the bytes fetched ahead of readers that readers went on
+    /// to read, starting from an even guess that the evidence soon
+    /// outweighs.
     pub(crate) fn usefulness(&self) -> f64 {
         let order = self.lock();
         (order.ahead_read_bytes as f64 + PRIOR_READ) / (order.ahead_bytes as f64 + PRIOR_AHEAD)

@@ -101,15 +101,17 @@ impl ChunkCache {
         Ok(opened)
     }
 
+    /// The blobs open now (the map is not held while they are worked on).
+    fn open_blobs(&self) -> Vec<Arc<BlobCache>> {
+        let blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        blobs.values().cloned().collect()
+    }
+
     /// Makes every written chunk durable and records it in its map. Every blob
     /// is attempted; the first error is returned.
     pub fn flush(&self) -> Result<(), CacheError> {
-        let blobs: Vec<_> = {
-            let map = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
         let mut first_err = None;
-        for blob in blobs {
+        for blob in self.open_blobs() {
             if let Err(e) = blob.flush() {
                 warn!(error = %e, "cache flush failed");
                 first_err.get_or_insert(e);
@@ -123,12 +125,8 @@ impl ChunkCache {
     /// recently used (the map file's modification time), which is what the
     /// trimming goes by. Called periodically. Returns the blobs let go.
     pub fn maintain(&self) -> usize {
-        let blobs: Vec<_> = {
-            let map = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-            map.values().cloned().collect()
-        };
         let mut gone = 0;
-        for blob in blobs {
+        for blob in self.open_blobs() {
             if blob.files_are_current() {
                 blob.touch_if_used();
                 continue;
