@@ -55,10 +55,15 @@ pub struct Image {
     pub cache: PathBuf,
 }
 
-/// The image's layer: [`FILES`] files `data/fNN` of [`file_content`].
+/// The path of file `i` in the image, `data/fNN`.
+pub fn file_name(i: u64) -> String {
+    format!("data/f{i:02}")
+}
+
+/// The image's layer: [`FILES`] files [`file_name`] of [`file_content`].
 pub fn image_entries() -> Vec<TarEntry> {
     (0..FILES)
-        .map(|i| TarEntry::file(format!("data/f{i:02}"), file_content(i)))
+        .map(|i| TarEntry::file(file_name(i), file_content(i)))
         .collect()
 }
 
@@ -110,6 +115,25 @@ pub struct RegistryImage {
 }
 
 impl RegistryImage {
+    /// Writes to `dir` and returns an `lode-fsd` configuration for fault
+    /// tests: reads fail after `deadline`, the registry client retries
+    /// once with a 2 s timeout, and only the chunks read are fetched (no
+    /// readahead, no neighbours), so that every file is cold until read
+    /// and nothing is fetched while a test waits.
+    pub fn cold_fsd_config(&self, dir: &Path, deadline: Duration) -> PathBuf {
+        let config = dir.join("fsd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[fetch]\ndeadline_secs = {}\nreadahead_bytes = 0\nmerge_limit_bytes = 65536\n\
+                 [registry]\nrequest_timeout_secs = 2\nmax_retries = 1\n",
+                deadline.as_secs()
+            ),
+        )
+        .unwrap();
+        config
+    }
+
     /// `lode-fsd` options serving the image from the registry.
     pub fn fsd_options(&self, config: Option<PathBuf>) -> FsdOptions {
         FsdOptions {

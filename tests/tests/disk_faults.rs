@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lode_tests::failover::{file_content, push_image, FILES};
+use lode_tests::failover::{file_content, file_name, push_image, FILES};
 use lode_tests::lode::{
     cache_disk_bytes, remove_cached_blobs, removed_cache_files_held, Mode, ModeFsd,
 };
@@ -42,7 +42,7 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 fn read_all(fsd: &ModeFsd, what: &str) {
     let mode = fsd.mode();
     for file in 0..FILES {
-        let path = fsd.join(format!("data/f{file:02}"));
+        let path = fsd.join(file_name(file));
         let data = bounded(HANG_GUARD, "reading a file", move || {
             drop_page_cache(&path);
             std::fs::read(&path)
@@ -141,7 +141,7 @@ fn full_cache_disk(mode: Mode) {
 
     let mut read = 0;
     for file in 0..FILES {
-        let path = fsd.join(format!("data/f{file:02}"));
+        let path = fsd.join(file_name(file));
         let what = format!("reading {}", path.display());
         let data = bounded(HANG_GUARD, &what, move || std::fs::read(&path))
             .unwrap_or_else(|e| panic!("[{mode}] file {file} with the cache disk full: {e}"));

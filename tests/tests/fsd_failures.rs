@@ -7,13 +7,13 @@
 
 use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lode_common::registry::Reference;
-use lode_tests::lode::{counter, fetch_bootstrap, file_chunks};
+use lode_tests::lode::{counter, fetch_bootstrap, file_chunks, timed_read};
 use lode_tests::{
-    bounded, lode_prerequisites, pseudo_random_bytes, skopeo_copy, Layer, LodeBinaries,
-    OciLayoutBuilder, Registry, TarEntry,
+    lode_prerequisites, pseudo_random_bytes, skopeo_copy, Layer, LodeBinaries, OciLayoutBuilder,
+    Registry, TarEntry,
 };
 
 const TAG: &str = "v1";
@@ -21,8 +21,6 @@ const TAG: &str = "v1";
 const CHUNK: u32 = 64 * 1024;
 /// Longest a read that must fail may take beyond the configured deadline.
 const SLACK: Duration = Duration::from_secs(5);
-/// Guard against a read that never returns.
-const HANG_GUARD: Duration = Duration::from_secs(60);
 
 /// Builds an image from `layers`, pushes it as `repo:v1` and converts it to
 /// `repo-lode:v1` with 64 KiB chunks. Returns the Lode reference.
@@ -49,20 +47,6 @@ fn push_and_convert(
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
     pseudo_random_bytes(seed, 0, len)
-}
-
-/// Reads `path` whole on a guarded thread; returns the result and how long
-/// it took.
-fn timed_read(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
-    bounded(
-        HANG_GUARD,
-        &format!("reading {}", path.display()),
-        move || {
-            let start = Instant::now();
-            let result = std::fs::read(&path);
-            (result, start.elapsed())
-        },
-    )
 }
 
 fn assert_eio(result: std::io::Result<Vec<u8>>, what: &str) {

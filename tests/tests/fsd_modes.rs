@@ -15,7 +15,7 @@ use std::time::Duration;
 use lode_common::format::Bootstrap;
 use lode_common::Digest;
 use lode_tests::failover::{
-    file_content, file_len, push_image, MountWatch, Readers, RegistryImage, Tally, FILES,
+    file_content, file_len, file_name, push_image, MountWatch, Readers, RegistryImage, Tally, FILES,
 };
 use lode_tests::lode::{
     cache_durable, data_blobs, file_chunks, process_alive, request_metrics, ChunkLocation,
@@ -126,12 +126,8 @@ impl Fixture {
     }
 
     fn chunks(&self, file: u64) -> Vec<ChunkLocation> {
-        file_chunks(&self.bootstrap, name(file).as_bytes()).expect("file chunks")
+        file_chunks(&self.bootstrap, file_name(file).as_bytes()).expect("file chunks")
     }
-}
-
-fn name(file: u64) -> String {
-    format!("data/f{file:02}")
 }
 
 /// Reads `path` whole on a guarded thread.
@@ -143,7 +139,7 @@ fn read(path: PathBuf) -> std::io::Result<Vec<u8>> {
 /// Reads file `file` of the image and checks every byte.
 fn assert_reads(fsd: &ModeFsd, file: u64) {
     let mode = fsd.mode();
-    let path = fsd.join(name(file));
+    let path = fsd.join(file_name(file));
     let data =
         read(path.clone()).unwrap_or_else(|e| panic!("[{mode}] read {}: {e}", path.display()));
     assert!(
@@ -212,7 +208,7 @@ fn verified_reads(mode: Mode) {
     for file in 0..victim {
         assert_reads(&fsd, file);
     }
-    let path = fsd.join(name(victim));
+    let path = fsd.join(file_name(victim));
     assert_eio(read(path.clone()), &format!("[{mode}] the corrupted file"));
     let first = counters(&fsd).digest_errors;
     assert!(first >= 1, "[{mode}] digest_errors {first}");
@@ -288,7 +284,7 @@ fn metrics_count_reads_and_fetches(mode: Mode) {
     );
 
     for file in files.clone() {
-        drop_page_cache(&fsd.join(name(file)));
+        drop_page_cache(&fsd.join(file_name(file)));
         assert_reads(&fsd, file);
     }
     let again = counters(&fsd);
@@ -340,7 +336,7 @@ fn sigusr2_leaves_the_mount_to_a_successor(mode: Mode) {
     fsd.take_over()
         .unwrap_or_else(|e| panic!("[{mode}] take over after SIGUSR2: {e}"));
     assert_reads(&fsd, 1);
-    drop_page_cache(&fsd.join(name(0)));
+    drop_page_cache(&fsd.join(file_name(0)));
     assert_reads(&fsd, 0);
 }
 
@@ -446,7 +442,7 @@ fn cache_survives_sigkill_after_a_flush_interval(mode: Mode) {
         .unwrap_or_else(|e| panic!("[{mode}] takeover: {e}"));
     let served = fx.data_bytes_served();
     for file in files.clone() {
-        drop_page_cache(&fsd.join(name(file)));
+        drop_page_cache(&fsd.join(file_name(file)));
         assert_reads(&fsd, file);
     }
     let n: u64 = files.map(|i| file_len(i) as u64).sum();
@@ -475,7 +471,7 @@ fn shared_instance_remounted_under_its_id_reads_at_once() {
     let b = fsd.mount_shared("b", 3).unwrap();
     let readers = Readers::start(&b, 3);
     readers.wait_progress(50, "reads from b");
-    let path = a.join(name(0));
+    let path = a.join(file_name(0));
     assert_eq!(read(path.clone()).unwrap(), file_content(0), "a before");
 
     fsd.unmount(&a).unwrap();
@@ -503,7 +499,7 @@ fn removed_instance_and_files_held_open(mode: Mode) {
         return;
     };
     let mut fsd = fx.start(mode, None, false);
-    let opened = File::open(fsd.join(name(5))).unwrap();
+    let opened = File::open(fsd.join(file_name(5))).unwrap();
     fsd.unmount(&fsd.root()).unwrap();
 
     let (result, opened) = bounded(HANG_GUARD, "a read after the removal", move || {
@@ -527,7 +523,7 @@ fn removed_instance_and_files_held_open(mode: Mode) {
         ),
         (_, other) => panic!("[{mode}] read on a file opened before the removal: {other:?}"),
     }
-    let fresh = File::open(fsd.join(name(6))).map(|_| ());
+    let fresh = File::open(fsd.join(file_name(6))).map(|_| ());
     assert_eq!(
         fresh.map_err(|e| e.raw_os_error()),
         Err(Some(libc::ENOENT)),

@@ -8,13 +8,12 @@
 //! down, such reads fail with EIO within the deadline, and succeed again
 //! once it is back. Root only (FUSE).
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use lode_tests::failover::{file_content, push_image, RegistryImage, FILES};
-use lode_tests::lode::{Counters, Mode, ModeFsd};
+use lode_tests::failover::{file_content, file_name, push_image, RegistryImage, FILES};
+use lode_tests::lode::{timed_read, Counters, Mode, ModeFsd};
 use lode_tests::token_server::{IssuedToken, TokenServer};
-use lode_tests::{bounded, lode_prerequisites, wait_until, LodeBinaries, Registry};
+use lode_tests::{lode_prerequisites, wait_until, LodeBinaries, Registry};
 
 /// How long the daemon's tokens work: the reads before expiry must end
 /// well within it, even on a loaded machine.
@@ -27,8 +26,6 @@ const DEADLINE: Duration = Duration::from_secs(3);
 /// read's page again once (see `fsd_failures.rs`), each bounded by the
 /// deadline; then scheduling.
 const FAIL_BOUND: Duration = Duration::from_secs(2 * 3 + 3);
-/// Guard against a read that never returns.
-const HANG_GUARD: Duration = Duration::from_secs(60);
 /// Readers of cold files at once right after the token expired.
 const READERS: usize = 4;
 /// Longest wait for the registry to refuse a token past its TTL. Were the
@@ -72,16 +69,7 @@ impl Fixture {
     /// no neighbours), so that each file is cold until it is read and
     /// nothing is fetched while the test waits.
     fn start(&self, mode: Mode) -> ModeFsd {
-        let config = self.work.path().join("fsd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[fetch]\ndeadline_secs = {}\nreadahead_bytes = 0\nmerge_limit_bytes = 65536\n\
-                 [registry]\nrequest_timeout_secs = 2\nmax_retries = 1\n",
-                DEADLINE.as_secs()
-            ),
-        )
-        .unwrap();
+        let config = self.image.cold_fsd_config(self.work.path(), DEADLINE);
         ModeFsd::start(
             &self.bins.fsd,
             mode,
@@ -107,20 +95,6 @@ impl Fixture {
     }
 }
 
-fn name(file: u64) -> String {
-    format!("data/f{file:02}")
-}
-
-/// Reads `path` whole on a guarded thread; returns the result and how long
-/// it took.
-fn timed_read(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
-    let what = format!("reading {}", path.display());
-    bounded(HANG_GUARD, &what, move || {
-        let started = Instant::now();
-        (std::fs::read(&path), started.elapsed())
-    })
-}
-
 /// Reads `files` at once, one reader thread each, and checks their bytes;
 /// returns how long each read took.
 fn read_ok(fsd: &ModeFsd, files: &[u64], when: &str) -> Vec<Duration> {
@@ -128,21 +102,22 @@ fn read_ok(fsd: &ModeFsd, files: &[u64], when: &str) -> Vec<Duration> {
     let readers: Vec<_> = files
         .iter()
         .map(|&file| {
-            let path = fsd.join(name(file));
+            let path = fsd.join(file_name(file));
             (file, std::thread::spawn(move || timed_read(path)))
         })
         .collect();
     readers
         .into_iter()
         .map(|(file, reader)| {
-            let (result, took) = reader
-                .join()
-                .unwrap_or_else(|_| panic!("[{mode}] {when}: the reader of {} failed", name(file)));
-            let data = result.unwrap_or_else(|e| panic!("[{mode}] {when}, {}: {e}", name(file)));
+            let (result, took) = reader.join().unwrap_or_else(|_| {
+                panic!("[{mode}] {when}: the reader of {} failed", file_name(file))
+            });
+            let data =
+                result.unwrap_or_else(|e| panic!("[{mode}] {when}, {}: {e}", file_name(file)));
             assert!(
                 data == file_content(file),
                 "[{mode}] {when}, {}: wrong bytes",
-                name(file)
+                file_name(file)
             );
             took
         })
@@ -261,9 +236,9 @@ fn token_expiry(mode: Mode) {
     let issued_while_down = tokens.tokens_issued();
     let before = counters(&fsd);
     let file = cold(1)[0];
-    let (result, took) = timed_read(fsd.join(name(file)));
+    let (result, took) = timed_read(fsd.join(file_name(file)));
     match result {
-        Ok(_) => panic!("[{mode}] read {} without a token", name(file)),
+        Ok(_) => panic!("[{mode}] read {} without a token", file_name(file)),
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "[{mode}] {e}"),
     }
     eprintln!("[{mode}] token server down: EIO after {took:?}");

@@ -10,9 +10,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lode_tests::failover::{file_content, push_image, RegistryImage, FILES};
+use lode_tests::failover::{file_content, file_name, push_image, RegistryImage, FILES};
 use lode_tests::link::{Fault, Link, LinkProfile};
-use lode_tests::lode::{Counters, Mode, ModeFsd};
+use lode_tests::lode::{timed_read, Counters, Mode, ModeFsd, READ_HANG_GUARD};
 use lode_tests::{bounded, lode_prerequisites, LodeBinaries, Registry};
 
 /// Each read's deadline (`fetch.deadline_secs`).
@@ -21,8 +21,6 @@ const DEADLINE: Duration = Duration::from_secs(3);
 /// read's page again once (see `fsd_failures.rs`), each bounded by the
 /// deadline; then scheduling.
 const FAIL_BOUND: Duration = Duration::from_secs(2 * 3 + 3);
-/// Guard against a read that never returns.
-const HANG_GUARD: Duration = Duration::from_secs(60);
 /// What a cut link delivers per connection.
 const CUT_AFTER: u64 = 16 * 1024;
 
@@ -61,16 +59,7 @@ impl Fixture {
     /// fetching only the chunks read (no readahead, no neighbours), so that
     /// each file is cold until it is read.
     fn start(&self, mode: Mode) -> ModeFsd {
-        let config = self.work.path().join("fsd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[fetch]\ndeadline_secs = {}\nreadahead_bytes = 0\nmerge_limit_bytes = 65536\n\
-                 [registry]\nrequest_timeout_secs = 2\nmax_retries = 1\n",
-                DEADLINE.as_secs()
-            ),
-        )
-        .unwrap();
+        let config = self.image.cold_fsd_config(self.work.path(), DEADLINE);
         let mut options = self.image.fsd_options(Some(config));
         options.blob_source = format!(
             "registry://{}/{}",
@@ -80,20 +69,6 @@ impl Fixture {
         ModeFsd::start(&self.bins.fsd, mode, &options, false)
             .unwrap_or_else(|e| panic!("[{mode}] start lode-fsd: {e}"))
     }
-}
-
-fn name(file: u64) -> String {
-    format!("data/f{file:02}")
-}
-
-/// Reads `path` whole on a guarded thread; returns the result and how long
-/// it took.
-fn timed_read(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
-    let what = format!("reading {}", path.display());
-    bounded(HANG_GUARD, &what, move || {
-        let started = Instant::now();
-        (std::fs::read(&path), started.elapsed())
-    })
 }
 
 fn counters(fsd: &ModeFsd) -> Counters {
@@ -106,7 +81,7 @@ fn counters(fsd: &ModeFsd) -> Counters {
 fn timed_pread(path: PathBuf, len: usize) -> (std::io::Result<Vec<u8>>, Duration) {
     use std::os::unix::fs::FileExt as _;
     let what = format!("reading {}", path.display());
-    bounded(HANG_GUARD, &what, move || {
+    bounded(READ_HANG_GUARD, &what, move || {
         let started = Instant::now();
         let mut buf = vec![0u8; len];
         let read = std::fs::File::open(&path)
@@ -132,13 +107,13 @@ fn fails_while_and_recovers(fx: &Fixture, fsd: &ModeFsd, fault: Fault, file: u64
     } else {
         READ
     };
-    let (result, took) = timed_pread(fsd.join(name(file)), len);
+    let (result, took) = timed_pread(fsd.join(file_name(file)), len);
     fx.link.set_fault(None);
     match result {
         Ok(data) => assert!(
             data[..] == file_content(file)[..len],
             "[{mode}] {fault:?}: {} read {} bytes that are not the file's",
-            name(file),
+            file_name(file),
             data.len()
         ),
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "[{mode}] {fault:?}: {e}"),
@@ -150,7 +125,7 @@ fn fails_while_and_recovers(fx: &Fixture, fsd: &ModeFsd, fault: Fault, file: u64
     // Requests sent while the fault was on (the kernel's readahead of the
     // file) may still fail: the file is read again once they have ended.
     counters(fsd);
-    let (again, _) = timed_read(fsd.join(name(file)));
+    let (again, _) = timed_read(fsd.join(file_name(file)));
     let again = again.unwrap_or_else(|e| panic!("[{mode}] after {fault:?}: {e}"));
     assert!(
         again == file_content(file),
@@ -179,17 +154,17 @@ fn faults_on_the_wire(mode: Mode) {
     let started = Instant::now();
     for _ in 0..3 {
         let file = next_file();
-        let (result, took) = timed_read(fsd.join(name(file)));
-        let data = result.unwrap_or_else(|e| panic!("[{mode}] cut link, {}: {e}", name(file)));
+        let (result, took) = timed_read(fsd.join(file_name(file)));
+        let data = result.unwrap_or_else(|e| panic!("[{mode}] cut link, {}: {e}", file_name(file)));
         assert!(
             data == file_content(file),
             "[{mode}] cut link, {}: wrong bytes",
-            name(file)
+            file_name(file)
         );
         assert!(
             took < DEADLINE,
             "[{mode}] cut link: {} took {took:?}",
-            name(file)
+            file_name(file)
         );
         cut_bytes += data.len();
     }
@@ -253,11 +228,11 @@ fn faults_on_the_wire(mode: Mode) {
 
     // Everything else reads as it should once the link is sound again.
     for file in next_file()..FILES {
-        let (result, _) = timed_read(fsd.join(name(file)));
+        let (result, _) = timed_read(fsd.join(file_name(file)));
         assert!(
             result.as_deref().ok() == Some(&file_content(file)[..]),
             "[{mode}] {} after the faults",
-            name(file)
+            file_name(file)
         );
     }
 }

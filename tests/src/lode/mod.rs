@@ -67,6 +67,19 @@ pub fn lode_prerequisites() -> Option<LodeBinaries> {
     }
 }
 
+/// How long a read in a test may take before it counts as hung.
+pub const READ_HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Reads `path` whole on a guarded thread (see [`bounded`],
+/// [`READ_HANG_GUARD`]); returns the result and how long it took.
+pub fn timed_read(path: PathBuf) -> (std::io::Result<Vec<u8>>, Duration) {
+    let what = format!("reading {}", path.display());
+    bounded(READ_HANG_GUARD, &what, move || {
+        let started = std::time::Instant::now();
+        (std::fs::read(&path), started.elapsed())
+    })
+}
+
 /// Runs `work` on its own thread and waits at most `limit` for it, so that
 /// a read stuck in a FUSE request fails the test instead of hanging it.
 /// Panics (naming `what`) on timeout; the stuck thread is left behind.
