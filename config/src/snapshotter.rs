@@ -17,6 +17,9 @@ pub struct SnapshotterConfig {
     pub root: PathBuf,
     /// The gRPC socket containerd's `proxy_plugins.lode` points at (mode 0600).
     pub address: PathBuf,
+    /// containerd's own socket: the manifests and bootstraps a pull stored
+    /// are read from its content store, and the CRI proxy forwards to it.
+    pub containerd_address: PathBuf,
     /// One daemon for every image, or one per image.
     pub daemon_mode: DaemonMode,
     /// What to do when a daemon dies.
@@ -38,6 +41,7 @@ impl Default for SnapshotterConfig {
         Self {
             root: PathBuf::from("/var/lib/lode/snapshotter"),
             address: PathBuf::from("/run/lode/snapshotter.sock"),
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
             daemon_mode: DaemonMode::default(),
             recover_policy: RecoverPolicy::default(),
             daemon: DaemonConfig::default(),
@@ -96,12 +100,18 @@ impl SnapshotterConfig {
                     "must be an absolute path",
                 ));
             }
-            if !self.cri.containerd_address.is_absolute() {
-                return Err(ConfigError::invalid(
-                    "cri.containerd_address",
-                    "must be an absolute path",
-                ));
-            }
+        }
+        if self.cri.containerd_address.is_some() {
+            return Err(ConfigError::invalid(
+                "cri.containerd_address",
+                "moved: set containerd_address at the top of the file instead",
+            ));
+        }
+        if !self.containerd_address.is_absolute() {
+            return Err(ConfigError::invalid(
+                "containerd_address",
+                "must be an absolute path",
+            ));
         }
         if let Some(address) = &self.metrics.address {
             let addr: std::net::SocketAddr = address.parse().map_err(|_| {
@@ -331,22 +341,16 @@ pub struct MirrorConfig {
 /// `--image-service-endpoint` points at it; it forwards every call to
 /// containerd and keeps the credentials of `PullImage` requests (image pull
 /// secrets), in memory only, for the lazily pulled images' reads.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CriConfig {
     /// The socket the proxy serves (mode 0600); unset, there is no proxy.
+    /// It forwards to the top-level `containerd_address`.
     pub image_service_address: Option<PathBuf>,
-    /// containerd's socket, where its CRI plugin answers.
-    pub containerd_address: PathBuf,
-}
-
-impl Default for CriConfig {
-    fn default() -> Self {
-        Self {
-            image_service_address: None,
-            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
-        }
-    }
+    /// Where containerd's socket was given before it moved to the top
+    /// level; refused with that advice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containerd_address: Option<PathBuf>,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -385,7 +389,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            config.cri.containerd_address,
+            config.containerd_address,
             PathBuf::from("/run/containerd/containerd.sock")
         );
         assert!(SnapshotterConfig::default()
@@ -395,6 +399,25 @@ mod tests {
         let e = SnapshotterConfig::from_toml("[cri]\nimage_service_address = \"cri.sock\"\n", "t")
             .unwrap_err();
         assert!(e.to_string().contains("cri.image_service_address"), "{e}");
+    }
+
+    #[test]
+    fn the_old_place_of_containerd_address_names_the_new_one() {
+        let e = SnapshotterConfig::from_toml(
+            "[cri]
+containerd_address = \"/run/containerd/containerd.sock\"\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cri.containerd_address") && e.contains("top of the file"),
+            "{e}"
+        );
+        let e = SnapshotterConfig::from_toml("containerd_address = \"c.sock\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
     }
 
     #[test]

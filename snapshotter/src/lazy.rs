@@ -1,19 +1,22 @@
 //! Recognising Lode layers when containerd prepares them, from the labels a
 //! remote-snapshotter-aware pull puts on Prepare, and fetching the image's
-//! bootstrap so that a daemon can serve it.
+//! bootstrap so that a daemon can serve it. The manifest and the bootstrap
+//! layer are read from containerd's content store when the pull stored
+//! them there, else fetched from the registry.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::content::ContentStore;
 use crate::cri::Keychain;
 use lode_common::contract::{
     LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
 };
-use lode_common::image::{self, ImageError, LodeManifest};
+use lode_common::image::{self, ImageError, LodeManifest, MAX_BOOTSTRAP_SIZE};
 use lode_common::registry::{
     hosts_for, Capability, Credentials, HostClients, HostsError, Reference, RegistryError,
-    RegistryHost, RegistryOptions,
+    RegistryHost, RegistryOptions, MAX_MANIFEST_SIZE,
 };
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
@@ -102,6 +105,7 @@ pub struct LazyLayers {
     /// `docker login` after they were built).
     clients: Mutex<HashMap<ClientKey, Arc<HostClients>>>,
     keychain: Arc<Keychain>,
+    content: ContentStore,
 }
 
 /// Registry, its hosts, and the credentials given for the repository.
@@ -112,6 +116,7 @@ impl LazyLayers {
         registry: SnapshotterRegistryConfig,
         bootstraps_dir: PathBuf,
         keychain: Arc<Keychain>,
+        content: ContentStore,
     ) -> Self {
         Self {
             registry,
@@ -119,6 +124,7 @@ impl LazyLayers {
             manifests: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             keychain,
+            content,
         }
     }
 
@@ -168,10 +174,15 @@ impl LazyLayers {
         Ok(built)
     }
 
-    /// Classifies the layer a Prepare with these labels is about. A layer
-    /// whose image cannot be read is treated as plain: containerd then
-    /// unpacks it itself, or reports why it cannot.
-    pub async fn classify(&self, labels: &HashMap<String, String>) -> Result<LayerKind, LazyError> {
+    /// Classifies the layer a Prepare with these labels, in containerd
+    /// namespace `namespace`, is about. A layer whose image cannot be read
+    /// is treated as plain: containerd then unpacks it itself, or reports
+    /// why it cannot.
+    pub async fn classify(
+        &self,
+        labels: &HashMap<String, String>,
+        namespace: Option<&str>,
+    ) -> Result<LayerKind, LazyError> {
         if !labels.contains_key(LABEL_TARGET_REF) {
             return Ok(LayerKind::Plain);
         }
@@ -179,7 +190,7 @@ impl LazyLayers {
             return Ok(LayerKind::Plain);
         };
         let clients = self.clients(&layer.reference)?;
-        let Some(manifest) = self.manifest(&clients, &layer.reference).await else {
+        let Some(manifest) = self.manifest(&clients, &layer.reference, namespace).await else {
             return Ok(LayerKind::Plain);
         };
         if manifest.data_blobs.contains(&layer.layer) {
@@ -190,7 +201,7 @@ impl LazyLayers {
         }
         let image_ref = layer.reference.to_string();
         let path = self
-            .fetch_bootstrap(&clients, &layer.reference, &manifest)
+            .bootstrap(&clients, &layer.reference, &manifest, namespace)
             .await
             .map_err(|source| LazyError::Image {
                 image_ref: image_ref.clone(),
@@ -207,13 +218,22 @@ impl LazyLayers {
         }))
     }
 
-    /// The bootstrap, from the first host that serves it.
-    async fn fetch_bootstrap(
+    /// The bootstrap: the copy already here, else the layer the pull
+    /// stored in containerd, else from the first host that serves it.
+    async fn bootstrap(
         &self,
         clients: &HostClients,
         reference: &Reference,
         manifest: &LodeManifest,
+        namespace: Option<&str>,
     ) -> Result<PathBuf, ImageError> {
+        let digest = manifest.bootstrap;
+        if let Some(path) = image::installed_bootstrap(&self.bootstraps_dir, &digest)? {
+            return Ok(path);
+        }
+        if let Some(layer) = self.stored(namespace, &digest, MAX_BOOTSTRAP_SIZE).await {
+            return image::install_bootstrap(layer, digest, &self.bootstraps_dir).await;
+        }
         let mut last = None;
         for attempt in clients.attempts(reference, Capability::Pull) {
             let fetched = image::fetch_bootstrap(
@@ -235,13 +255,44 @@ impl LazyLayers {
         Err(last.unwrap_or_else(|| no_host(reference, "pull")))
     }
 
-    /// The image's manifest from the first host that resolves it; `None`
-    /// for an image that is not Lode's (remembered) or that no host could
-    /// give (tried again next time).
-    async fn manifest(&self, clients: &HostClients, reference: &Reference) -> Option<LodeManifest> {
+    /// Blob `digest` from containerd's content store, if the pull stored
+    /// it in `namespace`.
+    async fn stored(
+        &self,
+        namespace: Option<&str>,
+        digest: &Digest,
+        limit: u64,
+    ) -> Option<Vec<u8>> {
+        match self.content.read(namespace?, digest, limit).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read containerd's content store (containerd_address); fetching from the registry");
+                None
+            }
+        }
+    }
+
+    /// The image's manifest: the one the pull stored in containerd, else
+    /// from the first host that resolves it; `None` for an image that is
+    /// not Lode's (remembered) or that no host could give (tried again
+    /// next time).
+    async fn manifest(
+        &self,
+        clients: &HostClients,
+        reference: &Reference,
+        namespace: Option<&str>,
+    ) -> Option<LodeManifest> {
         let key = reference.to_string();
         if let Some(known) = self.lock().get(&key) {
             return known.clone();
+        }
+        if let Some(digest) = reference.digest {
+            let limit = MAX_MANIFEST_SIZE as u64;
+            if let Some(bytes) = self.stored(namespace, &digest, limit).await {
+                let parsed = image::parse_lode_manifest(reference, digest, &bytes).ok();
+                self.lock().insert(key, parsed.clone());
+                return parsed;
+            }
         }
         let capability = match reference.digest {
             Some(_) => Capability::Pull,
@@ -276,6 +327,15 @@ impl LazyLayers {
 mod tests {
     use super::*;
 
+    fn lazy(registry: SnapshotterRegistryConfig) -> LazyLayers {
+        LazyLayers::new(
+            registry,
+            PathBuf::from("/nonexistent"),
+            Arc::default(),
+            ContentStore::new(std::path::Path::new("/nonexistent/containerd.sock")),
+        )
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
@@ -292,7 +352,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
+        let lazy = lazy(registry);
         let hosts: Vec<String> = lazy
             .hosts(&"docker.io/library/app:v1".parse().unwrap())
             .unwrap()
@@ -321,7 +381,7 @@ mod tests {
             config_path: Some(dir.path().to_owned()),
             ..Default::default()
         };
-        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
+        let lazy = lazy(registry);
         let hosts = lazy.hosts(&"reg.io/app:v1".parse().unwrap()).unwrap();
         let names: Vec<(&str, bool)> = hosts
             .iter()
@@ -349,7 +409,7 @@ mod tests {
             config_path: Some(dir.path().to_owned()),
             ..Default::default()
         };
-        let lazy = LazyLayers::new(registry, PathBuf::from("/nonexistent"), Arc::default());
+        let lazy = lazy(registry);
         let reference: Reference = "reg.io/app:v1".parse().unwrap();
         let first = lazy.clients(&reference).unwrap();
         assert!(Arc::ptr_eq(&first, &lazy.clients(&reference).unwrap()));
@@ -365,43 +425,38 @@ mod tests {
 
     #[tokio::test]
     async fn without_labels_a_layer_is_plain() {
-        let lazy = LazyLayers::new(
-            Default::default(),
-            PathBuf::from("/nonexistent"),
-            Arc::default(),
-        );
+        let lazy = lazy(Default::default());
         assert_eq!(
-            lazy.classify(&HashMap::new()).await.unwrap(),
+            lazy.classify(&HashMap::new(), None).await.unwrap(),
             LayerKind::Plain
         );
         let only_ref = labels(&[(LABEL_TARGET_REF, "sha256:abc")]);
-        assert_eq!(lazy.classify(&only_ref).await.unwrap(), LayerKind::Plain);
+        assert_eq!(
+            lazy.classify(&only_ref, None).await.unwrap(),
+            LayerKind::Plain
+        );
     }
 
     #[tokio::test]
     async fn malformed_labels_are_named_in_the_error() {
-        let lazy = LazyLayers::new(
-            Default::default(),
-            PathBuf::from("/nonexistent"),
-            Arc::default(),
-        );
+        let lazy = lazy(Default::default());
         let bad = labels(&[
             (LABEL_TARGET_REF, "x"),
             (LABEL_IMAGE_REF, "127.0.0.1:5000/app:v1"),
             (LABEL_LAYER_DIGEST, "not-a-digest"),
         ]);
-        let err = lazy.classify(&bad).await.unwrap_err().to_string();
+        let err = lazy
+            .classify(&bad, Some("default"))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(LABEL_LAYER_DIGEST), "{err}");
     }
 
     #[tokio::test]
     async fn an_unreachable_registry_leaves_the_layer_to_containerd() {
         // Port 1 on loopback refuses connections at once.
-        let lazy = LazyLayers::new(
-            Default::default(),
-            PathBuf::from("/nonexistent"),
-            Arc::default(),
-        );
+        let lazy = lazy(Default::default());
         let layer = labels(&[
             (LABEL_TARGET_REF, "x"),
             (LABEL_IMAGE_REF, "127.0.0.1:1/app:v1"),
@@ -410,6 +465,9 @@ mod tests {
                 "sha256:0000000000000000000000000000000000000000000000000000000000000000",
             ),
         ]);
-        assert_eq!(lazy.classify(&layer).await.unwrap(), LayerKind::Plain);
+        assert_eq!(
+            lazy.classify(&layer, Some("default")).await.unwrap(),
+            LayerKind::Plain
+        );
     }
 }

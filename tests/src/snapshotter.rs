@@ -23,7 +23,7 @@ pub struct SnapshotterOptions {
     /// A lode-fsd configuration file for every daemon (`[daemon] config`).
     pub fsd_config: Option<PathBuf>,
     /// Serve the CRI image service proxy on [`Snapshotter::cri_socket`],
-    /// forwarding to the socket [`Snapshotter::link_containerd`] names.
+    /// forwarding to containerd ([`Snapshotter::link_containerd`]).
     pub cri_proxy: bool,
     /// containerd's registry hosts directory (`[registry] config_path`).
     pub registry_config_path: Option<PathBuf>,
@@ -97,9 +97,8 @@ impl Snapshotter {
             .unwrap_or_default();
         let cri = if options.cri_proxy {
             format!(
-                "[cri]\nimage_service_address = \"{}\"\ncontainerd_address = \"{}\"\n",
+                "[cri]\nimage_service_address = \"{}\"\n",
                 dir.path().join(CRI_SOCKET).display(),
-                dir.path().join(CONTAINERD_LINK).display(),
             )
         } else {
             String::new()
@@ -112,11 +111,12 @@ impl Snapshotter {
             cache.push_str(&format!("check_interval_secs = {interval}\n"));
         }
         let config = format!(
-            "root = \"{root}\"\naddress = \"{socket}\"\ndaemon_mode = \"{mode}\"\n\
-             recover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
+            "root = \"{root}\"\naddress = \"{socket}\"\ncontainerd_address = \"{containerd}\"\n\
+             daemon_mode = \"{mode}\"\nrecover_policy = \"{policy}\"\n[daemon]\nbinary = \"{fsd}\"\n{fsd_config}\
              [metrics]\naddress = \"127.0.0.1:0\"\n{cri}{hosts}{cache}",
             root = dir.path().join("root").display(),
             socket = dir.path().join("lode.sock").display(),
+            containerd = dir.path().join(CONTAINERD_LINK).display(),
             mode = options.daemon_mode,
             policy = options.recover_policy,
             fsd = fsd.display(),
@@ -199,9 +199,9 @@ impl Snapshotter {
         self.dir.path().join(CRI_SOCKET)
     }
 
-    /// Points the CRI proxy at containerd's socket (started after the
-    /// snapshotter, so its path is known only then); the proxy connects at
-    /// its first call.
+    /// Points the snapshotter's `containerd_address` at containerd's socket
+    /// (started after the snapshotter, so its path is known only then); the
+    /// snapshotter connects at its first use.
     pub fn link_containerd(&self, containerd_socket: &Path) -> Result<(), KitError> {
         std::os::unix::fs::symlink(containerd_socket, self.dir.path().join(CONTAINERD_LINK))
             .map_err(KitError::io("link containerd's socket"))

@@ -137,9 +137,7 @@ fn start_node(
         hosts_dir: dir.path().to_owned(),
     });
     let containerd = Containerd::start_with(Some(&snapshotter.socket()), cri.as_ref()).unwrap();
-    if options.cri_proxy {
-        snapshotter.link_containerd(containerd.socket()).unwrap();
-    }
+    snapshotter.link_containerd(containerd.socket()).unwrap();
     Some(Node {
         lodectl,
         containerd,

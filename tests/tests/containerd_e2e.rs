@@ -18,10 +18,24 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
         return;
     };
     let before_pull = s.data_bytes_served(&s.app.lode);
+    let bootstrap = s.lode_manifest(&s.app.lode).bootstrap.to_string();
+    let requests_before = s.registry.requests().len();
     let started = Instant::now();
     let pulled = s.pull_lazily("lazy", &s.app.lode);
     let pull_time = started.elapsed();
     assert!(pulled.contains(" 0 unpacked"), "{pulled}");
+    // lodectl fetched the manifest once and the bootstrap along with the
+    // config; the snapshotter read both from containerd's content store.
+    let pull_requests: Vec<String> = s.registry.requests()[requests_before..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    let count = |needle: &str| pull_requests.iter().filter(|r| r.contains(needle)).count();
+    assert_eq!(
+        (count("/manifests/"), count(&bootstrap)),
+        (1, 1),
+        "manifest and bootstrap requests of the pull: {pull_requests:#?}"
+    );
     assert_eq!(
         s.data_bytes_served(&s.app.lode),
         0,

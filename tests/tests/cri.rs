@@ -67,9 +67,21 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
     let pod_id = cri
         .run_pod(&pod)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
+    let requests_before = node.registry.requests().len();
     let image_ref = cri
         .pull(&lode, None, &pod)
         .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+    // containerd stored the manifest before preparing the layers: Lode
+    // read it from there and fetched only the bootstrap.
+    let from_lode: Vec<String> = node.registry.requests()[requests_before..]
+        .iter()
+        .filter(|r| r.user_agent.starts_with("lode/"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        from_lode.len() == 1 && from_lode[0].contains("/blobs/"),
+        "Lode's requests during PullImage: {from_lode:#?}"
+    );
     assert!(image_ref.starts_with("sha256:"), "{image_ref}");
     assert!(cri.has_image(&lode).unwrap());
     assert_eq!(

@@ -23,7 +23,7 @@ pub use credentials::{CredentialStore, Credentials};
 pub use hosts::{
     hosts_for, parse_hosts, Attempt, Capability, HostClients, HostsError, RegistryHost,
 };
-pub use pull::media_type_from_body;
+pub use pull::{media_type_from_body, MAX_MANIFEST_SIZE};
 pub use reference::{Reference, ReferenceError};
 pub use tls::TlsOptions;
 pub use transport::error_body_message;

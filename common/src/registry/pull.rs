@@ -19,7 +19,7 @@ use crate::oci::{
 use crate::Digest;
 
 /// Manifests are small; anything bigger is not a manifest we can use.
-const MAX_MANIFEST_SIZE: usize = 4 << 20;
+pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
      application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json, \

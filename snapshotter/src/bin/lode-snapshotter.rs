@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use containerd_snapshots::tonic::transport::Server;
 use lode_config::SnapshotterConfig;
+use lode_snapshotter::content::ContentStore;
 use lode_snapshotter::cri::Keychain;
 use lode_snapshotter::daemons::DaemonManager;
 use lode_snapshotter::lazy::LazyLayers;
@@ -87,6 +88,7 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
         config.registry.clone(),
         config.bootstraps_dir(),
         keychain.clone(),
+        ContentStore::new(&config.containerd_address),
     );
     let snapshotter = LodeSnapshotter::new(
         store,
@@ -117,7 +119,7 @@ async fn serve(config: SnapshotterConfig, store: Store, stop_daemons: bool) -> a
         Some(path) => {
             let listener = bind(path).await?;
             let mut stopped = stopped.clone();
-            let containerd = config.cri.containerd_address.clone();
+            let containerd = config.containerd_address.clone();
             tracing::info!(address = %path.display(), containerd = %containerd.display(), "CRI image service proxy serving");
             Some(tokio::spawn(cri::serve(
                 listener,

@@ -1,5 +1,5 @@
-//! containerd calls of `lodectl pull`: requests carrying the namespace and
-//! lease, writes into the content store, and applying a layer.
+//! containerd calls of `lodectl pull`: writes into the content store, and
+//! applying a layer.
 
 use std::collections::HashMap;
 
@@ -7,48 +7,13 @@ use containerd_client::services::v1::{
     content_client::ContentClient, diff_client::DiffClient, ApplyRequest, Info, InfoRequest,
     UpdateRequest, WriteAction, WriteContentRequest,
 };
-use containerd_client::tonic::metadata::MetadataValue;
-use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{self, Code};
+use containerd_client::tonic::Code;
 
 use super::pull::PullError;
+use crate::content::Grpc;
 
 /// Size of one content write message (gRPC's default limit is 4 MiB).
 const WRITE_CHUNK: usize = 1 << 20;
-
-/// A channel with the namespace and lease every request carries.
-pub struct Grpc {
-    channel: Channel,
-    namespace: MetadataValue<tonic::metadata::Ascii>,
-    lease: Option<MetadataValue<tonic::metadata::Ascii>>,
-}
-
-impl Grpc {
-    pub fn new(channel: Channel, namespace: &str, lease: Option<String>) -> Self {
-        let ascii = |value: &str| {
-            MetadataValue::try_from(value).unwrap_or_else(|_| MetadataValue::from_static("invalid"))
-        };
-        Self {
-            channel,
-            namespace: ascii(namespace),
-            lease: lease.as_deref().map(ascii),
-        }
-    }
-
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
-    }
-
-    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        let metadata = request.metadata_mut();
-        metadata.insert("containerd-namespace", self.namespace.clone());
-        if let Some(lease) = &self.lease {
-            metadata.insert("containerd-lease", lease.clone());
-        }
-        request
-    }
-}
 
 /// Whether the content store has `digest`.
 pub async fn exists(grpc: &Grpc, digest: &str) -> bool {

@@ -16,6 +16,7 @@ use containerd_snapshots::{Info, Kind};
 
 pub use error::ServiceError;
 
+use crate::content::key_namespace;
 use crate::instances::{InstanceProvider, LodeImage};
 use crate::lazy::{LayerKind, LazyLayers};
 use crate::metrics::Metrics;
@@ -95,7 +96,7 @@ impl LodeSnapshotter {
                 if self.store.get(&target).is_ok() {
                     return Err(ServiceError::LayerAvailable(target));
                 }
-                match self.lazy.classify(&labels).await? {
+                match self.lazy.classify(&labels, key_namespace(&key)).await? {
                     LayerKind::Plain => {}
                     LayerKind::DataBlob => {
                         self.commit_lazy(&target, &parent, labels, None).await?;
