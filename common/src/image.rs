@@ -133,47 +133,29 @@ pub async fn resolve(
 
 /// Fetches the bootstrap of `image` into `dir` as `<bootstrap digest hex>`
 /// (reusing a copy that is already there and opens cleanly) and returns its path.
+/// The file appears atomically: it is extracted to a temporary name, checked,
+/// and renamed.
 pub async fn fetch_bootstrap(
     client: &RegistryClient,
     reference: &Reference,
     image: &LodeManifest,
     dir: &Path,
 ) -> Result<PathBuf, ImageError> {
-    if let Some(path) = installed_bootstrap(dir, &image.bootstrap)? {
-        return Ok(path);
-    }
-    let layer = client.pull_blob(reference, &image.bootstrap).await?;
-    install_bootstrap(layer, image.bootstrap, dir).await
-}
-
-/// The bootstrap `digest` in `dir`, if a copy is there and opens cleanly.
-pub fn installed_bootstrap(dir: &Path, digest: &Digest) -> Result<Option<PathBuf>, ImageError> {
-    std::fs::create_dir_all(dir).map_err(|source| ImageError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let dest = dir.join(digest.hex());
-    Ok((dest.exists() && Bootstrap::open(&dest).is_ok()).then_some(dest))
-}
-
-/// Extracts the bootstrap out of `layer`, the bootstrap layer `digest`
-/// (its bytes already verified against it), into `dir` as `<digest hex>`
-/// and returns its path. The file appears atomically: it is extracted to a
-/// temporary name, checked, and renamed.
-pub async fn install_bootstrap(
-    layer: impl AsRef<[u8]> + Send + 'static,
-    digest: Digest,
-    dir: &Path,
-) -> Result<PathBuf, ImageError> {
     let io_err = |path: &Path| {
         let path = path.display().to_string();
         move |source| ImageError::Io { path, source }
     };
-    let dest = dir.join(digest.hex());
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let dest = dir.join(image.bootstrap.hex());
+    if dest.exists() && Bootstrap::open(&dest).is_ok() {
+        return Ok(dest);
+    }
+    let layer = client.pull_blob(reference, &image.bootstrap).await?;
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    let digest = image.bootstrap;
     let tmp_path = tmp.path().to_path_buf();
     let tmp = tokio::task::spawn_blocking(move || {
-        extract_bootstrap(layer.as_ref(), digest, tmp.as_file()).map(|()| tmp)
+        extract_bootstrap(&layer, digest, tmp.as_file()).map(|()| tmp)
     })
     .await
     .map_err(|e| ImageError::BadBootstrapLayer {

@@ -17,8 +17,8 @@ pub struct SnapshotterConfig {
     pub root: PathBuf,
     /// The gRPC socket containerd's `proxy_plugins.lode` points at (mode 0600).
     pub address: PathBuf,
-    /// containerd's own socket: the manifests and bootstraps a pull stored
-    /// are read from its content store, and the CRI proxy forwards to it.
+    /// containerd's own socket: the manifests pulls stored are read from its
+    /// content store, and the CRI proxy forwards to it.
     pub containerd_address: PathBuf,
     /// One daemon for every image, or one per image.
     pub daemon_mode: DaemonMode,

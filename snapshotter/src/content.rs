@@ -2,10 +2,9 @@
 //! lease), and reading blobs a pull already stored there.
 //!
 //! A pull stores an image's manifest before it prepares the layers
-//! (`lodectl pull` and containerd's own pulls alike), and `lodectl pull`
-//! stores a Lode image's bootstrap layer too, fetched next to the config.
-//! Reading them here instead of from the registry saves the snapshotter a
-//! connection and two requests, a few round trips of every pull.
+//! (`lodectl pull` and containerd's own pulls alike). Reading it here
+//! instead of from the registry saves the snapshotter a request of every
+//! pull (and on registries with token auth, the token exchange before it).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! Recognising Lode layers when containerd prepares them, from the labels a
 //! remote-snapshotter-aware pull puts on Prepare, and fetching the image's
-//! bootstrap so that a daemon can serve it. The manifest and the bootstrap
-//! layer are read from containerd's content store when the pull stored
-//! them there, else fetched from the registry.
+//! bootstrap so that a daemon can serve it. The manifest is read from
+//! containerd's content store when the pull stored it there, else fetched
+//! from the registry.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use crate::cri::Keychain;
 use lode_common::contract::{
     LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
 };
-use lode_common::image::{self, ImageError, LodeManifest, MAX_BOOTSTRAP_SIZE};
+use lode_common::image::{self, ImageError, LodeManifest};
 use lode_common::registry::{
     hosts_for, Capability, Credentials, HostClients, HostsError, Reference, RegistryError,
     RegistryHost, RegistryOptions, MAX_MANIFEST_SIZE,
@@ -201,7 +201,7 @@ impl LazyLayers {
         }
         let image_ref = layer.reference.to_string();
         let path = self
-            .bootstrap(&clients, &layer.reference, &manifest, namespace)
+            .fetch_bootstrap(&clients, &layer.reference, &manifest)
             .await
             .map_err(|source| LazyError::Image {
                 image_ref: image_ref.clone(),
@@ -218,22 +218,13 @@ impl LazyLayers {
         }))
     }
 
-    /// The bootstrap: the copy already here, else the layer the pull
-    /// stored in containerd, else from the first host that serves it.
-    async fn bootstrap(
+    /// The bootstrap, from the first host that serves it.
+    async fn fetch_bootstrap(
         &self,
         clients: &HostClients,
         reference: &Reference,
         manifest: &LodeManifest,
-        namespace: Option<&str>,
     ) -> Result<PathBuf, ImageError> {
-        let digest = manifest.bootstrap;
-        if let Some(path) = image::installed_bootstrap(&self.bootstraps_dir, &digest)? {
-            return Ok(path);
-        }
-        if let Some(layer) = self.stored(namespace, &digest, MAX_BOOTSTRAP_SIZE).await {
-            return image::install_bootstrap(layer, digest, &self.bootstraps_dir).await;
-        }
         let mut last = None;
         for attempt in clients.attempts(reference, Capability::Pull) {
             let fetched = image::fetch_bootstrap(
@@ -289,9 +280,8 @@ impl LazyLayers {
         if let Some(digest) = reference.digest {
             let limit = MAX_MANIFEST_SIZE as u64;
             if let Some(bytes) = self.stored(namespace, &digest, limit).await {
-                let parsed = image::parse_lode_manifest(reference, digest, &bytes).ok();
-                self.lock().insert(key, parsed.clone());
-                return parsed;
+                let parsed = image::parse_lode_manifest(reference, digest, &bytes);
+                return self.settle(&key, "containerd", parsed).flatten();
             }
         }
         let capability = match reference.digest {
@@ -300,22 +290,37 @@ impl LazyLayers {
         };
         for attempt in clients.attempts(reference, capability) {
             match image::resolve(attempt.client, &attempt.reference).await {
-                Ok(manifest) => {
-                    self.lock().insert(key, Some(manifest.clone()));
-                    return Some(manifest);
-                }
-                Err(ImageError::NotLode { .. }) => {
-                    self.lock().insert(key, None);
-                    return None;
-                }
                 Err(ImageError::Registry(e)) => clients.failed(&attempt, &e),
-                Err(error) => {
-                    tracing::warn!(image_ref = %key, host = %attempt.reference.registry, %error, "cannot read the image manifest");
+                read => {
+                    if let Some(answer) = self.settle(&key, &attempt.reference.registry, read) {
+                        return answer;
+                    }
                 }
             }
         }
         tracing::warn!(image_ref = %key, hosts = %clients.describe(), "no host gave the image manifest; unpacking the layer normally");
         None
+    }
+
+    /// What a read of `key`'s manifest from `source` settled, remembered:
+    /// a Lode manifest, or `None` for an image that is not Lode's; `None`
+    /// (logged) for a manifest that could not be read.
+    fn settle(
+        &self,
+        key: &str,
+        source: &str,
+        read: Result<LodeManifest, ImageError>,
+    ) -> Option<Option<LodeManifest>> {
+        let answer = match read {
+            Ok(manifest) => Some(manifest),
+            Err(ImageError::NotLode { .. }) => None,
+            Err(error) => {
+                tracing::warn!(image_ref = %key, source, %error, "cannot read the image manifest");
+                return None;
+            }
+        };
+        self.lock().insert(key.to_owned(), answer.clone());
+        Some(answer)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<LodeManifest>>> {

@@ -24,8 +24,8 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
     let pulled = s.pull_lazily("lazy", &s.app.lode);
     let pull_time = started.elapsed();
     assert!(pulled.contains(" 0 unpacked"), "{pulled}");
-    // lodectl fetched the manifest once and the bootstrap along with the
-    // config; the snapshotter read both from containerd's content store.
+    // lodectl fetched the manifest once; the snapshotter read it from
+    // containerd's content store and fetched the bootstrap.
     let pull_requests: Vec<String> = s.registry.requests()[requests_before..]
         .iter()
         .map(|r| format!("{} {}", r.method, r.path))

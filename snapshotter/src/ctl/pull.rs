@@ -1,7 +1,7 @@
 //! `lodectl pull IMAGE`: pulls an image into containerd the way a remote
 //! snapshotter needs it. containerd 1.6's own pull downloads every layer
 //! before unpacking, so it can never be lazy; this one stores only the
-//! manifest, config and (of a Lode image) bootstrap layer, asks the snapshotter to prepare each layer with the
+//! manifest and config, asks the snapshotter to prepare each layer with the
 //! labels that identify it, and downloads and applies a layer only when the
 //! snapshotter cannot provide it (plain OCI layers).
 
@@ -10,7 +10,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use clap::Args;
 use containerd_client::services::v1::{
     leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
@@ -26,7 +25,6 @@ use lode_common::contract::{
     self, LABEL_GC_REF_CONTENT_CONFIG, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST,
     LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
 };
-use lode_common::image;
 use lode_common::oci;
 use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
 use lode_common::Digest;
@@ -102,7 +100,7 @@ pub fn run(args: PullArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     let report = runtime()?.block_on(pull(&args))?;
     writeln!(
         out,
-        "pulled {} into namespace {} ({}): {} layer(s) lazy, {} unpacked; downloaded {} bytes of manifest, config and bootstrap, {} bytes of layers in {:.2?}",
+        "pulled {} into namespace {} ({}): {} layer(s) lazy, {} unpacked; downloaded {} bytes of manifest and config, {} bytes of layers in {:.2?}",
         args.image,
         args.namespace,
         args.snapshotter,
@@ -179,27 +177,11 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
         .to_string()
         .parse()
         .map_err(|e| bad(format!("config digest: {e}")))?;
-    // A Lode image's bootstrap comes along with the config, for the
-    // snapshotter to read from the content store rather than fetch after
-    // the pull has prepared the layers before it.
-    let bootstrap = image::parse_lode_manifest(&args.image, raw.digest, &raw.bytes)
-        .ok()
-        .map(|lode| lode.bootstrap);
-    let (config_bytes, bootstrap) =
-        tokio::try_join!(client.pull_blob(&args.image, &config_digest), async {
-            match bootstrap {
-                Some(digest) => client
-                    .pull_blob(&args.image, &digest)
-                    .await
-                    .map(|layer| Some((digest, layer))),
-                None => Ok(None),
-            }
-        })?;
-    let config_bytes = config_bytes.to_vec();
+    let config_bytes = client
+        .pull_blob(&args.image, &config_digest)
+        .await?
+        .to_vec();
     metadata_bytes += config_bytes.len() as u64;
-    metadata_bytes += bootstrap
-        .as_ref()
-        .map_or(0, |(_, layer)| layer.len() as u64);
     let config: ImageConfiguration =
         serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
     let diff_ids = config.rootfs().diff_ids().clone();
@@ -239,7 +221,6 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
         &manifest,
         &raw,
         &config_bytes,
-        bootstrap.as_ref(),
         &chain,
         &top_chain,
     )
@@ -263,7 +244,6 @@ async fn unpack(
     manifest: &ImageManifest,
     raw: &lode_common::registry::RawManifest,
     config_bytes: &[u8],
-    bootstrap: Option<&(Digest, Bytes)>,
     chain: &[String],
     top_chain: &str,
 ) -> Result<PullReport, PullError> {
@@ -294,10 +274,6 @@ async fn unpack(
         );
     }
     pull_content::store(grpc, &raw.digest.to_string(), &raw.bytes, manifest_labels).await?;
-    // Kept by the manifest's reference to its last layer.
-    if let Some((digest, layer)) = bootstrap {
-        pull_content::store(grpc, &digest.to_string(), layer, HashMap::new()).await?;
-    }
 
     let all_layers = manifest
         .layers()
@@ -401,7 +377,7 @@ async fn unpack(
 }
 
 fn is_lode_layer(layer: &oci_spec::image::Descriptor) -> bool {
-    image::is_data_blob(layer) || image::is_bootstrap(layer)
+    lode_common::image::is_data_blob(layer) || lode_common::image::is_bootstrap(layer)
 }
 
 /// Downloads a plain layer into containerd's content store and applies it
