@@ -471,8 +471,7 @@ fn doctor_checks_the_node_and_names_the_fixes() {
                 "doctor".to_owned(),
                 "--containerd-config".to_owned(),
                 containerd_config.display().to_string(),
-                "--containerd-address".to_owned(),
-                s.containerd.socket().display().to_string(),
+                // containerd's socket: the snapshotter config's.
                 "--config".to_owned(),
                 s.snapshotter.config_path().display().to_string(),
             ])

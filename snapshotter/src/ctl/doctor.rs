@@ -14,9 +14,10 @@ pub struct DoctorArgs {
     /// containerd's configuration file.
     #[arg(long, default_value = "/etc/containerd/config.toml")]
     pub containerd_config: PathBuf,
-    /// containerd's socket.
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
-    pub containerd_address: PathBuf,
+    /// containerd's socket (default: the snapshotter config's
+    /// `containerd_address`).
+    #[arg(long)]
+    pub containerd_address: Option<PathBuf>,
     /// lode-snapshotter's configuration file (its defaults if absent).
     #[arg(long, default_value = "/etc/lode/snapshotter.toml")]
     pub config: PathBuf,
@@ -89,9 +90,11 @@ fn findings(args: &DoctorArgs) -> Vec<Finding> {
     }
     findings.push(doctor::socket(
         "containerd: socket",
-        &args.containerd_address,
+        args.containerd_address
+            .as_ref()
+            .unwrap_or(&config.containerd_address),
         false,
-        "start containerd, or pass --containerd-address",
+        "start containerd, or set containerd_address in the snapshotter config to its socket",
     ));
     findings.push(doctor::socket(
         "snapshotter: socket",
