@@ -141,18 +141,48 @@ pub async fn fetch_bootstrap(
     image: &LodeManifest,
     dir: &Path,
 ) -> Result<PathBuf, ImageError> {
-    let io_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ImageError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let dest = dir.join(image.bootstrap.hex());
     if dest.exists() && Bootstrap::open(&dest).is_ok() {
         return Ok(dest);
     }
-    let layer = client.pull_blob(reference, &image.bootstrap).await?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
-    let digest = image.bootstrap;
+    let tmp = download_bootstrap(client, reference, image.bootstrap, dir).await?;
+    tmp.persist(&dest).map_err(|e| io_error(&dest)(e.error))?;
+    Ok(dest)
+}
+
+/// Fetches bootstrap `digest` into a file of its own in `dir`, named
+/// `<digest hex>.<random>`, and returns its path: a file no other fetch
+/// made, so its owner may remove it without disturbing anyone else's.
+pub async fn fetch_bootstrap_anew(
+    client: &RegistryClient,
+    reference: &Reference,
+    digest: Digest,
+    dir: &Path,
+) -> Result<PathBuf, ImageError> {
+    let tmp = download_bootstrap(client, reference, digest, dir).await?;
+    let (_, path) = tmp.keep().map_err(|e| io_error(dir)(e.error))?;
+    Ok(path)
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.display().to_string();
+    move |source| ImageError::Io { path, source }
+}
+
+/// Downloads bootstrap `digest` and extracts it into a new temporary file
+/// in `dir` (`<digest hex>.<random>`), checked to open as a bootstrap.
+async fn download_bootstrap(
+    client: &RegistryClient,
+    reference: &Reference,
+    digest: Digest,
+    dir: &Path,
+) -> Result<tempfile::NamedTempFile, ImageError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let layer = client.pull_blob(reference, &digest).await?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{}.", digest.hex()))
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
     let tmp_path = tmp.path().to_path_buf();
     let tmp = tokio::task::spawn_blocking(move || {
         extract_bootstrap(&layer, digest, tmp.as_file()).map(|()| tmp)
@@ -163,8 +193,7 @@ pub async fn fetch_bootstrap(
         message: format!("extraction task failed: {e}"),
     })??;
     Bootstrap::open(&tmp_path)?;
-    tmp.persist(&dest).map_err(|e| io_err(&dest)(e.error))?;
-    Ok(dest)
+    Ok(tmp)
 }
 
 /// Copies the bootstrap file out of a bootstrap layer (a gzip tar) into `out`.

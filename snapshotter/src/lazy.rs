@@ -218,7 +218,10 @@ impl LazyLayers {
         }))
     }
 
-    /// The bootstrap, from the first host that serves it.
+    /// The bootstrap, from the first host that serves it, in a file of this
+    /// pull's own: it goes when the image's instance is released, and is
+    /// never one that the release of an earlier pull of the same image is
+    /// about to remove.
     async fn fetch_bootstrap(
         &self,
         clients: &HostClients,
@@ -227,10 +230,10 @@ impl LazyLayers {
     ) -> Result<PathBuf, ImageError> {
         let mut last = None;
         for attempt in clients.attempts(reference, Capability::Pull) {
-            let fetched = image::fetch_bootstrap(
+            let fetched = image::fetch_bootstrap_anew(
                 attempt.client,
                 &attempt.reference,
-                manifest,
+                manifest.bootstrap,
                 &self.bootstraps_dir,
             )
             .await;

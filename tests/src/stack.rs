@@ -407,15 +407,18 @@ impl Node {
     }
 
     /// Waits until the snapshotter serves no Lode mount and its chunk cache
-    /// is empty (after the last Lode image was removed).
+    /// and bootstraps are gone (after the last Lode image was removed): the
+    /// next pull starts from nothing.
     pub fn wait_for_no_lode_mounts_or_cache(&self) {
         let root = self.snapshotter.root();
+        let entries = |dir: &str| std::fs::read_dir(root.join(dir)).map_or(0, |d| d.count());
         wait_until(
             Duration::from_secs(30),
-            "Lode's mounts and cache to go",
+            "Lode's mounts, cache and bootstraps to go",
             || {
                 mounts_below(&root.join("mnt")).is_empty()
-                    && std::fs::read_dir(root.join("cache")).map_or(0, |d| d.count()) == 0
+                    && entries("cache") == 0
+                    && entries("bootstraps") == 0
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", self.snapshotter.log()));

@@ -436,28 +436,42 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
         "head -c 100000 /data/big > /dev/null",
     );
     assert_eq!(s.snapshotter.daemon_pids().len(), 1);
-    let cache = s.snapshotter.root().join("cache");
-    let cached = || std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    let count =
+        |dir: &str| std::fs::read_dir(s.snapshotter.root().join(dir)).map_or(0, |d| d.count());
+    let cached = || count("cache");
     assert!(cached() > 0, "reading fills the cache");
+    assert_eq!(count("bootstraps"), 1, "the pull fetched the bootstrap");
     s.remove_image("lazy", &s.app.lode);
     wait_until(
         Duration::from_secs(30),
-        "the image's instance and daemon to go",
-        || s.snapshotter.daemon_pids().is_empty() && mounts_below(&s.snapshotter.root()).is_empty(),
+        "the image's instance, daemon, cached blobs and bootstrap to go",
+        || {
+            s.snapshotter.daemon_pids().is_empty()
+                && mounts_below(&s.snapshotter.root()).is_empty()
+                && cached() == 0
+                && count("bootstraps") == 0
+        },
     )
     .unwrap_or_else(|e| {
         panic!(
-            "{e}: {:?}\n{}",
+            "{e}: mounts {:?}, cache files {}, bootstraps {}\n{}",
             mounts_below(&s.snapshotter.root()),
+            cached(),
+            count("bootstraps"),
             s.snapshotter.log()
         )
     });
-    assert_eq!(cached(), 0, "cache files of the removed image remain");
     let left = s
         .containerd
         .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
         .unwrap();
     assert_eq!(left.lines().count(), 1, "snapshots left: {left}");
+    // Pulled again, the image is whole: its bootstrap is fetched anew.
+    s.pull_lazily("lazy", &s.app.lode);
+    assert!(s
+        .run("lazy", &s.app.lode, "c2", "cat /data/motd")
+        .contains("hello from lode"));
+    assert_eq!(count("bootstraps"), 1);
 }
 
 #[test]
