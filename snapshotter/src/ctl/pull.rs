@@ -131,21 +131,74 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     chain
 }
 
+/// What the registry says about the image: its manifest and config.
+struct Metadata {
+    raw: lode_common::registry::RawManifest,
+    manifest: ImageManifest,
+    config_bytes: Vec<u8>,
+    /// Chain ids of the layers, bottom first.
+    chain: Vec<String>,
+    /// Bytes of index, manifest and config.
+    bytes: u64,
+}
+
 pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
     let client = RegistryClient::new(RegistryOptions {
         plain_http: args.plain_http,
         docker_config: args.docker_config.clone(),
         ..RegistryOptions::default()
     })?;
+    // containerd is made ready while the registry answers.
+    let (metadata, session) = tokio::join!(fetch_metadata(args, &client), open_session(args));
+    let (grpc, lease_id) = session?;
+    let result = match metadata {
+        Ok(m) => unpack(args, &grpc, &client, &m)
+            .await
+            .map(|report| PullReport {
+                metadata_bytes: m.bytes,
+                ..report
+            }),
+        Err(error) => Err(error),
+    };
+    let _ = LeasesClient::new(grpc.channel())
+        .delete(grpc.request(DeleteLeaseRequest {
+            id: lease_id,
+            sync: false,
+        }))
+        .await;
+    result
+}
+
+/// Connects to containerd and creates the lease the pull's content and
+/// snapshots are made under; returns the request helper and the lease.
+async fn open_session(args: &PullArgs) -> Result<(Grpc, String), PullError> {
+    let channel = containerd_client::connect(&args.address)
+        .await
+        .map_err(|e| PullError::Connect {
+            address: args.address.display().to_string(),
+            message: format!("{e}; is containerd running?"),
+        })?;
+    let lease_id = format!("lodectl-pull-{}", now_nanos());
+    let grpc = Grpc::new(channel.clone(), &args.namespace, Some(lease_id.clone()));
+    LeasesClient::new(channel)
+        .create(grpc.request(CreateLeaseRequest {
+            id: lease_id.clone(),
+            labels: HashMap::new(),
+        }))
+        .await
+        .map_err(PullError::containerd("create lease"))?;
+    Ok((grpc, lease_id))
+}
+
+/// The manifest (through an index if needed) and the config.
+async fn fetch_metadata(args: &PullArgs, client: &RegistryClient) -> Result<Metadata, PullError> {
     let image_name = args.image.to_string();
     let bad = |message: String| PullError::Image {
         image: image_name.clone(),
         message,
     };
-
-    // Manifest (through an index if needed) and config.
     let mut raw = client.pull_manifest(&args.image).await?;
-    let mut metadata_bytes = raw.bytes.len() as u64;
+    let mut bytes = raw.bytes.len() as u64;
     if raw.media_type == oci::MEDIA_TYPE_OCI_INDEX || raw.media_type == oci::MEDIA_TYPE_DOCKER_LIST
     {
         let index: ImageIndex =
@@ -167,7 +220,7 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
         raw = client
             .pull_manifest(&args.image.with_digest(digest))
             .await?;
-        metadata_bytes += raw.bytes.len() as u64;
+        bytes += raw.bytes.len() as u64;
     }
     let manifest: ImageManifest =
         serde_json::from_slice(&raw.bytes).map_err(|e| bad(format!("manifest: {e}")))?;
@@ -181,7 +234,7 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
         .pull_blob(&args.image, &config_digest)
         .await?
         .to_vec();
-    metadata_bytes += config_bytes.len() as u64;
+    bytes += config_bytes.len() as u64;
     let config: ImageConfiguration =
         serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
     let diff_ids = config.rootfs().diff_ids().clone();
@@ -192,61 +245,34 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
             manifest.layers().len()
         )));
     }
-    let chain = chain_ids(&diff_ids);
-    let top_chain = chain
-        .last()
-        .cloned()
-        .ok_or_else(|| bad("the image has no layers".into()))?;
-
-    let channel = containerd_client::connect(&args.address)
-        .await
-        .map_err(|e| PullError::Connect {
-            address: args.address.display().to_string(),
-            message: format!("{e}; is containerd running?"),
-        })?;
-    let lease_id = format!("lodectl-pull-{}", now_nanos());
-    let grpc = Grpc::new(channel.clone(), &args.namespace, Some(lease_id.clone()));
-    let mut leases = LeasesClient::new(channel.clone());
-    leases
-        .create(grpc.request(CreateLeaseRequest {
-            id: lease_id.clone(),
-            labels: HashMap::new(),
-        }))
-        .await
-        .map_err(PullError::containerd("create lease"))?;
-    let result = unpack(
-        args,
-        &grpc,
-        &client,
-        &manifest,
-        &raw,
-        &config_bytes,
-        &chain,
-        &top_chain,
-    )
-    .await;
-    let _ = leases
-        .delete(grpc.request(DeleteLeaseRequest {
-            id: lease_id,
-            sync: false,
-        }))
-        .await;
-    let mut report = result?;
-    report.metadata_bytes = metadata_bytes;
-    Ok(report)
+    if diff_ids.is_empty() {
+        return Err(bad("the image has no layers".into()));
+    }
+    Ok(Metadata {
+        raw,
+        manifest,
+        config_bytes,
+        chain: chain_ids(&diff_ids),
+        bytes,
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn unpack(
     args: &PullArgs,
     grpc: &Grpc,
     client: &RegistryClient,
-    manifest: &ImageManifest,
-    raw: &lode_common::registry::RawManifest,
-    config_bytes: &[u8],
-    chain: &[String],
-    top_chain: &str,
+    metadata: &Metadata,
 ) -> Result<PullReport, PullError> {
+    let Metadata {
+        raw,
+        manifest,
+        config_bytes,
+        chain,
+        ..
+    } = metadata;
+    let top_chain = chain
+        .last()
+        .expect("an image with layers has a top chain id");
     // Content: config and manifest, with the labels that keep what they
     // reference alive through containerd's garbage collection.
     let config_desc = manifest.config();
@@ -477,5 +503,25 @@ mod tests {
         );
         assert_eq!(chain[1], expected);
         assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_containerd_the_error_names_its_socket() {
+        // Port 1 on loopback refuses connections at once.
+        let args = PullArgs {
+            image: "127.0.0.1:1/app:v1".parse().unwrap(),
+            plain_http: true,
+            namespace: "default".into(),
+            address: PathBuf::from("/nonexistent/containerd.sock"),
+            snapshotter: contract::DEFAULT_SNAPSHOTTER_NAME.into(),
+            platform: "linux/amd64".parse().unwrap(),
+            docker_config: None,
+        };
+        let err = pull(&args).await.unwrap_err();
+        assert!(
+            matches!(&err, PullError::Connect { address, .. } if address == "/nonexistent/containerd.sock"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("is containerd running?"), "{err}");
     }
 }
