@@ -94,6 +94,11 @@ impl ClientError {
     }
 }
 
+/// How long [`DaemonClient::wait_for_states`] asks every [`EAGER_PAUSE`].
+const EAGER_POLLING: Duration = Duration::from_millis(250);
+/// How often it asks meanwhile.
+const EAGER_PAUSE: Duration = Duration::from_millis(2);
+
 /// Talks to one daemon's API socket. Every call has a deadline (connect,
 /// request and the whole answer).
 #[derive(Clone, Debug)]
@@ -220,13 +225,19 @@ impl DaemonClient {
 
     /// [`DaemonClient::wait_for_state`] for any of `wanted`; also gives up
     /// as soon as `exited()` says the daemon's process is gone.
+    ///
+    /// A starting daemon serves within a few tens of milliseconds, and an
+    /// image's first container waits for it: for the first 250 ms the
+    /// daemon is asked every 2 ms (a probe of a socket nobody listens on yet
+    /// costs microseconds), then ever less often.
     pub async fn wait_for_states(
         &self,
         wanted: &[DaemonState],
         deadline: Instant,
         exited: impl Fn() -> bool,
     ) -> Result<DaemonInfo, ClientError> {
-        let mut pause = Duration::from_millis(5);
+        let started = Instant::now();
+        let mut pause = EAGER_PAUSE;
         loop {
             if exited() {
                 return Err(ClientError::Exited {
@@ -252,7 +263,9 @@ impl DaemonClient {
                 return Err(self.state_timeout(wanted, last));
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            if now.duration_since(started) >= EAGER_POLLING {
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
         }
     }
 
