@@ -17,6 +17,11 @@ pub const MEDIA_TYPE_DOCKER_LIST: &str =
 pub const ANNOTATION_DATA_BLOB: &str = "lode.blob";
 /// Layer annotation marking the Lode bootstrap (value "true").
 pub const ANNOTATION_BOOTSTRAP: &str = "lode.bootstrap";
+/// Layer annotation with the digest of the layer's uncompressed content,
+/// its `rootfs.diff_ids` entry in the config (containerd's name, also used
+/// by eStargz): a pull can name the layers' snapshots from the manifest
+/// alone, before the config has arrived.
+pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// Manifest annotation with the Lode format version.
 pub const ANNOTATION_FORMAT_VERSION: &str = "lode.format.version";
 /// Manifest annotation with the source image's manifest digest.

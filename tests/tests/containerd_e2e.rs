@@ -474,6 +474,69 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
     assert_eq!(count("bootstraps"), 1);
 }
 
+/// A pull prepares a Lode image's layers from the diff_ids its manifest's
+/// layers are annotated with, while the config arrives; a manifest whose
+/// annotations the config contradicts is refused, and leaves no image.
+#[test]
+fn layer_annotations_that_contradict_the_config_fail_the_pull() {
+    use lode_common::oci::ANNOTATION_UNCOMPRESSED;
+    use lode_common::registry::{RegistryClient, RegistryOptions};
+    let Some(s) = stack(SnapshotterOptions::default()) else {
+        return;
+    };
+    let tampered = s.app.lode.with_tag("tampered");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = RegistryClient::new(RegistryOptions {
+            plain_http: true,
+            ..RegistryOptions::default()
+        })
+        .unwrap();
+        let raw = client.pull_manifest(&s.app.lode).await.unwrap();
+        let mut manifest: serde_json::Value = serde_json::from_slice(&raw.bytes).unwrap();
+        let first = &mut manifest["layers"][0]["annotations"][ANNOTATION_UNCOMPRESSED];
+        assert!(first.is_string(), "the converter annotates layers: {manifest}");
+        *first = lode_common::Digest::of(b"another layer").to_string().into();
+        client
+            .push_manifest(
+                &tampered,
+                serde_json::to_vec(&manifest).unwrap(),
+                &raw.media_type,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("push {tampered}: {e}"));
+    });
+    let run = s
+        .lodectl
+        .run([
+            "pull",
+            "--plain-http",
+            "--address",
+            &s.containerd.socket().display().to_string(),
+            "--namespace",
+            &s.containerd.namespace("lazy"),
+            &tampered.to_string(),
+        ])
+        .unwrap();
+    assert!(!run.success, "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("containerd.io/uncompressed annotations disagree with the config's diff_ids"),
+        "{}",
+        run.stderr
+    );
+    let images = s.containerd.ctr_ok("lazy", ["images", "ls", "-q"]).unwrap();
+    assert!(!images.contains("tampered"), "{images}");
+    // The image as converted pulls and runs.
+    s.pull_lazily("lazy", &s.app.lode);
+    assert!(s
+        .run("lazy", &s.app.lode, "c1", "cat /data/motd")
+        .contains("hello from lode"));
+}
+
 #[test]
 fn doctor_checks_the_node_and_names_the_fixes() {
     let Some(s) = stack(SnapshotterOptions::default()) else {

@@ -184,29 +184,37 @@ pub fn lode_manifest(
 ) -> Result<Vec<u8>, ConvertError> {
     let invalid =
         |e: &dyn std::fmt::Display| ConvertError::Task(format!("building the manifest: {e}"));
-    let descriptor = |media_type: &str, size: u64, digest: Digest, annotation: Option<&str>| {
+    let descriptor = |media_type: &str, size: u64, digest: Digest| {
         let digest: oci_spec::image::Digest =
             digest.to_string().parse().map_err(|e| invalid(&e))?;
-        let mut d = Descriptor::new(MediaType::from(media_type), size, digest);
-        if let Some(key) = annotation {
-            d.set_annotations(Some(HashMap::from([(key.to_owned(), "true".to_owned())])));
-        }
+        Ok::<_, ConvertError>(Descriptor::new(MediaType::from(media_type), size, digest))
+    };
+    // Each layer says what it is and its diff_id.
+    let layer = |media_type: &str, size: u64, digest: Digest, kind: &str, diff_id: Digest| {
+        let mut d = descriptor(media_type, size, digest)?;
+        d.set_annotations(Some(HashMap::from([
+            (kind.to_owned(), "true".to_owned()),
+            (oci::ANNOTATION_UNCOMPRESSED.to_owned(), diff_id.to_string()),
+        ])));
         Ok::<_, ConvertError>(d)
     };
     let mut layers = Vec::with_capacity(blobs.len() + 1);
     for blob in blobs {
-        layers.push(descriptor(
+        // A data blob is its own uncompressed content (see `lode_config`).
+        layers.push(layer(
             oci::MEDIA_TYPE_DATA_BLOB,
             blob.size,
             blob.digest,
-            Some(oci::ANNOTATION_DATA_BLOB),
+            oci::ANNOTATION_DATA_BLOB,
+            blob.digest,
         )?);
     }
-    layers.push(descriptor(
+    layers.push(layer(
         oci::MEDIA_TYPE_BOOTSTRAP,
         bootstrap.size,
         bootstrap.digest,
-        Some(oci::ANNOTATION_BOOTSTRAP),
+        oci::ANNOTATION_BOOTSTRAP,
+        bootstrap.diff_id,
     )?);
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
@@ -215,7 +223,6 @@ pub fn lode_manifest(
             oci::MEDIA_TYPE_OCI_CONFIG,
             config.len() as u64,
             Digest::of(config),
-            None,
         )?)
         .layers(layers)
         .annotations(HashMap::from([
@@ -380,6 +387,10 @@ mod tests {
         );
         assert_eq!(value["layers"][0]["mediaType"], oci::MEDIA_TYPE_DATA_BLOB);
         assert_eq!(value["layers"][1]["mediaType"], oci::MEDIA_TYPE_BOOTSTRAP);
+        let uncompressed =
+            |i: usize| &value["layers"][i]["annotations"][oci::ANNOTATION_UNCOMPRESSED];
+        assert_eq!(uncompressed(0), &blob.digest.to_string());
+        assert_eq!(uncompressed(1), &boot.diff_id.to_string());
         assert_eq!(value["config"]["digest"], Digest::of(b"{}").to_string());
         assert_eq!(value["mediaType"], oci::MEDIA_TYPE_OCI_MANIFEST);
     }

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod mount;
 pub mod pull;
 mod pull_content;
+mod pull_layers;
 
 use std::io::Write;
 

@@ -11,27 +11,21 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use containerd_client::services::v1::{
-    leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
-    snapshots::CommitSnapshotRequest, snapshots::PrepareSnapshotRequest,
-    snapshots::RemoveSnapshotRequest, snapshots::StatSnapshotRequest,
-};
+use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::{
     CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
     Image, UpdateImageRequest,
 };
 use containerd_client::tonic::{self, Code};
-use lode_common::contract::{
-    self, LABEL_GC_REF_CONTENT_CONFIG, LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST,
-    LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
-};
+use lode_common::contract::{self, LABEL_GC_REF_CONTENT_CONFIG};
 use lode_common::oci;
-use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
+use lode_common::registry::{RawManifest, Reference, RegistryClient, RegistryOptions};
 use lode_common::Digest;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use sha2::{Digest as _, Sha256};
 
 use super::pull_content;
+use super::pull_layers::prepare_layers;
 use super::{runtime, CtlError};
 use crate::content::Grpc;
 use crate::convert::PlatformSpec;
@@ -131,17 +125,6 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     chain
 }
 
-/// What the registry says about the image: its manifest and config.
-struct Metadata {
-    raw: lode_common::registry::RawManifest,
-    manifest: ImageManifest,
-    config_bytes: Vec<u8>,
-    /// Chain ids of the layers, bottom first.
-    chain: Vec<String>,
-    /// Bytes of index, manifest and config.
-    bytes: u64,
-}
-
 pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
     let client = RegistryClient::new(RegistryOptions {
         plain_http: args.plain_http,
@@ -149,15 +132,10 @@ pub async fn pull(args: &PullArgs) -> Result<PullReport, PullError> {
         ..RegistryOptions::default()
     })?;
     // containerd is made ready while the registry answers.
-    let (metadata, session) = tokio::join!(fetch_metadata(args, &client), open_session(args));
+    let (manifest, session) = tokio::join!(fetch_manifest(args, &client), open_session(args));
     let (grpc, lease_id) = session?;
-    let result = match metadata {
-        Ok(m) => unpack(args, &grpc, &client, &m)
-            .await
-            .map(|report| PullReport {
-                metadata_bytes: m.bytes,
-                ..report
-            }),
+    let result = match manifest {
+        Ok(manifest) => unpack(args, &grpc, &client, &manifest).await,
         Err(error) => Err(error),
     };
     let _ = LeasesClient::new(grpc.channel())
@@ -190,13 +168,29 @@ async fn open_session(args: &PullArgs) -> Result<(Grpc, String), PullError> {
     Ok((grpc, lease_id))
 }
 
-/// The manifest (through an index if needed) and the config.
-async fn fetch_metadata(args: &PullArgs, client: &RegistryClient) -> Result<Metadata, PullError> {
-    let image_name = args.image.to_string();
-    let bad = |message: String| PullError::Image {
-        image: image_name.clone(),
+/// The image's manifest, through an index if needed.
+struct Manifest {
+    raw: RawManifest,
+    manifest: ImageManifest,
+    /// Bytes of index and manifest.
+    bytes: u64,
+}
+
+/// The image's config and the layers' diff_ids it lists.
+struct Config {
+    bytes: Vec<u8>,
+    diff_ids: Vec<String>,
+}
+
+fn bad_image(args: &PullArgs, message: String) -> PullError {
+    PullError::Image {
+        image: args.image.to_string(),
         message,
-    };
+    }
+}
+
+async fn fetch_manifest(args: &PullArgs, client: &RegistryClient) -> Result<Manifest, PullError> {
+    let bad = |message| bad_image(args, message);
     let mut raw = client.pull_manifest(&args.image).await?;
     let mut bytes = raw.bytes.len() as u64;
     if raw.media_type == oci::MEDIA_TYPE_OCI_INDEX || raw.media_type == oci::MEDIA_TYPE_DOCKER_LIST
@@ -224,19 +218,31 @@ async fn fetch_metadata(args: &PullArgs, client: &RegistryClient) -> Result<Meta
     }
     let manifest: ImageManifest =
         serde_json::from_slice(&raw.bytes).map_err(|e| bad(format!("manifest: {e}")))?;
-    let config_digest: Digest = manifest
+    if manifest.layers().is_empty() {
+        return Err(bad("the image has no layers".into()));
+    }
+    Ok(Manifest {
+        raw,
+        manifest,
+        bytes,
+    })
+}
+
+async fn fetch_config(
+    args: &PullArgs,
+    client: &RegistryClient,
+    manifest: &ImageManifest,
+) -> Result<Config, PullError> {
+    let bad = |message| bad_image(args, message);
+    let digest: Digest = manifest
         .config()
         .digest()
         .to_string()
         .parse()
         .map_err(|e| bad(format!("config digest: {e}")))?;
-    let config_bytes = client
-        .pull_blob(&args.image, &config_digest)
-        .await?
-        .to_vec();
-    bytes += config_bytes.len() as u64;
+    let bytes = client.pull_blob(&args.image, &digest).await?.to_vec();
     let config: ImageConfiguration =
-        serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("config: {e}")))?;
     let diff_ids = config.rootfs().diff_ids().clone();
     if diff_ids.len() != manifest.layers().len() {
         return Err(bad(format!(
@@ -245,193 +251,105 @@ async fn fetch_metadata(args: &PullArgs, client: &RegistryClient) -> Result<Meta
             manifest.layers().len()
         )));
     }
-    if diff_ids.is_empty() {
-        return Err(bad("the image has no layers".into()));
-    }
-    Ok(Metadata {
-        raw,
-        manifest,
-        config_bytes,
-        chain: chain_ids(&diff_ids),
-        bytes,
-    })
+    Ok(Config { bytes, diff_ids })
 }
 
+/// The layers' diff_ids as the manifest's `containerd.io/uncompressed`
+/// annotations give them (Lode and eStargz images have them), if every
+/// layer has a well-formed one.
+fn annotated_diff_ids(manifest: &ImageManifest) -> Option<Vec<String>> {
+    manifest
+        .layers()
+        .iter()
+        .map(|layer| {
+            let value = layer
+                .annotations()
+                .as_ref()?
+                .get(oci::ANNOTATION_UNCOMPRESSED)?;
+            value.parse::<Digest>().ok().map(|_| value.clone())
+        })
+        .collect()
+}
+
+/// Stores the manifest, prepares the layers and stores the config, then
+/// creates the image record. When the manifest names the layers' diff_ids,
+/// the layers are prepared while the config arrives (the snapshotter
+/// fetches a Lode image's bootstrap meanwhile), and the config must agree.
 async fn unpack(
     args: &PullArgs,
     grpc: &Grpc,
     client: &RegistryClient,
-    metadata: &Metadata,
+    fetched: &Manifest,
 ) -> Result<PullReport, PullError> {
-    let Metadata {
-        raw,
-        manifest,
-        config_bytes,
-        chain,
-        ..
-    } = metadata;
-    let top_chain = chain
-        .last()
-        .expect("an image with layers has a top chain id");
-    // Content: config and manifest, with the labels that keep what they
-    // reference alive through containerd's garbage collection.
-    let config_desc = manifest.config();
-    let mut config_labels = HashMap::new();
-    config_labels.insert(
-        contract::gc_ref_snapshot(&args.snapshotter),
-        top_chain.to_string(),
-    );
-    pull_content::store(
-        grpc,
-        config_desc.digest().as_ref(),
-        config_bytes,
-        config_labels,
-    )
-    .await?;
-    let mut manifest_labels = HashMap::new();
-    manifest_labels.insert(
+    let Manifest { raw, manifest, .. } = fetched;
+    store_manifest(grpc, manifest, raw).await?;
+    let (config, report, chain) = match annotated_diff_ids(manifest) {
+        Some(annotated) => {
+            let chain = chain_ids(&annotated);
+            let (config, layers) = tokio::join!(
+                fetch_config(args, client, manifest),
+                prepare_layers(args, grpc, client, manifest, raw, &chain)
+            );
+            let (config, report) = (config?, layers?);
+            if config.diff_ids != annotated {
+                return Err(bad_image(
+                    args,
+                    format!(
+                        "the layers' {} annotations disagree with the config's diff_ids",
+                        oci::ANNOTATION_UNCOMPRESSED
+                    ),
+                ));
+            }
+            (config, report, chain)
+        }
+        None => {
+            let config = fetch_config(args, client, manifest).await?;
+            let chain = chain_ids(&config.diff_ids);
+            let report = prepare_layers(args, grpc, client, manifest, raw, &chain).await?;
+            (config, report, chain)
+        }
+    };
+    let top_chain = chain.last().cloned().unwrap_or_default();
+    store_config(grpc, args, manifest, &config.bytes, top_chain).await?;
+    create_image(grpc, args, manifest, raw).await?;
+    Ok(PullReport {
+        metadata_bytes: fetched.bytes + config.bytes.len() as u64,
+        ..report
+    })
+}
+
+/// Stores the manifest in containerd's content store (where the
+/// snapshotter reads it when it prepares the layers), with the labels that
+/// keep what it references alive through garbage collection.
+async fn store_manifest(
+    grpc: &Grpc,
+    manifest: &ImageManifest,
+    raw: &RawManifest,
+) -> Result<(), PullError> {
+    let mut labels = HashMap::new();
+    labels.insert(
         LABEL_GC_REF_CONTENT_CONFIG.to_string(),
-        config_desc.digest().to_string(),
+        manifest.config().digest().to_string(),
     );
     for (i, layer) in manifest.layers().iter().enumerate() {
-        manifest_labels.insert(
+        labels.insert(
             contract::gc_ref_content_layer(i),
             layer.digest().to_string(),
         );
     }
-    pull_content::store(grpc, &raw.digest.to_string(), &raw.bytes, manifest_labels).await?;
-
-    let all_layers = manifest
-        .layers()
-        .iter()
-        .map(|l| l.digest().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut snapshots = SnapshotsClient::new(grpc.channel());
-    let mut report = PullReport::default();
-    let mut parent = String::new();
-    for (layer, chain_id) in manifest.layers().iter().zip(chain) {
-        let stat = snapshots
-            .stat(grpc.request(StatSnapshotRequest {
-                snapshotter: args.snapshotter.clone(),
-                key: chain_id.clone(),
-            }))
-            .await;
-        if stat.is_ok() {
-            report.lazy_layers += usize::from(is_lode_layer(layer));
-            report.unpacked_layers += usize::from(!is_lode_layer(layer));
-            parent = chain_id.clone();
-            continue;
-        }
-        let key = format!("extract-{}-{chain_id}", now_nanos());
-        let labels: HashMap<String, String> = [
-            (LABEL_TARGET_REF, chain_id.clone()),
-            (LABEL_IMAGE_REF, args.image.to_string()),
-            (LABEL_MANIFEST_DIGEST, raw.digest.to_string()),
-            (LABEL_LAYER_DIGEST, layer.digest().to_string()),
-            (LABEL_IMAGE_LAYERS, all_layers.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let prepared = snapshots
-            .prepare(grpc.request(PrepareSnapshotRequest {
-                snapshotter: args.snapshotter.clone(),
-                key: key.clone(),
-                parent: parent.clone(),
-                labels,
-            }))
-            .await;
-        match prepared {
-            Err(status) if status.code() == Code::AlreadyExists => {
-                tracing::info!(layer = %layer.digest(), chain_id, "layer available without download");
-                report.lazy_layers += 1;
-            }
-            Err(status)
-                if status.code() == Code::NotFound && status.message().contains("snapshotter") =>
-            {
-                return Err(PullError::containerd(format!(
-                    "snapshotter {:?} (is it configured as a proxy plugin?)",
-                    args.snapshotter
-                ))(status));
-            }
-            Err(status) => {
-                return Err(PullError::containerd(format!(
-                    "prepare layer {}",
-                    layer.digest()
-                ))(status))
-            }
-            Ok(response) => {
-                let mounts = response.into_inner().mounts;
-                let applied = apply_layer(grpc, client, &args.image, layer, mounts).await;
-                let committed = match applied {
-                    Ok(bytes) => {
-                        report.layer_bytes += bytes;
-                        snapshots
-                            .commit(grpc.request(CommitSnapshotRequest {
-                                snapshotter: args.snapshotter.clone(),
-                                name: chain_id.clone(),
-                                key: key.clone(),
-                                labels: HashMap::new(),
-                            }))
-                            .await
-                            .map(|_| ())
-                            .map_err(PullError::containerd(format!(
-                                "commit layer {}",
-                                layer.digest()
-                            )))
-                    }
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = committed {
-                    let _ = snapshots
-                        .remove(grpc.request(RemoveSnapshotRequest {
-                            snapshotter: args.snapshotter.clone(),
-                            key,
-                        }))
-                        .await;
-                    return Err(error);
-                }
-                report.unpacked_layers += 1;
-            }
-        }
-        parent = chain_id.clone();
-    }
-
-    create_image(grpc, args, manifest, raw).await?;
-    Ok(report)
+    pull_content::store(grpc, &raw.digest.to_string(), &raw.bytes, labels).await
 }
 
-fn is_lode_layer(layer: &oci_spec::image::Descriptor) -> bool {
-    lode_common::image::is_data_blob(layer) || lode_common::image::is_bootstrap(layer)
-}
-
-/// Downloads a plain layer into containerd's content store and applies it
-/// to the prepared snapshot with containerd's diff service.
-async fn apply_layer(
+/// Stores the config, labelled to keep the image's top snapshot.
+async fn store_config(
     grpc: &Grpc,
-    client: &RegistryClient,
-    reference: &Reference,
-    layer: &oci_spec::image::Descriptor,
-    mounts: Vec<containerd_client::types::Mount>,
-) -> Result<u64, PullError> {
-    let digest: Digest = layer
-        .digest()
-        .to_string()
-        .parse()
-        .map_err(|e| PullError::Image {
-            image: reference.to_string(),
-            message: format!("layer digest: {e}"),
-        })?;
-    let downloaded = if pull_content::exists(grpc, &digest.to_string()).await {
-        0
-    } else {
-        let blob = client.pull_blob(reference, &digest).await?;
-        pull_content::store(grpc, &digest.to_string(), &blob, HashMap::new()).await?;
-        blob.len() as u64
-    };
-    pull_content::apply(grpc, layer, mounts).await?;
-    Ok(downloaded)
+    args: &PullArgs,
+    manifest: &ImageManifest,
+    bytes: &[u8],
+    top_chain: String,
+) -> Result<(), PullError> {
+    let labels = HashMap::from([(contract::gc_ref_snapshot(&args.snapshotter), top_chain)]);
+    pull_content::store(grpc, manifest.config().digest().as_ref(), bytes, labels).await
 }
 
 async fn create_image(
@@ -481,7 +399,7 @@ async fn create_image(
     }
 }
 
-fn now_nanos() -> u128 {
+pub(super) fn now_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
