@@ -498,7 +498,10 @@ fn layer_annotations_that_contradict_the_config_fail_the_pull() {
         let raw = client.pull_manifest(&s.app.lode).await.unwrap();
         let mut manifest: serde_json::Value = serde_json::from_slice(&raw.bytes).unwrap();
         let first = &mut manifest["layers"][0]["annotations"][ANNOTATION_UNCOMPRESSED];
-        assert!(first.is_string(), "the converter annotates layers: {manifest}");
+        assert!(
+            first.is_string(),
+            "the converter annotates layers: {manifest}"
+        );
         *first = lode_common::Digest::of(b"another layer").to_string().into();
         client
             .push_manifest(
