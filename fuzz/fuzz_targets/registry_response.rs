@@ -2,7 +2,8 @@
 //! type from its body (`registry::media_type_from_body`), a Lode image
 //! manifest (`image::parse_lode_manifest`), an index as the converter and
 //! `lodectl pull` read it (oci-spec's `ImageIndex`, platform matching,
-//! descriptor digests), a bearer token answer (oci-client's
+//! descriptor digests), a 401's `WWW-Authenticate` challenge
+//! (`registry::Challenge`), a bearer token answer (oci-client's
 //! `RegistryToken`, what `RegistryClient` authenticates with) and an error
 //! body (`registry::error_body_message`). Every parser sees every input.
 //! Nothing may panic; an accepted Lode manifest lists only its own layers.
@@ -10,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lode_common::image::parse_lode_manifest;
-use lode_common::registry::{error_body_message, media_type_from_body, Reference};
+use lode_common::registry::{error_body_message, media_type_from_body, Challenge, Reference};
 use lode_common::Digest;
 use lode_snapshotter::convert::PlatformSpec;
 use oci_client::token_cache::RegistryToken;
@@ -19,6 +20,9 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 fuzz_target!(|data: &[u8]| {
     let _ = media_type_from_body(data);
     let _ = error_body_message(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = Challenge::parse(text);
+    }
 
     let reference: Reference = "reg.io/app:v1".parse().expect("a valid reference");
     let digest = Digest::of(data);

@@ -413,6 +413,15 @@ async fn basic_auth_credentials_from_docker_config() {
         data[1..3]
     );
 
+    // The registry's 401 said to use basic credentials: the client sent
+    // them without asking /v2/ for the challenge first.
+    let pings: Vec<_> = registry
+        .requests()
+        .into_iter()
+        .filter(|e| e.path == "/v2/" && e.user_agent.starts_with("lode/"))
+        .collect();
+    assert!(pings.is_empty(), "{pings:?}");
+
     let wrong = client_with(&bad, Duration::from_secs(10), 1);
     let err = wrong.pull_blob(&reference, &digest).await.unwrap_err();
     assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");

@@ -203,6 +203,14 @@ fn token_expiry(mode: Mode) {
         .filter(|e| e.path.contains("/blobs/"))
         .cloned()
         .collect();
+    // The refused requests' challenges named the token service: the
+    // daemon went there without asking /v2/ for the challenge again.
+    let pings: Vec<_> = fx.registry.requests()[log_mark..]
+        .iter()
+        .filter(|e| e.path == "/v2/" && e.user_agent.starts_with("lode/"))
+        .cloned()
+        .collect();
+    assert!(pings.is_empty(), "[{mode}] {pings:?}");
     let refused = blobs
         .iter()
         .position(|e| e.status == 401)

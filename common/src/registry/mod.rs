@@ -19,6 +19,7 @@ mod tests;
 mod tls;
 mod transport;
 
+pub use auth::Challenge;
 pub use credentials::{CredentialStore, Credentials};
 pub use hosts::{
     hosts_for, parse_hosts, Attempt, Capability, HostClients, HostsError, RegistryHost,
@@ -162,7 +163,8 @@ impl RegistryClient {
             what: "client setup".to_owned(),
             message,
         };
-        let auth = auth::Authenticator::new(credentials, options.request_timeout);
+        let auth =
+            auth::Authenticator::new(credentials, options.tls.clone(), options.request_timeout);
         let inner = transport::Transport::new(options, auth).map_err(setup_error)?;
         Ok(Self {
             inner: Arc::new(inner),

@@ -474,6 +474,57 @@ async fn bearer_token_is_fetched_on_401_and_reused() {
         token_request.header("authorization"),
         Some(format!("Basic {auth}").as_str())
     );
+    // The 401 carried the challenge: nobody asked /v2/ for it again.
+    let paths: Vec<String> = registry
+        .server
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .collect();
+    assert!(!paths.iter().any(|p| p == "/v2/"), "{paths:?}");
+}
+
+#[test]
+fn challenges_name_the_realm_and_service_or_basic() {
+    use super::auth::Challenge;
+    let bearer = |realm: &str, service: Option<&str>| Challenge::Bearer {
+        realm: realm.to_owned(),
+        service: service.map(str::to_owned),
+    };
+    assert_eq!(
+        Challenge::parse(
+            r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:app:pull""#
+        ),
+        Some(bearer(
+            "https://auth.example.com/token",
+            Some("registry.example.com")
+        ))
+    );
+    // Scheme and parameter names in any case, with an escape in a value.
+    assert_eq!(
+        Challenge::parse(r#"bearer REALM="https://a.io/t\"x""#),
+        Some(bearer(r#"https://a.io/t"x"#, None))
+    );
+    // Bearer wins over basic, whichever comes first.
+    assert_eq!(
+        Challenge::parse(r#"Basic realm="r", Bearer realm="https://a.io/t""#),
+        Some(bearer("https://a.io/t", None))
+    );
+    assert_eq!(
+        Challenge::parse(r#"Basic realm="Registry Realm""#),
+        Some(Challenge::Basic)
+    );
+    // Nothing this client can answer itself: a bearer challenge without a
+    // realm, other schemes, malformed headers.
+    for header in [
+        r#"Bearer service="x""#,
+        "Negotiate",
+        "",
+        "Bearer realm=\"unterminated",
+        "=",
+    ] {
+        assert_eq!(Challenge::parse(header), None, "{header:?}");
+    }
 }
 
 #[tokio::test]

@@ -104,6 +104,9 @@ pub(crate) use retrying;
 pub(crate) enum AttemptError {
     /// The registry answered with an unexpected status.
     Status { status: StatusCode, message: String },
+    /// A 401 with the registry's challenge (`WWW-Authenticate`), which
+    /// says how to authenticate without asking for it again.
+    Challenged { message: String, challenge: String },
     /// Connecting, sending or receiving failed.
     Transport(reqwest::Error),
     /// A deadline enforced outside reqwest elapsed.
@@ -128,7 +131,10 @@ impl AttemptError {
                 !e.is_builder() && !e.is_redirect() && !super::tls::is_tls_refusal(e)
             }
             AttemptError::Timeout => true,
-            AttemptError::Denied(_) | AttemptError::Fatal(_) | AttemptError::Setup(_) => false,
+            AttemptError::Challenged { .. }
+            | AttemptError::Denied(_)
+            | AttemptError::Fatal(_)
+            | AttemptError::Setup(_) => false,
         }
     }
 
@@ -154,6 +160,10 @@ impl AttemptError {
                     what: target.to_string(),
                     message: format!("HTTP {status}: {message}"),
                 },
+            },
+            AttemptError::Challenged { message, .. } => RegistryError::Unauthorized {
+                reference: reference_text,
+                message: format!("{target}: HTTP {}: {message}", StatusCode::UNAUTHORIZED),
             },
             AttemptError::Transport(e) if e.is_timeout() => RegistryError::Timeout {
                 reference: reference_text,
@@ -400,19 +410,23 @@ impl Attempts<'_> {
             Err(error) => error,
         };
         let max_retries = self.transport.options.max_retries;
-        if let AttemptError::Status {
-            status: StatusCode::UNAUTHORIZED,
-            ..
-        } = error
-        {
+        let challenge = match &error {
+            AttemptError::Challenged { challenge, .. } => Some(Some(challenge.as_str())),
+            AttemptError::Status {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            } => Some(None),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
             if !self.reauthenticated {
                 self.reauthenticated = true;
-                match self
+                let refreshed = self
                     .transport
                     .auth
-                    .refresh(&self.endpoint.scope, self.auth.as_ref())
-                    .await
-                {
+                    .refresh(&self.endpoint.scope, self.auth.as_ref(), challenge)
+                    .await;
+                match refreshed {
                     Ok(()) => return Ok(None),
                     Err(auth_error) if auth_error.is_transient() && self.retries < max_retries => {
                         self.backoff(&auth_error).await;
@@ -468,6 +482,9 @@ impl Attempts<'_> {
 fn describe(error: &AttemptError) -> String {
     match error {
         AttemptError::Status { status, message } => format!("HTTP {status}: {message}"),
+        AttemptError::Challenged { message, .. } => {
+            format!("HTTP {}: {message}", StatusCode::UNAUTHORIZED)
+        }
         AttemptError::Transport(e) => error_chain(e),
         AttemptError::Timeout => "deadline exceeded".to_owned(),
         AttemptError::Denied(message) => message.clone(),
@@ -494,11 +511,20 @@ pub(crate) async fn expect_status(
     Err(status_error(response).await)
 }
 
-/// An [`AttemptError::Status`] for `response`, with the registry's message.
+/// An [`AttemptError::Status`] for `response`, with the registry's message
+/// (an [`AttemptError::Challenged`] for a 401 that says how to authenticate).
 pub(crate) async fn status_error(response: Response) -> AttemptError {
     let status = response.status();
+    let challenge = (status == StatusCode::UNAUTHORIZED)
+        .then(|| response.headers().get(reqwest::header::WWW_AUTHENTICATE))
+        .flatten()
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
     let message = error_message(response).await;
-    AttemptError::Status { status, message }
+    match challenge {
+        Some(challenge) => AttemptError::Challenged { message, challenge },
+        None => AttemptError::Status { status, message },
+    }
 }
 
 /// The OCI error envelope's codes and messages, or the start of the body.
