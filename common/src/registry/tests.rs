@@ -23,12 +23,11 @@ fn client_with_config(
     docker_config: Option<PathBuf>,
 ) -> RegistryClient {
     // An explicit (possibly empty) config keeps the user's own
-    // ~/.docker/config.json out of the tests.
+    // ~/.docker/config.json out of the tests. The client reads it once, as
+    // it is built; the directory goes afterwards.
+    let empty = tempfile::tempdir().unwrap();
     let docker_config = docker_config.or_else(|| {
-        let path = std::env::temp_dir().join(format!(
-            "lode-empty-docker-config-{}.json",
-            std::process::id()
-        ));
+        let path = empty.path().join("config.json");
         std::fs::write(&path, "{}").unwrap();
         Some(path)
     });
