@@ -194,7 +194,16 @@ impl Authenticator {
             return Ok(());
         }
         let credentials = self.credentials.get(scope.registry);
-        let header = match challenge.and_then(Challenge::parse) {
+        let challenge = challenge.and_then(Challenge::parse);
+        tracing::debug!(
+            registry = scope.registry,
+            repository = scope.repository,
+            access = ?scope.access,
+            with_credentials = credentials.is_some(),
+            ?challenge,
+            "authenticating"
+        );
+        let header = match challenge {
             Some(Challenge::Bearer { realm, service }) => Some(
                 self.token(scope, &realm, service.as_deref(), credentials.as_ref())
                     .await?,
@@ -238,13 +247,6 @@ impl Authenticator {
         if let Some(c) = credentials {
             request = request.basic_auth(&c.username, Some(&c.password));
         }
-        tracing::debug!(
-            registry = scope.registry,
-            repository = scope.repository,
-            access = ?scope.access,
-            with_credentials = credentials.is_some(),
-            "requesting a token"
-        );
         let answer = async {
             let mut response = request.send().await?;
             let status = response.status();
@@ -294,13 +296,6 @@ impl Authenticator {
             scope.endpoint.to_owned(),
             scope.repository.to_owned(),
             "latest".to_owned(),
-        );
-        tracing::debug!(
-            registry = scope.registry,
-            repository = scope.repository,
-            access = ?scope.access,
-            with_credentials = credentials.is_some(),
-            "authenticating"
         );
         let outcome = tokio::time::timeout(
             self.timeout,
