@@ -248,18 +248,10 @@ impl Authenticator {
             request = request.basic_auth(&c.username, Some(&c.password));
         }
         let answer = async {
-            let mut response = request.send().await?;
+            let response = request.send().await?;
             let status = response.status();
-            let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await? {
-                if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
-                    return Err(AttemptError::Denied(format!(
-                        "token answer from {realm} larger than {MAX_TOKEN_ANSWER} bytes"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok((status, body))
+            let body = super::transport::read_limited(response, MAX_TOKEN_ANSWER).await?;
+            Ok::<_, AttemptError>((status, body))
         };
         let (status, body) = tokio::time::timeout(self.timeout, answer)
             .await

@@ -161,10 +161,12 @@ impl AttemptError {
                     message: format!("HTTP {status}: {message}"),
                 },
             },
-            AttemptError::Challenged { message, .. } => RegistryError::Unauthorized {
-                reference: reference_text,
-                message: format!("{target}: HTTP {}: {message}", StatusCode::UNAUTHORIZED),
-            },
+            // Refused like any 401 once re-authentication did not help.
+            AttemptError::Challenged { message, .. } => AttemptError::Status {
+                status: StatusCode::UNAUTHORIZED,
+                message,
+            }
+            .into_error(reference, target, timeout),
             AttemptError::Transport(e) if e.is_timeout() => RegistryError::Timeout {
                 reference: reference_text,
                 what: target.to_string(),
@@ -482,9 +484,10 @@ impl Attempts<'_> {
 fn describe(error: &AttemptError) -> String {
     match error {
         AttemptError::Status { status, message } => format!("HTTP {status}: {message}"),
-        AttemptError::Challenged { message, .. } => {
-            format!("HTTP {}: {message}", StatusCode::UNAUTHORIZED)
-        }
+        AttemptError::Challenged { message, .. } => describe(&AttemptError::Status {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.clone(),
+        }),
         AttemptError::Transport(e) => error_chain(e),
         AttemptError::Timeout => "deadline exceeded".to_owned(),
         AttemptError::Denied(message) => message.clone(),
