@@ -83,7 +83,7 @@ struct Step<'a> {
     args: &'a PullArgs,
     grpc: &'a Grpc,
     layer: &'a Descriptor,
-    chain_id: &'a String,
+    chain_id: &'a str,
     parent: &'a str,
 }
 
@@ -98,7 +98,7 @@ impl Step<'_> {
         let stat = snapshots
             .stat(grpc.request(StatSnapshotRequest {
                 snapshotter: args.snapshotter.clone(),
-                key: self.chain_id.clone(),
+                key: self.chain_id.to_owned(),
             }))
             .await;
         if stat.is_ok() {
@@ -143,7 +143,7 @@ impl Step<'_> {
             Ok(bytes) => snapshots
                 .commit(grpc.request(CommitSnapshotRequest {
                     snapshotter: args.snapshotter.clone(),
-                    name: self.chain_id.clone(),
+                    name: self.chain_id.to_owned(),
                     key: key.clone(),
                     labels: HashMap::new(),
                 }))
