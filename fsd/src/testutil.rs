@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lode_common::format::{
     write_bootstrap, BlobIndex, BlobInfo, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord,
-    ImageTree, Meta, Node, NodeId, NodeKind,
+    ImageTree, Meta, Node, NodeId, NodeKind, PrefetchSpan,
 };
 use lode_common::Digest;
 
@@ -27,7 +27,7 @@ pub struct ImageBuilder {
     uncompressed_len: u64,
     chunks: Vec<ChunkRecord>,
     by_digest: HashMap<Digest, ChunkIndex>,
-    prefetch: Vec<NodeId>,
+    prefetch: Vec<PrefetchSpan>,
 }
 
 pub struct TestImage {
@@ -197,9 +197,18 @@ impl ImageBuilder {
             .insert(name.as_bytes().to_vec(), value.to_vec());
     }
 
-    /// Appends file `id` to the image's prefetch list.
+    /// Appends file `id`, whole, to the image's prefetch list.
     pub fn prefetch(&mut self, id: NodeId) {
-        self.prefetch.push(id);
+        let count = match &self.tree.node(id).kind {
+            NodeKind::File { chunks, .. } => chunks.len() as u32,
+            other => panic!("prefetch of a non-file {other:?}"),
+        };
+        self.prefetch_chunks(id, 0..count);
+    }
+
+    /// Appends chunks `chunks` of file `id` to the image's prefetch list.
+    pub fn prefetch_chunks(&mut self, id: NodeId, chunks: std::ops::Range<u32>) {
+        self.prefetch.push(PrefetchSpan { node: id, chunks });
     }
 
     pub fn build(self) -> TestImage {

@@ -9,7 +9,7 @@ use lode_common::format::{Bootstrap, ChunkIndex, Ino, InodeKind};
 use lode_common::registry::Reference;
 use lode_common::{image, Digest};
 use lode_snapshotter::convert::{
-    convert, ConvertError, ConvertOptions, ImageLocation, PlatformSpec,
+    convert, prefetch_list::Listed, ConvertError, ConvertOptions, ImageLocation, PlatformSpec,
 };
 use lode_tests::{pseudo_random_bytes, BuiltImage, Compression, Layer, OciLayoutBuilder, TarEntry};
 use serde_json::{json, Value};
@@ -257,10 +257,17 @@ async fn layout_to_layout_round_trip() {
     let bootstrap_out = tmp.path().join("bootstrap");
     let mut opts = options(layout(&src, "v1"), layout(&dst, "lode"));
     opts.bootstrap_out = Some(bootstrap_out.clone());
+    let listed = |path: &[u8], bytes| Listed {
+        path: path.to_vec(),
+        bytes,
+    };
+    // big is 300,000 bytes: chunks 0..5 of 64 KiB.
     opts.prefetch = vec![
-        b"/usr/lib/big".to_vec(),
-        b"/bin".to_vec(),
-        b"missing".to_vec(),
+        listed(b"/usr/lib/big", Some(70_000..140_000)),
+        listed(b"/bin", None),
+        listed(b"missing", None),
+        listed(b"/usr/lib/big", Some(500_000..600_000)),
+        listed(b"/usr/lib/big", Some(299_999..300_000)),
     ];
     let outcome = convert(&opts).await.expect("convert");
     assert_eq!(outcome.source_manifest_digest, built.manifest_digest);
@@ -341,7 +348,28 @@ async fn layout_to_layout_round_trip() {
         )
         .unwrap()
         .unwrap();
-    assert_eq!(boot.prefetch_list().unwrap(), vec![big.ino]);
+    let listed: Vec<_> = boot
+        .prefetch_list()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.ino, r.chunks))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(big.ino, 1..3), (big.ino, 4..5)],
+        "the chunks holding each listed range; a range past the end is skipped"
+    );
+    // The listed chunks lead their blob, in list order.
+    let offsets: Vec<u64> = [1, 2, 4, 0, 3]
+        .iter()
+        .map(|&i| {
+            boot.chunk(boot.file_chunk(big.ino, i).unwrap())
+                .unwrap()
+                .compressed_offset
+        })
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,17 +201,31 @@ pub struct BackendMetrics {
 }
 
 /// `GET /api/v1/access?id=`: what an instance's readers read. `files` is
-/// in the order the files were first read, ready to be a prefetch list
-/// (`lodectl convert --prefetch-paths`); a file with several names is
-/// listed under one, and a name that is not UTF-8 is shown lossily.
-/// `chunk_bytes` is the stored (compressed) size of the distinct chunks
-/// read: what a start needed from the registry at the least.
+/// in the order the files were first read; `ranges` is what was read of
+/// them at chunk granularity, in the order the chunks were first read,
+/// ready to be a prefetch list (`lodectl daemon record`, then `lodectl
+/// convert --prefetch-paths`). A file with several names is listed under
+/// one, and a name that is not UTF-8 is shown lossily. `chunk_bytes` is the
+/// stored (compressed) size of the distinct chunks read: what a start
+/// needed from the registry at the least.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceAccess {
     pub id: String,
     pub files: Vec<String>,
+    /// Empty from daemons that predate it.
+    #[serde(default)]
+    pub ranges: Vec<AccessRange>,
     pub chunks: u64,
     pub chunk_bytes: u64,
+}
+
+/// Bytes `start..end` of file `path` (whole chunks, the last one up to the
+/// file's end).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRange {
+    pub path: String,
+    pub start: u64,
+    pub end: u64,
 }
 
 /// A FUSE request being answered right now.

@@ -8,8 +8,11 @@
 
 /// First eight bytes of every bootstrap.
 pub const MAGIC: [u8; 8] = *b"LODEBST\0";
-/// The format version this build reads and writes.
-pub const VERSION: u32 = 1;
+/// The format version this build writes.
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads: version 1 differs only in its
+/// prefetch records, which name whole files.
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// Size of the header; sections start at or after it.
 pub const HEADER_SIZE: usize = 256;
 /// Every section starts at a multiple of this.
@@ -82,11 +85,13 @@ impl Section {
         Section::Strings,
     ];
 
-    /// Size of one record; a section's length is a multiple of it.
-    pub const fn record_size(self) -> usize {
+    /// Size of one record in a bootstrap of `version`; a section's length
+    /// is a multiple of it.
+    pub const fn record_size(self, version: u32) -> usize {
         match self {
             Section::Inodes => InodeRecord::SIZE,
             Section::Dirents => DirentRecord::SIZE,
+            Section::Prefetch if version >= 2 => PrefetchRecord::SIZE,
             Section::FileChunks | Section::Prefetch => 4,
             Section::Chunks => RawChunk::SIZE,
             Section::Blobs => RawBlob::SIZE,
@@ -106,6 +111,35 @@ impl Section {
             Section::Prefetch => "prefetch",
             Section::Strings => "strings",
         }
+    }
+}
+
+/// A prefetch record (version 2): chunks `first_chunk..first_chunk +
+/// chunk_count` (numbered within the file) of the file at inode index
+/// `inode_index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefetchRecord {
+    pub inode_index: u32,
+    pub first_chunk: u32,
+    pub chunk_count: u32,
+}
+
+impl PrefetchRecord {
+    pub const SIZE: usize = 12;
+
+    pub fn decode(bytes: &[u8; Self::SIZE]) -> Self {
+        let mut r = Le(bytes);
+        Self {
+            inode_index: r.u32(),
+            first_chunk: r.u32(),
+            chunk_count: r.u32(),
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.inode_index);
+        put_u32(out, self.first_chunk);
+        put_u32(out, self.chunk_count);
     }
 }
 

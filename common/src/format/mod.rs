@@ -28,8 +28,8 @@ mod tests_corruption;
 #[cfg(test)]
 mod tests_roundtrip;
 
-pub use reader::{Bootstrap, DirEntry, Inode, InodeKind};
-pub use tree::{ImageTree, Meta, Node, NodeId, NodeKind};
+pub use reader::{Bootstrap, DirEntry, Inode, InodeKind, PrefetchRange};
+pub use tree::{ImageTree, Meta, Node, NodeId, NodeKind, PrefetchSpan};
 pub use writer::{write_bootstrap, BlobInfo};
 
 use crate::Digest;

@@ -5,7 +5,8 @@
 use std::ops::Range;
 
 use super::layout::{
-    self, Header, Section, HEADER_SIZE, MAGIC, SECTION_ALIGN, SECTION_COUNT, VERSION,
+    self, Header, Section, HEADER_SIZE, MAGIC, OLDEST_READ_VERSION, SECTION_ALIGN, SECTION_COUNT,
+    VERSION,
 };
 use super::reader::corrupt;
 use super::rules::check_chunk_size;
@@ -13,6 +14,7 @@ use super::FormatError;
 
 /// What the reader keeps from a header that passed its checks.
 pub(super) struct CheckedHeader {
+    pub version: u32,
     pub chunk_size: u32,
     pub checksum: u32,
     /// Byte range of each section, inside the file.
@@ -29,7 +31,7 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
     if header.magic != MAGIC {
         return Err(FormatError::BadMagic);
     }
-    if header.version != VERSION {
+    if !(OLDEST_READ_VERSION..=VERSION).contains(&header.version) {
         return Err(FormatError::UnsupportedVersion(header.version));
     }
     let actual_len = bytes.len() as u64;
@@ -62,6 +64,7 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
         return Err(corrupt("reserved header bytes are not zero".into()));
     }
     Ok(CheckedHeader {
+        version: header.version,
         chunk_size: header.chunk_size,
         checksum: header.checksum,
         sections: check_sections(&header, bytes.len())?,
@@ -92,7 +95,7 @@ fn check_sections(
         if entry.offset % SECTION_ALIGN as u64 != 0 {
             return Err(bad("not 8-byte aligned"));
         }
-        if entry.length % s.record_size() as u64 != 0 {
+        if entry.length % s.record_size(header.version) as u64 != 0 {
             return Err(bad("length is not a multiple of the record size"));
         }
         let end = entry

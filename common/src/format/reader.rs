@@ -10,8 +10,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::layout::{
-    self, DirentRecord, InodeRecord, RawBlob, RawChunk, Section, XattrRecord, CHUNK_FLAG_ZSTD,
-    HEADER_SIZE, PERM_MASK, SECTION_COUNT,
+    self, DirentRecord, InodeRecord, PrefetchRecord, RawBlob, RawChunk, Section, XattrRecord,
+    CHUNK_FLAG_ZSTD, HEADER_SIZE, PERM_MASK, SECTION_COUNT,
 };
 use super::open::check_header;
 use super::rules::{chunks_for_size, name_problem, symlink_problem};
@@ -80,6 +80,7 @@ enum Backing {
 /// An open bootstrap.
 pub struct Bootstrap {
     backing: Backing,
+    version: u32,
     chunk_size: u32,
     checksum: u32,
     /// Byte range of each section, checked to lie inside the file.
@@ -151,6 +152,7 @@ impl Bootstrap {
         let checked = check_header(bytes, check_crc)?;
         let b = Bootstrap {
             backing,
+            version: checked.version,
             chunk_size: checked.chunk_size,
             checksum: checked.checksum,
             sections: checked.sections,
@@ -183,7 +185,7 @@ impl Bootstrap {
 
     /// Number of records in section `s`.
     pub(crate) fn records(&self, s: Section) -> u64 {
-        (self.section(s).len() / s.record_size()) as u64
+        (self.section(s).len() / s.record_size(self.version)) as u64
     }
 
     /// Record `index` of section `s` as a fixed-size array.
@@ -556,18 +558,56 @@ impl Bootstrap {
         })
     }
 
-    /// Files to prefetch, in order.
-    pub fn prefetch_list(&self) -> Result<Vec<Ino>, FormatError> {
-        self.section(Section::Prefetch)
-            .chunks_exact(4)
-            .enumerate()
-            .map(|(i, slot)| {
-                let mut b = [0u8; 4];
-                b.copy_from_slice(slot);
-                self.ino_of_index(u32::from_le_bytes(b), || format!("prefetch entry {i}"))
-            })
-            .collect()
+    /// What to prefetch, in order: stretches of regular files, each
+    /// checked to lie inside its file. A version 1 bootstrap lists whole
+    /// files (its empty files are left out).
+    pub fn prefetch_list(&self) -> Result<Vec<PrefetchRange>, FormatError> {
+        let mut list = Vec::new();
+        for i in 0..self.records(Section::Prefetch) {
+            let rec = if self.version >= 2 {
+                PrefetchRecord::decode(self.record(Section::Prefetch, i)?)
+            } else {
+                let index = u32::from_le_bytes(*self.record(Section::Prefetch, i)?);
+                PrefetchRecord {
+                    inode_index: index,
+                    first_chunk: 0,
+                    chunk_count: u32::MAX,
+                }
+            };
+            let ino = self.ino_of_index(rec.inode_index, || format!("prefetch entry {i}"))?;
+            if self.inode(ino)?.kind != InodeKind::File {
+                return Err(corrupt(format!(
+                    "prefetch entry {i}: inode {} is not a regular file",
+                    ino.0
+                )));
+            }
+            let count = self.file_chunk_count(ino)?;
+            let chunks = if self.version >= 2 {
+                let end = rec.first_chunk.checked_add(rec.chunk_count);
+                if rec.chunk_count == 0 || end.is_none_or(|end| end > count) {
+                    return Err(corrupt(format!(
+                        "prefetch entry {i}: chunks {}+{} of file {}, which has {count}",
+                        rec.first_chunk, rec.chunk_count, ino.0
+                    )));
+                }
+                rec.first_chunk..rec.first_chunk + rec.chunk_count
+            } else if count == 0 {
+                continue;
+            } else {
+                0..count
+            };
+            list.push(PrefetchRange { ino, chunks });
+        }
+        Ok(list)
     }
+}
+
+/// Chunks `chunks` (numbered within the file) of regular file `ino`, to
+/// prefetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefetchRange {
+    pub ino: Ino,
+    pub chunks: Range<u32>,
 }
 
 /// The kind of the inode with `mode`, rejecting unknown type or stray bits.

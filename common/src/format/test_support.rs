@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use super::rules::chunk_len_at;
 use super::{
     write_bootstrap, BlobIndex, BlobInfo, ChunkIndex, ChunkRecord, ImageTree, Meta, Node, NodeId,
-    NodeKind, MIN_CHUNK_SIZE,
+    NodeKind, PrefetchSpan, MIN_CHUNK_SIZE,
 };
 use crate::Digest;
 
@@ -21,7 +21,7 @@ pub(super) struct Image {
     pub chunk_size: u32,
     pub blobs: Vec<BlobInfo>,
     pub chunks: Vec<ChunkRecord>,
-    pub prefetch: Vec<NodeId>,
+    pub prefetch: Vec<PrefetchSpan>,
 }
 
 impl Image {
@@ -307,10 +307,29 @@ pub(super) fn build(root: Meta, ops: &[Op], blobs: usize, seed: u64, prefetch: &
         }
     }
     let (blobs, chunks) = planner.finish(&mut tree);
-    let prefetch = if files.is_empty() {
+    // Stretches of files with chunks, each picked and placed by its seed.
+    let chunked: Vec<(NodeId, usize)> = files
+        .iter()
+        .filter_map(|&id| match &tree.node(id).kind {
+            NodeKind::File { chunks, .. } if !chunks.is_empty() => Some((id, chunks.len())),
+            _ => None,
+        })
+        .collect();
+    let prefetch = if chunked.is_empty() {
         Vec::new()
     } else {
-        prefetch.iter().map(|i| files[i % files.len()]).collect()
+        prefetch
+            .iter()
+            .map(|&i| {
+                let (node, n) = chunked[i % chunked.len()];
+                let start = i / 7 % n;
+                let len = 1 + i / 131 % (n - start);
+                PrefetchSpan {
+                    node,
+                    chunks: start as u32..(start + len) as u32,
+                }
+            })
+            .collect()
     };
     Image {
         tree,

@@ -5,10 +5,10 @@ use proptest::prelude::*;
 
 use super::layout::{
     self, DirentRecord, Header, InodeRecord, RawBlob, RawChunk, Section, CHECKSUM_OFFSET,
-    FILE_LEN_OFFSET, HEADER_SIZE, SECTION_TABLE_OFFSET, VERSION_OFFSET,
+    FILE_LEN_OFFSET, HEADER_SIZE, SECTION_TABLE_OFFSET, VERSION, VERSION_OFFSET,
 };
 use super::test_support::{arb_image, small_image};
-use super::{BlobIndex, Bootstrap, ChunkIndex, FormatError, Ino};
+use super::{BlobIndex, Bootstrap, ChunkIndex, FormatError, Ino, PrefetchRange};
 
 /// Calls every accessor on a bounded number of inodes, entries and chunks.
 /// Results are ignored: the point is that nothing panics or hangs.
@@ -107,7 +107,7 @@ impl Hostile {
 
     fn at(&self, s: Section, record: u64, field: usize) -> usize {
         let e = self.header.sections[s as usize];
-        e.offset as usize + record as usize * s.record_size() + field
+        e.offset as usize + record as usize * s.record_size(VERSION) + field
     }
 
     fn put(mut self, s: Section, record: u64, field: usize, value: u32) -> Self {
@@ -371,12 +371,43 @@ fn hostile_chunks_blobs_and_prefetch_are_refused_on_access() {
         .put(Section::Chunks, 0, 36, u32::MAX)
         .opened();
     assert_eq!(b.chunk(ChunkIndex(0)).unwrap().compressed_offset, u64::MAX);
+    // Prefetch records: (inode index, first chunk, chunk count).
     let b = Hostile::new()
         .put(Section::Prefetch, 0, 0, u32::MAX)
         .opened();
     assert!(corrupt(b.prefetch_list()));
     let b = Hostile::new().put(Section::Prefetch, 0, 0, 0).opened();
-    assert_eq!(b.prefetch_list().unwrap()[0], Ino::ROOT);
+    assert!(corrupt(b.prefetch_list()), "the root is no file");
+    let b = Hostile::new().put(Section::Prefetch, 0, 8, 0).opened();
+    assert!(corrupt(b.prefetch_list()), "no chunk");
+    let b = Hostile::new()
+        .put(Section::Prefetch, 0, 4, u32::MAX)
+        .opened();
+    assert!(corrupt(b.prefetch_list()), "first chunk + count overflows");
+    let b = Hostile::new().put(Section::Prefetch, 0, 8, 99).opened();
+    assert!(corrupt(b.prefetch_list()), "past the file's end");
+    let clean = Bootstrap::from_bytes(small_bytes()).unwrap();
+    assert!(!clean.prefetch_list().unwrap().is_empty());
+}
+
+/// A bootstrap of version 1 (written by an older lodectl, kept in the fuzz
+/// corpus) opens, and its prefetch list names whole files, empty ones left
+/// out.
+#[test]
+fn version_1_bootstraps_prefetch_whole_files() {
+    let bytes = include_bytes!("../../../fuzz/corpus/bootstrap/small.bootstrap").to_vec();
+    assert_eq!(bytes[VERSION_OFFSET], 1);
+    let b = Bootstrap::from_bytes(bytes).unwrap();
+    b.verify_all().unwrap();
+    let etc = b.lookup(Ino::ROOT, b"etc").unwrap().unwrap().ino;
+    let passwd = b.lookup(etc, b"passwd").unwrap().unwrap().ino;
+    assert_eq!(
+        b.prefetch_list().unwrap(),
+        vec![PrefetchRange {
+            ino: passwd,
+            chunks: 0..2
+        }]
+    );
 }
 
 #[test]

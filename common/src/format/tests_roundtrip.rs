@@ -11,7 +11,7 @@ use super::test_support::{
 };
 use super::{
     write_bootstrap, BlobIndex, BlobInfo, Bootstrap, ChunkIndex, ChunkRecord, FormatError,
-    ImageTree, Ino, InodeKind, Meta, Node, NodeId, NodeKind,
+    ImageTree, Ino, InodeKind, Meta, Node, NodeId, NodeKind, PrefetchRange, PrefetchSpan,
 };
 
 /// Expected nlink of every reachable node.
@@ -213,10 +213,14 @@ fn check_image(image: &Image) {
     ));
 
     let mut want_prefetch = Vec::new();
-    for id in &image.prefetch {
-        if let Some(&ino) = numbering.get(id) {
-            if !want_prefetch.contains(&ino) {
-                want_prefetch.push(ino);
+    for span in &image.prefetch {
+        if let Some(&ino) = numbering.get(&span.node) {
+            let want = PrefetchRange {
+                ino,
+                chunks: span.chunks.clone(),
+            };
+            if !want_prefetch.contains(&want) {
+                want_prefetch.push(want);
             }
         }
     }
@@ -407,11 +411,23 @@ fn writer_refuses_inconsistent_input() {
         },
         "raw chunk with a different stored size",
     );
+    let span = |node, chunks| PrefetchSpan { node, chunks };
     invalid(
-        &|i| i.prefetch.push(ImageTree::ROOT),
+        &|i| i.prefetch.push(span(ImageTree::ROOT, 0..1)),
         "prefetching a directory",
     );
-    invalid(&|i| i.prefetch.push(NodeId(9999)), "prefetching no node");
+    invalid(
+        &|i| i.prefetch.push(span(NodeId(9999), 0..1)),
+        "prefetching no node",
+    );
+    invalid(
+        &|i| i.prefetch.push(span(i.prefetch[0].node, 0..0)),
+        "prefetching no chunk",
+    );
+    invalid(
+        &|i| i.prefetch.push(span(i.prefetch[0].node, 1..99)),
+        "prefetching chunks past the file's end",
+    );
 }
 
 #[test]
@@ -457,9 +473,14 @@ fn writer_drops_unreachable_nodes_and_repeated_prefetch() {
     let mut image = small_image();
     let before = Bootstrap::from_bytes(image.write()).unwrap().inode_count();
     let orphan = image.tree.add(dir_node(Meta::default()));
-    let inner = image.tree.add(file_node(Meta::default(), 0));
+    let listed = image.prefetch[0].clone();
+    let inner = image.tree.add(image.tree.node(listed.node).clone());
     insert_entry(&mut image.tree, orphan, b"x".to_vec(), inner);
-    image.prefetch = vec![inner, image.prefetch[0], image.prefetch[0]];
+    let unreachable = PrefetchSpan {
+        node: inner,
+        ..listed.clone()
+    };
+    image.prefetch = vec![unreachable, listed.clone(), listed];
     let b = Bootstrap::from_bytes(image.write()).unwrap();
     assert_eq!(b.inode_count(), before);
     assert_eq!(b.prefetch_list().unwrap().len(), 1);

@@ -9,6 +9,14 @@ use super::ChunkIndex;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub usize);
 
+/// A stretch of a regular file for the bootstrap's prefetch list: chunks
+/// `chunks` of file `node`, numbered within the file.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PrefetchSpan {
+    pub node: NodeId,
+    pub chunks: std::ops::Range<u32>,
+}
+
 /// Ownership, permissions and times of a node.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Meta {

@@ -10,7 +10,7 @@ use super::layout::{
 use super::rules::{
     check_chunk_size, chunk_len_at, chunks_for_size, name_problem, symlink_problem, xattr_problem,
 };
-use super::{ChunkRecord, FormatError, ImageTree, Meta, NodeId, NodeKind};
+use super::{ChunkRecord, FormatError, ImageTree, Meta, NodeId, NodeKind, PrefetchSpan};
 use crate::Digest;
 
 /// A data blob as the converter produced it.
@@ -30,8 +30,8 @@ pub struct BlobInfo {
 ///   entries in name order); unreachable nodes are dropped; hardlinked nodes get
 ///   one inode whose `nlink` counts its entries; a directory's `nlink` is 2 plus
 ///   its subdirectories.
-/// - `prefetch` lists files to prefetch in order (unreachable ones and repeats
-///   are dropped).
+/// - `prefetch` lists stretches of files to prefetch in order (those of
+///   unreachable files and repeats are dropped).
 ///
 /// Fails with [`FormatError::InvalidChunkSize`] on a bad chunk size and with
 /// [`FormatError::Invalid`] on other inconsistent input (chunk/blob references
@@ -42,7 +42,7 @@ pub fn write_bootstrap(
     chunk_size: u32,
     blobs: &[BlobInfo],
     chunks: &[ChunkRecord],
-    prefetch: &[NodeId],
+    prefetch: &[PrefetchSpan],
 ) -> Result<Vec<u8>, FormatError> {
     check_chunk_size(chunk_size)?;
     let raw_blobs = check_chunk_table(chunk_size, blobs, chunks)?;
@@ -427,26 +427,40 @@ fn check_file_chunks(
 fn prefetch_section(
     tree: &ImageTree,
     order: &Numbering,
-    prefetch: &[NodeId],
+    prefetch: &[PrefetchSpan],
 ) -> Result<Vec<u8>, FormatError> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for &id in prefetch {
+    for span in prefetch {
+        let id = span.node;
         let node = tree
             .nodes
             .get(id.0)
             .ok_or_else(|| invalid(format!("prefetch node {} does not exist", id.0)))?;
-        if !matches!(node.kind, NodeKind::File { .. }) {
+        let NodeKind::File { chunks, .. } = &node.kind else {
             return Err(invalid(format!(
                 "prefetch node {} is not a regular file",
                 id.0
+            )));
+        };
+        if span.chunks.is_empty() || span.chunks.end as usize > chunks.len() {
+            return Err(invalid(format!(
+                "prefetch of chunks {:?} of node {}, which has {}",
+                span.chunks,
+                id.0,
+                chunks.len()
             )));
         }
         let Ok(index) = order.index_of(id) else {
             continue;
         };
-        if seen.insert(index) {
-            layout::put_u32(&mut out, index);
+        if seen.insert((index, span.chunks.clone())) {
+            layout::PrefetchRecord {
+                inode_index: index,
+                first_chunk: span.chunks.start,
+                chunk_count: span.chunks.len() as u32,
+            }
+            .encode(&mut out);
         }
     }
     Ok(out)

@@ -1,7 +1,9 @@
 //! The API's answers about one instance: which instance a request names,
 //! and its counters and access record in the API's shapes.
 
-use lode_common::api::{BackendMetrics, CacheMetrics, FopCount, FsMetrics, InstanceAccess};
+use lode_common::api::{
+    AccessRange, BackendMetrics, CacheMetrics, FopCount, FsMetrics, InstanceAccess,
+};
 
 use std::sync::Arc;
 
@@ -52,6 +54,15 @@ pub(super) fn access(instance: &Instance) -> Result<InstanceAccess, ControlError
             .files
             .iter()
             .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        ranges: accessed
+            .ranges
+            .iter()
+            .map(|(p, bytes)| AccessRange {
+                path: String::from_utf8_lossy(p).into_owned(),
+                start: bytes.start,
+                end: bytes.end,
+            })
             .collect(),
         chunks: accessed.chunks,
         chunk_bytes: accessed.chunk_bytes,

@@ -1,5 +1,5 @@
 //! The access record of an instance: which files and chunks its readers
-//! asked for, files in the order they were first read. It is what a prefetch
+//! asked for, files and chunks in the order they were first read. It is what a prefetch
 //! list is recorded from, and what a start really needed from the registry
 //! (the stored bytes of the chunks read). It also tells how much of what
 //! fetches took ahead of any reader (neighbours of the chunks a reader
@@ -8,6 +8,7 @@
 //! A read costs one relaxed load per file and per chunk once they are
 //! recorded; only a first read takes the lock.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -41,6 +42,9 @@ impl Bits {
 #[derive(Default)]
 struct Order {
     files: Vec<Ino>,
+    /// Each chunk read, as the file it was read through and its number in
+    /// that file, first read first.
+    chunk_order: Vec<(Ino, u32)>,
     chunks: u64,
     chunk_bytes: u64,
     /// Stored bytes fetched ahead of any reader, and how many of them were
@@ -70,6 +74,11 @@ pub(crate) struct Accessed {
     /// Paths (relative to the image root) of the files read, first read
     /// first; a file with several names appears under one of them.
     pub(crate) files: Vec<Vec<u8>>,
+    /// What was read of those files at chunk granularity: byte ranges
+    /// covering whole chunks (the last one ends at the file's end), in the
+    /// order their chunks were first read. A chunk shared by several files
+    /// is listed under the first one read through.
+    pub(crate) ranges: Vec<(Vec<u8>, Range<u64>)>,
     /// Distinct chunks read, and their stored (compressed) bytes.
     pub(crate) chunks: u64,
     pub(crate) chunk_bytes: u64,
@@ -92,10 +101,12 @@ impl AccessRecord {
         }
     }
 
-    pub(crate) fn chunk_read(&self, chunk: ChunkIndex, stored_size: u32) {
+    /// Records a read of `chunk`, chunk number `idx` of file `ino`.
+    pub(crate) fn chunk_read(&self, ino: Ino, idx: u32, chunk: ChunkIndex, stored_size: u32) {
         if self.chunks.mark(u64::from(chunk.0)) {
             let was_ahead = self.ahead.is_marked(u64::from(chunk.0));
             let mut order = self.lock();
+            order.chunk_order.push((ino, idx));
             order.chunks += 1;
             order.chunk_bytes += u64::from(stored_size);
             if was_ahead {
@@ -133,20 +144,48 @@ impl AccessRecord {
 
     /// The record so far, files named by walking `bootstrap`'s tree.
     pub(crate) fn snapshot(&self, bootstrap: &Bootstrap) -> Result<Accessed, FormatError> {
-        let (inos, chunks, chunk_bytes) = {
+        let (inos, chunk_order, chunks, chunk_bytes) = {
             let order = self.lock();
-            (order.files.clone(), order.chunks, order.chunk_bytes)
+            let chunk_order = order.chunk_order.clone();
+            (
+                order.files.clone(),
+                chunk_order,
+                order.chunks,
+                order.chunk_bytes,
+            )
         };
         let paths = file_paths(bootstrap, &inos)?;
+        let cs = u64::from(bootstrap.chunk_size());
+        let mut ranges = Vec::new();
+        for (ino, chunks) in runs(&chunk_order) {
+            let (Some(path), Ok(inode)) = (paths.get(&ino), bootstrap.inode(ino)) else {
+                continue;
+            };
+            let bytes = u64::from(chunks.start) * cs..inode.size.min(u64::from(chunks.end) * cs);
+            ranges.push((path.clone(), bytes));
+        }
         Ok(Accessed {
             files: inos
                 .iter()
                 .filter_map(|ino| paths.get(ino).cloned())
                 .collect(),
+            ranges,
             chunks,
             chunk_bytes,
         })
     }
+}
+
+/// Chunks of a file read one after the other, merged into runs.
+fn runs(order: &[(Ino, u32)]) -> Vec<(Ino, Range<u32>)> {
+    let mut out: Vec<(Ino, Range<u32>)> = Vec::new();
+    for &(ino, idx) in order {
+        match out.last_mut() {
+            Some((last, run)) if *last == ino && run.end == idx => run.end += 1,
+            _ => out.push((ino, idx..idx + 1)),
+        }
+    }
+    out
 }
 
 /// A path of each of `wanted`, found by one walk of the tree.
@@ -220,13 +259,13 @@ mod tests {
         const MIB: u32 = 1 << 20;
         let four = 4.0 * f64::from(MIB);
         assert_eq!(record.usefulness(), PRIOR_READ / PRIOR_AHEAD);
-        record.chunk_read(ChunkIndex(0), MIB);
+        record.chunk_read(Ino(2), 0, ChunkIndex(0), MIB);
         record.fetched_ahead(ChunkIndex(1), 4 * MIB);
         record.fetched_ahead(ChunkIndex(1), 4 * MIB);
         // A chunk read already is not fetched ahead of anyone.
         record.fetched_ahead(ChunkIndex(0), 4 * MIB);
         assert_eq!(record.usefulness(), PRIOR_READ / (PRIOR_AHEAD + four));
-        record.chunk_read(ChunkIndex(1), 4 * MIB);
+        record.chunk_read(Ino(3), 0, ChunkIndex(1), 4 * MIB);
         assert_eq!(
             record.usefulness(),
             (PRIOR_READ + four) / (PRIOR_AHEAD + four)
@@ -239,10 +278,38 @@ mod tests {
     }
 
     #[test]
+    fn ranges_follow_the_first_reads_of_chunks() {
+        let mut image = crate::testutil::ImageBuilder::new(64 * 1024, false);
+        image.file("big", &crate::testutil::pattern(4 * 65536 - 10, 1));
+        image.file("small", b"small");
+        let image = image.build();
+        let bootstrap = Bootstrap::open(&image.bootstrap_path).unwrap();
+        let record = AccessRecord::new(&bootstrap);
+        let (big, small) = (Ino(2), Ino(3));
+        let chunk = |ino, idx| bootstrap.file_chunk(ino, idx).unwrap();
+        for (ino, idx) in [(big, 0), (big, 1), (small, 0), (big, 3), (big, 2), (big, 0)] {
+            record.file_read(ino);
+            record.chunk_read(ino, idx, chunk(ino, idx), 10);
+        }
+        let accessed = record.snapshot(&bootstrap).unwrap();
+        assert_eq!(accessed.files, [b"big".to_vec(), b"small".to_vec()]);
+        assert_eq!(
+            accessed.ranges,
+            [
+                (b"big".to_vec(), 0..2 * 65536),
+                (b"small".to_vec(), 0..5),
+                (b"big".to_vec(), 3 * 65536..4 * 65536 - 10),
+                (b"big".to_vec(), 2 * 65536..3 * 65536),
+            ]
+        );
+        assert_eq!((accessed.chunks, accessed.chunk_bytes), (5, 50));
+    }
+
+    #[test]
     fn the_allowance_is_a_share_of_the_bytes_read_less_the_unread_taken_along() {
         let (_image, _, record) = four_files();
         assert_eq!(record.unread_ahead_allowance(50), 0, "nothing read yet");
-        record.chunk_read(ChunkIndex(0), 1000);
+        record.chunk_read(Ino(2), 0, ChunkIndex(0), 1000);
         assert_eq!(record.unread_ahead_allowance(50), 500);
         assert_eq!(record.unread_ahead_allowance(0), 0);
         record.fetched_ahead(ChunkIndex(1), 400);
@@ -250,7 +317,7 @@ mod tests {
         record.fetched_ahead(ChunkIndex(2), 400);
         assert_eq!(record.unread_ahead_allowance(50), 0, "over the share");
         // Read, what was taken along counts as read, not as unread.
-        record.chunk_read(ChunkIndex(1), 400);
+        record.chunk_read(Ino(3), 0, ChunkIndex(1), 400);
         assert_eq!(record.unread_ahead_allowance(50), 700 - 400);
     }
 }

@@ -365,7 +365,7 @@ impl Fetcher {
         for idx in span.first..=span.last {
             let piece = self.piece(span.ino, idx, span.file_size)?;
             self.access
-                .chunk_read(piece.index(), piece.rec.compressed_size);
+                .chunk_read(span.ino, idx, piece.index(), piece.rec.compressed_size);
             let chunk_start = u64::from(idx) * cs;
             let lo = span.offset.saturating_sub(chunk_start) as u32;
             let hi = (span.end - chunk_start).min(u64::from(piece.rec.uncompressed_size)) as u32;

@@ -1,5 +1,6 @@
 //! The image's prefetch list, fetched in the background from the moment the
-//! instance is built: its files' missing chunks in list order, in requests
+//! instance is built: the missing chunks of its stretches of files in list
+//! order, in requests
 //! merged up to `merge_limit_bytes` (a reader that joins one waits for
 //! little more than a request of its own would bring), as background jobs:
 //! readers' fetches go first, and background jobs take at most their share
@@ -8,7 +9,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use lode_common::format::Ino;
+use lode_common::format::PrefetchRange;
 use tracing::{debug, info, warn};
 
 use super::{close_unless_extended, Fetcher, Piece};
@@ -36,16 +37,15 @@ impl Fetcher {
             .map(drop)
     }
 
-    /// Queues the missing chunks of file `ino` (merging them into `job`);
+    /// Queues the missing chunks of `range` (merging them into `job`);
     /// returns the requests submitted, or `None` once the fetcher shuts down.
-    fn prefetch_file(&self, ino: Ino, job: &mut Option<FetchJob>) -> Option<u64> {
-        let Ok(size) = self.bootstrap.inode(ino).map(|i| i.size) else {
+    fn prefetch_range(&self, range: &PrefetchRange, job: &mut Option<FetchJob>) -> Option<u64> {
+        let Ok(size) = self.bootstrap.inode(range.ino).map(|i| i.size) else {
             return Some(0);
         };
-        let count = self.bootstrap.file_chunk_count(ino).unwrap_or(0);
         let mut submitted = 0;
-        for idx in 0..count {
-            let Ok(piece) = self.piece(ino, idx, size) else {
+        for idx in range.chunks.clone() {
+            let Ok(piece) = self.piece(range.ino, idx, size) else {
                 break;
             };
             submitted += self.prefetch_chunk(piece, job)?;
@@ -84,14 +84,14 @@ impl Fetcher {
 }
 
 /// Walks the list while the fetcher lives.
-fn prefetch(fetcher: &Weak<Fetcher>, list: &[Ino]) {
+fn prefetch(fetcher: &Weak<Fetcher>, list: &[PrefetchRange]) {
     let started = Instant::now();
     let mut requests = 0u64;
     let mut job: Option<FetchJob> = None;
-    for &ino in list {
+    for range in list {
         let queued = fetcher
             .upgrade()
-            .and_then(|f| f.prefetch_file(ino, &mut job));
+            .and_then(|f| f.prefetch_range(range, &mut job));
         match queued {
             Some(n) => requests += n,
             None => {
@@ -108,7 +108,7 @@ fn prefetch(fetcher: &Weak<Fetcher>, list: &[Ino]) {
         f.submit_prefetch(j);
     }
     info!(
-        files = list.len(),
+        ranges = list.len(),
         requests,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "prefetch list queued"

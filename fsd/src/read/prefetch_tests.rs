@@ -63,6 +63,43 @@ fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
 }
 
 #[test]
+fn only_the_listed_chunks_of_a_file_are_prefetched() {
+    let mut b = ImageBuilder::new(CS, false);
+    let a = b.file("a", &pattern(3 * CS as usize, 0));
+    let c = b.file("c", &pattern(3 * CS as usize, 2));
+    b.prefetch_chunks(c, 2..3);
+    b.prefetch_chunks(a, 0..1);
+    let image = b.build();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the listed chunks to be cached", || {
+        f.blob_caches[0]
+            .read()
+            .unwrap()
+            .upgrade()
+            .is_some_and(|c| c.present_count() == 2)
+    });
+    let chunk = |name, idx| {
+        let bs = &image.bootstrap;
+        let rec = bs
+            .chunk(bs.file_chunk(ino_of(&image, name), idx).unwrap())
+            .unwrap();
+        (rec.compressed_offset, u64::from(rec.compressed_size))
+    };
+    assert_eq!(backend.calls(), [chunk("c", 2), chunk("a", 0)]);
+    assert_eq!(metrics.snapshot().prefetch_requests, 2);
+    let tail = f.read(ino_of(&image, "c"), 2 * u64::from(CS), CS).unwrap();
+    assert_eq!(tail, pattern(3 * CS as usize, 2)[2 * CS as usize..]);
+    assert_eq!(
+        metrics.snapshot().cache_misses,
+        0,
+        "the listed chunk was cached"
+    );
+}
+
+#[test]
 fn a_read_is_not_delayed_behind_the_prefetch() {
     let image = four_files(&["c", "d"]);
     let (c_start, c_end) = file_range(&image, "c");

@@ -13,28 +13,31 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 
 use lode_common::digest::Hasher;
-use lode_common::format::{ChunkIndex, ChunkRecord, ImageTree, NodeId, NodeKind};
+use lode_common::format::{ChunkIndex, ChunkRecord, ImageTree, NodeKind, PrefetchSpan};
 
 use super::chunks::{ChunkStore, LayerBlob};
 use super::error::ConvertError;
 
 impl ChunkStore {
-    /// Moves the chunks of `prefetch`'s files (each file's in file order) to
-    /// the front of their blobs. `blobs[b]` is blob `b`'s file; the files of
-    /// changed blobs are rewritten and their digests updated here and in
-    /// `blobs`. Chunks shared with files earlier in the list stay where
-    /// those put them.
+    /// Moves the chunks of `prefetch`'s stretches of files (each in file
+    /// order) to the front of their blobs. `blobs[b]` is blob `b`'s file;
+    /// the files of changed blobs are rewritten and their digests updated
+    /// here and in `blobs`. Chunks listed earlier (or shared with files
+    /// listed earlier) stay where those put them.
     pub(crate) fn front_load(
         &mut self,
         tree: &mut ImageTree,
-        prefetch: &[NodeId],
+        prefetch: &[PrefetchSpan],
         blobs: &mut [LayerBlob],
     ) -> Result<(), ConvertError> {
         let mut front: Vec<Vec<u32>> = vec![Vec::new(); self.blobs.len()];
         let mut seen = HashSet::new();
-        for &id in prefetch {
-            if let NodeKind::File { chunks, .. } = &tree.node(id).kind {
-                for c in chunks {
+        for span in prefetch {
+            if let NodeKind::File { chunks, .. } = &tree.node(span.node).kind {
+                let listed = chunks
+                    .get(span.chunks.start as usize..span.chunks.end as usize)
+                    .unwrap_or_default();
+                for c in listed {
                     if seen.insert(c.0) {
                         let blob = self.table.records[c.0 as usize].blob.0 as usize;
                         front[blob].push(c.0);

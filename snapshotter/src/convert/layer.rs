@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 
 use lode_common::format::rules::{name_problem, symlink_problem};
-use lode_common::format::{write_bootstrap, Node, NodeId, NodeKind};
+use lode_common::format::{write_bootstrap, Node, NodeKind, PrefetchSpan};
 use tar::EntryType;
 use tracing::debug;
 
@@ -86,7 +86,7 @@ impl Converter {
     }
 
     /// Serialises the merged tree into a bootstrap.
-    pub fn bootstrap(&self, prefetch: &[NodeId]) -> Result<Vec<u8>, ConvertError> {
+    pub fn bootstrap(&self, prefetch: &[PrefetchSpan]) -> Result<Vec<u8>, ConvertError> {
         Ok(write_bootstrap(
             self.tree.tree(),
             self.store.chunk_size(),

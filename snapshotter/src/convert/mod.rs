@@ -19,6 +19,7 @@ mod layer;
 mod location;
 mod package;
 mod path;
+pub mod prefetch_list;
 mod progress;
 mod run;
 mod source;
@@ -71,8 +72,8 @@ pub struct ConvertOptions {
     pub work_dir: Option<PathBuf>,
     /// Also write the raw bootstrap to this file.
     pub bootstrap_out: Option<PathBuf>,
-    /// Paths (inside the image) of files to prefetch, in order.
-    pub prefetch: Vec<Vec<u8>>,
+    /// Files, or byte ranges of files, to prefetch, in order.
+    pub prefetch: Vec<prefetch_list::Listed>,
     /// Draw progress bars on stderr.
     pub progress: bool,
 }

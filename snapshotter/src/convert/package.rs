@@ -226,7 +226,10 @@ pub fn lode_manifest(
         )?)
         .layers(layers)
         .annotations(HashMap::from([
-            (oci::ANNOTATION_FORMAT_VERSION.to_owned(), "1".to_owned()),
+            (
+                oci::ANNOTATION_FORMAT_VERSION.to_owned(),
+                lode_common::format::layout::VERSION.to_string(),
+            ),
             (
                 oci::ANNOTATION_SOURCE_DIGEST.to_owned(),
                 source_manifest.to_string(),
@@ -380,7 +383,7 @@ mod tests {
         assert_eq!(parsed.data_blobs, vec![blob.digest]);
         assert_eq!(parsed.bootstrap, boot.digest);
         let value: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(value["annotations"][oci::ANNOTATION_FORMAT_VERSION], "1");
+        assert_eq!(value["annotations"][oci::ANNOTATION_FORMAT_VERSION], "2");
         assert_eq!(
             value["annotations"][oci::ANNOTATION_SOURCE_DIGEST],
             source.to_string()

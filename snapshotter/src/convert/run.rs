@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use lode_common::format::rules::check_chunk_size;
-use lode_common::format::{Bootstrap, NodeId, NodeKind};
+use lode_common::format::{Bootstrap, NodeKind, PrefetchSpan};
 use lode_common::registry::RegistryClient;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -21,6 +21,7 @@ use super::layer::{Converter, LayerStats};
 use super::location::ImageLocation;
 use super::package::{lode_config, lode_manifest, write_bootstrap_layer};
 use super::path::{components, escape};
+use super::prefetch_list::Listed;
 use super::progress::Progress;
 use super::source::{LocalLayer, Source, SourceLayer};
 use super::target::{Artifacts, Target, DEFAULT_LAYOUT_TAG};
@@ -147,7 +148,7 @@ pub async fn convert(options: &ConvertOptions) -> Result<ConvertOutcome, Convert
         layer_stats.push(stats);
     }
 
-    let prefetch = prefetch_nodes(&conv, &options.prefetch);
+    let prefetch = prefetch_spans(&conv, &options.prefetch);
     let digests_before: Vec<_> = blobs.iter().map(|b| b.digest).collect();
     let (conv, blobs, bootstrap) = tokio::task::spawn_blocking(move || {
         let mut blobs = blobs;
@@ -273,26 +274,44 @@ fn convert_layer(
     Ok(result)
 }
 
-/// Nodes of the regular files named in the prefetch list, in order; other
-/// names are skipped with a warning (a list written for an older image
-/// should not stop a conversion).
-fn prefetch_nodes(conv: &Converter, paths: &[Vec<u8>]) -> Vec<NodeId> {
+/// The chunks of the prefetch list's entries, in order: a whole file's, or
+/// those holding a listed byte range. Names that are not regular files in
+/// the image, and ranges past a file's end, are skipped with a warning (a
+/// list written for an older image should not stop a conversion).
+fn prefetch_spans(conv: &Converter, list: &[Listed]) -> Vec<PrefetchSpan> {
+    let cs = u64::from(conv.store.chunk_size());
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for raw in paths {
-        let found = components(raw)
+    for entry in list {
+        let found = components(&entry.path)
             .ok()
             .and_then(|parts| conv.tree.lookup(&parts))
-            .filter(|&id| matches!(conv.tree.tree().node(id).kind, NodeKind::File { .. }));
-        match found {
-            Some(id) => {
-                if seen.insert(id) {
-                    out.push(id);
-                }
+            .and_then(|id| match &conv.tree.tree().node(id).kind {
+                NodeKind::File { chunks, .. } => Some((id, chunks.len() as u64)),
+                _ => None,
+            });
+        let Some((node, count)) = found else {
+            warn!(path = %escape(&entry.path), "prefetch path is not a regular file in the image; skipped");
+            continue;
+        };
+        let (first, end) = match &entry.bytes {
+            None => (0, count),
+            Some(bytes) => (bytes.start / cs, bytes.end.div_ceil(cs).min(count)),
+        };
+        if first >= end {
+            if entry.bytes.is_some() {
+                warn!(path = %escape(&entry.path), bytes = ?entry.bytes, "prefetch range is past the file's end; skipped");
             }
-            None => {
-                warn!(path = %escape(raw), "prefetch path is not a regular file in the image; skipped")
-            }
+            continue;
+        }
+        // Chunk numbers of a file fit in u32 (the format's limit, checked
+        // when the file was chunked).
+        let span = PrefetchSpan {
+            node,
+            chunks: first as u32..end as u32,
+        };
+        if seen.insert(span.clone()) {
+            out.push(span);
         }
     }
     out

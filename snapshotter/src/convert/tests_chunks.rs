@@ -1,6 +1,6 @@
 //! Chunking, compression choice, dedup and the chunk table's layout.
 
-use lode_common::format::{BlobIndex, NodeKind};
+use lode_common::format::{BlobIndex, NodeKind, PrefetchSpan};
 use lode_common::Digest;
 use lode_tests::{pseudo_random_bytes, TarEntry};
 
@@ -226,7 +226,10 @@ fn prefetched_files_move_to_the_front_of_their_blobs_in_list_order() {
     .unwrap();
     let list: Vec<_> = ["c", "e", "a", "f"]
         .iter()
-        .map(|p| conv.id(p).unwrap())
+        .map(|p| PrefetchSpan {
+            node: conv.id(p).unwrap(),
+            chunks: 0..chunk_count(&conv, p) as u32,
+        })
         .collect();
     let before: Vec<Digest> = conv.conv.store.blobs().iter().map(|b| b.digest).collect();
     let mut blobs: Vec<_> = conv.blobs.iter().flatten().cloned().collect();

@@ -9,7 +9,9 @@ use lode_common::format::DEFAULT_CHUNK_SIZE;
 use lode_common::registry::RegistryOptions;
 
 use super::{runtime, CtlError};
-use crate::convert::{convert, ConvertOptions, ImageLocation, PlatformSpec, DEFAULT_ZSTD_LEVEL};
+use crate::convert::{
+    convert, prefetch_list, ConvertOptions, ImageLocation, PlatformSpec, DEFAULT_ZSTD_LEVEL,
+};
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
@@ -38,8 +40,10 @@ pub struct ConvertArgs {
     /// Also write the raw bootstrap to this file.
     #[arg(long)]
     pub bootstrap_out: Option<PathBuf>,
-    /// File listing paths inside the image to prefetch, one per line
-    /// (empty lines and lines starting with '#' are ignored).
+    /// File listing what to prefetch, one entry per line: a path inside
+    /// the image, or a path, a tab and a byte range START-END of it, as
+    /// `lodectl daemon record` writes (empty lines and lines starting with
+    /// '#' are ignored).
     #[arg(long)]
     pub prefetch_paths: Option<PathBuf>,
     /// Docker config with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
@@ -55,7 +59,7 @@ impl ConvertArgs {
                     what: format!("read prefetch list {}", path.display()),
                     source,
                 })?;
-                parse_prefetch_list(&bytes)
+                prefetch_list::parse(&bytes)
             }
             None => Vec::new(),
         };
@@ -109,15 +113,6 @@ fn parse_chunk_size(text: &str) -> Result<u32, String> {
     Ok(size)
 }
 
-fn parse_prefetch_list(bytes: &[u8]) -> Vec<Vec<u8>> {
-    bytes
-        .split(|b| *b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .filter(|line| !line.is_empty() && !line.starts_with(b"#"))
-        .map(<[u8]>::to_vec)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -134,14 +129,6 @@ mod tests {
         for bad in ["32K", "32M", "100000", "1G", "", "K", "-1"] {
             assert!(parse_chunk_size(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn prefetch_lists() {
-        assert_eq!(
-            parse_prefetch_list(b"# comment\n/bin/sh\r\n\n/usr/lib/\xff\n"),
-            vec![b"/bin/sh".to_vec(), b"/usr/lib/\xff".to_vec()]
-        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use lode_common::api::DaemonClient;
 use serde::Serialize;
 
 use super::{runtime, CtlError};
+use crate::convert::prefetch_list;
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -32,9 +33,10 @@ pub enum DaemonCommand {
         #[arg(long)]
         id: Option<String>,
     },
-    /// Print the files an instance's readers read, in the order they were
-    /// first read, one per line: a prefetch list for `lodectl convert
-    /// --prefetch-paths`. Run a container of the image once, cold, then this.
+    /// Print what an instance's readers read, as byte ranges of files (whole
+    /// chunks) in the order they were first read, one per line: a prefetch
+    /// list for `lodectl convert --prefetch-paths`. Run a container of the
+    /// image once, cold, then this.
     Record {
         /// The daemon's API socket (its --apisock).
         socket: PathBuf,
@@ -97,8 +99,14 @@ pub fn run(args: DaemonArgs, out: &mut dyn Write) -> Result<(), CtlError> {
                     access.chunks,
                     access.chunk_bytes
                 )?;
-                for file in &access.files {
-                    writeln!(out, "{file}")?;
+                // A daemon that predates ranges names whole files.
+                if access.ranges.is_empty() {
+                    for file in &access.files {
+                        prefetch_list::write_entry(out, file, None)?;
+                    }
+                }
+                for r in &access.ranges {
+                    prefetch_list::write_entry(out, &r.path, Some(&(r.start..r.end)))?;
                 }
                 Ok(())
             };
