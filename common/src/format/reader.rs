@@ -564,17 +564,16 @@ impl Bootstrap {
     pub fn prefetch_list(&self) -> Result<Vec<PrefetchRange>, FormatError> {
         let mut list = Vec::new();
         for i in 0..self.records(Section::Prefetch) {
-            let rec = if self.version >= 2 {
-                PrefetchRecord::decode(self.record(Section::Prefetch, i)?)
+            // The listed chunks (first, count); a version 1 record names a
+            // whole file.
+            let (index, listed) = if self.version >= 2 {
+                let rec = PrefetchRecord::decode(self.record(Section::Prefetch, i)?);
+                (rec.inode_index, Some((rec.first_chunk, rec.chunk_count)))
             } else {
                 let index = u32::from_le_bytes(*self.record(Section::Prefetch, i)?);
-                PrefetchRecord {
-                    inode_index: index,
-                    first_chunk: 0,
-                    chunk_count: u32::MAX,
-                }
+                (index, None)
             };
-            let ino = self.ino_of_index(rec.inode_index, || format!("prefetch entry {i}"))?;
+            let ino = self.ino_of_index(index, || format!("prefetch entry {i}"))?;
             if self.inode(ino)?.kind != InodeKind::File {
                 return Err(corrupt(format!(
                     "prefetch entry {i}: inode {} is not a regular file",
@@ -582,19 +581,18 @@ impl Bootstrap {
                 )));
             }
             let count = self.file_chunk_count(ino)?;
-            let chunks = if self.version >= 2 {
-                let end = rec.first_chunk.checked_add(rec.chunk_count);
-                if rec.chunk_count == 0 || end.is_none_or(|end| end > count) {
-                    return Err(corrupt(format!(
-                        "prefetch entry {i}: chunks {}+{} of file {}, which has {count}",
-                        rec.first_chunk, rec.chunk_count, ino.0
-                    )));
-                }
-                rec.first_chunk..rec.first_chunk + rec.chunk_count
-            } else if count == 0 {
-                continue;
-            } else {
-                0..count
+            let chunks = match listed {
+                Some((first, n)) => match first.checked_add(n) {
+                    Some(end) if n > 0 && end <= count => first..end,
+                    _ => {
+                        return Err(corrupt(format!(
+                            "prefetch entry {i}: chunks {first}+{n} of file {}, which has {count}",
+                            ino.0
+                        )))
+                    }
+                },
+                None if count == 0 => continue,
+                None => 0..count,
             };
             list.push(PrefetchRange { ino, chunks });
         }

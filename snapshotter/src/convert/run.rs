@@ -2,7 +2,6 @@
 //! (downloading the next layer while converting the current one), write the
 //! bootstrap, package and publish.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
@@ -281,7 +280,6 @@ fn convert_layer(
 fn prefetch_spans(conv: &Converter, list: &[Listed]) -> Vec<PrefetchSpan> {
     let cs = u64::from(conv.store.chunk_size());
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
     for entry in list {
         let found = components(&entry.path)
             .ok()
@@ -305,14 +303,12 @@ fn prefetch_spans(conv: &Converter, list: &[Listed]) -> Vec<PrefetchSpan> {
             continue;
         }
         // Chunk numbers of a file fit in u32 (the format's limit, checked
-        // when the file was chunked).
-        let span = PrefetchSpan {
+        // when the file was chunked). Repeats are left to the writer, which
+        // drops them, and to front_load, which moves a chunk once.
+        out.push(PrefetchSpan {
             node,
             chunks: first as u32..end as u32,
-        };
-        if seen.insert(span.clone()) {
-            out.push(span);
-        }
+        });
     }
     out
 }
