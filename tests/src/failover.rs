@@ -149,6 +149,17 @@ impl RegistryImage {
 /// Pushes the image to `registry` as `repo:v1` with `skopeo` and converts
 /// it there with `lodectl convert` (64 KiB chunks) to `repo-lode:v1`.
 pub fn push_image(lodectl: &Lodectl, registry: &Registry, repo: &str) -> RegistryImage {
+    push_listed_image(lodectl, registry, repo, None)
+}
+
+/// [`push_image`], converted with `prefetch` (the text of a prefetch list)
+/// if given.
+pub fn push_listed_image(
+    lodectl: &Lodectl,
+    registry: &Registry,
+    repo: &str,
+    prefetch: Option<&str>,
+) -> RegistryImage {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     OciLayoutBuilder::new()
@@ -158,8 +169,17 @@ pub fn push_image(lodectl: &Lodectl, registry: &Registry, repo: &str) -> Registr
     let source = registry.reference(&format!("{repo}:{TAG}"));
     skopeo_copy(&layout, TAG, &source).expect("skopeo copy");
     let reference = registry.reference(&format!("{repo}-lode:{TAG}"));
+    let list = dir.path().join("prefetch.list");
+    if let Some(text) = prefetch {
+        std::fs::write(&list, text).unwrap();
+    }
     lodectl
-        .convert(&source, &reference, Some(64 * 1024))
+        .convert(
+            &source,
+            &reference,
+            Some(64 * 1024),
+            prefetch.map(|_| list.as_path()),
+        )
         .expect("lodectl convert");
     let (_, bootstrap) = fetch_bootstrap(&reference, dir.path()).expect("fetch the bootstrap");
     let cache = dir.path().join("cache");

@@ -210,7 +210,7 @@ fn build_app(
     entries.extend(extra);
     let plain = push_busybox_image(registry, name, entries).unwrap();
     let lode = registry.reference(&format!("{name}:v1-lode"));
-    lodectl.convert(&plain, &lode, None).unwrap();
+    lodectl.convert(&plain, &lode, None, None).unwrap();
     App {
         plain,
         lode,

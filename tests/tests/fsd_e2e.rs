@@ -103,7 +103,7 @@ impl Fixture {
         let lode = registry.reference(&format!("e2e/lode:{TAG}"));
         let digest = bins
             .lodectl
-            .convert(&source, &lode, None)
+            .convert(&source, &lode, None, None)
             .expect("lodectl convert");
         let converted = start.elapsed();
         let work = tempfile::tempdir().unwrap();

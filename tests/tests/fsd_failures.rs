@@ -40,7 +40,7 @@ fn push_and_convert(
     skopeo_copy(layout.path(), TAG, &source).expect("skopeo copy");
     let lode = registry.reference(&format!("{repo}-lode:{TAG}"));
     bins.lodectl
-        .convert(&source, &lode, Some(CHUNK))
+        .convert(&source, &lode, Some(CHUNK), None)
         .expect("lodectl convert");
     (lode, layout)
 }
@@ -333,7 +333,7 @@ fn hostile_layers_are_refused_naming_the_entry_and_write_nothing_outside() {
         let source = registry.reference(&format!("hostile/{name}:{TAG}"));
         skopeo_copy(&layout, TAG, &source).expect("skopeo copy");
         let target = registry.reference(&format!("hostile/{name}-lode:{TAG}"));
-        let run = lodectl.convert_run(&source, &target, None).unwrap();
+        let run = lodectl.convert_run(&source, &target, None, None).unwrap();
         assert!(!run.success, "{name}: converted: {run:?}");
         eprintln!(
             "{name}: {}",

@@ -15,7 +15,8 @@ use std::time::Duration;
 use lode_common::format::Bootstrap;
 use lode_common::Digest;
 use lode_tests::failover::{
-    file_content, file_len, file_name, push_image, MountWatch, Readers, RegistryImage, Tally, FILES,
+    file_content, file_len, file_name, push_listed_image, MountWatch, Readers, RegistryImage,
+    Tally, FILES,
 };
 use lode_tests::lode::{
     cache_durable, data_blobs, file_chunks, process_alive, request_metrics, ChunkLocation,
@@ -59,6 +60,7 @@ every_mode!(
     sigterm_unmounts_and_exits_0,
     sigkill_and_takeover_lose_no_read,
     cache_survives_sigkill_after_a_flush_interval,
+    the_prefetch_list_fetches_the_listed_chunks,
 );
 mode_tests!(removed_instance_and_files_held_open: dedicated => Dedicated, shared => Shared);
 
@@ -79,9 +81,14 @@ struct Fixture {
 impl Fixture {
     /// `None` (the reason printed) when the machine lacks something.
     fn new() -> Option<Self> {
+        Self::listed(None)
+    }
+
+    /// The image converted with `prefetch`, a prefetch list's text.
+    fn listed(prefetch: Option<&str>) -> Option<Self> {
         let bins = lode_prerequisites()?;
         let registry = Registry::start().expect("start docker-registry");
-        let image = push_image(&bins.lodectl, &registry, "modes");
+        let image = push_listed_image(&bins.lodectl, &registry, "modes", prefetch);
         let bootstrap = Bootstrap::open(&image.bootstrap).expect("open the bootstrap");
         Some(Self {
             bins,
@@ -455,6 +462,50 @@ fn cache_survives_sigkill_after_a_flush_interval(mode: Mode) {
         fx.data_bytes_served() - served,
         0,
         "[{mode}] data blob bytes the registry sent for the re-read"
+    );
+}
+
+/// An image converted with a list of byte ranges: from the mount on, before
+/// any read, the daemon fetches the chunks that hold them and nothing else,
+/// and the converter has put those chunks at the front of their blob in
+/// list order, so they come in one request. Reads of them are correct.
+fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
+    // Chunks 1 and 2 of f05, then chunk 0 of f02 (64 KiB chunks).
+    let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
+    let Some(fx) = Fixture::listed(Some(&list)) else {
+        return;
+    };
+    let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
+    let mut offset = 0;
+    for chunk in &listed {
+        assert_eq!(
+            chunk.offset, offset,
+            "[{mode}] listed chunks lead the blob: {listed:?}"
+        );
+        offset += u64::from(chunk.stored_size);
+    }
+    let (served, gets) = (fx.data_bytes_served(), fx.data_gets());
+    let fsd = fx.start(mode, None, false);
+    wait_until(HANG_GUARD, "the listed chunks to be fetched", || {
+        fsd.counters()
+            .is_ok_and(|c| c.settled() && c.backend_bytes >= offset)
+    })
+    .unwrap_or_else(|e| panic!("[{mode}] {e}\n{}", fsd.log_text()));
+    let after = counters(&fsd);
+    assert_eq!(after.bytes_read, 0, "[{mode}] nothing was read");
+    assert_eq!(
+        (after.backend_bytes, fx.data_bytes_served() - served),
+        (offset, offset),
+        "[{mode}] the daemon fetched the listed chunks and nothing else"
+    );
+    assert_eq!(fx.data_gets() - gets, 1, "[{mode}] in one request");
+
+    let file = File::open(fsd.join(file_name(5))).unwrap();
+    let mut middle = vec![0u8; 128 * 1024];
+    file.read_exact_at(&mut middle, 65536).unwrap();
+    assert!(
+        middle == file_content(5)[65536..196608],
+        "[{mode}] the prefetched chunks read back"
     );
 }
 

@@ -577,7 +577,7 @@ fn lodectl_reads_and_writes_a_private_registry_through_a_credential_helper() {
             .push(("DOCKER_CONFIG".into(), config_dir.into_os_string()));
         let target = registry.reference(&format!("lode/helped:lode{n}"));
         helped
-            .convert(&source, &target, None)
+            .convert(&source, &target, None, None)
             .unwrap_or_else(|e| panic!("{config}: {e}"));
         let asked = std::fs::read_to_string(&asked).unwrap();
         assert!(asked.lines().all(|l| l == registry.host()), "{asked}");
@@ -589,7 +589,7 @@ fn lodectl_reads_and_writes_a_private_registry_through_a_credential_helper() {
         dir.path().join("none").into_os_string(),
     ));
     let run = anonymous
-        .convert_run(&source, &registry.reference("lode/helped:none"), None)
+        .convert_run(&source, &registry.reference("lode/helped:none"), None, None)
         .unwrap();
     assert!(!run.success);
     assert!(

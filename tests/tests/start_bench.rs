@@ -244,24 +244,9 @@ fn record_prefetch_list(node: &Node, image: &Image, workload: &Workload) -> Refe
     let list = dir.path().join("prefetch.list");
     std::fs::write(&list, &run.stdout).unwrap();
     let target = image.lode.with_tag(format!("lode-{}", workload.name));
-    let list = list.display().to_string();
-    let (plain, target_name) = (image.plain.to_string(), target.to_string());
-    let run = node
-        .lodectl
-        .run([
-            "convert",
-            "--plain-http",
-            "--prefetch-paths",
-            &list,
-            &plain,
-            &target_name,
-        ])
-        .unwrap();
-    assert!(
-        run.success,
-        "lodectl convert --prefetch-paths: {}",
-        run.stderr
-    );
+    node.lodectl
+        .convert(&image.plain, &target, None, Some(&list))
+        .unwrap_or_else(|e| panic!("lodectl convert --prefetch-paths: {e}"));
     target
 }
 
@@ -326,7 +311,7 @@ fn push_layout(node: &Node, image: &PlanImage) -> Image {
 
 fn convert(node: &Node, name: &str, plain: Reference, workloads: Vec<Workload>) -> Image {
     let lode = plain.with_tag("lode");
-    node.lodectl.convert(&plain, &lode, None).unwrap();
+    node.lodectl.convert(&plain, &lode, None, None).unwrap();
     Image {
         name: name.to_owned(),
         plain,

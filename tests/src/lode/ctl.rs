@@ -82,17 +82,23 @@ impl Lodectl {
         Ok(output.into())
     }
 
-    /// `lodectl convert --plain-http [--chunk-size N] SOURCE TARGET`, as a run.
+    /// `lodectl convert --plain-http [--chunk-size N] [--prefetch-paths
+    /// LIST] SOURCE TARGET`, as a run.
     pub fn convert_run(
         &self,
         source: &Reference,
         target: &Reference,
         chunk_size: Option<u32>,
+        prefetch: Option<&Path>,
     ) -> Result<Run, KitError> {
         let mut args: Vec<OsString> = vec!["convert".into(), "--plain-http".into()];
         if let Some(size) = chunk_size {
             args.push("--chunk-size".into());
             args.push(size.to_string().into());
+        }
+        if let Some(list) = prefetch {
+            args.push("--prefetch-paths".into());
+            args.push(list.into());
         }
         args.push(source.to_string().into());
         args.push(target.to_string().into());
@@ -105,8 +111,9 @@ impl Lodectl {
         source: &Reference,
         target: &Reference,
         chunk_size: Option<u32>,
+        prefetch: Option<&Path>,
     ) -> Result<Digest, KitError> {
-        let run = self.convert_run(source, target, chunk_size)?;
+        let run = self.convert_run(source, target, chunk_size, prefetch)?;
         if !run.success {
             return Err(KitError::Command {
                 what: format!("lodectl convert {source} {target}"),
