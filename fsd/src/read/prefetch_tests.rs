@@ -22,6 +22,15 @@ fn four_files(listed: &[&str]) -> TestImage {
     b.build()
 }
 
+/// Chunks of the image's (only) blob in the cache.
+fn cached_chunks(f: &Fetcher) -> usize {
+    f.blob_caches[0]
+        .read()
+        .unwrap()
+        .upgrade()
+        .map_or(0, |c| c.present_count())
+}
+
 /// Where file `name`'s chunks lie in the blob.
 fn file_range(image: &TestImage, name: &str) -> (u64, u64) {
     let b = &image.bootstrap;
@@ -41,13 +50,7 @@ fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
     let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
     let f = Arc::new(f);
     Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed files to be cached", || {
-        f.blob_caches[0]
-            .read()
-            .unwrap()
-            .upgrade()
-            .is_some_and(|c| c.present_count() == 4)
-    });
+    wait_until("the listed files to be cached", || cached_chunks(&f) == 4);
     let range = |name| {
         let (start, end) = file_range(&image, name);
         (start, end - start)
@@ -74,13 +77,7 @@ fn only_the_listed_chunks_of_a_file_are_prefetched() {
     let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
     let f = Arc::new(f);
     Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed chunks to be cached", || {
-        f.blob_caches[0]
-            .read()
-            .unwrap()
-            .upgrade()
-            .is_some_and(|c| c.present_count() == 2)
-    });
+    wait_until("the listed chunks to be cached", || cached_chunks(&f) == 2);
     let chunk = |name, idx| {
         let bs = &image.bootstrap;
         let rec = bs
@@ -126,10 +123,6 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
     );
     backend.open();
     wait_until("the rest of the list to be cached", || {
-        f.blob_caches[0]
-            .read()
-            .unwrap()
-            .upgrade()
-            .is_some_and(|c| c.present_count() == 6)
+        cached_chunks(&f) == 6
     });
 }
