@@ -89,6 +89,13 @@ pub struct FetchConfig {
     /// image's prefetch list, readahead) may occupy at once; readers' fetches
     /// always go first and keep the rest.
     pub background_share_percent: u8,
+    /// The CPU niceness (0-19) of a thread while it runs a background fetch,
+    /// so that decompressing and verifying chunks nobody waits for yet
+    /// yields the CPU to the containers starting beside it. A thread goes
+    /// back to 0 once a reader waits for one of its chunks. 0 turns it off;
+    /// without the right to raise priority again (CAP_SYS_NICE, or
+    /// RLIMIT_NICE) background fetches run at 0.
+    pub background_nice: u8,
 }
 
 impl Default for FetchConfig {
@@ -101,6 +108,7 @@ impl Default for FetchConfig {
             deadline_secs: 30,
             workers: 8,
             background_share_percent: 50,
+            background_nice: 10,
         }
     }
 }
@@ -230,6 +238,12 @@ impl FsdConfig {
             100,
         )?;
         check_range(
+            "fetch.background_nice",
+            u64::from(self.fetch.background_nice),
+            0,
+            19,
+        )?;
+        check_range(
             "fetch.readahead_bytes",
             self.fetch.readahead_bytes,
             0,
@@ -345,6 +359,11 @@ mod tests {
         config.fuse.threads = 0;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("fuse.threads"), "{err}");
+
+        let mut config = with_dir();
+        config.fetch.background_nice = 20;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("fetch.background_nice"), "{err}");
     }
 
     #[test]

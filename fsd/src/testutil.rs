@@ -322,6 +322,9 @@ pub struct GatedBackend {
     held: std::ops::Range<u64>,
     /// Offsets of the requests made, held ones included.
     started: Mutex<Vec<u64>>,
+    /// Per request: its offset and its thread's niceness as it started and
+    /// once the first stored bytes were handed over.
+    nices: Mutex<Vec<(u64, i32, i32)>>,
     open: Mutex<bool>,
     changed: Condvar,
 }
@@ -337,6 +340,7 @@ impl GatedBackend {
             inner: CountingBackend::new(image),
             held,
             started: Mutex::new(Vec::new()),
+            nices: Mutex::new(Vec::new()),
             open: Mutex::new(false),
             changed: Condvar::new(),
         }
@@ -351,6 +355,19 @@ impl GatedBackend {
     pub fn started(&self) -> Vec<u64> {
         self.started.lock().unwrap().clone()
     }
+
+    /// Requests that handed over bytes: offset, the niceness of the
+    /// request's thread as it started and after the first bytes.
+    pub fn nices(&self) -> Vec<(u64, i32, i32)> {
+        self.nices.lock().unwrap().clone()
+    }
+}
+
+/// The kernel's niceness of the calling thread.
+pub fn thread_nice() -> i32 {
+    // SAFETY: plain syscalls; the thread's own id. (-1 as an error is not
+    // told apart from niceness -1, which no test sets.)
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
 }
 
 impl BlobBackend for GatedBackend {
@@ -362,13 +379,22 @@ impl BlobBackend for GatedBackend {
         sink: &mut Sink<'_>,
     ) -> Result<(), BackendError> {
         self.started.lock().unwrap().push(offset);
+        let at_start = thread_nice();
         if self.held.contains(&offset) {
             let mut open = self.open.lock().unwrap();
             while !*open {
                 open = self.changed.wait(open).unwrap();
             }
         }
-        self.inner.read_range(blob, offset, len, sink)
+        let mut first = true;
+        self.inner.read_range(blob, offset, len, &mut |bytes| {
+            sink(bytes);
+            if first {
+                first = false;
+                let after = thread_nice();
+                self.nices.lock().unwrap().push((offset, at_start, after));
+            }
+        })
     }
 
     fn describe(&self) -> String {

@@ -499,6 +499,14 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
         "[{mode}] the daemon fetched the listed chunks and nothing else"
     );
     assert_eq!(fx.data_gets() - gets, 1, "[{mode}] in one request");
+    // The thread that ran it is still at the background niceness (the
+    // default, 10): nobody waited for those chunks.
+    let pid = fsd.pid().expect("a daemon");
+    let nices = fetch_thread_nices(pid);
+    assert!(
+        nices.contains(&10),
+        "[{mode}] no fetch thread at niceness 10: {nices:?}"
+    );
 
     let file = File::open(fsd.join(file_name(5))).unwrap();
     let mut middle = vec![0u8; 128 * 1024];
@@ -507,6 +515,21 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
         middle == file_content(5)[65536..196608],
         "[{mode}] the prefetched chunks read back"
     );
+}
+
+/// The niceness of each fetch worker thread (`lode-fetch-N`) of `pid`.
+fn fetch_thread_nices(pid: i32) -> Vec<i64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // pid (comm) state ...: niceness is the 19th field, the 17th after comm.
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            comm.starts_with("lode-fetch")
+                .then(|| rest.split(' ').nth(16)?.parse().ok())?
+        })
+        .collect()
 }
 
 /// Shared mode: an instance removed and mounted again under the same id

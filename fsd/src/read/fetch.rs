@@ -90,6 +90,8 @@ pub struct FetchSettings {
     pub workers: usize,
     /// Workers that may run background jobs at once.
     pub background_workers: usize,
+    /// CPU niceness of a worker running a background job.
+    pub background_nice: u8,
 }
 
 impl From<&FetchConfig> for FetchSettings {
@@ -102,6 +104,7 @@ impl From<&FetchConfig> for FetchSettings {
             deadline: c.deadline(),
             workers: c.workers,
             background_workers: c.background_workers(),
+            background_nice: c.background_nice,
         }
     }
 }
@@ -207,7 +210,11 @@ impl Fetcher {
                 link: LinkEstimate::default(),
                 cache_failures: WriteFailureLog::default(),
             }),
-            pool: WorkerPool::new(settings.workers, settings.background_workers)?,
+            pool: WorkerPool::new(
+                settings.workers,
+                settings.background_workers,
+                settings.background_nice,
+            )?,
             metrics,
             settings,
             streams: Mutex::new(HashMap::new()),
@@ -377,6 +384,7 @@ impl Fetcher {
                 } else {
                     &self.metrics.inflight_joins
                 };
+                pending.want();
                 Metrics::add(counter, 1);
                 waits.push((piece, pending, lo..hi, at));
                 continue;
@@ -395,6 +403,7 @@ impl Fetcher {
             }
             let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
             if !leader {
+                pending.want();
                 Metrics::add(&self.metrics.inflight_joins, 1);
             } else if cache.is_present(piece.rel) {
                 Metrics::add(&self.metrics.cache_hits, 1);

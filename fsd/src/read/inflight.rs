@@ -36,6 +36,8 @@ pub struct Pending {
     settled: AtomicBool,
     /// A reader has read the chunk to its end.
     consumed: AtomicBool,
+    /// A reader waits (or waited) for the outcome.
+    wanted: AtomicBool,
     /// Bytes this fetch counts against the retain budget while it is kept
     /// for readers (0 when it is not kept).
     retained: AtomicU64,
@@ -54,6 +56,16 @@ impl Pending {
     pub fn consume(&self) -> bool {
         self.consumed.store(true, Ordering::SeqCst);
         self.settled.load(Ordering::SeqCst)
+    }
+
+    /// Records that a reader is going to wait for the outcome.
+    pub fn want(&self) {
+        self.wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a reader waits (or waited) for the outcome.
+    pub fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed)
     }
 
     /// Whether the outcome is known.

@@ -16,7 +16,7 @@ use crate::read::inflight::{Inflight, Pending};
 use crate::read::link::LinkEstimate;
 use crate::read::pools::{BufPool, ChunkBuf};
 use crate::read::verify::{decode_chunk, ChunkDefect};
-use crate::read::workers::Job;
+use crate::read::workers::{self, Job};
 
 /// What jobs need besides their chunks.
 pub(crate) struct JobContext {
@@ -166,6 +166,7 @@ impl<'a> Assembly<'a> {
         while let Some((piece, _)) = self.job.chunks.get(self.next) {
             let want = piece.rec.compressed_size as usize;
             if self.filling.is_none() && self.skipped == 0 {
+                self.serve_waiting_reader();
                 self.filling = self.job.ctx.pool.take(want);
             }
             let have = match &mut self.filling {
@@ -191,6 +192,21 @@ impl<'a> Assembly<'a> {
             self.skipped = 0;
             self.job.deliver(self.next, decoded);
             self.next += 1;
+        }
+    }
+
+    /// Gives a background job's thread the normal priority once a reader
+    /// waits for one of the chunks still to come (checked as each chunk
+    /// begins).
+    fn serve_waiting_reader(&self) {
+        if workers::current_nice() == 0 {
+            return;
+        }
+        let waited_for = self.job.chunks[self.next..]
+            .iter()
+            .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()));
+        if waited_for {
+            workers::serve_waiting_reader();
         }
     }
 

@@ -126,3 +126,57 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
         cached_chunks(&f) == 6
     });
 }
+
+#[test]
+fn a_prefetch_runs_at_a_lower_priority_until_a_reader_waits_for_it() {
+    if !crate::read::workers::can_renice(10) {
+        eprintln!(
+            "skipped: this process may not raise a thread's priority again \
+             (needs root or CAP_SYS_NICE), so background fetches run at 0"
+        );
+        return;
+    }
+    // c is listed and its request held; a is read without being listed.
+    let image = four_files(&["c"]);
+    let (c_start, c_end) = file_range(&image, "c");
+    let (a_start, _) = file_range(&image, "a");
+    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the prefetch of c to be under way", || {
+        backend.started().first() == Some(&c_start)
+    });
+    let data = f.read(ino_of(&image, "a"), 0, CS).unwrap();
+    assert_eq!(data, pattern(CS as usize, 0)[..]);
+    // A reader of c joins the held prefetch.
+    let reader = {
+        let f = Arc::clone(&f);
+        let ino = ino_of(&image, "c");
+        std::thread::spawn(move || f.read(ino, 0, 2 * CS))
+    };
+    wait_until("the reader to join the prefetch", || {
+        metrics.snapshot().inflight_joins >= 1
+    });
+    backend.open();
+    let data = reader.join().unwrap().unwrap();
+    assert_eq!(data, pattern(2 * CS as usize, 2));
+    // The reader may have its chunks before the backend call returns.
+    wait_until("both requests to be recorded", || {
+        backend.nices().len() == 2
+    });
+    let nices = backend.nices();
+    let of = |offset| {
+        nices
+            .iter()
+            .find(|n| n.0 == offset)
+            .map(|n| (n.1, n.2))
+            .unwrap_or_else(|| panic!("no request at {offset}: {nices:?}"))
+    };
+    assert_eq!(of(a_start), (0, 0), "a reader's own fetch runs at 0");
+    assert_eq!(
+        of(c_start),
+        (10, 0),
+        "the prefetch ran at niceness 10 until the reader waited for it"
+    );
+}

@@ -2,16 +2,22 @@
 //! ones (readahead, prefetch), and background ones on at most a set number
 //! of threads at once, so that readers always find a thread free soon.
 //!
+//! A thread runs a background job at a lower CPU priority (a niceness), so
+//! that decompressing and verifying chunks nobody waits for yet takes the
+//! CPU the starting containers leave; a job raises its thread back
+//! ([`serve_waiting_reader`]) once a reader waits for one of its chunks.
+//!
 //! Backend calls block, so they run here rather than on the FUSE threads: a
 //! reader waits for its chunks with a deadline and can give up even when a
 //! backend call hangs.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::error;
+use tracing::{error, info};
 
 /// Work for the pool. `cancel` is called instead of `run` for jobs still
 /// queued when the pool shuts down, so their waiters are answered.
@@ -41,6 +47,8 @@ struct Shared {
     queues: Mutex<Queues>,
     /// Background jobs that may run at once.
     background_limit: usize,
+    /// Niceness of a thread running a background job (0: none).
+    background_nice: i32,
     ready: Condvar,
     /// Signalled when a job finishes.
     finished: Condvar,
@@ -53,11 +61,25 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     /// `workers` threads, of which at most `background_limit` (at least
-    /// one) run background jobs at any time.
-    pub fn new(workers: usize, background_limit: usize) -> std::io::Result<Self> {
+    /// one) run background jobs at any time, at niceness `background_nice`
+    /// if the process may raise a thread's priority again afterwards.
+    pub fn new(
+        workers: usize,
+        background_limit: usize,
+        background_nice: u8,
+    ) -> std::io::Result<Self> {
+        let mut background_nice = i32::from(background_nice);
+        if background_nice > 0 && !can_renice(background_nice) {
+            info!(
+                background_nice,
+                "no right to raise a thread's priority again (CAP_SYS_NICE); background fetches run at normal priority"
+            );
+            background_nice = 0;
+        }
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             background_limit: background_limit.max(1),
+            background_nice,
             ready: Condvar::new(),
             finished: Condvar::new(),
         });
@@ -184,6 +206,11 @@ fn worker(shared: &Shared) {
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
+        set_nice(if background {
+            shared.background_nice
+        } else {
+            0
+        });
         // A panicking job must not take the worker with it: its waiters would
         // then only learn about it at their deadline, and the pool would shrink.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
@@ -198,6 +225,52 @@ fn worker(shared: &Shared) {
         }
         drop(q);
         shared.finished.notify_all();
+    }
+}
+
+thread_local! {
+    /// The niceness this thread was last given.
+    static NICE: Cell<i32> = const { Cell::new(0) };
+}
+
+/// Called by a running job when a reader waits for one of its chunks: its
+/// thread gets back the normal priority for the rest of the job.
+pub fn serve_waiting_reader() {
+    set_nice(0);
+}
+
+/// The niceness of the calling thread.
+pub fn current_nice() -> i32 {
+    NICE.with(Cell::get)
+}
+
+/// Gives the calling thread niceness `nice`, if it has another one.
+fn set_nice(nice: i32) {
+    if NICE.with(Cell::get) != nice && renice_thread(nice).is_ok() {
+        NICE.with(|n| n.set(nice));
+    }
+}
+
+/// Whether a thread may be given niceness `nice` and 0 again; tried on a
+/// thread of its own.
+pub(crate) fn can_renice(nice: i32) -> bool {
+    std::thread::spawn(move || renice_thread(nice).is_ok() && renice_thread(0).is_ok())
+        .join()
+        .unwrap_or(false)
+}
+
+/// setpriority(2) on the calling thread: on Linux a thread id names one
+/// thread, and niceness is per thread. (std and nix offer no way to set a
+/// thread's niceness.)
+fn renice_thread(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -227,7 +300,7 @@ mod tests {
 
     #[test]
     fn demand_jobs_run_before_queued_background_jobs() {
-        let pool = WorkerPool::new(1, 1).unwrap();
+        let pool = WorkerPool::new(1, 1, 0).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         pool.submit(Priority::Demand, Box::new(Block(Arc::clone(&barrier))));
         barrier.wait(); // the only worker is now busy
@@ -246,7 +319,7 @@ mod tests {
 
     #[test]
     fn background_jobs_leave_threads_to_demand_jobs() {
-        let pool = WorkerPool::new(2, 1).unwrap();
+        let pool = WorkerPool::new(2, 1, 0).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         pool.submit(Priority::Background, Box::new(Block(Arc::clone(&barrier))));
         barrier.wait(); // one worker runs the background job
@@ -268,9 +341,42 @@ mod tests {
         assert!(pool.wait_for_background_room(1));
     }
 
+    /// Sends the niceness of the thread that runs it.
+    struct Nice(mpsc::Sender<i32>);
+    impl Job for Nice {
+        fn run(self: Box<Self>) {
+            self.0.send(crate::testutil::thread_nice()).unwrap();
+        }
+        fn cancel(self: Box<Self>) {}
+    }
+
+    #[test]
+    fn background_jobs_run_at_the_background_niceness_and_demand_jobs_at_0() {
+        if !can_renice(10) {
+            eprintln!("skipped: this process may not raise a thread's priority again (needs root or CAP_SYS_NICE)");
+            return;
+        }
+        // One thread runs all three jobs, in turn.
+        let pool = WorkerPool::new(1, 1, 10).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let timeout = std::time::Duration::from_secs(10);
+        for (priority, nice) in [
+            (Priority::Background, 10),
+            (Priority::Demand, 0),
+            (Priority::Background, 10),
+        ] {
+            pool.submit(priority, Box::new(Nice(tx.clone())));
+            assert_eq!(rx.recv_timeout(timeout).unwrap(), nice, "{priority:?}");
+        }
+        // Turned off, background jobs run at 0.
+        let pool = WorkerPool::new(1, 1, 0).unwrap();
+        pool.submit(Priority::Background, Box::new(Nice(tx)));
+        assert_eq!(rx.recv_timeout(timeout).unwrap(), 0);
+    }
+
     #[test]
     fn shutdown_cancels_queued_and_later_jobs() {
-        let pool = WorkerPool::new(1, 1).unwrap();
+        let pool = WorkerPool::new(1, 1, 0).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         pool.submit(Priority::Demand, Box::new(Block(Arc::clone(&barrier))));
         barrier.wait();
