@@ -179,6 +179,7 @@ pub struct Fetcher {
     settings: FetchSettings,
     streams: Mutex<HashMap<u64, readahead::Stream>>,
     access: AccessRecord,
+    prefetch: prefetch::PrefetchList,
 }
 
 impl Fetcher {
@@ -219,6 +220,7 @@ impl Fetcher {
             settings,
             streams: Mutex::new(HashMap::new()),
             access: AccessRecord::new(&bootstrap),
+            prefetch: prefetch::PrefetchList::of(&bootstrap),
             bootstrap,
         })
     }
@@ -287,7 +289,12 @@ impl Fetcher {
         }
 
         let extended_to = self.start_demand_jobs(ino, inode.size, chunk_count, last, leads);
-        if self.settings.readahead > 0 && self.is_sequential(ino, offset, end, cs) {
+        // A sequential reader of listed chunks gets no readahead: the list
+        // names what is going to be read.
+        if self.settings.readahead > 0
+            && self.is_sequential(ino, offset, end, cs)
+            && !self.prefetch.covers(ino, first..=last)
+        {
             self.readahead(ino, inode.size, chunk_count, extended_to.max(last + 1));
         }
 

@@ -5,11 +5,17 @@
 //! little more than a request of its own would bring), as background jobs:
 //! readers' fetches go first, and background jobs take at most their share
 //! of the workers.
+//!
+//! The list also says where readahead stops: it names what a start read, so
+//! a sequential reader of listed chunks gets no readahead past them (a read
+//! beyond a listed stretch is a miss, whose readahead goes on from there).
 
+use std::collections::HashMap;
+use std::ops::{Range, RangeInclusive};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use lode_common::format::PrefetchRange;
+use lode_common::format::{Bootstrap, Ino, PrefetchRange};
 use tracing::{debug, info, warn};
 
 use super::{close_unless_extended, Fetcher, Piece};
@@ -17,23 +23,50 @@ use crate::metrics::Metrics;
 use crate::read::job::FetchJob;
 use crate::read::workers::{Job as _, Priority};
 
+/// The image's prefetch list, in its order and by file.
+#[derive(Default)]
+pub(crate) struct PrefetchList {
+    ranges: Vec<PrefetchRange>,
+    /// Inode number → the stretches of its chunks listed.
+    by_ino: HashMap<u64, Vec<Range<u32>>>,
+}
+
+impl PrefetchList {
+    /// The bootstrap's list; an unreadable one is logged and taken as empty.
+    pub(crate) fn of(bootstrap: &Bootstrap) -> Self {
+        let ranges = bootstrap.prefetch_list().unwrap_or_else(|e| {
+            warn!(error = %e, "unreadable prefetch list; not prefetching");
+            Vec::new()
+        });
+        let mut by_ino: HashMap<u64, Vec<Range<u32>>> = HashMap::new();
+        for r in &ranges {
+            by_ino.entry(r.ino.0).or_default().push(r.chunks.clone());
+        }
+        Self { ranges, by_ino }
+    }
+
+    /// Whether one listed stretch of `ino` holds all of `chunks`.
+    pub(crate) fn covers(&self, ino: Ino, chunks: RangeInclusive<u32>) -> bool {
+        self.by_ino.get(&ino.0).is_some_and(|listed| {
+            listed
+                .iter()
+                .any(|r| r.contains(chunks.start()) && r.contains(chunks.end()))
+        })
+    }
+}
+
 impl Fetcher {
     /// Starts fetching the prefetch list on a thread of its own, if the
     /// image has one. The thread ends when the list is done, the fetcher
     /// shuts down or the instance is gone.
     pub(crate) fn start_prefetch(fetcher: &Arc<Self>) -> std::io::Result<()> {
-        let list = match fetcher.bootstrap.prefetch_list() {
-            Ok(list) if list.is_empty() => return Ok(()),
-            Ok(list) => list,
-            Err(e) => {
-                warn!(error = %e, "unreadable prefetch list; not prefetching");
-                return Ok(());
-            }
-        };
+        if fetcher.prefetch.ranges.is_empty() {
+            return Ok(());
+        }
         let weak = Arc::downgrade(fetcher);
         std::thread::Builder::new()
             .name("lode-prefetch".into())
-            .spawn(move || prefetch(&weak, &list))
+            .spawn(move || prefetch(&weak))
             .map(drop)
     }
 
@@ -84,23 +117,22 @@ impl Fetcher {
 }
 
 /// Walks the list while the fetcher lives.
-fn prefetch(fetcher: &Weak<Fetcher>, list: &[PrefetchRange]) {
+fn prefetch(fetcher: &Weak<Fetcher>) {
     let started = Instant::now();
     let mut requests = 0u64;
     let mut job: Option<FetchJob> = None;
-    for range in list {
-        let queued = fetcher
-            .upgrade()
-            .and_then(|f| f.prefetch_range(range, &mut job));
-        match queued {
+    let mut listed = 0;
+    loop {
+        let Some(f) = fetcher.upgrade() else {
+            return cancel(job);
+        };
+        let Some(range) = f.prefetch.ranges.get(listed) else {
+            break;
+        };
+        listed += 1;
+        match f.prefetch_range(range, &mut job) {
             Some(n) => requests += n,
-            None => {
-                // Its readers learn that the fetcher is going away.
-                if let Some(j) = job.take() {
-                    Box::new(j).cancel();
-                }
-                return;
-            }
+            None => return cancel(job),
         }
     }
     if let (Some(f), Some(j)) = (fetcher.upgrade(), job.take()) {
@@ -108,9 +140,17 @@ fn prefetch(fetcher: &Weak<Fetcher>, list: &[PrefetchRange]) {
         f.submit_prefetch(j);
     }
     info!(
-        ranges = list.len(),
+        ranges = listed,
         requests,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "prefetch list queued"
     );
+}
+
+/// Fails the job being gathered, once the fetcher is going away: its
+/// readers learn that at once.
+fn cancel(job: Option<FetchJob>) {
+    if let Some(j) = job {
+        Box::new(j).cancel();
+    }
 }

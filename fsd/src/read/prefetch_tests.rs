@@ -180,3 +180,39 @@ fn a_prefetch_runs_at_a_lower_priority_until_a_reader_waits_for_it() {
         "the prefetch ran at niceness 10 until the reader waited for it"
     );
 }
+
+#[test]
+fn a_reader_of_listed_chunks_gets_no_readahead_past_them() {
+    // One file of 8 chunks, of which the list names the first 3.
+    let mut b = ImageBuilder::new(CS, false);
+    let data = pattern(8 * CS as usize, 7);
+    let listed = b.file("f", &data);
+    b.prefetch_chunks(listed, 0..3);
+    let image = b.build();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 8));
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the listed chunks to be cached", || cached_chunks(&f) == 3);
+    let ino = ino_of(&image, "f");
+    let chunk = |i: usize| &data[i * CS as usize..][..CS as usize];
+    for i in 0..3 {
+        let read = f.read(ino, i as u64 * u64::from(CS), CS).unwrap();
+        assert_eq!(read, chunk(i), "chunk {i}");
+    }
+    let after_list = metrics.snapshot();
+    assert_eq!(
+        (after_list.readahead_requests, after_list.cache_misses),
+        (0, 0),
+        "reading the listed chunks in order fetched nothing more"
+    );
+    assert_eq!(backend.calls().len(), 2, "the list's two requests alone");
+    // Past the list the reader misses, and readahead goes on from there.
+    for i in 3..5 {
+        let read = f.read(ino, i as u64 * u64::from(CS), CS).unwrap();
+        assert_eq!(read, chunk(i), "chunk {i}");
+    }
+    wait_until("readahead past the listed chunks", || {
+        metrics.snapshot().readahead_requests >= 1
+    });
+}
