@@ -36,20 +36,16 @@ pub struct LodeSnapshotter {
     dirs: tokio::sync::RwLock<()>,
 }
 
-/// Releases the instance of Lode image `digest` unless a snapshot still
-/// uses the image. A failed release is logged (the instance stays mounted).
+/// Forgets Lode image `digest` and releases its instance unless a snapshot
+/// still uses the image (a damaged record may be one of its snapshots: then
+/// it keeps being served). A failed release is logged (the instance stays
+/// mounted).
 async fn release_unless_used(
     store: &Store,
     instances: &dyn InstanceProvider,
     digest: &str,
 ) -> Result<(), crate::store::StoreError> {
-    let listing = store.all()?;
-    let used = listing
-        .records
-        .values()
-        .any(|r| r.lode_image.as_deref() == Some(digest));
-    // A damaged record may be one of the image's snapshots: keep serving.
-    if !used && listing.damaged.is_empty() {
+    if store.forget_image_unless_used(digest)? {
         if let Err(error) = instances.release(digest).await {
             tracing::warn!(%digest, %error, "cannot release the image's instance");
         }
@@ -103,9 +99,7 @@ impl LodeSnapshotter {
                         return Err(ServiceError::LayerAvailable(target));
                     }
                     LayerKind::Bootstrap(image) => {
-                        self.store.put_image(&image)?;
-                        let digest = image.bootstrap_digest.clone();
-                        self.commit_lazy(&target, &parent, labels, Some(digest))
+                        self.commit_lazy(&target, &parent, labels, Some(&image))
                             .await?;
                         tracing::info!(snapshot = %target, image_ref = %image.image_ref, "Lode image ready to be served lazily");
                         self.serve_ahead(image);
@@ -174,7 +168,7 @@ impl LodeSnapshotter {
         name: &str,
         parent: &str,
         labels: HashMap<String, String>,
-        lode_image: Option<String>,
+        lode_image: Option<&LodeImage>,
     ) -> Result<(), ServiceError> {
         let _recording = self.dirs.read().await;
         let id = self.store.next_id()?;
@@ -192,9 +186,9 @@ impl LodeSnapshotter {
             updated_ns: now,
             usage: Some((0, 0)),
             lazy: true,
-            lode_image,
+            lode_image: lode_image.map(|image| image.bootstrap_digest.clone()),
         };
-        if let Err(error) = self.store.create(name, &record) {
+        if let Err(error) = self.store.create_with_image(name, &record, lode_image) {
             disk::remove_dir(dir).await;
             return Err(error.into());
         }

@@ -144,6 +144,27 @@ impl Store {
     /// Records a new active or view snapshot (or a committed one, for lazily
     /// available layers). The parent, if any, must exist and be committed.
     pub fn create(&self, key: &str, record: &SnapshotRecord) -> Result<(), StoreError> {
+        self.create_with_image(key, record, None)
+    }
+
+    /// Creates snapshot `key` and, in the same transaction, records the
+    /// Lode image it names (idempotent: the same bootstrap is the same
+    /// image), so that an image is recorded whenever a snapshot names it.
+    pub fn create_with_image(
+        &self,
+        key: &str,
+        record: &SnapshotRecord,
+        image: Option<&LodeImage>,
+    ) -> Result<(), StoreError> {
+        let image = image
+            .map(|image| {
+                let bytes = serde_json::to_vec(image).map_err(|e| StoreError::Corrupt {
+                    key: image.bootstrap_digest.clone(),
+                    message: e.to_string(),
+                })?;
+                Ok::<_, StoreError>((image.bootstrap_digest.as_str(), bytes))
+            })
+            .transpose()?;
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
@@ -154,6 +175,10 @@ impl Store {
             table
                 .insert(key, record.encode().as_slice())
                 .map_err(db_err)?;
+            if let Some((digest, bytes)) = &image {
+                let mut images = txn.open_table(IMAGES).map_err(db_err)?;
+                images.insert(*digest, bytes.as_slice()).map_err(db_err)?;
+            }
         }
         txn.commit().map_err(db_err)
     }
@@ -242,20 +267,28 @@ impl Store {
         Ok(updated)
     }
 
-    /// Records a Lode image (idempotent: the same bootstrap is the same image).
-    pub fn put_image(&self, image: &LodeImage) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(image).map_err(|e| StoreError::Corrupt {
-            key: image.bootstrap_digest.clone(),
-            message: e.to_string(),
-        })?;
+    /// Forgets the record of Lode image `bootstrap_digest` unless a
+    /// snapshot names it, or a damaged snapshot record might; returns
+    /// whether no snapshot uses the image (then its instance can go too).
+    /// One transaction: a snapshot created meanwhile is seen, or sees the
+    /// record gone and records the image again.
+    pub fn forget_image_unless_used(&self, bootstrap_digest: &str) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            let mut table = txn.open_table(IMAGES).map_err(db_err)?;
-            table
-                .insert(image.bootstrap_digest.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
+            let snapshots = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            for entry in snapshots.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                let used = SnapshotRecord::decode(key.value(), value.value())
+                    .map_or(true, |r| r.lode_image.as_deref() == Some(bootstrap_digest));
+                if used {
+                    return Ok(false);
+                }
+            }
+            let mut images = txn.open_table(IMAGES).map_err(db_err)?;
+            images.remove(bootstrap_digest).map_err(db_err)?;
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(db_err)?;
+        Ok(true)
     }
 
     pub fn image(&self, bootstrap_digest: &str) -> Result<Option<LodeImage>, StoreError> {

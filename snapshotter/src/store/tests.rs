@@ -117,3 +117,59 @@ fn a_damaged_record_hides_only_itself() {
     let e = store.get("bad").unwrap_err();
     assert!(e.to_string().contains("bad"), "names the record: {e}");
 }
+
+fn lode_image(digest: &str) -> LodeImage {
+    LodeImage {
+        bootstrap_digest: digest.into(),
+        bootstrap_path: "/b".into(),
+        image_ref: "r".into(),
+        blob_source: "registry://h/r".into(),
+        plain_http: true,
+        hosts: Vec::new(),
+    }
+}
+
+/// A committed snapshot naming Lode image `digest`.
+fn lazy_layer(id: u64, digest: &str) -> SnapshotRecord {
+    SnapshotRecord {
+        lazy: true,
+        lode_image: Some(digest.into()),
+        ..record(id, SnapshotKind::Committed, "")
+    }
+}
+
+#[test]
+fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
+    let (_dir, store) = open();
+    let image = lode_image("sha256:b1");
+    store
+        .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
+        .unwrap();
+    // A second snapshot names the same image (another pull of it).
+    store
+        .create_with_image("again", &lazy_layer(2, "sha256:b1"), Some(&image))
+        .unwrap();
+    assert_eq!(store.image("sha256:b1").unwrap(), Some(image));
+    store.remove("layer").unwrap();
+    assert!(!store.forget_image_unless_used("sha256:b1").unwrap());
+    assert!(store.image("sha256:b1").unwrap().is_some(), "still used");
+    store.remove("again").unwrap();
+    assert!(store.forget_image_unless_used("sha256:b1").unwrap());
+    assert_eq!(store.image("sha256:b1").unwrap(), None);
+}
+
+#[test]
+fn an_image_is_kept_while_a_damaged_record_might_name_it() {
+    let (_dir, store) = open();
+    let image = lode_image("sha256:b1");
+    store
+        .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
+        .unwrap();
+    store
+        .create("other", &record(2, SnapshotKind::Active, ""))
+        .unwrap();
+    store.remove("layer").unwrap();
+    damage(&store.database(), SNAPSHOTS, "other");
+    assert!(!store.forget_image_unless_used("sha256:b1").unwrap());
+    assert_eq!(store.image("sha256:b1").unwrap(), Some(image));
+}
