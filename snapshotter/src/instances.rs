@@ -26,6 +26,19 @@ pub struct LodeImage {
     pub hosts: Vec<lode_common::registry::RegistryHost>,
 }
 
+/// An image record for tests: digest `bootstrap_digest`, the rest made up.
+#[cfg(test)]
+pub(crate) fn test_image(bootstrap_digest: &str) -> LodeImage {
+    LodeImage {
+        bootstrap_digest: bootstrap_digest.into(),
+        bootstrap_path: "/b".into(),
+        image_ref: "r".into(),
+        blob_source: "registry://h/r".into(),
+        plain_http: true,
+        hosts: Vec::new(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("daemon {daemon_id}: {message}")]

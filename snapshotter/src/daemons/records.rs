@@ -187,16 +187,7 @@ impl Records {
 mod tests {
     use super::*;
 
-    fn image(digest: &str) -> LodeImage {
-        LodeImage {
-            bootstrap_digest: digest.into(),
-            bootstrap_path: "/b".into(),
-            image_ref: "r".into(),
-            blob_source: "registry://h/r".into(),
-            plain_http: true,
-            hosts: Vec::new(),
-        }
-    }
+    use crate::instances::test_image as image;
 
     #[test]
     fn sequence_numbers_increase_across_reopen_and_order_instances() {

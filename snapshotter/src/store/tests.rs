@@ -118,17 +118,6 @@ fn a_damaged_record_hides_only_itself() {
     assert!(e.to_string().contains("bad"), "names the record: {e}");
 }
 
-fn lode_image(digest: &str) -> LodeImage {
-    LodeImage {
-        bootstrap_digest: digest.into(),
-        bootstrap_path: "/b".into(),
-        image_ref: "r".into(),
-        blob_source: "registry://h/r".into(),
-        plain_http: true,
-        hosts: Vec::new(),
-    }
-}
-
 /// A committed snapshot naming Lode image `digest`.
 fn lazy_layer(id: u64, digest: &str) -> SnapshotRecord {
     SnapshotRecord {
@@ -141,7 +130,7 @@ fn lazy_layer(id: u64, digest: &str) -> SnapshotRecord {
 #[test]
 fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
     let (_dir, store) = open();
-    let image = lode_image("sha256:b1");
+    let image = crate::instances::test_image("sha256:b1");
     store
         .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
         .unwrap();
@@ -161,7 +150,7 @@ fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
 #[test]
 fn an_image_is_kept_while_a_damaged_record_might_name_it() {
     let (_dir, store) = open();
-    let image = lode_image("sha256:b1");
+    let image = crate::instances::test_image("sha256:b1");
     store
         .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
         .unwrap();
