@@ -118,26 +118,25 @@ fn a_damaged_record_hides_only_itself() {
     assert!(e.to_string().contains("bad"), "names the record: {e}");
 }
 
-/// A committed snapshot naming Lode image `digest`.
-fn lazy_layer(id: u64, digest: &str) -> SnapshotRecord {
-    SnapshotRecord {
+/// Creates committed snapshot `key` naming Lode image `sha256:b1`, as a
+/// pull's bootstrap layer does; returns the image.
+fn image_layer(store: &Store, key: &str, id: u64) -> LodeImage {
+    let image = crate::instances::test_image("sha256:b1");
+    let layer = SnapshotRecord {
         lazy: true,
-        lode_image: Some(digest.into()),
+        lode_image: Some(image.bootstrap_digest.clone()),
         ..record(id, SnapshotKind::Committed, "")
-    }
+    };
+    store.create_with_image(key, &layer, Some(&image)).unwrap();
+    image
 }
 
 #[test]
 fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
     let (_dir, store) = open();
-    let image = crate::instances::test_image("sha256:b1");
-    store
-        .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
-        .unwrap();
+    let image = image_layer(&store, "layer", 1);
     // A second snapshot names the same image (another pull of it).
-    store
-        .create_with_image("again", &lazy_layer(2, "sha256:b1"), Some(&image))
-        .unwrap();
+    image_layer(&store, "again", 2);
     assert_eq!(store.image("sha256:b1").unwrap(), Some(image));
     store.remove("layer").unwrap();
     assert!(!store.forget_image_unless_used("sha256:b1").unwrap());
@@ -150,10 +149,7 @@ fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
 #[test]
 fn an_image_is_kept_while_a_damaged_record_might_name_it() {
     let (_dir, store) = open();
-    let image = crate::instances::test_image("sha256:b1");
-    store
-        .create_with_image("layer", &lazy_layer(1, "sha256:b1"), Some(&image))
-        .unwrap();
+    let image = image_layer(&store, "layer", 1);
     store
         .create("other", &record(2, SnapshotKind::Active, ""))
         .unwrap();
