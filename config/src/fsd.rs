@@ -89,12 +89,13 @@ pub struct FetchConfig {
     /// image's prefetch list, readahead) may occupy at once; readers' fetches
     /// always go first and keep the rest.
     pub background_share_percent: u8,
-    /// The CPU niceness (0-19) of a thread while it runs a background fetch,
-    /// so that decompressing and verifying chunks nobody waits for yet
-    /// yields the CPU to the containers starting beside it. A thread goes
-    /// back to 0 once a reader waits for one of its chunks. 0 turns it off;
-    /// without the right to raise priority again (CAP_SYS_NICE, or
-    /// RLIMIT_NICE) background fetches run at 0.
+    /// How much nicer (CPU niceness, 0-19; at most 19 in all) than the
+    /// daemon a thread is while it runs a background fetch, so that
+    /// decompressing and verifying chunks nobody waits for yet yields the
+    /// CPU to the containers starting beside it. A thread gets the daemon's
+    /// niceness back once a reader waits for one of its chunks. 0 turns it
+    /// off; without the right to raise priority again (CAP_SYS_NICE, or
+    /// RLIMIT_NICE) background fetches run at the daemon's niceness.
     pub background_nice: u8,
 }
 

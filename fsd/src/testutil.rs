@@ -363,13 +363,6 @@ impl GatedBackend {
     }
 }
 
-/// The kernel's niceness of the calling thread.
-pub fn thread_nice() -> i32 {
-    // SAFETY: plain syscalls; the thread's own id. (-1 as an error is not
-    // told apart from niceness -1, which no test sets.)
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-}
-
 impl BlobBackend for GatedBackend {
     fn read_range(
         &self,
@@ -379,7 +372,7 @@ impl BlobBackend for GatedBackend {
         sink: &mut Sink<'_>,
     ) -> Result<(), BackendError> {
         self.started.lock().unwrap().push(offset);
-        let at_start = thread_nice();
+        let at_start = crate::read::workers::thread_nice();
         if self.held.contains(&offset) {
             let mut open = self.open.lock().unwrap();
             while !*open {
@@ -391,7 +384,7 @@ impl BlobBackend for GatedBackend {
             sink(bytes);
             if first {
                 first = false;
-                let after = thread_nice();
+                let after = crate::read::workers::thread_nice();
                 self.nices.lock().unwrap().push((offset, at_start, after));
             }
         })

@@ -499,13 +499,14 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
         "[{mode}] the daemon fetched the listed chunks and nothing else"
     );
     assert_eq!(fx.data_gets() - gets, 1, "[{mode}] in one request");
-    // The thread that ran it is still at the background niceness (the
-    // default, 10): nobody waited for those chunks.
+    // The thread that ran it is still 10 nicer than the daemon (the
+    // default `fetch.background_nice`): nobody waited for those chunks.
     let pid = fsd.pid().expect("a daemon");
+    let background = (nice_of(&format!("/proc/{pid}/stat")).unwrap() + 10).min(19);
     let nices = fetch_thread_nices(pid);
     assert!(
-        nices.contains(&10),
-        "[{mode}] no fetch thread at niceness 10: {nices:?}"
+        nices.contains(&background),
+        "[{mode}] no fetch thread at niceness {background}: {nices:?}"
     );
 
     let file = File::open(fsd.join(file_name(5))).unwrap();
@@ -522,14 +523,20 @@ fn fetch_thread_nices(pid: i32) -> Vec<i64> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
         .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
-        .filter_map(|stat| {
-            // pid (comm) state ...: niceness is the 19th field, the 17th after comm.
-            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-            comm.starts_with("lode-fetch")
-                .then(|| rest.split(' ').nth(16)?.parse().ok())?
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("lode-fetch"))
         })
+        .filter_map(|task| nice_of(&task.path().join("stat").display().to_string()))
         .collect()
+}
+
+/// The niceness in a `/proc/.../stat` file: `pid (comm) state ...`, the
+/// 19th field, the 17th after comm.
+fn nice_of(stat_path: &str) -> Option<i64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(16)?.parse().ok()
 }
 
 /// Shared mode: an instance removed and mounted again under the same id

@@ -195,11 +195,11 @@ impl<'a> Assembly<'a> {
         }
     }
 
-    /// Gives a background job's thread the normal priority once a reader
+    /// Gives a background job's thread the daemon's priority once a reader
     /// waits for one of the chunks still to come (checked as each chunk
     /// begins).
     fn serve_waiting_reader(&self) {
-        if workers::current_nice() == 0 {
+        if workers::nice_above_base() == 0 {
             return;
         }
         let waited_for = self.job.chunks[self.next..]

@@ -21,4 +21,4 @@ mod job;
 mod link;
 pub(crate) mod pools;
 mod verify;
-mod workers;
+pub(crate) mod workers;

@@ -2,10 +2,11 @@
 //! ones (readahead, prefetch), and background ones on at most a set number
 //! of threads at once, so that readers always find a thread free soon.
 //!
-//! A thread runs a background job at a lower CPU priority (a niceness), so
-//! that decompressing and verifying chunks nobody waits for yet takes the
-//! CPU the starting containers leave; a job raises its thread back
-//! ([`serve_waiting_reader`]) once a reader waits for one of its chunks.
+//! A thread runs a background job at a lower CPU priority (a niceness above
+//! the one the daemon was started with), so that decompressing and
+//! verifying chunks nobody waits for yet takes the CPU the starting
+//! containers leave; a job raises its thread back ([`serve_waiting_reader`])
+//! once a reader waits for one of its chunks.
 //!
 //! Backend calls block, so they run here rather than on the FUSE threads: a
 //! reader waits for its chunks with a deadline and can give up even when a
@@ -47,7 +48,7 @@ struct Shared {
     queues: Mutex<Queues>,
     /// Background jobs that may run at once.
     background_limit: usize,
-    /// Niceness of a thread running a background job (0: none).
+    /// Niceness added to a thread running a background job (0: none).
     background_nice: i32,
     ready: Condvar,
     /// Signalled when a job finishes.
@@ -61,8 +62,9 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     /// `workers` threads, of which at most `background_limit` (at least
-    /// one) run background jobs at any time, at niceness `background_nice`
-    /// if the process may raise a thread's priority again afterwards.
+    /// one) run background jobs at any time, `background_nice` nicer than
+    /// the others if the process may raise a thread's priority again
+    /// afterwards.
     pub fn new(
         workers: usize,
         background_limit: usize,
@@ -206,7 +208,7 @@ fn worker(shared: &Shared) {
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        set_nice(if background {
+        set_nice_above_base(if background {
             shared.background_nice
         } else {
             0
@@ -229,34 +231,54 @@ fn worker(shared: &Shared) {
 }
 
 thread_local! {
-    /// The niceness this thread was last given.
-    static NICE: Cell<i32> = const { Cell::new(0) };
+    /// The niceness the thread started with (the daemon's), read on first use.
+    static BASE_NICE: i32 = thread_nice();
+    /// How much nicer than that the thread is now.
+    static ABOVE_BASE: Cell<i32> = const { Cell::new(0) };
 }
 
 /// Called by a running job when a reader waits for one of its chunks: its
-/// thread gets back the normal priority for the rest of the job.
+/// thread gets back the daemon's priority for the rest of the job.
 pub fn serve_waiting_reader() {
-    set_nice(0);
+    set_nice_above_base(0);
 }
 
-/// The niceness of the calling thread.
-pub fn current_nice() -> i32 {
-    NICE.with(Cell::get)
+/// How much nicer than the daemon the calling thread is.
+pub fn nice_above_base() -> i32 {
+    ABOVE_BASE.with(Cell::get)
 }
 
-/// Gives the calling thread niceness `nice`, if it has another one.
-fn set_nice(nice: i32) {
-    if NICE.with(Cell::get) != nice && renice_thread(nice).is_ok() {
-        NICE.with(|n| n.set(nice));
+/// Makes the calling thread `above` nicer than it started, at most 19.
+fn set_nice_above_base(above: i32) {
+    if ABOVE_BASE.with(Cell::get) != above {
+        let base = BASE_NICE.with(|b| *b);
+        if renice_thread((base + above).min(19)).is_ok() {
+            ABOVE_BASE.with(|a| a.set(above));
+        }
     }
 }
 
-/// Whether a thread may be given niceness `nice` and 0 again; tried on a
-/// thread of its own.
-pub(crate) fn can_renice(nice: i32) -> bool {
-    std::thread::spawn(move || renice_thread(nice).is_ok() && renice_thread(0).is_ok())
-        .join()
-        .unwrap_or(false)
+/// Whether a thread may be made `above` nicer and given its niceness back;
+/// tried on a thread of its own.
+pub(crate) fn can_renice(above: i32) -> bool {
+    std::thread::spawn(move || {
+        let base = thread_nice();
+        renice_thread((base + above).min(19)).is_ok() && renice_thread(base).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// The calling thread's niceness (getpriority(2); 0 if it fails).
+pub(crate) fn thread_nice() -> i32 {
+    nix::errno::Errno::clear();
+    // SAFETY: gettid has no preconditions; getpriority takes integers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+    if nice == -1 && nix::errno::Errno::last_raw() != 0 {
+        0
+    } else {
+        nice
+    }
 }
 
 /// setpriority(2) on the calling thread: on Linux a thread id names one
@@ -345,33 +367,35 @@ mod tests {
     struct Nice(mpsc::Sender<i32>);
     impl Job for Nice {
         fn run(self: Box<Self>) {
-            self.0.send(crate::testutil::thread_nice()).unwrap();
+            self.0.send(thread_nice()).unwrap();
         }
         fn cancel(self: Box<Self>) {}
     }
 
     #[test]
-    fn background_jobs_run_at_the_background_niceness_and_demand_jobs_at_0() {
+    fn background_jobs_run_nicer_than_demand_jobs() {
         if !can_renice(10) {
             eprintln!("skipped: this process may not raise a thread's priority again (needs root or CAP_SYS_NICE)");
             return;
         }
-        // One thread runs all three jobs, in turn.
+        // One thread runs all three jobs, in turn. It starts with this
+        // thread's niceness.
+        let base = thread_nice();
         let pool = WorkerPool::new(1, 1, 10).unwrap();
         let (tx, rx) = mpsc::channel();
         let timeout = std::time::Duration::from_secs(10);
         for (priority, nice) in [
-            (Priority::Background, 10),
-            (Priority::Demand, 0),
-            (Priority::Background, 10),
+            (Priority::Background, (base + 10).min(19)),
+            (Priority::Demand, base),
+            (Priority::Background, (base + 10).min(19)),
         ] {
             pool.submit(priority, Box::new(Nice(tx.clone())));
             assert_eq!(rx.recv_timeout(timeout).unwrap(), nice, "{priority:?}");
         }
-        // Turned off, background jobs run at 0.
+        // Turned off, background jobs run at the daemon's niceness.
         let pool = WorkerPool::new(1, 1, 0).unwrap();
         pool.submit(Priority::Background, Box::new(Nice(tx)));
-        assert_eq!(rx.recv_timeout(timeout).unwrap(), 0);
+        assert_eq!(rx.recv_timeout(timeout).unwrap(), base);
     }
 
     #[test]
