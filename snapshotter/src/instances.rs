@@ -45,8 +45,9 @@ pub enum InstanceError {
     Daemon { daemon_id: String, message: String },
     #[error("image {image}: {message}")]
     Image { image: String, message: String },
+    /// The daemon manager could not serve the image (its cause kept).
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Serves Lode images through filesystem daemons.

@@ -84,7 +84,7 @@ impl From<DaemonError> for InstanceError {
     fn from(error: DaemonError) -> Self {
         match error {
             DaemonError::Daemon { daemon_id, message } => Self::Daemon { daemon_id, message },
-            other => Self::Unavailable(other.to_string()),
+            other => Self::Unavailable(Box::new(other)),
         }
     }
 }

@@ -35,17 +35,27 @@ impl ServiceError {
         }
     }
 
-    /// Whether the snapshotter's disk is full (the store's file or a
-    /// snapshot directory could not grow).
+    /// Whether the snapshotter's disk is full: an ENOSPC anywhere in the
+    /// error's chain of causes (the store's file, the daemon records in it,
+    /// a snapshot directory).
     pub fn disk_full(&self) -> bool {
         let enospc = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOSPC);
-        match self {
-            Self::Io { source, .. } => enospc(source),
-            Self::Store(StoreError::Db(error)) => {
-                matches!(&**error, redb::Error::Io(e) if enospc(e))
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = next {
+            // redb's errors do not name their io::Error as a source.
+            let db = error
+                .downcast_ref::<redb::Error>()
+                .or_else(|| error.downcast_ref::<Box<redb::Error>>().map(|b| &**b));
+            let io = match db {
+                Some(redb::Error::Io(e)) => Some(e),
+                _ => error.downcast_ref::<std::io::Error>(),
+            };
+            if io.is_some_and(enospc) {
+                return true;
             }
-            _ => false,
+            next = error.source();
         }
+        false
     }
 
     pub fn code(&self) -> Code {
@@ -77,5 +87,51 @@ impl From<ServiceError> for Status {
             );
         }
         Status::new(error.code(), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemons::records::RecordError;
+    use crate::daemons::DaemonError;
+
+    fn os_error(errno: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno)
+    }
+
+    fn from_daemon_records(errno: i32) -> ServiceError {
+        let db = redb::Error::Io(os_error(errno));
+        ServiceError::Instance(DaemonError::Records(RecordError::Db(Box::new(db))).into())
+    }
+
+    #[test]
+    fn a_full_disk_is_found_wherever_it_is_among_the_causes() {
+        let full = [
+            ServiceError::Io {
+                path: "/root/snapshots/7".into(),
+                source: os_error(libc::ENOSPC),
+            },
+            ServiceError::Store(StoreError::Db(Box::new(redb::Error::Io(os_error(
+                libc::ENOSPC,
+            ))))),
+            from_daemon_records(libc::ENOSPC),
+            ServiceError::Instance(
+                DaemonError::Io {
+                    path: "/root/daemons/shared.log".into(),
+                    source: os_error(libc::ENOSPC),
+                }
+                .into(),
+            ),
+        ];
+        for error in full {
+            assert!(error.disk_full(), "{error}");
+            assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+            let status = Status::from(error);
+            assert!(status.message().contains("is full"), "{status:?}");
+        }
+        let denied = from_daemon_records(libc::EACCES);
+        assert!(!denied.disk_full(), "{denied}");
+        assert_eq!(denied.code(), Code::Unavailable);
     }
 }
