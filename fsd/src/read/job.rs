@@ -133,6 +133,12 @@ impl FetchJob {
     }
 }
 
+/// How many chunks ahead of the stream a background job looks for waiting
+/// readers: the job then runs at the daemon's priority at least that many
+/// chunks before such a reader's chunk, and a long readahead (hundreds of
+/// small chunks) does not scan all of its chunks at every chunk.
+const WANTED_AHEAD: usize = 8;
+
 /// Cuts the stream of a job's range into its chunks and delivers each one
 /// as soon as its last byte is in, so readers of the first chunks need not
 /// wait for the whole range.
@@ -196,14 +202,15 @@ impl<'a> Assembly<'a> {
     }
 
     /// Gives a background job's thread the daemon's priority once a reader
-    /// waits for one of the chunks still to come (checked as each chunk
-    /// begins).
+    /// waits for one of the next [`WANTED_AHEAD`] chunks (checked as each
+    /// chunk begins).
     fn serve_waiting_reader(&self) {
         if workers::nice_above_base() == 0 {
             return;
         }
         let waited_for = self.job.chunks[self.next..]
             .iter()
+            .take(WANTED_AHEAD)
             .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()));
         if waited_for {
             workers::serve_waiting_reader();
