@@ -331,16 +331,9 @@ pub fn daemon_pids_under(root: &Path) -> Vec<u32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true);
-            !zombie && cmdline.contains("lode-fsd") && cmdline.contains(&needle)
+            crate::lode::process_alive(*pid as i32)
+                && cmdline.contains("lode-fsd")
+                && cmdline.contains(&needle)
         })
         .collect()
 }

@@ -19,8 +19,8 @@ use lode_tests::failover::{
     Tally, FILES,
 };
 use lode_tests::lode::{
-    cache_durable, data_blobs, file_chunks, process_alive, request_metrics, ChunkLocation,
-    Counters, Mode, ModeFsd,
+    cache_durable, data_blobs, file_chunks, proc_stat_fields, process_alive, request_metrics,
+    ChunkLocation, Counters, Mode, ModeFsd,
 };
 use lode_tests::{bounded, lode_prerequisites, wait_until, LodeBinaries, Registry};
 use nix::sys::signal::Signal;
@@ -502,7 +502,7 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
     // The thread that ran it is still 10 nicer than the daemon (the
     // default `fetch.background_nice`): nobody waited for those chunks.
     let pid = fsd.pid().expect("a daemon");
-    let background = (nice_of(&format!("/proc/{pid}/stat")).unwrap() + 10).min(19);
+    let background = (nice_of(format!("/proc/{pid}/stat")).unwrap() + 10).min(19);
     let nices = fetch_thread_nices(pid);
     assert!(
         nices.contains(&background),
@@ -527,16 +527,13 @@ fn fetch_thread_nices(pid: i32) -> Vec<i64> {
             std::fs::read_to_string(task.path().join("comm"))
                 .is_ok_and(|comm| comm.starts_with("lode-fetch"))
         })
-        .filter_map(|task| nice_of(&task.path().join("stat").display().to_string()))
+        .filter_map(|task| nice_of(task.path().join("stat")))
         .collect()
 }
 
-/// The niceness in a `/proc/.../stat` file: `pid (comm) state ...`, the
-/// 19th field, the 17th after comm.
-fn nice_of(stat_path: &str) -> Option<i64> {
-    let stat = std::fs::read_to_string(stat_path).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split(' ').nth(16)?.parse().ok()
+/// The niceness in a `/proc/.../stat` file.
+fn nice_of(stat: impl AsRef<std::path::Path>) -> Option<i64> {
+    proc_stat_fields(stat)?.get(16)?.parse().ok()
 }
 
 /// Shared mode: an instance removed and mounted again under the same id

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use lode_tests::lode::process_alive;
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{rounds, scrape, stack, wait_for_rounds};
 use lode_tests::wait_until;
@@ -81,7 +82,7 @@ fn hung_daemon(mode: &'static str) {
     wait_until(
         replaced_within,
         "the hung daemon killed and replaced",
-        || gone(hung) && s.snapshotter.log().contains("did not answer in time"),
+        || !process_alive(hung as i32) && s.snapshotter.log().contains("did not answer in time"),
     )
     .unwrap_or_else(|e| {
         panic!(
@@ -118,17 +119,4 @@ fn hung_daemon(mode: &'static str) {
 
 fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-}
-
-/// Whether the process is gone (or a zombie nobody reaped yet).
-fn gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with(['Z', 'X'])
-        })
-        .unwrap_or(true)
 }

@@ -230,13 +230,19 @@ pub fn force_unmount(path: &Path) {
 
 /// Whether `pid` names a live (not zombie) process.
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+    proc_stat_fields(format!("/proc/{pid}/stat"))
+        .and_then(|fields| fields.first()?.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// The fields of a `/proc/PID/stat` (or `/proc/PID/task/TID/stat`) file
+/// after the command name, which may hold spaces and parentheses: the
+/// process state first, the niceness 17th (`stat` fields 3 and 19).
+/// `None` if the file cannot be read (the process is gone).
+pub fn proc_stat_fields(path: impl AsRef<Path>) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// Sends SIGUSR1 to the daemon `pid` and returns the metrics JSON it then

@@ -17,7 +17,8 @@ pub mod modes;
 
 pub use ctl::{LodeMount, Lodectl, MountRecord, Run};
 pub use fsd::{
-    counter, force_unmount, is_fsd_mount, process_alive, request_metrics, FsdDaemon, FsdOptions,
+    counter, force_unmount, is_fsd_mount, proc_stat_fields, process_alive, request_metrics,
+    FsdDaemon, FsdOptions,
 };
 pub use image::{
     cache_disk_bytes, cache_durable, data_blobs, fetch_bootstrap, file_chunks, remove_cached_blobs,
