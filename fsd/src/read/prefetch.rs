@@ -1,10 +1,9 @@
 //! The image's prefetch list, fetched in the background from the moment the
 //! instance is built: the missing chunks of its stretches of files in list
-//! order, in requests
-//! merged up to `merge_limit_bytes` (a reader that joins one waits for
-//! little more than a request of its own would bring), as background jobs:
-//! readers' fetches go first, and background jobs take at most their share
-//! of the workers.
+//! order, in requests of adjacent chunks of one blob merged up to
+//! `merge_limit_bytes` (a reader that joins one waits for little more than a
+//! request of its own would bring), as background jobs: readers' fetches go
+//! first, and background jobs take at most their share of the workers.
 //!
 //! The list also says where readahead stops: it names what a start read, so
 //! a sequential reader of listed chunks gets no readahead past them (a read
@@ -15,13 +14,13 @@ use std::ops::{Range, RangeInclusive};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use lode_common::format::{Bootstrap, Ino, PrefetchRange};
+use lode_common::format::{BlobIndex, Bootstrap, Ino, PrefetchRange};
 use tracing::{debug, info, warn};
 
 use super::{close_unless_extended, Fetcher, Piece};
 use crate::metrics::Metrics;
 use crate::read::job::FetchJob;
-use crate::read::workers::{Job as _, Priority};
+use crate::read::workers::Priority;
 
 /// The image's prefetch list, in its order and by file.
 #[derive(Default)]
@@ -70,18 +69,60 @@ impl Fetcher {
             .map(drop)
     }
 
-    /// Queues the missing chunks of `range` (merging them into `job`);
-    /// returns the requests submitted, or `None` once the fetcher shuts down.
-    fn prefetch_range(&self, range: &PrefetchRange, job: &mut Option<FetchJob>) -> Option<u64> {
-        let Ok(size) = self.bootstrap.inode(range.ino).map(|i| i.size) else {
-            return Some(0);
-        };
-        let mut submitted = 0;
-        for idx in range.chunks.clone() {
-            let Ok(piece) = self.piece(range.ino, idx, size) else {
-                break;
+    /// The requests the list makes, in the order of their first chunk in
+    /// the list: each holds adjacent chunks of one blob, in list order, up
+    /// to `merge_limit_bytes`. A blob's request stays open while the list
+    /// goes on in other blobs (the converter lays each blob's listed chunks
+    /// out in list order, but a list interleaves files of several layers),
+    /// so a few small files at the head of the list do not each hold a
+    /// request, and a worker, for a round trip.
+    fn plan_prefetch(&self) -> Vec<Vec<Piece>> {
+        let mut planned: Vec<Vec<Piece>> = Vec::new();
+        // Blob → its open request in `planned` and that request's stored bytes.
+        let mut open: HashMap<BlobIndex, (usize, u64)> = HashMap::new();
+        for range in &self.prefetch.ranges {
+            let Ok(size) = self.bootstrap.inode(range.ino).map(|i| i.size) else {
+                continue;
             };
-            submitted += self.prefetch_chunk(piece, job)?;
+            for idx in range.chunks.clone() {
+                let Ok(piece) = self.piece(range.ino, idx, size) else {
+                    break;
+                };
+                let stored = u64::from(piece.rec.compressed_size);
+                let extended = open.get_mut(&piece.blob_index).filter(|(at, bytes)| {
+                    planned[*at]
+                        .last()
+                        .is_some_and(|last| last.adjacent(&piece))
+                        && *bytes + stored <= self.settings.merge_limit
+                });
+                match extended {
+                    Some((at, bytes)) => {
+                        planned[*at].push(piece);
+                        *bytes += stored;
+                    }
+                    None => {
+                        open.insert(piece.blob_index, (planned.len(), stored));
+                        planned.push(vec![piece]);
+                    }
+                }
+            }
+        }
+        planned
+    }
+
+    /// Queues the missing chunks of one planned request (several requests
+    /// if some of its chunks are cached or in flight meanwhile); returns the
+    /// requests submitted, or `None` once the fetcher shuts down.
+    fn prefetch_request(&self, pieces: &[Piece]) -> Option<u64> {
+        let mut job = None;
+        let mut submitted = 0;
+        for piece in pieces {
+            // `None` comes only while no job is being gathered.
+            submitted += self.prefetch_chunk(*piece, &mut job)?;
+        }
+        if let Some(j) = job {
+            self.submit_prefetch(j);
+            submitted += 1;
         }
         Some(submitted)
     }
@@ -116,41 +157,29 @@ impl Fetcher {
     }
 }
 
-/// Walks the list while the fetcher lives.
+/// Plans the list's requests, then queues them while the fetcher lives.
 fn prefetch(fetcher: &Weak<Fetcher>) {
     let started = Instant::now();
+    let Some((planned, ranges)) = fetcher
+        .upgrade()
+        .map(|f| (f.plan_prefetch(), f.prefetch.ranges.len()))
+    else {
+        return;
+    };
     let mut requests = 0u64;
-    let mut job: Option<FetchJob> = None;
-    let mut listed = 0;
-    loop {
+    for pieces in &planned {
         let Some(f) = fetcher.upgrade() else {
-            return cancel(job);
+            return;
         };
-        let Some(range) = f.prefetch.ranges.get(listed) else {
-            break;
-        };
-        listed += 1;
-        match f.prefetch_range(range, &mut job) {
+        match f.prefetch_request(pieces) {
             Some(n) => requests += n,
-            None => return cancel(job),
+            None => return,
         }
     }
-    if let (Some(f), Some(j)) = (fetcher.upgrade(), job.take()) {
-        requests += 1;
-        f.submit_prefetch(j);
-    }
     info!(
-        ranges = listed,
+        ranges,
         requests,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "prefetch list queued"
     );
-}
-
-/// Fails the job being gathered, once the fetcher is going away: its
-/// readers learn that at once.
-fn cancel(job: Option<FetchJob>) {
-    if let Some(j) = job {
-        Box::new(j).cancel();
-    }
 }

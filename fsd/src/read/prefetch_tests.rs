@@ -22,13 +22,13 @@ fn four_files(listed: &[&str]) -> TestImage {
     b.build()
 }
 
-/// Chunks of the image's (only) blob in the cache.
+/// Chunks of the image's blobs in the cache.
 fn cached_chunks(f: &Fetcher) -> usize {
-    f.blob_caches[0]
-        .read()
-        .unwrap()
-        .upgrade()
-        .map_or(0, |c| c.present_count())
+    f.blob_caches
+        .iter()
+        .filter_map(|c| c.read().unwrap().upgrade())
+        .map(|c| c.present_count())
+        .sum()
 }
 
 /// Where file `name`'s chunks lie in the blob.
@@ -63,6 +63,43 @@ fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
     }
     assert_eq!(metrics.snapshot().cache_misses, 0);
     assert_eq!(backend.calls().len(), 2, "listed files read from the cache");
+}
+
+#[test]
+fn a_list_that_alternates_blobs_takes_one_request_per_blob() {
+    // a1, a2 in the first blob and b1, b2 in the second, each laid out in
+    // list order; the list alternates between the blobs.
+    let mut b = ImageBuilder::new(CS, false);
+    let a1 = b.file("a1", &pattern(CS as usize, 1));
+    let a2 = b.file("a2", &pattern(CS as usize, 2));
+    b.next_blob();
+    let b1 = b.file("b1", &pattern(CS as usize, 3));
+    let b2 = b.file("b2", &pattern(CS as usize, 4));
+    for id in [a1, b1, a2, b2] {
+        b.prefetch(id);
+    }
+    let image = b.build();
+    let backend = Arc::new(CountingBackend::new(&image));
+    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 0));
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the listed files to be cached", || cached_chunks(&f) == 4);
+    let cs = u64::from(CS);
+    assert_eq!(
+        backend.calls(),
+        [(0, 2 * cs), (0, 2 * cs)],
+        "each blob's two files in one request, not a request per file"
+    );
+    assert_eq!(metrics.snapshot().prefetch_requests, 2);
+    for (name, seed) in [("a1", 1), ("b1", 3), ("a2", 2), ("b2", 4)] {
+        let data = f.read(ino_of(&image, name), 0, CS).unwrap();
+        assert_eq!(data, pattern(CS as usize, seed), "{name}");
+    }
+    assert_eq!(
+        metrics.snapshot().cache_misses,
+        0,
+        "all read from the cache"
+    );
 }
 
 #[test]
