@@ -386,12 +386,14 @@ impl Fetcher {
             let at = (chunk_start + u64::from(lo) - span.offset) as usize;
             let cache = self.blob_cache(&piece)?;
             if let Some(pending) = self.ctx.inflight.get(&piece.key()) {
+                // Marked before the pool looks for wanted jobs.
+                pending.want();
                 let counter = if pending.is_done() {
                     &self.metrics.prefetch_hits
                 } else {
+                    self.pool.reader_waits();
                     &self.metrics.inflight_joins
                 };
-                pending.want();
                 Metrics::add(counter, 1);
                 waits.push((piece, pending, lo..hi, at));
                 continue;
@@ -411,6 +413,7 @@ impl Fetcher {
             let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
             if !leader {
                 pending.want();
+                self.pool.reader_waits();
                 Metrics::add(&self.metrics.inflight_joins, 1);
             } else if cache.is_present(piece.rel) {
                 Metrics::add(&self.metrics.cache_hits, 1);

@@ -226,6 +226,12 @@ impl<'a> Assembly<'a> {
 }
 
 impl Job for FetchJob {
+    fn is_wanted(&self) -> bool {
+        self.chunks
+            .iter()
+            .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()))
+    }
+
     fn run(self: Box<Self>) {
         let metrics = &self.ctx.metrics;
         let offset = self.chunks[0].0.rec.compressed_offset;

@@ -165,6 +165,35 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
 }
 
 #[test]
+fn a_reader_of_a_queued_prefetch_request_does_not_wait_for_the_ones_before_it() {
+    let image = four_files(&["c", "a"]);
+    let (c_start, c_end) = file_range(&image, "c");
+    let (a_start, _) = file_range(&image, "a");
+    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
+    // One background job at a time: a's request is queued behind c's, which
+    // hangs.
+    let mut s = settings(2, 0);
+    s.workers = 2;
+    s.background_workers = 1;
+    let (f, metrics) = fetcher(&image, backend.clone(), s);
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the prefetch of c to be under way", || {
+        backend.started().first() == Some(&c_start)
+    });
+    let data = f.read(ino_of(&image, "a"), 0, 2 * CS).unwrap();
+    assert_eq!(data, pattern(2 * CS as usize, 0));
+    assert_eq!(
+        backend.started(),
+        [c_start, a_start],
+        "a's queued request ran while c's still hung, and no other was made"
+    );
+    assert_eq!(metrics.snapshot().inflight_joins, 2, "the reader joined it");
+    backend.open();
+    wait_until("the list to be cached", || cached_chunks(&f) == 4);
+}
+
+#[test]
 fn a_prefetch_runs_at_a_lower_priority_until_a_reader_waits_for_it() {
     if !crate::read::workers::can_renice(10) {
         eprintln!(

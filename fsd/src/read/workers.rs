@@ -6,7 +6,9 @@
 //! the one the daemon was started with), so that decompressing and
 //! verifying chunks nobody waits for yet takes the CPU the starting
 //! containers leave; a job raises its thread back ([`serve_waiting_reader`])
-//! once a reader waits for one of its chunks.
+//! once a reader waits for one of its chunks. A queued background job a
+//! reader waits for is run as a demand job, ahead of the others and outside
+//! the background limit ([`WorkerPool::reader_waits`]).
 //!
 //! Backend calls block, so they run here rather than on the FUSE threads: a
 //! reader waits for its chunks with a deadline and can give up even when a
@@ -25,6 +27,11 @@ use tracing::{error, info};
 pub trait Job: Send + 'static {
     fn run(self: Box<Self>);
     fn cancel(self: Box<Self>);
+    /// Whether a reader waits for the job's results (a background job a
+    /// reader has joined).
+    fn is_wanted(&self) -> bool {
+        false
+    }
 }
 
 /// Whether a reader is waiting for the job.
@@ -116,6 +123,15 @@ impl WorkerPool {
         self.shared.ready.notify_one();
     }
 
+    /// Called when a reader starts waiting for a job that may be queued: an
+    /// idle worker looks for a wanted background job to run.
+    pub fn reader_waits(&self) {
+        // Taking the lock orders the reader's mark before the worker's look,
+        // and no worker is between its look and its wait meanwhile.
+        drop(self.shared.queues.lock().unwrap_or_else(|e| e.into_inner()));
+        self.shared.ready.notify_one();
+    }
+
     /// Background jobs not yet started.
     pub fn background_queued(&self) -> usize {
         self.shared
@@ -197,6 +213,13 @@ fn worker(shared: &Shared) {
                 if let Some(job) = q.demand.pop_front() {
                     q.running += 1;
                     break (job, false);
+                }
+                // A background job a reader waits for is a demand job now.
+                if let Some(at) = q.background.iter().position(|j| j.is_wanted()) {
+                    if let Some(job) = q.background.remove(at) {
+                        q.running += 1;
+                        break (job, false);
+                    }
                 }
                 if q.running_background < shared.background_limit {
                     if let Some(job) = q.background.pop_front() {
