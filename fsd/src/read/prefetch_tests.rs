@@ -43,14 +43,65 @@ fn file_range(image: &TestImage, name: &str) -> (u64, u64) {
     )
 }
 
+/// `image`'s prefetch, started with `s` on a counting backend; returns once
+/// `chunks` chunks are cached.
+fn prefetched(
+    image: &TestImage,
+    s: FetchSettings,
+    chunks: usize,
+) -> (Arc<CountingBackend>, Arc<Fetcher>, Arc<Metrics>) {
+    let backend = Arc::new(CountingBackend::new(image));
+    let (f, metrics) = fetcher(image, backend.clone(), s);
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the listed chunks to be cached", || {
+        cached_chunks(&f) == chunks
+    });
+    (backend, f, metrics)
+}
+
+/// A prefetch of `listed` (see [`four_files`]) started with `s`, whose
+/// request for c hangs until the backend is opened; returns once that
+/// request is under way.
+struct HeldPrefetch {
+    image: TestImage,
+    backend: Arc<GatedBackend>,
+    f: Arc<Fetcher>,
+    metrics: Arc<Metrics>,
+    c: (u64, u64),
+}
+
+fn prefetch_with_c_held(listed: &[&str], s: FetchSettings) -> HeldPrefetch {
+    let image = four_files(listed);
+    let c = file_range(&image, "c");
+    let backend = Arc::new(GatedBackend::holding(&image, c.0..c.1));
+    let (f, metrics) = fetcher(&image, backend.clone(), s);
+    let f = Arc::new(f);
+    Fetcher::start_prefetch(&f).unwrap();
+    wait_until("the prefetch of c to be under way", || {
+        backend.started().first() == Some(&c.0)
+    });
+    HeldPrefetch {
+        image,
+        backend,
+        f,
+        metrics,
+        c,
+    }
+}
+
+/// Two workers, one of which may run background jobs.
+fn one_background_worker() -> FetchSettings {
+    let mut s = settings(2, 0);
+    s.workers = 2;
+    s.background_workers = 1;
+    s
+}
+
 #[test]
 fn the_prefetch_list_is_fetched_in_its_order_before_any_read() {
     let image = four_files(&["c", "a"]);
-    let backend = Arc::new(CountingBackend::new(&image));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed files to be cached", || cached_chunks(&f) == 4);
+    let (backend, f, metrics) = prefetched(&image, settings(2, 0), 4);
     let range = |name| {
         let (start, end) = file_range(&image, name);
         (start, end - start)
@@ -79,11 +130,7 @@ fn a_list_that_alternates_blobs_takes_one_request_per_blob() {
         b.prefetch(id);
     }
     let image = b.build();
-    let backend = Arc::new(CountingBackend::new(&image));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(4, 0));
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed files to be cached", || cached_chunks(&f) == 4);
+    let (backend, f, metrics) = prefetched(&image, settings(4, 0), 4);
     let cs = u64::from(CS);
     assert_eq!(
         backend.calls(),
@@ -110,11 +157,7 @@ fn only_the_listed_chunks_of_a_file_are_prefetched() {
     b.prefetch_chunks(c, 2..3);
     b.prefetch_chunks(a, 0..1);
     let image = b.build();
-    let backend = Arc::new(CountingBackend::new(&image));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed chunks to be cached", || cached_chunks(&f) == 2);
+    let (backend, f, metrics) = prefetched(&image, settings(2, 0), 2);
     let chunk = |name, idx| {
         let bs = &image.bootstrap;
         let rec = bs
@@ -135,19 +178,13 @@ fn only_the_listed_chunks_of_a_file_are_prefetched() {
 
 #[test]
 fn a_read_is_not_delayed_behind_the_prefetch() {
-    let image = four_files(&["c", "d"]);
-    let (c_start, c_end) = file_range(&image, "c");
-    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
-    // Two workers, one of which may run background jobs.
-    let mut s = settings(2, 0);
-    s.workers = 2;
-    s.background_workers = 1;
-    let (f, _) = fetcher(&image, backend.clone(), s);
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the prefetch of c to be under way", || {
-        backend.started().first() == Some(&c_start)
-    });
+    let HeldPrefetch {
+        image,
+        backend,
+        f,
+        c: (_, c_end),
+        ..
+    } = prefetch_with_c_held(&["c", "d"], one_background_worker());
     // c's request hangs; d waits behind it for the background worker. A
     // reader of b is served by the other worker meanwhile.
     let start = Instant::now();
@@ -166,21 +203,16 @@ fn a_read_is_not_delayed_behind_the_prefetch() {
 
 #[test]
 fn a_reader_of_a_queued_prefetch_request_does_not_wait_for_the_ones_before_it() {
-    let image = four_files(&["c", "a"]);
-    let (c_start, c_end) = file_range(&image, "c");
-    let (a_start, _) = file_range(&image, "a");
-    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
     // One background job at a time: a's request is queued behind c's, which
     // hangs.
-    let mut s = settings(2, 0);
-    s.workers = 2;
-    s.background_workers = 1;
-    let (f, metrics) = fetcher(&image, backend.clone(), s);
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the prefetch of c to be under way", || {
-        backend.started().first() == Some(&c_start)
-    });
+    let HeldPrefetch {
+        image,
+        backend,
+        f,
+        metrics,
+        c: (c_start, _),
+    } = prefetch_with_c_held(&["c", "a"], one_background_worker());
+    let (a_start, _) = file_range(&image, "a");
     let data = f.read(ino_of(&image, "a"), 0, 2 * CS).unwrap();
     assert_eq!(data, pattern(2 * CS as usize, 0));
     assert_eq!(
@@ -203,16 +235,14 @@ fn a_prefetch_runs_at_a_lower_priority_until_a_reader_waits_for_it() {
         return;
     }
     // c is listed and its request held; a is read without being listed.
-    let image = four_files(&["c"]);
-    let (c_start, c_end) = file_range(&image, "c");
+    let HeldPrefetch {
+        image,
+        backend,
+        f,
+        metrics,
+        c: (c_start, _),
+    } = prefetch_with_c_held(&["c"], settings(2, 0));
     let (a_start, _) = file_range(&image, "a");
-    let backend = Arc::new(GatedBackend::holding(&image, c_start..c_end));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 0));
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the prefetch of c to be under way", || {
-        backend.started().first() == Some(&c_start)
-    });
     let data = f.read(ino_of(&image, "a"), 0, CS).unwrap();
     assert_eq!(data, pattern(CS as usize, 0)[..]);
     // A reader of c joins the held prefetch.
@@ -257,11 +287,7 @@ fn a_reader_of_listed_chunks_gets_no_readahead_past_them() {
     let listed = b.file("f", &data);
     b.prefetch_chunks(listed, 0..3);
     let image = b.build();
-    let backend = Arc::new(CountingBackend::new(&image));
-    let (f, metrics) = fetcher(&image, backend.clone(), settings(2, 8));
-    let f = Arc::new(f);
-    Fetcher::start_prefetch(&f).unwrap();
-    wait_until("the listed chunks to be cached", || cached_chunks(&f) == 3);
+    let (backend, f, metrics) = prefetched(&image, settings(2, 8), 3);
     let ino = ino_of(&image, "f");
     let chunk = |i: usize| &data[i * CS as usize..][..CS as usize];
     for i in 0..3 {
