@@ -387,11 +387,13 @@ impl Fetcher {
             let cache = self.blob_cache(&piece)?;
             if let Some(pending) = self.ctx.inflight.get(&piece.key()) {
                 // Marked before the pool looks for wanted jobs.
-                pending.want();
+                let first = pending.want();
                 let counter = if pending.is_done() {
                     &self.metrics.prefetch_hits
                 } else {
-                    self.pool.reader_waits();
+                    if first {
+                        self.pool.reader_waits();
+                    }
                     &self.metrics.inflight_joins
                 };
                 Metrics::add(counter, 1);
@@ -412,8 +414,9 @@ impl Fetcher {
             }
             let (pending, leader) = self.ctx.inflight.join_or_lead(piece.key());
             if !leader {
-                pending.want();
-                self.pool.reader_waits();
+                if pending.want() {
+                    self.pool.reader_waits();
+                }
                 Metrics::add(&self.metrics.inflight_joins, 1);
             } else if cache.is_present(piece.rel) {
                 Metrics::add(&self.metrics.cache_hits, 1);

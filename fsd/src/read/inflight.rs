@@ -58,9 +58,10 @@ impl Pending {
         self.settled.load(Ordering::SeqCst)
     }
 
-    /// Records that a reader is going to wait for the outcome.
-    pub fn want(&self) {
-        self.wanted.store(true, Ordering::Relaxed);
+    /// Records that a reader is going to wait for the outcome; returns
+    /// whether it is the first.
+    pub fn want(&self) -> bool {
+        !self.wanted.swap(true, Ordering::Relaxed)
     }
 
     /// Whether a reader waits (or waited) for the outcome.
