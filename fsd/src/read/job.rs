@@ -64,8 +64,7 @@ impl FetchJob {
     }
 
     pub(crate) fn accepts(&self, next: &Piece, merge_limit: u64) -> bool {
-        self.last().adjacent(next)
-            && self.stored_len() + u64::from(next.rec.compressed_size) <= merge_limit
+        extends(self.last(), self.stored_len(), next, merge_limit)
     }
 
     pub(crate) fn push(&mut self, piece: Piece, pending: &Arc<Pending>) {
@@ -131,6 +130,19 @@ impl FetchJob {
             }
         }
     }
+}
+
+/// Whether a request ending with `last` and holding `stored` bytes may take
+/// `next` too: the chunk right after it in the same blob, within `limit`.
+pub(crate) fn extends(last: &Piece, stored: u64, next: &Piece, limit: u64) -> bool {
+    last.adjacent(next) && stored + u64::from(next.rec.compressed_size) <= limit
+}
+
+/// Whether a reader waits for any of `chunks`.
+fn any_wanted<'a>(chunks: impl IntoIterator<Item = &'a JobChunk>) -> bool {
+    chunks
+        .into_iter()
+        .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()))
 }
 
 /// How many chunks ahead of the stream a background job looks for waiting
@@ -208,11 +220,7 @@ impl<'a> Assembly<'a> {
         if workers::nice_above_base() == 0 {
             return;
         }
-        let waited_for = self.job.chunks[self.next..]
-            .iter()
-            .take(WANTED_AHEAD)
-            .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()));
-        if waited_for {
+        if any_wanted(self.job.chunks[self.next..].iter().take(WANTED_AHEAD)) {
             workers::serve_waiting_reader();
         }
     }
@@ -227,9 +235,7 @@ impl<'a> Assembly<'a> {
 
 impl Job for FetchJob {
     fn is_wanted(&self) -> bool {
-        self.chunks
-            .iter()
-            .any(|(_, pending)| pending.upgrade().is_some_and(|p| p.is_wanted()))
+        any_wanted(&self.chunks)
     }
 
     fn run(self: Box<Self>) {

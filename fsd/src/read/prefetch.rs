@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{close_unless_extended, Fetcher, Piece};
 use crate::metrics::Metrics;
-use crate::read::job::FetchJob;
+use crate::read::job::{extends, FetchJob};
 use crate::read::workers::Priority;
 
 /// The image's prefetch list, in its order and by file.
@@ -89,11 +89,11 @@ impl Fetcher {
                     break;
                 };
                 let stored = u64::from(piece.rec.compressed_size);
+                let limit = self.settings.merge_limit;
                 let extended = open.get_mut(&piece.blob_index).filter(|(at, bytes)| {
                     planned[*at]
                         .last()
-                        .is_some_and(|last| last.adjacent(&piece))
-                        && *bytes + stored <= self.settings.merge_limit
+                        .is_some_and(|last| extends(last, *bytes, &piece, limit))
                 });
                 match extended {
                     Some((at, bytes)) => {
