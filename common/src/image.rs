@@ -45,6 +45,19 @@ pub struct LodeManifest {
     /// The data blob layers, in order (their order is the blob table's order).
     pub data_blobs: Vec<Digest>,
     pub bootstrap: Digest,
+    /// The fronts of data blobs that hold the prefetch list's chunks
+    /// ([`oci::ANNOTATION_PREFETCH_FRONT`]), in layer order.
+    pub fronts: Vec<BlobFront>,
+}
+
+/// The front of a data blob that holds chunks of the image's prefetch list.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobFront {
+    pub digest: Digest,
+    /// The whole blob's size, from its descriptor.
+    pub size: u64,
+    /// How many bytes from its start hold listed chunks; at most `size`.
+    pub bytes: u64,
 }
 
 /// Whether a layer descriptor is a Lode data blob.
@@ -63,6 +76,31 @@ fn has_true_annotation(layer: &Descriptor, key: &str) -> bool {
         .as_ref()
         .and_then(|a| a.get(key))
         .is_some_and(|v| v == "true")
+}
+
+/// A data blob's [`oci::ANNOTATION_PREFETCH_FRONT`], if it has a non-empty one.
+fn prefetch_front(reference: &Reference, layer: &Descriptor) -> Result<Option<u64>, ImageError> {
+    let Some(value) = layer
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(oci::ANNOTATION_PREFETCH_FRONT))
+    else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ImageError::BadLayer {
+        reference: reference.to_string(),
+        message: format!(
+            "layer {}: annotation {}={:?} {why}",
+            layer.digest(),
+            oci::ANNOTATION_PREFETCH_FRONT,
+            value.chars().take(40).collect::<String>()
+        ),
+    };
+    let bytes: u64 = value.parse().map_err(|_| bad("is not a byte count"))?;
+    if bytes > layer.size() {
+        return Err(bad("is larger than the layer"));
+    }
+    Ok((bytes > 0).then_some(bytes))
 }
 
 /// Interprets manifest bytes as a Lode image manifest.
@@ -98,6 +136,7 @@ pub fn parse_lode_manifest(
         });
     }
     let mut data_blobs = Vec::with_capacity(data.len());
+    let mut fronts = Vec::new();
     for layer in data {
         if !is_data_blob(layer) {
             return Err(ImageError::BadLayer {
@@ -108,12 +147,21 @@ pub fn parse_lode_manifest(
                 ),
             });
         }
-        data_blobs.push(layer_digest(layer)?);
+        let digest = layer_digest(layer)?;
+        if let Some(bytes) = prefetch_front(reference, layer)? {
+            fronts.push(BlobFront {
+                digest,
+                size: layer.size(),
+                bytes,
+            });
+        }
+        data_blobs.push(digest);
     }
     Ok(LodeManifest {
         manifest_digest,
         data_blobs,
         bootstrap: layer_digest(last)?,
+        fronts,
     })
 }
 
@@ -267,6 +315,39 @@ mod tests {
         let parsed = parse_lode_manifest(&reference(), Digest::of(&bytes), &bytes).unwrap();
         assert_eq!(parsed.data_blobs, vec![a, b]);
         assert_eq!(parsed.bootstrap, boot);
+    }
+
+    #[test]
+    fn reads_the_prefetch_fronts_of_data_blobs() {
+        let (a, b, boot) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"boot"));
+        let with_front = |digest: &Digest, front: &str| {
+            let mut l = layer(oci::MEDIA_TYPE_DATA_BLOB, digest, oci::ANNOTATION_DATA_BLOB);
+            l["annotations"][oci::ANNOTATION_PREFETCH_FRONT] = front.into();
+            l
+        };
+        let bytes = manifest(vec![
+            with_front(&a, "7"),
+            with_front(&b, "0"),
+            layer(oci::MEDIA_TYPE_BOOTSTRAP, &boot, oci::ANNOTATION_BOOTSTRAP),
+        ]);
+        let parsed = parse_lode_manifest(&reference(), Digest::of(&bytes), &bytes).unwrap();
+        let front = BlobFront {
+            digest: a,
+            size: 10,
+            bytes: 7,
+        };
+        assert_eq!(parsed.fronts, vec![front], "an empty front is none");
+        for bad in ["11", "-1", "x", ""] {
+            let bytes = manifest(vec![
+                with_front(&a, bad),
+                layer(oci::MEDIA_TYPE_BOOTSTRAP, &boot, oci::ANNOTATION_BOOTSTRAP),
+            ]);
+            let err = parse_lode_manifest(&reference(), a, &bytes).unwrap_err();
+            assert!(
+                err.to_string().contains(oci::ANNOTATION_PREFETCH_FRONT),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,11 @@ pub const ANNOTATION_BOOTSTRAP: &str = "lode.bootstrap";
 /// by eStargz): a pull can name the layers' snapshots from the manifest
 /// alone, before the config has arrived.
 pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
+/// Data blob annotation: how many bytes at the blob's front hold the chunks
+/// of the image's prefetch list (the converter puts them there). A daemon
+/// may fetch that front before it has the bootstrap; the chunks are
+/// verified against the bootstrap when they are used, like any other.
+pub const ANNOTATION_PREFETCH_FRONT: &str = "lode.prefetch.front";
 /// Manifest annotation with the Lode format version.
 pub const ANNOTATION_FORMAT_VERSION: &str = "lode.format.version";
 /// Manifest annotation with the source image's manifest digest.

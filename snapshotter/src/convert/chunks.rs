@@ -33,6 +33,8 @@ pub struct LayerBlob {
     pub path: PathBuf,
     pub digest: Digest,
     pub size: u64,
+    /// How many bytes at its start hold the prefetch list's chunks.
+    pub prefetch_front: u64,
 }
 
 /// The chunks a file's content was cut into, before they are resolved to
@@ -226,6 +228,7 @@ impl ChunkStore {
             path: written.path,
             digest: written.digest,
             size: written.compressed_len,
+            prefetch_front: 0,
         };
         Ok((Some(blob), counters))
     }

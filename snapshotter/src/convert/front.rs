@@ -22,7 +22,8 @@ impl ChunkStore {
     /// Moves the chunks of `prefetch`'s stretches of files (each in file
     /// order) to the front of their blobs. `blobs[b]` is blob `b`'s file;
     /// the files of changed blobs are rewritten and their digests updated
-    /// here and in `blobs`. Chunks listed earlier (or shared with files
+    /// here and in `blobs`, and each blob's `prefetch_front` says how many
+    /// bytes the moved chunks take. Chunks listed earlier (or shared with files
     /// listed earlier) stay where those put them.
     pub(crate) fn front_load(
         &mut self,
@@ -53,6 +54,10 @@ impl ChunkStore {
             let blob = blobs
                 .get_mut(b)
                 .ok_or_else(|| ConvertError::Task(format!("blob {b} has chunks but no file")))?;
+            blob.prefetch_front = moved
+                .iter()
+                .map(|&c| u64::from(self.table.records[c as usize].compressed_size))
+                .sum();
             let range = self.chunk_range(b);
             let moved_set: HashSet<u32> = moved.iter().copied().collect();
             let order: Vec<u32> = moved

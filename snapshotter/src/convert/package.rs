@@ -201,13 +201,22 @@ pub fn lode_manifest(
     let mut layers = Vec::with_capacity(blobs.len() + 1);
     for blob in blobs {
         // A data blob is its own uncompressed content (see `lode_config`).
-        layers.push(layer(
+        let mut d = layer(
             oci::MEDIA_TYPE_DATA_BLOB,
             blob.size,
             blob.digest,
             oci::ANNOTATION_DATA_BLOB,
             blob.digest,
-        )?);
+        )?;
+        if blob.prefetch_front > 0 {
+            let mut annotations = d.annotations().clone().unwrap_or_default();
+            annotations.insert(
+                oci::ANNOTATION_PREFETCH_FRONT.to_owned(),
+                blob.prefetch_front.to_string(),
+            );
+            d.set_annotations(Some(annotations));
+        }
+        layers.push(d);
     }
     layers.push(layer(
         oci::MEDIA_TYPE_BOOTSTRAP,
@@ -361,6 +370,7 @@ mod tests {
             path: "/x".into(),
             digest: Digest::of(b"blob"),
             size: 10,
+            prefetch_front: 0,
         };
         let boot = BootstrapLayer {
             path: "/y".into(),

@@ -276,6 +276,14 @@ fn prefetched_files_move_to_the_front_of_their_blobs_in_list_order() {
     assert_eq!(offsets("e")[0].1, 0);
     let after: Vec<Digest> = conv.conv.store.blobs().iter().map(|b| b.digest).collect();
     assert!(before[0] != after[0] && before[1] != after[1]);
+    // Each blob's front ends where its first unlisted chunk (b's, d's) starts.
+    let fronts: Vec<u64> = conv
+        .blobs
+        .iter()
+        .flatten()
+        .map(|b| b.prefetch_front)
+        .collect();
+    assert_eq!(fronts, [offsets("b")[0].1, offsets("d")[0].1]);
     for (path, data) in [
         ("a", &a),
         ("b", &b),
