@@ -97,6 +97,12 @@ pub struct FetchConfig {
     /// off; without the right to raise priority again (CAP_SYS_NICE, or
     /// RLIMIT_NICE) background fetches run at the daemon's niceness.
     pub background_nice: u8,
+    /// How many bytes of data blob fronts (the chunks of an image's
+    /// prefetch list, stored bytes) the daemon fetches ahead of mounting
+    /// their image, when the snapshotter asks it to while the image's
+    /// bootstrap is still on its way. They are held in memory until the
+    /// image's fetches take them, for a minute at most. 0 turns it off.
+    pub ahead_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -110,6 +116,7 @@ impl Default for FetchConfig {
             workers: 8,
             background_share_percent: 50,
             background_nice: 10,
+            ahead_bytes: 256 * MIB,
         }
     }
 }
@@ -232,6 +239,7 @@ impl FsdConfig {
             0,
             10_000,
         )?;
+        check_range("fetch.ahead_bytes", self.fetch.ahead_bytes, 0, 4096 * MIB)?;
         check_range(
             "fetch.background_share_percent",
             u64::from(self.fetch.background_share_percent),

@@ -9,15 +9,16 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lode_common::api::{InstanceInfo, MountRequest, SavedInstance};
+use lode_common::api::{AheadRequest, InstanceConfig, InstanceInfo, MountRequest, SavedInstance};
 use lode_common::format::{Bootstrap, FormatError, Ino};
-use lode_common::registry::RegistryError;
+use lode_common::registry::{Credentials, RegistryError};
 use lode_common::supervisor::InstanceState;
 use lode_config::FsdConfig;
 use tracing::{info, warn};
 
 use crate::fs::ops::{LodeFs, Ttls};
 use crate::metrics::Metrics;
+use crate::read::ahead::{Ahead, AheadBackend};
 use crate::read::backend::{BlobBackend, BlobSource, BlobSourceError, Swappable};
 use crate::read::cache::{CacheError, ChunkCache};
 use crate::read::fetch::{FetchSettings, Fetcher};
@@ -69,28 +70,65 @@ pub struct Resources<'a> {
     /// Runs registry requests.
     pub runtime: &'a tokio::runtime::Handle,
     pub pools: &'a Pools,
+    /// Blob fronts fetched ahead of mounts.
+    pub ahead: &'a Arc<Ahead>,
 }
 
 impl Resources<'_> {
     /// The daemon's configuration with what `request` overrides.
-    fn config_for(&self, request: &MountRequest) -> FsdConfig {
+    fn config_for(&self, request: &InstanceConfig) -> FsdConfig {
         let mut config = self.config.clone();
-        config.registry.plain_http |= request.config.plain_http;
-        if let Some(path) = &request.config.docker_config {
+        config.registry.plain_http |= request.plain_http;
+        if let Some(path) = &request.docker_config {
             config.registry.docker_config = Some(path.clone());
         }
         config
     }
 
-    fn backend(&self, request: &MountRequest) -> Result<Arc<dyn BlobBackend>, InstanceError> {
-        let source: BlobSource = request.config.blob_source.parse()?;
-        let config = self.config_for(request);
-        Ok(source.open(
-            &config.registry,
-            request.credentials.as_ref(),
-            &request.config.hosts,
-            self.runtime,
-        )?)
+    /// An instance's backend: `request`'s blob source, with what was
+    /// fetched ahead in front of it.
+    fn backend(
+        &self,
+        request: &MountRequest,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<dyn BlobBackend>, InstanceError> {
+        let inner = self.source(&request.config, request.credentials.as_ref())?;
+        Ok(Arc::new(AheadBackend {
+            ahead: Arc::clone(self.ahead),
+            inner,
+            metrics: Arc::clone(metrics),
+        }))
+    }
+
+    /// The blob source `config` names, with the daemon's configuration and
+    /// what `config` overrides.
+    fn source(
+        &self,
+        config: &InstanceConfig,
+        credentials: Option<&Credentials>,
+    ) -> Result<Arc<dyn BlobBackend>, InstanceError> {
+        let source: BlobSource = config.blob_source.parse()?;
+        let registry = self.config_for(config).registry;
+        Ok(source.open(&registry, credentials, &config.hosts, self.runtime)?)
+    }
+
+    /// Starts fetching `request`'s blob fronts into [`Ahead`].
+    pub fn fetch_ahead(&self, request: &AheadRequest) -> Result<(), InstanceError> {
+        let source = self.source(&request.config, request.credentials.as_ref())?;
+        let fetch = &self.config.fetch;
+        self.ahead
+            .fetch(
+                source,
+                &request.blobs,
+                fetch.merge_limit_bytes,
+                fetch.background_workers(),
+                self.runtime,
+            )
+            .map_err(|source| InstanceError::Io {
+                id: request.image_ref.clone().unwrap_or_default(),
+                what: "spawn threads fetching blob fronts ahead",
+                source,
+            })
     }
 }
 
@@ -121,17 +159,17 @@ impl Instance {
         request: MountRequest,
         resources: &Resources<'_>,
     ) -> Result<Self, InstanceError> {
-        let config = resources.config_for(&request);
+        let config = resources.config_for(&request.config);
         let bad_bootstrap = |source| InstanceError::Bootstrap {
             path: request.source.clone(),
             source,
         };
         let bootstrap = Bootstrap::open(&request.source).map_err(bad_bootstrap)?;
         let root_mode = bootstrap.inode(Ino::ROOT).map_err(bad_bootstrap)?.mode;
-        let backend = Arc::new(Swappable::new(resources.backend(&request)?));
+        let metrics = Arc::new(Metrics::new());
+        let backend = Arc::new(Swappable::new(resources.backend(&request, &metrics)?));
         let cache_dir = config.cache.dir.as_deref().unwrap_or(Path::new("."));
         let cache = Arc::new(ChunkCache::open(cache_dir)?.with_direct_io(config.cache.direct_io));
-        let metrics = Arc::new(Metrics::new());
         let io = |what| {
             move |source| InstanceError::Io {
                 id: id.to_owned(),
@@ -206,7 +244,8 @@ impl Instance {
         if request.credentials.is_none() {
             request.credentials = saved.request.credentials.clone();
         }
-        self.backend.replace(resources.backend(&request)?);
+        self.backend
+            .replace(resources.backend(&request, &self.metrics)?);
         info!(instance = %self.id, source = %self.backend.describe(), "blob source replaced");
         saved.info.image_ref = request.image_ref.clone();
         saved.request = request;

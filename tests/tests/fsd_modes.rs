@@ -1,7 +1,8 @@
 //! The same behaviour from `lode-fsd` in each of its modes: standalone,
 //! dedicated (one instance through the API) and shared (the instance as a
-//! subdirectory of the mount). Every test but the last two runs once per
-//! mode (`verified_reads::shared` and so on); the image is the failover
+//! subdirectory of the mount). Every test runs once per mode
+//! (`verified_reads::shared` and so on) but three about the API's instances
+//! (dedicated and shared only, or shared only); the image is the failover
 //! kit's, converted with `lodectl convert` in a throw-away `docker-registry`
 //! and read from there.
 
@@ -12,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lode_common::api::AheadRequest;
 use lode_common::format::Bootstrap;
+use lode_common::image::BlobFront;
 use lode_common::Digest;
 use lode_tests::failover::{
     file_content, file_len, file_name, push_listed_image, MountWatch, Readers, RegistryImage,
@@ -63,6 +66,8 @@ every_mode!(
     the_prefetch_list_fetches_the_listed_chunks,
 );
 mode_tests!(removed_instance_and_files_held_open: dedicated => Dedicated, shared => Shared);
+// A standalone daemon has no API to be asked with.
+mode_tests!(a_front_fetched_ahead_serves_the_prefetch_list: dedicated => Dedicated, shared => Shared);
 
 /// The reader process's entry (see [`Readers`]).
 #[test]
@@ -515,6 +520,66 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
     assert!(
         middle == file_content(5)[65536..196608],
         "[{mode}] the prefetched chunks read back"
+    );
+}
+
+/// A daemon asked for an image's blob front before the image is mounted
+/// (while the snapshotter fetches its bootstrap) fetches it at once; the
+/// image, once mounted, takes its prefetch list's chunks from those bytes,
+/// verified, so the registry sends them once.
+fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
+    let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
+    let Some(fx) = Fixture::listed(Some(&list)) else {
+        return;
+    };
+    let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
+    let front: u64 = listed.iter().map(|c| u64::from(c.stored_size)).sum();
+    let (digest, size) = data_blobs(&fx.bootstrap).expect("data blobs")[0];
+    let (served, gets) = (fx.data_bytes_served(), fx.data_gets());
+    let options = fx.image.fsd_options(None);
+    let fsd = ModeFsd::start_unmounted(&fx.bins.fsd, mode, &options, false)
+        .unwrap_or_else(|e| panic!("[{mode}] start lode-fsd: {e}"));
+    let request = AheadRequest {
+        config: fsd.instance_config(),
+        credentials: None,
+        image_ref: None,
+        blobs: vec![BlobFront {
+            digest,
+            size,
+            bytes: front,
+        }],
+    };
+    let api = fsd.api().expect("a managed daemon");
+    fsd.block_on("PUT /ahead", api.ahead(&request)).unwrap();
+    wait_until(HANG_GUARD, "the front to be fetched", || {
+        fx.data_bytes_served() - served == front
+    })
+    .unwrap_or_else(|e| panic!("[{mode}] {e}\n{}", fsd.log_text()));
+    assert_eq!(fx.data_gets() - gets, 1, "[{mode}] in one request");
+
+    fsd.mount_image().unwrap();
+    wait_until(HANG_GUARD, "the listed chunks to be verified", || {
+        fsd.counters()
+            .is_ok_and(|c| c.settled() && c.backend_bytes >= front)
+    })
+    .unwrap_or_else(|e| panic!("[{mode}] {e}\n{}", fsd.log_text()));
+    let after = counters(&fsd);
+    assert_eq!(
+        (after.backend_bytes, after.ahead_bytes),
+        (front, front),
+        "[{mode}] the prefetch took the front fetched ahead"
+    );
+    assert_eq!(
+        (fx.data_bytes_served() - served, fx.data_gets() - gets),
+        (front, 1),
+        "[{mode}] the registry sent the front once"
+    );
+    let file = File::open(fsd.join(file_name(5))).unwrap();
+    let mut middle = vec![0u8; 128 * 1024];
+    file.read_exact_at(&mut middle, 65536).unwrap();
+    assert!(
+        middle == file_content(5)[65536..196608],
+        "[{mode}] the chunks fetched ahead read back"
     );
 }
 

@@ -156,6 +156,11 @@ impl DaemonClient {
         self.call_empty(Method::PUT, &uri, Some(request)).await
     }
 
+    /// Asks the daemon to fetch data blob fronts ahead of a mount.
+    pub async fn ahead(&self, request: &AheadRequest) -> Result<(), ClientError> {
+        self.call_empty(Method::PUT, "/ahead", Some(request)).await
+    }
+
     pub async fn umount(&self, mountpoint: &Path) -> Result<(), ClientError> {
         let uri = format!("/mount?{}", mountpoint_query(mountpoint));
         self.call_empty(Method::DELETE, &uri, None::<&()>).await

@@ -138,6 +138,23 @@ pub struct MountRequest {
     pub credentials: Option<crate::registry::Credentials>,
 }
 
+/// Body of `PUT /api/v1/ahead`: data blob fronts to fetch before the image
+/// they belong to is mounted, while its bootstrap is still on its way. The
+/// daemon keeps the bytes in memory for a while and serves the image's
+/// first fetches of those ranges from them, after verifying each chunk as
+/// usual.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AheadRequest {
+    pub config: InstanceConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<crate::registry::Credentials>,
+    /// The image these are of, for the daemon's log.
+    #[serde(default)]
+    pub image_ref: Option<String>,
+    pub blobs: Vec<crate::image::BlobFront>,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -183,6 +200,10 @@ pub struct CacheMetrics {
     /// Range requests for the image's prefetch list.
     pub prefetch_requests: u64,
     pub bytes_fetched: u64,
+    /// Of `bytes_fetched`, the bytes of blob fronts the daemon fetched
+    /// before the image was mounted (`PUT /ahead`).
+    #[serde(default)]
+    pub ahead_bytes: u64,
     pub chunks_cached: u64,
     pub bytes_cached: u64,
     pub write_errors: u64,

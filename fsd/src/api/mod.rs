@@ -13,8 +13,8 @@ pub mod server;
 use std::path::PathBuf;
 
 use lode_common::api::{
-    BackendMetrics, CacheMetrics, DaemonInfo, FsMetrics, InflightMetrics, InstanceAccess,
-    MountRequest,
+    AheadRequest, BackendMetrics, CacheMetrics, DaemonInfo, FsMetrics, InflightMetrics,
+    InstanceAccess, MountRequest,
 };
 
 /// Requests bodies larger than this are refused with 413.
@@ -48,6 +48,8 @@ pub enum ApiRequest {
         id: Option<String>,
     },
     Inflight,
+    /// Fetch data blob fronts before their image is mounted.
+    Ahead(AheadRequest),
     Start,
     Exit,
     SendFd,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use hyper::{Method, StatusCode};
 use lode_common::api::query;
-use lode_common::api::{MountRequest, API_PREFIX};
+use lode_common::api::API_PREFIX;
 
 use super::{ApiRequest, MAX_BODY};
 
@@ -92,13 +92,13 @@ impl Query {
     }
 }
 
-fn mount_body(body: &[u8]) -> Result<MountRequest, HttpError> {
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, HttpError> {
     if body.len() > MAX_BODY {
         return Err(HttpError::TooLarge);
     }
     serde_json::from_slice(body).map_err(|e| {
         HttpError::BadRequest(format!(
-            "invalid mount request body: {}",
+            "invalid {what} request body: {}",
             echo(&e.to_string())
         ))
     })
@@ -128,9 +128,11 @@ pub fn parse(
         "/daemon" | "/metrics" | "/metrics/cache" | "/metrics/backend" | "/metrics/inflight"
         | "/access" => &[Method::GET],
         "/mount" => &[Method::POST, Method::PUT, Method::DELETE],
-        "/daemon/start" | "/daemon/exit" | "/daemon/fuse/sendfd" | "/daemon/fuse/takeover" => {
-            &[Method::PUT]
-        }
+        "/daemon/start"
+        | "/daemon/exit"
+        | "/daemon/fuse/sendfd"
+        | "/daemon/fuse/takeover"
+        | "/ahead" => &[Method::PUT],
         _ => return Err(HttpError::NotFound(echo(path))),
     };
     if !allowed.contains(method) {
@@ -160,13 +162,17 @@ pub fn parse(
         ("/daemon/exit", _) => plain(ApiRequest::Exit),
         ("/daemon/fuse/sendfd", _) => plain(ApiRequest::SendFd),
         ("/daemon/fuse/takeover", _) => plain(ApiRequest::Takeover),
+        ("/ahead", _) => {
+            Query::parse(query, &[])?;
+            Ok(ApiRequest::Ahead(json_body(body, "ahead")?))
+        }
         (_, m) => {
             let mountpoint = Query::parse(query, &["mountpoint"])?.mountpoint()?;
             if *m == Method::DELETE {
                 no_body(body)?;
                 Ok(ApiRequest::Umount { mountpoint })
             } else {
-                let request = mount_body(body)?;
+                let request = json_body(body, "mount")?;
                 if *m == Method::POST {
                     Ok(ApiRequest::Mount {
                         mountpoint,

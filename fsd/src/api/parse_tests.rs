@@ -43,6 +43,17 @@ fn parses_every_endpoint() {
         put("/api/v1/daemon/fuse/takeover"),
         Ok(ApiRequest::Takeover)
     );
+    let ahead = format!(
+        r#"{{"config":{{"blob_source":"registry://r/x"}},"blobs":[{{"digest":"{}","size":9,"bytes":4}}]}}"#,
+        lode_common::Digest::of(b"x")
+    );
+    match parse(&Method::PUT, "/api/v1/ahead", None, ahead.as_bytes()) {
+        Ok(ApiRequest::Ahead(request)) => {
+            assert_eq!(request.config.blob_source, "registry://r/x");
+            assert_eq!((request.blobs[0].size, request.blobs[0].bytes), (9, 4));
+        }
+        other => panic!("{other:?}"),
+    }
     let q = Some("mountpoint=%2Fmnt%2Fa");
     match parse(&Method::POST, "/api/v1/mount", q, &mount_json()) {
         Ok(ApiRequest::Mount {
@@ -125,6 +136,22 @@ fn refuses_bad_requests_with_fitting_errors() {
         status(Method::PUT, "/api/v1/daemon/start", None, b"{}"),
         Err(StatusCode::BAD_REQUEST)
     );
+    assert_eq!(
+        status(Method::GET, "/api/v1/ahead", None, b""),
+        Err(StatusCode::METHOD_NOT_ALLOWED)
+    );
+    for bad in [
+        &b""[..],
+        b"{}",
+        br#"{"config":{"blob_source":"x"},"blobs":[{"digest":"nope","size":1,"bytes":1}]}"#,
+    ] {
+        assert_eq!(
+            status(Method::PUT, "/api/v1/ahead", None, bad),
+            Err(StatusCode::BAD_REQUEST),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
     let huge = vec![b' '; MAX_BODY + 1];
     assert_eq!(
         status(Method::POST, "/api/v1/mount", q, &huge),
@@ -150,6 +177,7 @@ fn path() -> impl Strategy<Value = String> {
         Just("/api/v1/metrics".to_owned()),
         Just("/api/v1/access".to_owned()),
         Just("/api/v1/daemon/fuse/takeover".to_owned()),
+        Just("/api/v1/ahead".to_owned()),
         "/api/v1/[a-z/]{0,20}",
         any::<String>(),
     ]

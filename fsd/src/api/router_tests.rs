@@ -71,6 +71,7 @@ fn answers_typed_bodies_and_204_for_actions() {
         readahead_requests: 0,
         prefetch_requests: 0,
         bytes_fetched: 10,
+        ahead_bytes: 0,
         chunks_cached: 1,
         bytes_cached: 10,
         write_errors: 0,

@@ -92,6 +92,7 @@ impl DaemonControl for Host {
             ApiRequest::Inflight => Ok(ApiResponse::Inflight(InflightMetrics {
                 ops: self.table.inflight.snapshot(),
             })),
+            ApiRequest::Ahead(request) => self.ahead(&request).map(|()| ApiResponse::Empty),
             ApiRequest::Start => {
                 self.state.apply(StateEvent::Start).map_err(illegal)?;
                 Ok(ApiResponse::Empty)

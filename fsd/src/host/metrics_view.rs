@@ -102,6 +102,7 @@ pub(super) fn cache_metrics(id: &str, m: &Metrics) -> CacheMetrics {
         readahead_requests: s.readahead_requests,
         prefetch_requests: s.prefetch_requests,
         bytes_fetched: s.bytes_fetched,
+        ahead_bytes: s.ahead_bytes,
         chunks_cached: s.chunks_verified,
         bytes_cached: s.cache_bytes_written,
         write_errors: s.cache_write_errors,

@@ -24,7 +24,7 @@ pub use run::{run, RunOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
-use lode_common::api::{DaemonMode, MountRequest};
+use lode_common::api::{AheadRequest, DaemonMode, MountRequest};
 use lode_config::FsdConfig;
 use nix::sys::signal::Signal;
 use tracing::info;
@@ -33,6 +33,7 @@ use crate::api::ControlError;
 use crate::fs::table::{Table, TableError};
 use crate::instance::{Instance, InstanceError, Resources, STOP_GRACE};
 use crate::mount::MountError;
+use crate::read::ahead::Ahead;
 use crate::read::pools::Pools;
 use crate::takeover::TakeoverError;
 use serve::Connection;
@@ -127,6 +128,7 @@ pub struct Host {
     /// Runs registry requests and the API.
     runtime: tokio::runtime::Handle,
     pools: Pools,
+    ahead: Arc<Ahead>,
     connection: Mutex<Option<Connection>>,
     events: mpsc::Sender<HostEvent>,
     /// Serialises changes of the instances and the connection.
@@ -144,12 +146,14 @@ impl Host {
         events: mpsc::Sender<HostEvent>,
     ) -> Result<Self, HostError> {
         options.config.validate()?;
+        let ahead = Arc::new(Ahead::new(options.config.fetch.ahead_bytes));
         Ok(Self {
             table: Arc::new(Table::new(options.mode)),
             options,
             state: StateMachine::new(),
             runtime,
             pools: Pools::default(),
+            ahead,
             connection: Mutex::new(None),
             events,
             changes: Mutex::new(()),
@@ -165,6 +169,7 @@ impl Host {
             config: &self.options.config,
             runtime: &self.runtime,
             pools: &self.pools,
+            ahead: &self.ahead,
         }
     }
 
@@ -278,6 +283,20 @@ impl Host {
             }
         }
         Ok(())
+    }
+
+    /// `PUT /ahead`: starts fetching the blob fronts of an image about to
+    /// be mounted.
+    pub fn ahead(&self, request: &AheadRequest) -> Result<(), ControlError> {
+        if let Some(bad) = request.blobs.iter().find(|b| b.bytes > b.size) {
+            return Err(ControlError::InvalidArgument(format!(
+                "blob {}: a front of {} bytes is larger than the blob's {}",
+                bad.digest, bad.bytes, bad.size
+            )));
+        }
+        self.resources()
+            .fetch_ahead(request)
+            .map_err(|e| HostError::from(e).into())
     }
 
     /// Logs every instance's metrics as JSON.

@@ -95,6 +95,9 @@ pub struct Metrics {
     pub prefetch_requests: AtomicU64,
     /// Stored (compressed) bytes received from the blob source.
     pub bytes_fetched: AtomicU64,
+    /// Of those, the bytes of blob fronts fetched before the image was
+    /// mounted (see `read::ahead`).
+    pub ahead_bytes: AtomicU64,
     /// Chunks decompressed and verified.
     pub chunks_verified: AtomicU64,
     /// Chunks whose content did not match their digest or size (never cached or served).
@@ -127,6 +130,7 @@ pub struct MetricsSnapshot {
     pub readahead_requests: u64,
     pub prefetch_requests: u64,
     pub bytes_fetched: u64,
+    pub ahead_bytes: u64,
     pub chunks_verified: u64,
     pub digest_errors: u64,
     pub fetch_timeouts: u64,
@@ -183,6 +187,7 @@ impl Metrics {
             readahead_requests: get(&self.readahead_requests),
             prefetch_requests: get(&self.prefetch_requests),
             bytes_fetched: get(&self.bytes_fetched),
+            ahead_bytes: get(&self.ahead_bytes),
             chunks_verified: get(&self.chunks_verified),
             digest_errors: get(&self.digest_errors),
             fetch_timeouts: get(&self.fetch_timeouts),

@@ -7,12 +7,14 @@
 //!   ([`inflight`]), chunk checks ([`verify`]), what the link delivers
 //!   ([`link`]), which bounds merging and readahead, and the image's
 //!   prefetch list fetched in the background ([`prefetch`]).
-//! - [`backend`]: where blobs come from (registry or directory).
+//! - [`backend`]: where blobs come from (registry or directory), and
+//!   [`ahead`]: blob fronts fetched before their image is mounted.
 //! - [`cache`]: the persistent chunk cache.
 //! - [`access`]: which files and chunks were read, in order.
 //! - [`pools`]: reusable, aligned chunk buffers.
 
 pub(crate) mod access;
+pub(crate) mod ahead;
 pub mod backend;
 pub(crate) mod cache;
 pub(crate) mod fetch;

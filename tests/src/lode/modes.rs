@@ -74,6 +74,8 @@ pub struct Counters {
     pub backend_requests_done: u64,
     /// Stored bytes received from the registry.
     pub backend_bytes: u64,
+    /// Of those, the bytes of blob fronts fetched ahead of the mount.
+    pub ahead_bytes: u64,
     pub backend_errors: u64,
     pub digest_errors: u64,
     /// Chunks that could not be written to the cache (served all the same).
@@ -110,6 +112,21 @@ impl ModeFsd {
     /// in-process supervisor when `supervised`; returns once the image's
     /// root serves (and the supervisor holds the daemon's state).
     pub fn start(
+        binary: &Path,
+        mode: Mode,
+        options: &FsdOptions,
+        supervised: bool,
+    ) -> Result<Self, KitError> {
+        let fsd = Self::start_unmounted(binary, mode, options, supervised)?;
+        if fsd.mode.managed() {
+            fsd.mount_image()?;
+        }
+        Ok(fsd)
+    }
+
+    /// Like [`ModeFsd::start`], but a managed daemon is left serving no
+    /// image (shared: RUNNING; dedicated: INIT) until [`ModeFsd::mount_image`].
+    pub fn start_unmounted(
         binary: &Path,
         mode: Mode,
         options: &FsdOptions,
@@ -231,6 +248,7 @@ impl ModeFsd {
                 backend_requests: counter(&m, "backend_requests"),
                 backend_requests_done: counter(&m, "backend_requests_done"),
                 backend_bytes: counter(&m, "bytes_fetched"),
+                ahead_bytes: counter(&m, "ahead_bytes"),
                 backend_errors: counter(&m, "backend_errors"),
                 digest_errors: counter(&m, "digest_errors"),
                 cache_write_errors: counter(&m, "cache_write_errors"),
@@ -246,6 +264,7 @@ impl ModeFsd {
             backend_requests: backend.requests,
             backend_requests_done: backend.latency.counts.iter().sum(),
             backend_bytes: backend.bytes,
+            ahead_bytes: cache.ahead_bytes,
             backend_errors: backend.errors,
             digest_errors: cache.digest_errors,
             cache_write_errors: cache.write_errors,
@@ -374,6 +393,9 @@ impl ModeFsd {
         if self.mode.managed() {
             self.settle_managed(takeover)
                 .map_err(|e| self.failed(&e.to_string()))?;
+            if !takeover {
+                return Ok(());
+            }
         }
         self.wait_reported()
     }
@@ -429,9 +451,40 @@ impl ModeFsd {
         Ok(command)
     }
 
-    /// Managed modes: mounts the image through the API (unless taken over)
-    /// and makes the daemon RUNNING. A shared daemon mounts only once
-    /// RUNNING; a dedicated one only from INIT.
+    /// Managed modes: mounts the image through the API and makes the
+    /// daemon RUNNING; returns once the image's root serves.
+    pub fn mount_image(&self) -> Result<(), KitError> {
+        let api = self.client()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mounted = (|| {
+            let request = self.mount_request(INSTANCE_SEQ);
+            self.block_on("POST /mount", api.mount(&self.root(), &request))?;
+            let state = self.block_on(
+                "wait for the daemon's state",
+                api.wait_for_states(
+                    &[DaemonState::Ready, DaemonState::Running],
+                    deadline,
+                    || false,
+                ),
+            )?;
+            if state.state == DaemonState::Ready {
+                self.block_on("PUT /daemon/start", api.start())?;
+            }
+            Ok(())
+        })();
+        mounted.map_err(|e: KitError| self.failed(&e.to_string()))?;
+        self.wait_reported()
+    }
+
+    /// The instance configuration of the image's mount.
+    pub fn instance_config(&self) -> InstanceConfig {
+        self.mount_request(INSTANCE_SEQ).config
+    }
+
+    /// Managed modes: a daemon ready for the image's mount (shared:
+    /// RUNNING; dedicated: INIT), or a successor that took one over made
+    /// RUNNING. A shared daemon mounts only once RUNNING; a dedicated one
+    /// only from INIT.
     fn settle_managed(&self, takeover: bool) -> Result<(), KitError> {
         let api = self.client()?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -447,14 +500,6 @@ impl ModeFsd {
             wait(&[DaemonState::Init])?
         };
         if first.state == DaemonState::Ready {
-            self.block_on("PUT /daemon/start", api.start())?;
-        }
-        if takeover {
-            return Ok(());
-        }
-        let request = self.mount_request(INSTANCE_SEQ);
-        self.block_on("POST /mount", api.mount(&self.root(), &request))?;
-        if wait(&[DaemonState::Ready, DaemonState::Running])?.state == DaemonState::Ready {
             self.block_on("PUT /daemon/start", api.start())?;
         }
         Ok(())
