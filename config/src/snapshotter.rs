@@ -230,6 +230,11 @@ pub struct DaemonConfig {
     /// How often each daemon's API is probed, in seconds (0: never), so a
     /// hung daemon is found and replaced even when no call is due.
     pub health_interval_secs: u64,
+    /// How long a daemon started at a pull, to fetch the image's prefetch
+    /// list ahead of its bootstrap, waits for the image's instance, in
+    /// seconds. A daemon with no instance by then (the pull failed or was
+    /// abandoned) stops.
+    pub ahead_wait_secs: u64,
 }
 
 impl Default for DaemonConfig {
@@ -242,6 +247,7 @@ impl Default for DaemonConfig {
             recover_timeout_secs: 30,
             call_timeout_secs: 5,
             health_interval_secs: 5,
+            ahead_wait_secs: 60,
         }
     }
 }
@@ -257,6 +263,10 @@ impl DaemonConfig {
 
     pub fn call_timeout(&self) -> Duration {
         Duration::from_secs(self.call_timeout_secs)
+    }
+
+    pub fn ahead_wait(&self) -> Duration {
+        Duration::from_secs(self.ahead_wait_secs)
     }
 
     /// `None` when probing is off.

@@ -26,6 +26,16 @@ pub struct LodeImage {
     pub hosts: Vec<lode_common::registry::RegistryHost>,
 }
 
+/// An image being pulled whose data blobs begin with its prefetch list's
+/// chunks: what a daemon needs to fetch them before the bootstrap arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The image as it will be served; its `bootstrap_path` is empty (the
+    /// bootstrap has not arrived).
+    pub image: LodeImage,
+    pub fronts: Vec<lode_common::image::BlobFront>,
+}
+
 /// An image record for tests: digest `bootstrap_digest`, the rest made up.
 #[cfg(test)]
 pub(crate) fn test_image(bootstrap_digest: &str) -> LodeImage {
@@ -61,4 +71,8 @@ pub trait InstanceProvider: Send + Sync + 'static {
     /// The image's last snapshot is gone: its instance may be unmounted.
     /// Releasing an image without an instance is not an error.
     async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError>;
+
+    /// A pull of `pulled` has begun: its daemon (started if need be) fetches
+    /// the fronts of its data blobs while the bootstrap is on its way.
+    async fn fetch_ahead(&self, pulled: &PulledImage) -> Result<(), InstanceError>;
 }

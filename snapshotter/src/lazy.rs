@@ -21,7 +21,7 @@ use lode_common::registry::{
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
 
-use crate::instances::LodeImage;
+use crate::instances::{LodeImage, PulledImage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
@@ -42,6 +42,32 @@ pub enum LazyError {
     Hosts(#[from] HostsError),
 }
 
+/// The bootstrap, from the first host that serves it, in a file of this
+/// pull's own: it goes when the image's instance is released, and is never
+/// one that the release of an earlier pull of the same image is about to
+/// remove.
+async fn fetch_bootstrap(
+    clients: &HostClients,
+    reference: &Reference,
+    digest: Digest,
+    dir: &std::path::Path,
+) -> Result<PathBuf, ImageError> {
+    let mut last = None;
+    for attempt in clients.attempts(reference, Capability::Pull) {
+        let fetched =
+            image::fetch_bootstrap_anew(attempt.client, &attempt.reference, digest, dir).await;
+        match fetched {
+            Ok(path) => return Ok(path),
+            Err(ImageError::Registry(e)) => {
+                clients.failed(&attempt, &e);
+                last = Some(ImageError::Registry(e));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(last.unwrap_or_else(|| no_host(reference, "pull")))
+}
+
 fn no_host(reference: &Reference, capability: &str) -> ImageError {
     ImageError::Registry(RegistryError::Request {
         reference: reference.to_string(),
@@ -56,7 +82,8 @@ pub enum LayerKind {
     /// Not a Lode layer (or no labels to tell): unpacked the normal way.
     Plain,
     /// A Lode data blob: served by the image's instance, nothing to unpack.
-    DataBlob,
+    /// The image's first one comes with what its daemon may fetch ahead.
+    DataBlob(Option<PulledImage>),
     /// The Lode bootstrap layer, fetched; completes the image.
     Bootstrap(LodeImage),
 }
@@ -106,7 +133,16 @@ pub struct LazyLayers {
     clients: Mutex<HashMap<ClientKey, Arc<HostClients>>>,
     keychain: Arc<Keychain>,
     content: ContentStore,
+    /// Bootstrap fetches started at a pull's first data blob layer, by
+    /// bootstrap digest, for the pull's bootstrap layer to take.
+    early: Arc<Mutex<HashMap<Digest, EarlyBootstrap>>>,
 }
+
+type EarlyBootstrap = tokio::sync::oneshot::Receiver<Result<PathBuf, ImageError>>;
+
+/// How long a bootstrap fetched early waits for its pull's bootstrap layer
+/// (a pull that failed in between never asks); then its file goes.
+const EARLY_UNCLAIMED: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Registry, its hosts, and the credentials given for the repository.
 type ClientKey = (String, Vec<RegistryHost>, Option<Credentials>);
@@ -125,6 +161,7 @@ impl LazyLayers {
             clients: Mutex::new(HashMap::new()),
             keychain,
             content,
+            early: Arc::default(),
         }
     }
 
@@ -193,60 +230,115 @@ impl LazyLayers {
         let Some(manifest) = self.manifest(&clients, &layer.reference, namespace).await else {
             return Ok(LayerKind::Plain);
         };
+        if manifest.data_blobs.first() == Some(&layer.layer) {
+            // The pull's first Lode layer: the bootstrap's fetch and the
+            // daemon's of the prefetch list can start while the rest of the
+            // pull goes on.
+            self.fetch_bootstrap_early(&clients, &layer.reference, &manifest);
+            if !manifest.fronts.is_empty() {
+                let image = self.image(labels, &layer.reference, &manifest, PathBuf::new())?;
+                let fronts = manifest.fronts.clone();
+                return Ok(LayerKind::DataBlob(Some(PulledImage { image, fronts })));
+            }
+        }
         if manifest.data_blobs.contains(&layer.layer) {
-            return Ok(LayerKind::DataBlob);
+            return Ok(LayerKind::DataBlob(None));
         }
         if manifest.bootstrap != layer.layer {
             return Ok(LayerKind::Plain);
         }
-        let image_ref = layer.reference.to_string();
-        let path = self
-            .fetch_bootstrap(&clients, &layer.reference, &manifest)
-            .await
-            .map_err(|source| LazyError::Image {
-                image_ref: image_ref.clone(),
-                source,
-            })?;
-        let reference = &layer.reference;
-        Ok(LayerKind::Bootstrap(LodeImage {
+        // The fetch started at the first layer, if any; else one now.
+        let early = self.lock_early().remove(&manifest.bootstrap);
+        let fetched = match early {
+            Some(early) => early.await.ok(),
+            None => None,
+        };
+        let fetched = match fetched {
+            Some(fetched) => fetched,
+            None => {
+                let digest = manifest.bootstrap;
+                fetch_bootstrap(&clients, &layer.reference, digest, &self.bootstraps_dir).await
+            }
+        };
+        let path = fetched.map_err(|source| LazyError::Image {
+            image_ref: layer.reference.to_string(),
+            source,
+        })?;
+        Ok(LayerKind::Bootstrap(self.image(
+            labels,
+            &layer.reference,
+            &manifest,
+            path,
+        )?))
+    }
+
+    /// The image `reference` names, served from `bootstrap_path`.
+    fn image(
+        &self,
+        labels: &HashMap<String, String>,
+        reference: &Reference,
+        manifest: &LodeManifest,
+        bootstrap_path: PathBuf,
+    ) -> Result<LodeImage, LazyError> {
+        Ok(LodeImage {
             bootstrap_digest: manifest.bootstrap.to_string(),
-            bootstrap_path: path,
-            image_ref: labels.get(LABEL_IMAGE_REF).cloned().unwrap_or(image_ref),
+            bootstrap_path,
+            image_ref: labels
+                .get(LABEL_IMAGE_REF)
+                .cloned()
+                .unwrap_or_else(|| reference.to_string()),
             blob_source: format!("registry://{}/{}", reference.registry, reference.repository),
             plain_http: self.registry.is_plain_http(reference.host()),
             hosts: self.hosts(reference)?,
-        }))
+        })
     }
 
-    /// The bootstrap, from the first host that serves it, in a file of this
-    /// pull's own: it goes when the image's instance is released, and is
-    /// never one that the release of an earlier pull of the same image is
-    /// about to remove.
-    async fn fetch_bootstrap(
+    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, EarlyBootstrap>> {
+        self.early.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts fetching the image's bootstrap in the background, unless a
+    /// fetch of it already waits to be taken. One that nobody takes within
+    /// [`EARLY_UNCLAIMED`] is removed.
+    fn fetch_bootstrap_early(
         &self,
-        clients: &HostClients,
+        clients: &Arc<HostClients>,
         reference: &Reference,
         manifest: &LodeManifest,
-    ) -> Result<PathBuf, ImageError> {
-        let mut last = None;
-        for attempt in clients.attempts(reference, Capability::Pull) {
-            let fetched = image::fetch_bootstrap_anew(
-                attempt.client,
-                &attempt.reference,
-                manifest.bootstrap,
-                &self.bootstraps_dir,
-            )
-            .await;
-            match fetched {
-                Ok(path) => return Ok(path),
-                Err(ImageError::Registry(e)) => {
-                    clients.failed(&attempt, &e);
-                    last = Some(ImageError::Registry(e));
-                }
-                Err(other) => return Err(other),
+    ) {
+        let digest = manifest.bootstrap;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.lock_early().entry(digest) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(rx);
             }
         }
-        Err(last.unwrap_or_else(|| no_host(reference, "pull")))
+        let (clients, reference, dir) = (
+            Arc::clone(clients),
+            reference.clone(),
+            self.bootstraps_dir.clone(),
+        );
+        tokio::spawn(async move {
+            let fetched = fetch_bootstrap(&clients, &reference, digest, &dir).await;
+            if let Err(Ok(path)) = tx.send(fetched) {
+                let _ = std::fs::remove_file(path);
+            }
+        });
+        let early = Arc::clone(&self.early);
+        tokio::spawn(async move {
+            tokio::time::sleep(EARLY_UNCLAIMED).await;
+            let unclaimed = early
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&digest);
+            if let Some(mut rx) = unclaimed {
+                rx.close();
+                if let Ok(Ok(path)) = rx.try_recv() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        });
     }
 
     /// Blob `digest` from containerd's content store, if the pull stored

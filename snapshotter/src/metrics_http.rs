@@ -111,6 +111,7 @@ async fn scrape(manager: &DaemonManager) -> String {
                     ("cache_hits", cache.hits),
                     ("cache_misses", cache.misses),
                     ("fetched_bytes", cache.bytes_fetched),
+                    ("ahead_bytes", cache.ahead_bytes),
                     ("digest_errors", cache.digest_errors),
                 ] {
                     let _ = writeln!(
@@ -129,6 +130,10 @@ async fn scrape(manager: &DaemonManager) -> String {
         ("cache_hits", "Chunk reads served from the local cache."),
         ("cache_misses", "Chunk reads that needed the registry."),
         ("fetched_bytes", "Bytes fetched from the registry."),
+        (
+            "ahead_bytes",
+            "Of the fetched bytes, those of the prefetch list fetched while the image was pulled.",
+        ),
         (
             "digest_errors",
             "Chunks whose sha256 did not match (never served).",

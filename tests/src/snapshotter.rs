@@ -34,6 +34,8 @@ pub struct SnapshotterOptions {
     /// Puts the root on a tmpfs of this size (`8m`), so that a test can
     /// fill its disk.
     pub root_tmpfs_size: Option<&'static str>,
+    /// `[daemon] ahead_wait_secs` (`None`: the default).
+    pub ahead_wait_secs: Option<u64>,
 }
 
 impl Default for SnapshotterOptions {
@@ -47,6 +49,7 @@ impl Default for SnapshotterOptions {
             cache_size_limit_bytes: 0,
             cache_check_interval_secs: None,
             root_tmpfs_size: None,
+            ahead_wait_secs: None,
         }
     }
 }
@@ -85,11 +88,14 @@ impl Snapshotter {
             )
             .map_err(|e| KitError::Invalid(format!("mount a tmpfs at {}: {e}", root.display())))?;
         }
-        let fsd_config = options
+        let mut fsd_config = options
             .fsd_config
             .as_ref()
             .map(|c| format!("config = \"{}\"\n", c.display()))
             .unwrap_or_default();
+        if let Some(wait) = options.ahead_wait_secs {
+            fsd_config.push_str(&format!("ahead_wait_secs = {wait}\n"));
+        }
         let hosts = options
             .registry_config_path
             .as_ref()

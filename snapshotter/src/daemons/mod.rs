@@ -20,6 +20,7 @@
 //! on one daemon (start, mount, release, recovery) holds that daemon's lock
 //! only, so a hung daemon never holds up another's images.
 
+mod ahead;
 mod cache;
 mod process;
 pub mod records;
@@ -36,7 +37,7 @@ use lode_config::{DaemonMode, RecoverPolicy, SnapshotterConfig};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::cri::Keychain;
-use crate::instances::{InstanceError, InstanceProvider, LodeImage};
+use crate::instances::{InstanceError, InstanceProvider, LodeImage, PulledImage};
 use crate::metrics::Metrics;
 use records::{DaemonRecord, InstanceRecord, Records};
 
@@ -315,20 +316,36 @@ impl DaemonManager {
     fn mount_request(&self, image: &LodeImage, seq: u32) -> MountRequest {
         MountRequest {
             source: image.bootstrap_path.clone(),
-            config: InstanceConfig {
-                blob_source: image.blob_source.clone(),
-                plain_http: image.plain_http,
-                docker_config: self.config.registry.docker_config.clone(),
-                hosts: image.hosts.clone(),
-            },
+            config: self.instance_config(image),
             seq,
             image_ref: Some(image.image_ref.clone()),
-            credentials: image
-                .image_ref
-                .parse::<Reference>()
-                .ok()
-                .and_then(|r| self.keychain.get(&r)),
+            credentials: self.credentials(image),
         }
+    }
+
+    fn instance_config(&self, image: &LodeImage) -> InstanceConfig {
+        InstanceConfig {
+            blob_source: image.blob_source.clone(),
+            plain_http: image.plain_http,
+            docker_config: self.config.registry.docker_config.clone(),
+            hosts: image.hosts.clone(),
+        }
+    }
+
+    fn credentials(&self, image: &LodeImage) -> Option<lode_common::registry::Credentials> {
+        image
+            .image_ref
+            .parse::<Reference>()
+            .ok()
+            .and_then(|r| self.keychain.get(&r))
+    }
+
+    /// Forgets a daemon about to be stopped: no record, no supervisor, no
+    /// recovery. The daemon's lock is held.
+    fn retire(&self, daemon: &DaemonRecord) -> Result<(), DaemonError> {
+        self.records.remove_daemon(&daemon.id)?;
+        self.supervisors().remove(&daemon.id);
+        Ok(())
     }
 
     /// Hands the keychain's credentials for `reference`'s repository to the
@@ -504,10 +521,7 @@ impl InstanceProvider for DaemonManager {
                 .any(|i| i.daemon_id == daemon.id);
         if last {
             // No instance left: the daemon goes too, and must not be recovered.
-            self.records
-                .remove_daemon(&daemon.id)
-                .map_err(DaemonError::from)?;
-            self.supervisors().remove(&daemon.id);
+            self.retire(&daemon)?;
         }
         if let Err(error) = self.client(&daemon).umount(&instance.mountpoint).await {
             tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
@@ -525,6 +539,10 @@ impl InstanceProvider for DaemonManager {
         self.clean_cache(&instance.image);
         remove_bootstrap(&instance.image);
         Ok(())
+    }
+
+    async fn fetch_ahead(&self, pulled: &PulledImage) -> Result<(), InstanceError> {
+        Ok(self.ahead(pulled).await?)
     }
 }
 

@@ -264,6 +264,10 @@ impl DaemonManager {
             .map(|i| i.mountpoint.clone())
             .collect();
         let instances = self.instances_of(&record.id)?;
+        if instances.is_empty() {
+            // Started for a pull whose wait ended with the old snapshotter.
+            self.stop_unless_used(&record);
+        }
         self.mount_missing(instances, &mounted).await;
         Ok(())
     }

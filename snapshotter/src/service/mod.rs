@@ -17,7 +17,7 @@ use containerd_snapshots::{Info, Kind};
 pub use error::ServiceError;
 
 use crate::content::key_namespace;
-use crate::instances::{InstanceProvider, LodeImage};
+use crate::instances::{InstanceProvider, LodeImage, PulledImage};
 use crate::lazy::{LayerKind, LazyLayers};
 use crate::metrics::Metrics;
 use crate::overlay::{self, Layers};
@@ -94,7 +94,10 @@ impl LodeSnapshotter {
                 }
                 match self.lazy.classify(&labels, key_namespace(&key)).await? {
                     LayerKind::Plain => {}
-                    LayerKind::DataBlob => {
+                    LayerKind::DataBlob(pulled) => {
+                        if let Some(pulled) = pulled {
+                            self.fetch_ahead(pulled);
+                        }
                         self.commit_lazy(&target, &parent, labels, None).await?;
                         return Err(ServiceError::LayerAvailable(target));
                     }
@@ -158,6 +161,18 @@ impl LodeSnapshotter {
             }
             // Unreadable records count as in use: nothing is released.
             let _ = release_unless_used(&store, &*instances, &image.bootstrap_digest).await;
+        });
+    }
+
+    /// Has the daemon of an image being pulled fetch its prefetch list in
+    /// the background while the pull goes on. A failure is only logged:
+    /// the image's instance fetches the list itself once mounted.
+    fn fetch_ahead(&self, pulled: PulledImage) {
+        let instances = Arc::clone(&self.instances);
+        tokio::spawn(async move {
+            if let Err(error) = instances.fetch_ahead(&pulled).await {
+                tracing::warn!(image_ref = %pulled.image.image_ref, %error, "cannot fetch the prefetch list ahead; the image's instance fetches it once mounted");
+            }
         });
     }
 

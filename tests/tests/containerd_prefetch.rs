@@ -1,0 +1,121 @@
+//! A pull of an image converted with a prefetch list, end to end with real
+//! components (docker-registry, containerd 1.6 with lode-snapshotter, runc,
+//! lode-fsd): the list's chunks are fetched while the pull goes on. Root
+//! only (containers, FUSE, overlayfs).
+
+use std::time::Duration;
+
+use lode_tests::snapshotter::SnapshotterOptions;
+use lode_tests::stack::{scrape, stack};
+use lode_tests::wait_until;
+
+/// The sum of a Prometheus counter over its images.
+fn image_counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// An image converted with a prefetch list has its data blobs begin with
+/// the listed chunks, and its manifest says how far: a pull has the
+/// image's daemon fetch those fronts while the bootstrap is on its way, and
+/// the image takes its prefetch list from them, so the registry sends them
+/// once. A pull that fails after its first layer leaves no daemon behind.
+#[test]
+fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_daemon_shared() {
+    a_pull_fetches_the_prefetch_list_ahead("shared");
+}
+
+#[test]
+fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_daemon_dedicated() {
+    a_pull_fetches_the_prefetch_list_ahead("dedicated");
+}
+
+fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
+    let options = SnapshotterOptions {
+        daemon_mode,
+        ahead_wait_secs: Some(2),
+        ..SnapshotterOptions::default()
+    };
+    let Some(s) = stack(options) else {
+        return;
+    };
+    let convert = |tag: &str, list: &str| {
+        let path = s.out.path().join(format!("{tag}.list"));
+        std::fs::write(&path, list).unwrap();
+        let image = s.registry.reference(&format!("app:{tag}"));
+        s.lodectl
+            .convert(&s.app.plain, &image, None, Some(&path))
+            .unwrap();
+        let fronts: u64 = s.lode_manifest(&image).fronts.iter().map(|f| f.bytes).sum();
+        assert!(fronts > 0, "{image}: no prefetch front in its manifest");
+        (image, fronts)
+    };
+    let (listed, fronts) = convert("listed", "/data/motd\n/data/big\t0-1048576\n");
+    s.pull_lazily("ahead", &listed);
+    wait_until(Duration::from_secs(30), "the fronts fetched", || {
+        s.data_bytes_served(&listed) == fronts
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} of {fronts}\n{}",
+            s.data_bytes_served(&listed),
+            s.logs()
+        )
+    });
+    let url = s.snapshotter.metrics_url().expect("metrics endpoint");
+    wait_until(
+        Duration::from_secs(30),
+        "the list taken from the fronts",
+        || image_counter(&scrape(&url), "lode_image_ahead_bytes_total") == fronts,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&url)));
+    let out = s.run(
+        "ahead",
+        &listed,
+        "c1",
+        "cat /data/motd; head -c 1048576 /data/big | sha256sum",
+    );
+    assert!(out.contains("hello from lode"), "{out}");
+    assert!(out.contains(&s.app.big_range_sha256(0, 1 << 20)), "{out}");
+    let metrics = scrape(&url);
+    assert_eq!(
+        s.data_bytes_served(&listed),
+        image_counter(&metrics, "lode_image_fetched_bytes_total"),
+        "the registry sent each byte the image fetched once: {metrics}"
+    );
+
+    s.remove_image("ahead", &listed);
+    s.wait_for_no_lode_mounts_or_cache();
+    wait_until(Duration::from_secs(30), "no daemon", || {
+        s.snapshotter.daemon_pids().is_empty()
+    })
+    .unwrap();
+    let (broken, fronts) = convert("broken", "/data/big\t2097152-3145728\n");
+    let bootstrap = s.lode_manifest(&broken).bootstrap;
+    std::fs::remove_file(s.registry.blob_path(&bootstrap)).unwrap();
+    // Its first data blob (busybox's layer) may be the listed image's.
+    let before = s.data_bytes_served(&broken);
+    let pull = s.lodectl.run([
+        "pull",
+        "--plain-http",
+        "--address",
+        &s.containerd.socket().display().to_string(),
+        "--namespace",
+        &s.containerd.namespace("ahead"),
+        &broken.to_string(),
+    ]);
+    assert!(!pull.unwrap().success, "a pull without its bootstrap fails");
+    wait_until(Duration::from_secs(30), "the fronts fetched", || {
+        s.data_bytes_served(&broken) - before == fronts
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon started for the failed pull to stop",
+        || s.snapshotter.daemon_pids().is_empty(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.snapshotter.log()));
+}
