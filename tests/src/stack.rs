@@ -245,8 +245,19 @@ impl Node {
 
     /// `lodectl pull` into the test namespace; returns its summary.
     pub fn pull_lazily(&self, namespace: &str, image: &Reference) -> String {
-        let run = self
-            .lodectl
+        let run = self.try_pull_lazily(namespace, image);
+        assert!(
+            run.success,
+            "lodectl pull: {}\n{}",
+            run.stderr,
+            self.snapshotter.log()
+        );
+        run.stdout
+    }
+
+    /// `lodectl pull` into the test namespace, successful or not.
+    pub fn try_pull_lazily(&self, namespace: &str, image: &Reference) -> Run {
+        self.lodectl
             .run([
                 "pull",
                 "--plain-http",
@@ -256,14 +267,7 @@ impl Node {
                 &self.containerd.namespace(namespace),
                 &image.to_string(),
             ])
-            .unwrap();
-        assert!(
-            run.success,
-            "lodectl pull: {}\n{}",
-            run.stderr,
-            self.snapshotter.log()
-        );
-        run.stdout
+            .unwrap()
     }
 
     /// `ctr run --rm` of `image`: the container's stdout, or a panic with

@@ -512,18 +512,7 @@ fn layer_annotations_that_contradict_the_config_fail_the_pull() {
             .await
             .unwrap_or_else(|e| panic!("push {tampered}: {e}"));
     });
-    let run = s
-        .lodectl
-        .run([
-            "pull",
-            "--plain-http",
-            "--address",
-            &s.containerd.socket().display().to_string(),
-            "--namespace",
-            &s.containerd.namespace("lazy"),
-            &tampered.to_string(),
-        ])
-        .unwrap();
+    let run = s.try_pull_lazily("lazy", &tampered);
     assert!(!run.success, "{}", run.stdout);
     assert!(
         run.stderr

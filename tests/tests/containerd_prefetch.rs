@@ -98,16 +98,8 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
     std::fs::remove_file(s.registry.blob_path(&bootstrap)).unwrap();
     // Its first data blob (busybox's layer) may be the listed image's.
     let before = s.data_bytes_served(&broken);
-    let pull = s.lodectl.run([
-        "pull",
-        "--plain-http",
-        "--address",
-        &s.containerd.socket().display().to_string(),
-        "--namespace",
-        &s.containerd.namespace("ahead"),
-        &broken.to_string(),
-    ]);
-    assert!(!pull.unwrap().success, "a pull without its bootstrap fails");
+    let pull = s.try_pull_lazily("ahead", &broken);
+    assert!(!pull.success, "a pull without its bootstrap fails");
     wait_until(Duration::from_secs(30), "the fronts fetched", || {
         s.data_bytes_served(&broken) - before == fronts
     })

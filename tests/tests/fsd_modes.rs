@@ -514,12 +514,18 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
         "[{mode}] no fetch thread at niceness {background}: {nices:?}"
     );
 
+    assert_listed_read_back(&fsd);
+}
+
+/// The listed stretch of f05 (its chunks 1 and 2) reads back.
+fn assert_listed_read_back(fsd: &ModeFsd) {
     let file = File::open(fsd.join(file_name(5))).unwrap();
     let mut middle = vec![0u8; 128 * 1024];
     file.read_exact_at(&mut middle, 65536).unwrap();
     assert!(
         middle == file_content(5)[65536..196608],
-        "[{mode}] the prefetched chunks read back"
+        "[{}] the listed chunks read back",
+        fsd.mode()
     );
 }
 
@@ -574,13 +580,7 @@ fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
         (front, 1),
         "[{mode}] the registry sent the front once"
     );
-    let file = File::open(fsd.join(file_name(5))).unwrap();
-    let mut middle = vec![0u8; 128 * 1024];
-    file.read_exact_at(&mut middle, 65536).unwrap();
-    assert!(
-        middle == file_content(5)[65536..196608],
-        "[{mode}] the chunks fetched ahead read back"
-    );
+    assert_listed_read_back(&fsd);
 }
 
 /// The niceness of each fetch worker thread (`lode-fetch-N`) of `pid`.

@@ -146,7 +146,8 @@ impl Host {
         events: mpsc::Sender<HostEvent>,
     ) -> Result<Self, HostError> {
         options.config.validate()?;
-        let ahead = Arc::new(Ahead::new(options.config.fetch.ahead_bytes));
+        let fetch = &options.config.fetch;
+        let ahead = Arc::new(Ahead::new(fetch.ahead_bytes, fetch.background_nice));
         Ok(Self {
             table: Arc::new(Table::new(options.mode)),
             options,

@@ -14,6 +14,7 @@
 //! was asked for; at most `fetch.ahead_bytes` are held at once.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use lode_common::Digest;
 use tracing::{info, warn};
 
 use super::backend::{BackendError, BlobBackend, Sink};
+use super::workers::{can_renice, set_nice_above_base};
 use crate::metrics::Metrics;
 
 /// How long fetched fronts wait for their image's instance to take them.
@@ -33,6 +35,10 @@ pub struct Ahead {
     segments: Mutex<HashMap<Digest, Vec<Arc<Segment>>>>,
     /// Most bytes held at once.
     limit: u64,
+    /// How much nicer than the daemon the fetching threads are until an
+    /// instance takes from their segment: the pull that asked for the
+    /// fronts has work of its own to do on the node.
+    nice: i32,
 }
 
 /// One range request's bytes, filling.
@@ -41,6 +47,8 @@ struct Segment {
     end: u64,
     filling: Mutex<Filling>,
     changed: Condvar,
+    /// An instance takes from it: its thread has the daemon's priority.
+    wanted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -74,6 +82,7 @@ impl Segment {
     /// Hands `sink` the segment's bytes from `from` to `to` as they arrive;
     /// returns how many it had (fewer if the request failed first).
     fn serve(&self, from: u64, to: u64, sink: &mut Sink<'_>) -> u64 {
+        self.wanted.store(true, Ordering::Relaxed);
         let mut at = from;
         while at < to {
             let mut f = lock(&self.filling);
@@ -127,10 +136,18 @@ impl Filling {
 }
 
 impl Ahead {
-    pub fn new(limit: u64) -> Self {
+    /// At most `limit` bytes held; fetched `nice` nicer than the daemon
+    /// until wanted (0 if the daemon cannot get its priority back).
+    pub fn new(limit: u64, nice: u8) -> Self {
+        let nice = i32::from(nice);
         Self {
             segments: Mutex::default(),
             limit,
+            nice: if nice > 0 && can_renice(nice) {
+                nice
+            } else {
+                0
+            },
         }
     }
 
@@ -166,6 +183,7 @@ impl Ahead {
                             end,
                             filling: Mutex::default(),
                             changed: Condvar::new(),
+                            wanted: AtomicBool::new(false),
                         });
                         held.push(Arc::clone(&segment));
                         queue.push_back((blob_record(front), segment));
@@ -191,10 +209,10 @@ impl Ahead {
         let threads = threads.clamp(1, queue.len());
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..threads {
-            let (queue, backend) = (Arc::clone(&queue), Arc::clone(&backend));
+            let (queue, backend, nice) = (Arc::clone(&queue), Arc::clone(&backend), self.nice);
             std::thread::Builder::new()
                 .name("lode-ahead".into())
-                .spawn(move || fill(&queue, &*backend))?;
+                .spawn(move || fill(&queue, &*backend, nice))?;
         }
         let this = Arc::clone(self);
         runtime.spawn(async move {
@@ -268,8 +286,9 @@ fn blob_record(front: &BlobFront) -> BlobRecord {
     }
 }
 
-/// A fetch thread: runs queued requests until none is left.
-fn fill(queue: &Mutex<VecDeque<(BlobRecord, Arc<Segment>)>>, backend: &dyn BlobBackend) {
+/// A fetch thread: runs queued requests until none is left, `nice` nicer
+/// than the daemon while no instance takes from its segment.
+fn fill(queue: &Mutex<VecDeque<(BlobRecord, Arc<Segment>)>>, backend: &dyn BlobBackend, nice: i32) {
     /// Ends the segment's filling however the request ends, so that no
     /// reader waits for it forever.
     struct Ends<'a>(&'a Segment);
@@ -284,8 +303,17 @@ fn fill(queue: &Mutex<VecDeque<(BlobRecord, Arc<Segment>)>>, backend: &dyn BlobB
         let Some((blob, segment)) = next else { return };
         let _ends = Ends(&segment);
         let len = segment.end - segment.start;
-        let result =
-            backend.read_range(&blob, segment.start, len, &mut |piece| segment.push(piece));
+        set_nice_above_base(if segment.wanted.load(Ordering::Relaxed) {
+            0
+        } else {
+            nice
+        });
+        let result = backend.read_range(&blob, segment.start, len, &mut |piece| {
+            segment.push(piece);
+            if segment.wanted.load(Ordering::Relaxed) {
+                set_nice_above_base(0);
+            }
+        });
         if let Err(error) = result {
             warn!(blob = %blob.digest, offset = segment.start, len, %error, "fetching a data blob front ahead failed; its image fetches it itself");
         }

@@ -32,6 +32,30 @@ fn over(ahead: Arc<Ahead>, inner: Arc<dyn BlobBackend>) -> AheadBackend {
     }
 }
 
+/// A front of `bytes` of `image`'s blob fetched ahead from `fetching`, in
+/// requests of `request` bytes on `threads` threads, and an instance's
+/// backend in front of a source that counts its requests.
+fn fetched_ahead(
+    image: &TestImage,
+    blob: &BlobRecord,
+    fetching: Arc<dyn BlobBackend>,
+    (bytes, request, threads): (u64, u64, usize),
+    rt: &tokio::runtime::Runtime,
+) -> (AheadBackend, Arc<CountingBackend>) {
+    let ahead = Arc::new(Ahead::new(u64::MAX, 0));
+    ahead
+        .fetch(
+            fetching,
+            &[front(blob, bytes)],
+            request,
+            threads,
+            rt.handle(),
+        )
+        .unwrap();
+    let source = Arc::new(CountingBackend::new(image));
+    (over(ahead, source.clone()), source)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -55,19 +79,9 @@ fn blob_bytes(image: &TestImage) -> Vec<u8> {
 fn ranges_of_a_front_come_from_memory_and_the_rest_from_the_source() {
     let (image, blob) = image();
     let rt = runtime();
-    let ahead = Arc::new(Ahead::new(u64::MAX));
     let fetching = Arc::new(CountingBackend::new(&image));
-    ahead
-        .fetch(
-            fetching.clone(),
-            &[front(&blob, 600 << 10)],
-            256 << 10,
-            2,
-            rt.handle(),
-        )
-        .unwrap();
-    let source = Arc::new(CountingBackend::new(&image));
-    let backend = over(Arc::clone(&ahead), source.clone());
+    let sizes = (600 << 10, 256 << 10, 2);
+    let (backend, source) = fetched_ahead(&image, &blob, fetching.clone(), sizes, &rt);
     let whole = blob_bytes(&image);
     // Across two of the front's requests.
     assert_eq!(
@@ -99,19 +113,9 @@ fn ranges_of_a_front_come_from_memory_and_the_rest_from_the_source() {
 fn a_segment_goes_once_all_its_bytes_were_served() {
     let (image, blob) = image();
     let rt = runtime();
-    let ahead = Arc::new(Ahead::new(u64::MAX));
     let fetching = Arc::new(CountingBackend::new(&image));
-    ahead
-        .fetch(
-            fetching,
-            &[front(&blob, 256 << 10)],
-            128 << 10,
-            1,
-            rt.handle(),
-        )
-        .unwrap();
-    let source = Arc::new(CountingBackend::new(&image));
-    let backend = over(Arc::clone(&ahead), source.clone());
+    let (backend, source) = fetched_ahead(&image, &blob, fetching, (256 << 10, 128 << 10, 1), &rt);
+    let ahead = Arc::clone(&backend.ahead);
     read(&backend, &blob, 0, 128 << 10);
     assert_eq!(Ahead::held(&lock(&ahead.segments)), 128 << 10);
     read(&backend, &blob, 128 << 10, 128 << 10);
@@ -125,7 +129,7 @@ fn a_segment_goes_once_all_its_bytes_were_served() {
 fn at_most_the_limit_is_fetched_and_a_front_held_is_not_asked_again() {
     let (image, blob) = image();
     let rt = runtime();
-    let ahead = Arc::new(Ahead::new(300 << 10));
+    let ahead = Arc::new(Ahead::new(300 << 10, 0));
     let fetching = Arc::new(CountingBackend::new(&image));
     let fronts = [front(&blob, 1 << 20)];
     ahead
@@ -144,19 +148,10 @@ fn at_most_the_limit_is_fetched_and_a_front_held_is_not_asked_again() {
 fn a_reader_gets_bytes_as_they_arrive_and_the_source_the_rest_of_a_failed_front() {
     let (image, blob) = image();
     let rt = runtime();
-    let ahead = Arc::new(Ahead::new(u64::MAX));
     let gated = Arc::new(GatedBackend::new(&image));
-    ahead
-        .fetch(
-            gated.clone(),
-            &[front(&blob, 512 << 10)],
-            512 << 10,
-            1,
-            rt.handle(),
-        )
-        .unwrap();
-    let source = Arc::new(CountingBackend::new(&image));
-    let backend = Arc::new(over(Arc::clone(&ahead), source.clone()));
+    let sizes = (512 << 10, 512 << 10, 1);
+    let (backend, source) = fetched_ahead(&image, &blob, gated.clone(), sizes, &rt);
+    let backend = Arc::new(backend);
     let reader = {
         let backend = Arc::clone(&backend);
         std::thread::spawn(move || read(&*backend, &blob, 0, 512 << 10))
@@ -168,15 +163,46 @@ fn a_reader_gets_bytes_as_they_arrive_and_the_source_the_rest_of_a_failed_front(
     assert!(source.calls().is_empty());
 
     // A front whose request fails half-way: the source gets the rest.
-    let broken = front(&blob, 1 << 20);
     let (image_b, _) = self::image();
     std::fs::write(image_b.blob_path(), &blob_bytes(&image)[..256 << 10]).unwrap();
     let failing = Arc::new(CountingBackend::new(&image_b));
-    let ahead = Arc::new(Ahead::new(u64::MAX));
-    ahead
-        .fetch(failing, &[broken], 1 << 20, 1, rt.handle())
-        .unwrap();
-    let backend = over(ahead, source.clone());
+    let (backend, source) = fetched_ahead(&image, &blob, failing, (1 << 20, 1 << 20, 1), &rt);
     assert_eq!(read(&backend, &blob, 0, 1 << 20), blob_bytes(&image));
     assert_eq!(source.calls(), vec![(256 << 10, 768 << 10)]);
+}
+
+#[test]
+fn a_front_is_fetched_nicer_than_the_daemon_until_an_instance_takes_from_it() {
+    if !can_renice(10) {
+        eprintln!("skipped: this process may not give a thread its priority back (CAP_SYS_NICE)");
+        return;
+    }
+    let (image, blob) = image();
+    let rt = runtime();
+    let ahead = Arc::new(Ahead::new(u64::MAX, 10));
+    let gated = Arc::new(GatedBackend::new(&image));
+    ahead
+        .fetch(
+            gated.clone(),
+            &[front(&blob, 512 << 10)],
+            512 << 10,
+            1,
+            rt.handle(),
+        )
+        .unwrap();
+    let backend = Arc::new(over(ahead, Arc::new(CountingBackend::new(&image))));
+    wait_until("the front's request", || gated.started().len() == 1);
+    let reader = {
+        let backend = Arc::clone(&backend);
+        std::thread::spawn(move || read(&*backend, &blob, 0, 512 << 10))
+    };
+    wait_until("the reader to wait", || {
+        backend.ahead.segments.lock().unwrap()[&blob.digest][0]
+            .wanted
+            .load(Ordering::Relaxed)
+    });
+    gated.open();
+    reader.join().unwrap();
+    let base = crate::read::workers::thread_nice();
+    assert_eq!(gated.nices(), vec![(0, base + 10, base)]);
 }

@@ -272,7 +272,7 @@ pub fn nice_above_base() -> i32 {
 }
 
 /// Makes the calling thread `above` nicer than it started, at most 19.
-fn set_nice_above_base(above: i32) {
+pub(crate) fn set_nice_above_base(above: i32) {
     if ABOVE_BASE.with(Cell::get) != above {
         let base = BASE_NICE.with(|b| *b);
         if renice_thread((base + above).min(19)).is_ok() {
