@@ -68,6 +68,12 @@ async fn fetch_bootstrap(
     Err(last.unwrap_or_else(|| no_host(reference, "pull")))
 }
 
+fn lock_early(
+    early: &Mutex<HashMap<Digest, EarlyBootstrap>>,
+) -> std::sync::MutexGuard<'_, HashMap<Digest, EarlyBootstrap>> {
+    early.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn no_host(reference: &Reference, capability: &str) -> ImageError {
     ImageError::Registry(RegistryError::Request {
         reference: reference.to_string(),
@@ -248,7 +254,7 @@ impl LazyLayers {
             return Ok(LayerKind::Plain);
         }
         // The fetch started at the first layer, if any; else one now.
-        let early = self.lock_early().remove(&manifest.bootstrap);
+        let early = lock_early(&self.early).remove(&manifest.bootstrap);
         let fetched = match early {
             Some(early) => early.await.ok(),
             None => None,
@@ -293,10 +299,6 @@ impl LazyLayers {
         })
     }
 
-    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, EarlyBootstrap>> {
-        self.early.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Starts fetching the image's bootstrap in the background, unless a
     /// fetch of it already waits to be taken. One that nobody takes within
     /// [`EARLY_UNCLAIMED`] is removed.
@@ -308,7 +310,7 @@ impl LazyLayers {
     ) {
         let digest = manifest.bootstrap;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match self.lock_early().entry(digest) {
+        match lock_early(&self.early).entry(digest) {
             std::collections::hash_map::Entry::Occupied(_) => return,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(rx);
@@ -328,10 +330,7 @@ impl LazyLayers {
         let early = Arc::clone(&self.early);
         tokio::spawn(async move {
             tokio::time::sleep(EARLY_UNCLAIMED).await;
-            let unclaimed = early
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&digest);
+            let unclaimed = lock_early(&early).remove(&digest);
             if let Some(mut rx) = unclaimed {
                 rx.close();
                 if let Ok(Ok(path)) = rx.try_recv() {

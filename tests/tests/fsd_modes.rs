@@ -475,12 +475,9 @@ fn cache_survives_sigkill_after_a_flush_interval(mode: Mode) {
 /// and the converter has put those chunks at the front of their blob in
 /// list order, so they come in one request. Reads of them are correct.
 fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
-    // Chunks 1 and 2 of f05, then chunk 0 of f02 (64 KiB chunks).
-    let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
-    let Some(fx) = Fixture::listed(Some(&list)) else {
+    let Some((fx, listed)) = listed_fixture() else {
         return;
     };
-    let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
     let mut offset = 0;
     for chunk in &listed {
         assert_eq!(
@@ -517,6 +514,15 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
     assert_listed_read_back(&fsd);
 }
 
+/// The image converted with a list of chunks 1 and 2 of f05, then chunk 0
+/// of f02 (64 KiB chunks), and those chunks in list order.
+fn listed_fixture() -> Option<(Fixture, [ChunkLocation; 3])> {
+    let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
+    let fx = Fixture::listed(Some(&list))?;
+    let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
+    Some((fx, listed))
+}
+
 /// The listed stretch of f05 (its chunks 1 and 2) reads back.
 fn assert_listed_read_back(fsd: &ModeFsd) {
     let file = File::open(fsd.join(file_name(5))).unwrap();
@@ -534,11 +540,9 @@ fn assert_listed_read_back(fsd: &ModeFsd) {
 /// image, once mounted, takes its prefetch list's chunks from those bytes,
 /// verified, so the registry sends them once.
 fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
-    let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
-    let Some(fx) = Fixture::listed(Some(&list)) else {
+    let Some((fx, listed)) = listed_fixture() else {
         return;
     };
-    let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
     let front: u64 = listed.iter().map(|c| u64::from(c.stored_size)).sum();
     let (digest, size) = data_blobs(&fx.bootstrap).expect("data blobs")[0];
     let (served, gets) = (fx.data_bytes_served(), fx.data_gets());

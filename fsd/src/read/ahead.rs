@@ -24,7 +24,7 @@ use lode_common::Digest;
 use tracing::{info, warn};
 
 use super::backend::{BackendError, BlobBackend, Sink};
-use super::workers::{can_renice, set_nice_above_base};
+use super::workers::{set_nice_above_base, usable_nice};
 use crate::metrics::Metrics;
 
 /// How long fetched fronts wait for their image's instance to take them.
@@ -139,15 +139,10 @@ impl Ahead {
     /// At most `limit` bytes held; fetched `nice` nicer than the daemon
     /// until wanted (0 if the daemon cannot get its priority back).
     pub fn new(limit: u64, nice: u8) -> Self {
-        let nice = i32::from(nice);
         Self {
             segments: Mutex::default(),
             limit,
-            nice: if nice > 0 && can_renice(nice) {
-                nice
-            } else {
-                0
-            },
+            nice: usable_nice(nice),
         }
     }
 

@@ -2,6 +2,7 @@
 //! source, and gone once served.
 
 use super::*;
+use crate::read::workers::can_renice;
 use crate::testutil::{
     pattern, wait_until, CountingBackend, GatedBackend, ImageBuilder, TestImage,
 };

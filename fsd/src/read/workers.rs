@@ -77,14 +77,7 @@ impl WorkerPool {
         background_limit: usize,
         background_nice: u8,
     ) -> std::io::Result<Self> {
-        let mut background_nice = i32::from(background_nice);
-        if background_nice > 0 && !can_renice(background_nice) {
-            info!(
-                background_nice,
-                "no right to raise a thread's priority again (CAP_SYS_NICE); background fetches run at normal priority"
-            );
-            background_nice = 0;
-        }
+        let background_nice = usable_nice(background_nice);
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             background_limit: background_limit.max(1),
@@ -279,6 +272,20 @@ pub(crate) fn set_nice_above_base(above: i32) {
             ABOVE_BASE.with(|a| a.set(above));
         }
     }
+}
+
+/// `above` if a thread may be made that much nicer and given its niceness
+/// back, else 0 (logged): background work runs at normal priority then.
+pub(crate) fn usable_nice(above: u8) -> i32 {
+    let above = i32::from(above);
+    if above > 0 && !can_renice(above) {
+        info!(
+            background_nice = above,
+            "no right to raise a thread's priority again (CAP_SYS_NICE); background fetches run at normal priority"
+        );
+        return 0;
+    }
+    above
 }
 
 /// Whether a thread may be made `above` nicer and given its niceness back;

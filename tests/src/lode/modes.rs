@@ -454,26 +454,29 @@ impl ModeFsd {
     /// Managed modes: mounts the image through the API and makes the
     /// daemon RUNNING; returns once the image's root serves.
     pub fn mount_image(&self) -> Result<(), KitError> {
-        let api = self.client()?;
         let deadline = Instant::now() + START_TIMEOUT;
         let mounted = (|| {
             let request = self.mount_request(INSTANCE_SEQ);
+            let api = self.client()?;
             self.block_on("POST /mount", api.mount(&self.root(), &request))?;
-            let state = self.block_on(
-                "wait for the daemon's state",
-                api.wait_for_states(
-                    &[DaemonState::Ready, DaemonState::Running],
-                    deadline,
-                    || false,
-                ),
-            )?;
-            if state.state == DaemonState::Ready {
-                self.block_on("PUT /daemon/start", api.start())?;
-            }
-            Ok(())
+            self.reach(&[DaemonState::Ready, DaemonState::Running], deadline)
         })();
         mounted.map_err(|e: KitError| self.failed(&e.to_string()))?;
         self.wait_reported()
+    }
+
+    /// Waits until the daemon is in one of `states`; one that is READY is
+    /// made RUNNING.
+    fn reach(&self, states: &[DaemonState], deadline: Instant) -> Result<(), KitError> {
+        let api = self.client()?;
+        let reached = self.block_on(
+            "wait for the daemon's state",
+            api.wait_for_states(states, deadline, || false),
+        )?;
+        if reached.state == DaemonState::Ready {
+            self.block_on("PUT /daemon/start", api.start())?;
+        }
+        Ok(())
     }
 
     /// The instance configuration of the image's mount.
@@ -486,23 +489,12 @@ impl ModeFsd {
     /// RUNNING. A shared daemon mounts only once RUNNING; a dedicated one
     /// only from INIT.
     fn settle_managed(&self, takeover: bool) -> Result<(), KitError> {
-        let api = self.client()?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let wait = |states: &[DaemonState]| {
-            self.block_on(
-                "wait for the daemon's state",
-                api.wait_for_states(states, deadline, || false),
-            )
-        };
-        let first = if takeover || self.mode == Mode::Shared {
-            wait(&[DaemonState::Ready, DaemonState::Running])?
+        if takeover || self.mode == Mode::Shared {
+            self.reach(&[DaemonState::Ready, DaemonState::Running], deadline)
         } else {
-            wait(&[DaemonState::Init])?
-        };
-        if first.state == DaemonState::Ready {
-            self.block_on("PUT /daemon/start", api.start())?;
+            self.reach(&[DaemonState::Init], deadline)
         }
-        Ok(())
     }
 
     /// With a supervisor: waits until it holds the current daemon's state
