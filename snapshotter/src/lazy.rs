@@ -139,8 +139,8 @@ pub struct LazyLayers {
     clients: Mutex<HashMap<ClientKey, Arc<HostClients>>>,
     keychain: Arc<Keychain>,
     content: ContentStore,
-    /// Bootstrap fetches started at a pull's first data blob layer, by
-    /// bootstrap digest, for the pull's bootstrap layer to take.
+    /// Bootstrap fetches started at the first data blob layer a pull
+    /// prepares, by bootstrap digest, for the pull's bootstrap layer to take.
     early: Arc<Mutex<HashMap<Digest, EarlyBootstrap>>>,
 }
 
@@ -236,18 +236,17 @@ impl LazyLayers {
         let Some(manifest) = self.manifest(&clients, &layer.reference, namespace).await else {
             return Ok(LayerKind::Plain);
         };
-        if manifest.data_blobs.first() == Some(&layer.layer) {
-            // The pull's first Lode layer: the bootstrap's fetch and the
-            // daemon's of the prefetch list can start while the rest of the
-            // pull goes on.
-            self.fetch_bootstrap_early(&clients, &layer.reference, &manifest);
-            if !manifest.fronts.is_empty() {
+        if manifest.data_blobs.contains(&layer.layer) {
+            // The first data blob the pull prepares (those other images
+            // share and that are already there are not): the bootstrap's
+            // fetch and the daemon's of the prefetch list can start while
+            // the rest of the pull goes on.
+            let first = self.fetch_bootstrap_early(&clients, &layer.reference, &manifest);
+            if first && !manifest.fronts.is_empty() {
                 let image = self.image(labels, &layer.reference, &manifest, PathBuf::new())?;
                 let fronts = manifest.fronts.clone();
                 return Ok(LayerKind::DataBlob(Some(PulledImage { image, fronts })));
             }
-        }
-        if manifest.data_blobs.contains(&layer.layer) {
             return Ok(LayerKind::DataBlob(None));
         }
         if manifest.bootstrap != layer.layer {
@@ -300,18 +299,18 @@ impl LazyLayers {
     }
 
     /// Starts fetching the image's bootstrap in the background, unless a
-    /// fetch of it already waits to be taken. One that nobody takes within
-    /// [`EARLY_UNCLAIMED`] is removed.
+    /// fetch of it already waits to be taken; whether it started one. One
+    /// that nobody takes within [`EARLY_UNCLAIMED`] is removed.
     fn fetch_bootstrap_early(
         &self,
         clients: &Arc<HostClients>,
         reference: &Reference,
         manifest: &LodeManifest,
-    ) {
+    ) -> bool {
         let digest = manifest.bootstrap;
         let (tx, rx) = tokio::sync::oneshot::channel();
         match lock_early(&self.early).entry(digest) {
-            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Occupied(_) => return false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(rx);
             }
@@ -338,6 +337,7 @@ impl LazyLayers {
                 }
             }
         });
+        true
     }
 
     /// Blob `digest` from containerd's content store, if the pull stored

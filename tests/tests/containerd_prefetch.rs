@@ -22,7 +22,8 @@ fn image_counter(metrics: &str, name: &str) -> u64 {
 /// the listed chunks, and its manifest says how far: a pull has the
 /// image's daemon fetch those fronts while the bootstrap is on its way, and
 /// the image takes its prefetch list from them, so the registry sends them
-/// once. A pull that fails after its first layer leaves no daemon behind.
+/// once, also when the image's first layer is another's, already there.
+/// A pull that fails after its first layer leaves no daemon behind.
 #[test]
 fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_daemon_shared() {
     a_pull_fetches_the_prefetch_list_ahead("shared");
@@ -86,6 +87,32 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
         image_counter(&metrics, "lode_image_fetched_bytes_total"),
         "the registry sent each byte the image fetched once: {metrics}"
     );
+
+    // A second image shares its first data blob (busybox's layer, where
+    // no file is listed) with the first, already there: its pull skips
+    // that layer, and the first layer it prepares starts its fronts.
+    let (sibling, sibling_fronts) = convert("sibling", "/data/big\t1048576-2097152\n");
+    let blobs = |image| s.lode_manifest(image).data_blobs;
+    let (ours, theirs) = (blobs(&listed), blobs(&sibling));
+    assert_eq!(
+        ours[0], theirs[0],
+        "the two images share their first data blob"
+    );
+    assert_ne!(ours[1..], theirs[1..], "their lists differ");
+    s.pull_lazily("ahead", &sibling);
+    let taken_ahead = |image: &lode_common::registry::Reference| {
+        let name = format!("lode_image_ahead_bytes_total{{image=\"{image}\"}} ");
+        scrape(&url)
+            .lines()
+            .find_map(|l| l.strip_prefix(&name)?.parse::<u64>().ok())
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the second image's list taken from its fronts",
+        || taken_ahead(&sibling) == Some(sibling_fronts),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", taken_ahead(&sibling), s.logs()));
+    s.remove_image("ahead", &sibling);
 
     s.remove_image("ahead", &listed);
     s.wait_for_no_lode_mounts_or_cache();

@@ -1,8 +1,9 @@
 //! Fetching a pulled image's prefetch list before its bootstrap arrives:
-//! the image's daemon is started at the pull's first layer if none runs,
-//! asked for the data blobs' fronts (`PUT /ahead`), and stopped again if
-//! no image is mounted in it within `daemon.ahead_wait_secs` (the pull
-//! failed).
+//! at the first data blob layer the pull prepares (layers shared with
+//! images already there are skipped), the image's daemon is started if
+//! none runs, asked for the data blobs' fronts (`PUT /ahead`), and stopped
+//! again if no image is mounted in it within `daemon.ahead_wait_secs` (the
+//! pull failed).
 
 use lode_common::api::AheadRequest;
 
