@@ -12,6 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use lode_common::format::{BlobIndex, Bootstrap};
 
+use super::DaemonManager;
+use crate::instances::LodeImage;
+
 /// A blob that daemons marked used (the map file's modification time, set
 /// once per flush interval while it is read) this recently is being read:
 /// the size limit leaves it alone.
@@ -118,6 +121,69 @@ fn remove(path: &PathBuf) -> u64 {
         Err(error) => {
             tracing::warn!(path = %path.display(), %error, "cannot remove cache file");
             0
+        }
+    }
+}
+
+impl DaemonManager {
+    /// Removes the cached blobs of a released image that no other recorded
+    /// instance uses.
+    pub(super) fn clean_cache(&self, released: &LodeImage) {
+        let gone = blobs_of(&released.bootstrap_path);
+        let Some(kept) = self.referenced_blobs() else {
+            return;
+        };
+        let freed = remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
+        tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
+    }
+
+    /// Blobs of every recorded instance's image; `None` (logged) while a
+    /// record cannot be read: its image's blobs would look unused.
+    fn referenced_blobs(&self) -> Option<std::collections::HashSet<String>> {
+        let instances = match self.records.instances() {
+            Ok(instances) if self.records.all_readable() => instances,
+            _ => {
+                tracing::warn!("daemon records unreadable or damaged; not removing cached blobs");
+                return None;
+            }
+        };
+        Some(
+            instances
+                .iter()
+                .flat_map(|i| blobs_of(&i.image.bootstrap_path))
+                .collect(),
+        )
+    }
+
+    /// Applies the cache's size limit every `cache.check_interval_secs`.
+    pub(super) fn watch_cache(&self) {
+        if let Some(interval) = self.config.cache.check_interval() {
+            self.every(interval, |manager| async move {
+                // Walks the cache directory and opens bootstraps.
+                let _ = tokio::task::spawn_blocking(move || manager.enforce_cache_limit()).await;
+            });
+        }
+    }
+
+    /// Applies `cache.size_limit_bytes`: unreferenced blobs go first, then
+    /// blobs of mounted images not being read, least recently used first.
+    pub(super) fn enforce_cache_limit(&self) {
+        let limit = self.config.cache.size_limit_bytes;
+        if limit == 0 {
+            // Without a bound there is nothing to trim: don't open every
+            // bootstrap on each mount to find out.
+            return;
+        }
+        let Some(referenced) = self.referenced_blobs() else {
+            return;
+        };
+        let freed = enforce_limit(&self.config.cache_dir(), &referenced, limit);
+        if freed > 0 {
+            tracing::info!(
+                freed_bytes = freed,
+                limit,
+                "cache trimmed to its size limit"
+            );
         }
     }
 }

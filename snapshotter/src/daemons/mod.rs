@@ -22,6 +22,7 @@
 
 mod ahead;
 mod cache;
+mod images;
 mod process;
 pub mod records;
 mod recover;
@@ -37,7 +38,7 @@ use lode_config::{DaemonMode, RecoverPolicy, SnapshotterConfig};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::cri::Keychain;
-use crate::instances::{InstanceError, InstanceProvider, LodeImage, PulledImage};
+use crate::instances::{InstanceError, LodeImage};
 use crate::metrics::Metrics;
 use records::{DaemonRecord, InstanceRecord, Records};
 
@@ -387,59 +388,6 @@ impl DaemonManager {
         }
     }
 
-    /// Mounts an instance of `image` in its daemon, starting the daemon first
-    /// when needed; the daemon's lock is held. With `Recovery::Allowed`, a
-    /// recorded daemon found dead is recovered first, and a daemon that
-    /// misses the mount's deadline is killed, recovered and asked again;
-    /// recovery itself mounts with `Recovery::Not`.
-    async fn mount_instance(
-        &self,
-        image: &LodeImage,
-        seq: u32,
-        recovery: Recovery,
-    ) -> Result<PathBuf, DaemonError> {
-        let wanted = self.daemon_record_for(image);
-        let mut daemon = self.serving_daemon(wanted, recovery).await?;
-        let mountpoint = self.instance_mountpoint(&daemon, image);
-        let request = self.mount_request(image, seq);
-        let mut mounted = self.client(&daemon).mount(&mountpoint, &request).await;
-        if recovery == Recovery::Allowed && mounted.as_ref().is_err_and(|e| e.is_timeout()) {
-            Box::pin(self.replace_hung(&daemon)).await;
-            daemon = self.serving_daemon(daemon, Recovery::Not).await?;
-            mounted = self.client(&daemon).mount(&mountpoint, &request).await;
-        }
-        mounted.map_err(|e| {
-            DaemonError::daemon(&daemon.id, format!("mount {}: {e}", mountpoint.display()))
-        })?;
-        if self.config.daemon_mode == DaemonMode::Dedicated {
-            let client = self.client(&daemon);
-            let deadline = self.config.daemon.start_timeout();
-            let state = process::wait_for_states(
-                &client,
-                &daemon.id,
-                daemon.pid,
-                &[DaemonState::Ready, DaemonState::Running],
-                deadline,
-            )
-            .await
-            .map_err(|e| process::with_log_tail(e, &self.daemon_log(&daemon.id)))?;
-            if state == DaemonState::Ready {
-                client
-                    .start()
-                    .await
-                    .map_err(|e| DaemonError::daemon(&daemon.id, e))?;
-            }
-        }
-        self.records.put_instance(&InstanceRecord {
-            seq,
-            daemon_id: daemon.id.clone(),
-            image: image.clone(),
-            mountpoint: mountpoint.clone(),
-        })?;
-        tracing::info!(daemon_id = %daemon.id, seq, image_ref = %image.image_ref, mountpoint = %mountpoint.display(), "instance mounted");
-        Ok(mountpoint)
-    }
-
     /// The live daemon recorded as `wanted.id`; one is started when none is
     /// recorded, and a recorded one found dead (its watcher has not got to
     /// it yet) is recovered first when `recovery` allows. The daemon's lock
@@ -462,132 +410,6 @@ impl DaemonManager {
         }
         self.launch(wanted, false).await
     }
-}
-
-/// Whether a mount may recover its daemon (see [`DaemonManager::mount_instance`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Recovery {
-    Allowed,
-    Not,
-}
-
-#[async_trait::async_trait]
-impl InstanceProvider for DaemonManager {
-    async fn acquire(&self, image: &LodeImage) -> Result<PathBuf, InstanceError> {
-        let daemon_id = self.daemon_record_for(image).id;
-        let _held = self.locks.lock(&daemon_id).await;
-        let known = self
-            .records
-            .instances()
-            .map_err(DaemonError::from)?
-            .into_iter()
-            .find(|i| i.image.bootstrap_digest == image.bootstrap_digest);
-        if let Some(instance) = known {
-            return Ok(instance.mountpoint);
-        }
-        let seq = self.records.next_seq().map_err(DaemonError::from)?;
-        let mountpoint = self.mount_instance(image, seq, Recovery::Allowed).await?;
-        self.enforce_cache_limit();
-        Ok(mountpoint)
-    }
-
-    async fn release(&self, bootstrap_digest: &str) -> Result<(), InstanceError> {
-        let find = || -> Result<Option<InstanceRecord>, DaemonError> {
-            Ok(self
-                .records
-                .instances()?
-                .into_iter()
-                .find(|i| i.image.bootstrap_digest == bootstrap_digest))
-        };
-        let Some(instance) = find()? else {
-            return Ok(());
-        };
-        let _held = self.locks.lock(&instance.daemon_id).await;
-        // Looked up again under the lock: a concurrent release may have won.
-        let Some(instance) = find()? else {
-            return Ok(());
-        };
-        let daemon = self.daemon(&instance.daemon_id)?;
-        self.records
-            .remove_instance(bootstrap_digest)
-            .map_err(DaemonError::from)?;
-        let Some(daemon) = daemon else { return Ok(()) };
-        let last = self.config.daemon_mode == DaemonMode::Dedicated
-            || !self
-                .records
-                .instances()
-                .map_err(DaemonError::from)?
-                .iter()
-                .any(|i| i.daemon_id == daemon.id);
-        if last {
-            // No instance left: the daemon goes too, and must not be recovered.
-            self.retire(&daemon)?;
-        }
-        if let Err(error) = self.client(&daemon).umount(&instance.mountpoint).await {
-            tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
-            process::detach_mount(instance.mountpoint.clone()).await;
-            if error.is_timeout() && !last {
-                // It serves other images too: they need it answering.
-                self.replace_hung(&daemon).await;
-            }
-        }
-        if last {
-            // A daemon that does not stop (hung) is killed.
-            process::stop(&daemon, self.config.daemon.call_timeout()).await;
-        }
-        tracing::info!(daemon_id = %daemon.id, mountpoint = %instance.mountpoint.display(), "instance released");
-        self.clean_cache(&instance.image);
-        remove_bootstrap(&instance.image);
-        Ok(())
-    }
-
-    async fn fetch_ahead(&self, pulled: &PulledImage) -> Result<(), InstanceError> {
-        Ok(self.ahead(pulled).await?)
-    }
-}
-
-/// Removes a released instance's bootstrap file: each pull fetches one of
-/// its own (see [`crate::lazy`]), so no other instance uses it.
-fn remove_bootstrap(released: &LodeImage) {
-    let path = &released.bootstrap_path;
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(path = %path.display(), "bootstrap of released image removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => {
-            tracing::warn!(path = %path.display(), %error, "cannot remove the bootstrap of a released image")
-        }
-    }
-}
-
-impl DaemonManager {
-    /// Removes the cached blobs of a released image that no other recorded
-    /// instance uses.
-    fn clean_cache(&self, released: &LodeImage) {
-        let gone = cache::blobs_of(&released.bootstrap_path);
-        let Some(kept) = self.referenced_blobs() else {
-            return;
-        };
-        let freed = cache::remove_unreferenced(&self.config.cache_dir(), &gone, &kept);
-        tracing::info!(image_ref = %released.image_ref, freed_bytes = freed, "cache of released image removed");
-    }
-
-    /// Blobs of every recorded instance's image; `None` (logged) while a
-    /// record cannot be read: its image's blobs would look unused.
-    fn referenced_blobs(&self) -> Option<std::collections::HashSet<String>> {
-        let instances = match self.records.instances() {
-            Ok(instances) if self.records.all_readable() => instances,
-            _ => {
-                tracing::warn!("daemon records unreadable or damaged; not removing cached blobs");
-                return None;
-            }
-        };
-        Some(
-            instances
-                .iter()
-                .flat_map(|i| cache::blobs_of(&i.image.bootstrap_path))
-                .collect(),
-        )
-    }
 
     /// Instances a daemon serves, in sequence order.
     fn instances_of(&self, daemon_id: &str) -> Result<Vec<InstanceRecord>, DaemonError> {
@@ -597,16 +419,6 @@ impl DaemonManager {
             .into_iter()
             .filter(|i| i.daemon_id == daemon_id)
             .collect())
-    }
-
-    /// Applies the cache's size limit every `cache.check_interval_secs`.
-    fn watch_cache(&self) {
-        if let Some(interval) = self.config.cache.check_interval() {
-            self.every(interval, |manager| async move {
-                // Walks the cache directory and opens bootstraps.
-                let _ = tokio::task::spawn_blocking(move || manager.enforce_cache_limit()).await;
-            });
-        }
     }
 
     /// Runs `work` every `interval` (not at once) while the manager lives.
@@ -629,28 +441,13 @@ impl DaemonManager {
             }
         });
     }
+}
 
-    /// Applies `cache.size_limit_bytes`: unreferenced blobs go first, then
-    /// blobs of mounted images not being read, least recently used first.
-    fn enforce_cache_limit(&self) {
-        let limit = self.config.cache.size_limit_bytes;
-        if limit == 0 {
-            // Without a bound there is nothing to trim: don't open every
-            // bootstrap on each mount to find out.
-            return;
-        }
-        let Some(referenced) = self.referenced_blobs() else {
-            return;
-        };
-        let freed = cache::enforce_limit(&self.config.cache_dir(), &referenced, limit);
-        if freed > 0 {
-            tracing::info!(
-                freed_bytes = freed,
-                limit,
-                "cache trimmed to its size limit"
-            );
-        }
-    }
+/// Whether a mount may recover its daemon (see [`DaemonManager::mount_instance`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recovery {
+    Allowed,
+    Not,
 }
 
 /// The first 12 hex digits of a digest: names instance directories.
