@@ -72,6 +72,9 @@ pub struct Resources<'a> {
     pub pools: &'a Pools,
     /// Blob fronts fetched ahead of mounts.
     pub ahead: &'a Arc<Ahead>,
+    /// How much nicer background work runs (`fetch.background_nice` if
+    /// the daemon may give a thread its priority back, else 0).
+    pub background_nice: i32,
 }
 
 impl Resources<'_> {
@@ -182,7 +185,7 @@ impl Instance {
             Arc::clone(&backend) as Arc<dyn BlobBackend>,
             Arc::clone(&cache),
             Arc::clone(&metrics),
-            FetchSettings::from(&config.fetch),
+            FetchSettings::new(&config.fetch, resources.background_nice),
             resources.pools,
         )
         .map_err(io("start fetch workers"))?;

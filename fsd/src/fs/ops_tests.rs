@@ -39,7 +39,7 @@ fn fixture() -> Fixture {
         deadline: Duration::from_secs(10),
         workers: 2,
         background_workers: 1,
-        background_nice: 10,
+        background_nice: crate::read::workers::usable_nice(10),
     };
     let fetcher = Fetcher::new(
         Arc::clone(&image.bootstrap),

@@ -35,6 +35,7 @@ use crate::instance::{Instance, InstanceError, Resources, STOP_GRACE};
 use crate::mount::MountError;
 use crate::read::ahead::Ahead;
 use crate::read::pools::Pools;
+use crate::read::workers::usable_nice;
 use crate::takeover::TakeoverError;
 use serve::Connection;
 use state::{DaemonState, IllegalTransition, StateMachine};
@@ -129,6 +130,8 @@ pub struct Host {
     runtime: tokio::runtime::Handle,
     pools: Pools,
     ahead: Arc<Ahead>,
+    /// How much nicer background work runs; see [`usable_nice`].
+    background_nice: i32,
     connection: Mutex<Option<Connection>>,
     events: mpsc::Sender<HostEvent>,
     /// Serialises changes of the instances and the connection.
@@ -147,7 +150,8 @@ impl Host {
     ) -> Result<Self, HostError> {
         options.config.validate()?;
         let fetch = &options.config.fetch;
-        let ahead = Arc::new(Ahead::new(fetch.ahead_bytes, fetch.background_nice));
+        let background_nice = usable_nice(fetch.background_nice);
+        let ahead = Arc::new(Ahead::new(fetch.ahead_bytes, background_nice));
         Ok(Self {
             table: Arc::new(Table::new(options.mode)),
             options,
@@ -155,6 +159,7 @@ impl Host {
             runtime,
             pools: Pools::default(),
             ahead,
+            background_nice,
             connection: Mutex::new(None),
             events,
             changes: Mutex::new(()),
@@ -171,6 +176,7 @@ impl Host {
             runtime: &self.runtime,
             pools: &self.pools,
             ahead: &self.ahead,
+            background_nice: self.background_nice,
         }
     }
 

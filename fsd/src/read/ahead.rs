@@ -24,7 +24,7 @@ use lode_common::Digest;
 use tracing::{info, warn};
 
 use super::backend::{BackendError, BlobBackend, Sink};
-use super::workers::{set_nice_above_base, usable_nice};
+use super::workers::set_nice_above_base;
 use crate::metrics::Metrics;
 
 /// How long fetched fronts wait for their image's instance to take them.
@@ -137,12 +137,14 @@ impl Filling {
 
 impl Ahead {
     /// At most `limit` bytes held; fetched `nice` nicer than the daemon
-    /// until wanted (0 if the daemon cannot get its priority back).
-    pub fn new(limit: u64, nice: u8) -> Self {
+    /// until wanted (a niceness [`usable_nice`] allows).
+    ///
+    /// [`usable_nice`]: super::workers::usable_nice
+    pub fn new(limit: u64, nice: i32) -> Self {
         Self {
             segments: Mutex::default(),
             limit,
-            nice: usable_nice(nice),
+            nice,
         }
     }
 

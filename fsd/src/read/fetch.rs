@@ -90,12 +90,14 @@ pub struct FetchSettings {
     pub workers: usize,
     /// Workers that may run background jobs at once.
     pub background_workers: usize,
-    /// CPU niceness of a worker running a background job.
-    pub background_nice: u8,
+    /// How much nicer a worker running a background job is (a niceness
+    /// [`usable_nice`](super::workers::usable_nice) allows).
+    pub background_nice: i32,
 }
 
-impl From<&FetchConfig> for FetchSettings {
-    fn from(c: &FetchConfig) -> Self {
+impl FetchSettings {
+    /// The settings `c` makes, with the daemon's usable background niceness.
+    pub fn new(c: &FetchConfig, background_nice: i32) -> Self {
         Self {
             merge_limit: c.merge_limit_bytes,
             unread_ahead_percent: c.unread_ahead_percent,
@@ -104,7 +106,7 @@ impl From<&FetchConfig> for FetchSettings {
             deadline: c.deadline(),
             workers: c.workers,
             background_workers: c.background_workers(),
-            background_nice: c.background_nice,
+            background_nice,
         }
     }
 }

@@ -16,7 +16,7 @@ pub(super) fn settings(merge_chunks: u64, readahead_chunks: u64) -> FetchSetting
         deadline: Duration::from_secs(10),
         workers: 4,
         background_workers: 2,
-        background_nice: 10,
+        background_nice: crate::read::workers::usable_nice(10),
     }
 }
 

@@ -70,14 +70,12 @@ pub struct WorkerPool {
 impl WorkerPool {
     /// `workers` threads, of which at most `background_limit` (at least
     /// one) run background jobs at any time, `background_nice` nicer than
-    /// the others if the process may raise a thread's priority again
-    /// afterwards.
+    /// the others (a niceness [`usable_nice`] allows).
     pub fn new(
         workers: usize,
         background_limit: usize,
-        background_nice: u8,
+        background_nice: i32,
     ) -> std::io::Result<Self> {
-        let background_nice = usable_nice(background_nice);
         let shared = Arc::new(Shared {
             queues: Mutex::new(Queues::default()),
             background_limit: background_limit.max(1),
@@ -276,7 +274,8 @@ pub(crate) fn set_nice_above_base(above: i32) {
 
 /// `above` if a thread may be made that much nicer and given its niceness
 /// back, else 0 (logged): background work runs at normal priority then.
-pub(crate) fn usable_nice(above: u8) -> i32 {
+/// Asked once per daemon: the answer holds for all its threads.
+pub fn usable_nice(above: u8) -> i32 {
     let above = i32::from(above);
     if above > 0 && !can_renice(above) {
         info!(
