@@ -548,6 +548,15 @@ pub fn wait_for_total_rounds(log: &Path, total: usize) {
     .unwrap_or_else(|e| panic!("{e}: {}", log.display()));
 }
 
+/// The value of the per-image counter `name` for `image` (as its pull
+/// named it) in a Prometheus scrape.
+pub fn image_metric(metrics: &str, name: &str, image: &str) -> Option<u64> {
+    let series = format!("{name}{{image=\"{image}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+}
+
 /// `GET /metrics` over a plain TCP connection to the loopback endpoint.
 pub fn scrape(url: &str) -> String {
     use std::io::{Read as _, Write as _};

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use lode_common::registry::Reference;
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::{scrape, stack};
+use lode_tests::stack::{image_metric, scrape, stack};
 use lode_tests::wait_until;
 
 /// The sum of a Prometheus counter over its images.
@@ -100,11 +101,12 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
     );
     assert_ne!(ours[1..], theirs[1..], "their lists differ");
     s.pull_lazily("ahead", &sibling);
-    let taken_ahead = |image: &lode_common::registry::Reference| {
-        let name = format!("lode_image_ahead_bytes_total{{image=\"{image}\"}} ");
-        scrape(&url)
-            .lines()
-            .find_map(|l| l.strip_prefix(&name)?.parse::<u64>().ok())
+    let taken_ahead = |image: &Reference| {
+        image_metric(
+            &scrape(&url),
+            "lode_image_ahead_bytes_total",
+            &image.to_string(),
+        )
     };
     wait_until(
         Duration::from_secs(30),

@@ -9,7 +9,7 @@ use k8s_cri::v1::AuthConfig;
 use lode_tests::cri::{container, host_network_pod, CriClient};
 use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::{cri_node, private_cri_node, App, Node};
+use lode_tests::stack::{cri_node, image_metric, private_cri_node, scrape, App, Node};
 use lode_tests::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -139,13 +139,16 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
     let (plain_reader, log) = run_to_exit(&cri, &node, in_pod, "plain", &plain, "cat /data/motd");
     assert_eq!(log, app.motd);
 
+    let (listed, listed_reader) =
+        listed_image_takes_its_list_from_pull_image(&cri, &node, &app, in_pod);
+
     // kubelet tears the pod down, then its image garbage collection
     // removes the images; Lode lets go of the Lode image's instance.
-    for id in [&sleeper, &reader, &plain_reader] {
+    for id in [&sleeper, &reader, &plain_reader, &listed_reader] {
         cri.remove_container(id).unwrap();
     }
     cri.remove_pod(&pod_id).unwrap();
-    for image in [&lode, &plain] {
+    for image in [&lode, &plain, &listed] {
         cri.remove_image(image).unwrap();
         assert!(!cri.has_image(image).unwrap(), "{image} still there");
     }
@@ -159,6 +162,71 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
             node.logs()
         )
     });
+}
+
+/// An image converted with a prefetch list, pulled as kubelet pulls it:
+/// the fronts of its data blobs (the listed chunks) are fetched while
+/// PullImage goes on, and the mounted image takes its list from them, so
+/// the registry sends those bytes once. Returns the image and its
+/// container.
+fn listed_image_takes_its_list_from_pull_image(
+    cri: &CriClient,
+    node: &Node,
+    app: &App,
+    pod: (&str, &k8s_cri::v1::PodSandboxConfig, &Path),
+) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("prefetch.list");
+    // Out of the files' order, so that the image's data layer is not the
+    // one pulled before (its layers would all be there, nothing to fetch
+    // ahead of the mount).
+    std::fs::write(&list, "/data/big\t1048576-2097152\n/data/motd\n").unwrap();
+    let listed = node.registry.reference("app:listed");
+    node.lodectl
+        .convert(&app.plain, &listed, None, Some(&list))
+        .unwrap();
+    let fronts: u64 = node
+        .lode_manifest(&listed)
+        .fronts
+        .iter()
+        .map(|f| f.bytes)
+        .sum();
+    assert!(fronts > 0, "{listed}: no prefetch front in its manifest");
+    let before = node.data_bytes_served(&listed);
+    let image = listed.to_string();
+    cri.pull(&image, None, pod.1)
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+    let url = node.snapshotter.metrics_url().expect("metrics endpoint");
+    let counter = |name| image_metric(&scrape(&url), name, &image);
+    wait_until(TIMEOUT, "the list taken from the fronts", || {
+        counter("lode_image_ahead_bytes_total") == Some(fronts)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?} of {fronts}\n{}",
+            counter("lode_image_ahead_bytes_total"),
+            node.logs()
+        )
+    });
+    let (id, log) = run_to_exit(
+        cri,
+        node,
+        pod,
+        "listed",
+        &image,
+        "cat /data/motd; dd if=/data/big bs=1048576 skip=1 count=1 2>/dev/null | sha256sum",
+    );
+    assert!(log.contains(&app.motd), "{log}");
+    assert!(
+        log.contains(&app.big_range_sha256(1 << 20, 1 << 20)),
+        "{log}"
+    );
+    assert_eq!(
+        Some(node.data_bytes_served(&listed) - before),
+        counter("lode_image_fetched_bytes_total"),
+        "the registry sent each byte the image fetched once"
+    );
+    (image, id)
 }
 
 #[test]
