@@ -343,6 +343,24 @@ impl Registry {
         format!("{scheme}://{}", self.host())
     }
 
+    /// A Lode registry client with this registry's credentials, if it has
+    /// any (plain HTTP: the registry is on loopback).
+    pub fn client(&self) -> lode_common::registry::RegistryClient {
+        use lode_common::registry::{Credentials, RegistryClient, RegistryOptions};
+        let credentials = self.credentials().map(|(username, password)| {
+            let given = Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            };
+            (self.host(), given)
+        });
+        RegistryClient::new(RegistryOptions {
+            credentials: credentials.into_iter().collect(),
+            ..RegistryOptions::default()
+        })
+        .expect("registry client")
+    }
+
     /// `127.0.0.1:<port>/<repository_and_tag>` as a reference.
     pub fn reference(&self, repository_and_tag: &str) -> Reference {
         let text = format!("{}/{repository_and_tag}", self.host());

@@ -326,19 +326,7 @@ impl Node {
 
     /// The Lode image's bootstrap and data blobs.
     pub fn lode_manifest(&self, image: &Reference) -> LodeManifest {
-        use lode_common::registry::{Credentials, RegistryClient, RegistryOptions};
-        let credentials = self.registry.credentials().map(|(user, password)| {
-            let given = Credentials {
-                username: user.to_owned(),
-                password: password.to_owned(),
-            };
-            (self.registry.host(), given)
-        });
-        let client = RegistryClient::new(RegistryOptions {
-            credentials: credentials.into_iter().collect(),
-            ..RegistryOptions::default()
-        })
-        .unwrap();
+        let client = self.registry.client();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(lode_common::image::resolve(&client, image))
             .unwrap()

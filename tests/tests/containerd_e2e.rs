@@ -480,7 +480,6 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
 #[test]
 fn layer_annotations_that_contradict_the_config_fail_the_pull() {
     use lode_common::oci::ANNOTATION_UNCOMPRESSED;
-    use lode_common::registry::{RegistryClient, RegistryOptions};
     let Some(s) = stack(SnapshotterOptions::default()) else {
         return;
     };
@@ -490,11 +489,7 @@ fn layer_annotations_that_contradict_the_config_fail_the_pull() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let client = RegistryClient::new(RegistryOptions {
-            plain_http: true,
-            ..RegistryOptions::default()
-        })
-        .unwrap();
+        let client = s.registry.client();
         let raw = client.pull_manifest(&s.app.lode).await.unwrap();
         let mut manifest: serde_json::Value = serde_json::from_slice(&raw.bytes).unwrap();
         let first = &mut manifest["layers"][0]["annotations"][ANNOTATION_UNCOMPRESSED];

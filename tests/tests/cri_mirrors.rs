@@ -3,7 +3,7 @@
 //! of the registry, named once in the registry's `hosts.toml`. Containers
 //! run through containerd's CRI plugin. Root only.
 
-use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
+use lode_common::registry::Reference;
 use lode_common::Digest;
 use lode_tests::cri::{host_network_pod, CriClient};
 use lode_tests::snapshotter::SnapshotterOptions;
@@ -24,7 +24,7 @@ fn lode_requests(registry: &Registry, digest: &Digest) -> usize {
 /// Pulls `blobs` of `image` through `mirror`, as other nodes would have:
 /// the mirror then has them.
 fn warm(mirror: &Registry, image: &Reference, blobs: &[Digest]) {
-    let client = RegistryClient::new(RegistryOptions::default()).unwrap();
+    let client = mirror.client();
     let through = Reference {
         registry: mirror.host(),
         ..image.clone()

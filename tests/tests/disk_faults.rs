@@ -21,17 +21,7 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 /// The log line of a failed cache write.
 const CACHE_FAILURE_LINE: &str = "cannot cache chunks";
 
-lode_tests::mode_tests!(full_cache_disk =>
-    full_cache_disk_standalone,
-    full_cache_disk_dedicated,
-    full_cache_disk_shared,
-);
-
-lode_tests::mode_tests!(removed_cache_files =>
-    removed_cache_files_standalone,
-    removed_cache_files_dedicated,
-    removed_cache_files_shared,
-);
+lode_tests::every_mode!(full_cache_disk, removed_cache_files);
 
 /// The daemon's `cache.flush_interval_ms` (default): how often it looks
 /// for removed cache files.

@@ -35,27 +35,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 const CYCLES: usize = 3;
 const FLUSH_INTERVAL_MS: u64 = 200;
 
-/// One `#[test]` per listed mode, in a module named after the test.
-macro_rules! mode_tests {
-    ($test:ident: $($name:ident => $mode:ident),+) => {
-        mod $test {
-            $(
-                #[test]
-                fn $name() {
-                    super::$test(lode_tests::lode::Mode::$mode);
-                }
-            )+
-        }
-    };
-}
-
-macro_rules! every_mode {
-    ($($test:ident),+ $(,)?) => {
-        $(mode_tests!($test: standalone => Standalone, dedicated => Dedicated, shared => Shared);)+
-    };
-}
-
-every_mode!(
+lode_tests::every_mode!(
     verified_reads,
     metrics_count_reads_and_fetches,
     sigusr1_logs_metrics_and_serves_on,
@@ -65,9 +45,10 @@ every_mode!(
     cache_survives_sigkill_after_a_flush_interval,
     the_prefetch_list_fetches_the_listed_chunks,
 );
-mode_tests!(removed_instance_and_files_held_open: dedicated => Dedicated, shared => Shared);
-// A standalone daemon has no API to be asked with.
-mode_tests!(a_front_fetched_ahead_serves_the_prefetch_list: dedicated => Dedicated, shared => Shared);
+// A standalone daemon has no API to be asked with (`DELETE /mount`,
+// `PUT /ahead`).
+lode_tests::mode_tests!(removed_instance_and_files_held_open: dedicated => Dedicated, shared => Shared);
+lode_tests::mode_tests!(a_front_fetched_ahead_serves_the_prefetch_list: dedicated => Dedicated, shared => Shared);
 
 /// The reader process's entry (see [`Readers`]).
 #[test]

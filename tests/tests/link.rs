@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lode_common::registry::{Reference, RegistryClient, RegistryOptions};
+use lode_common::registry::Reference;
 use lode_common::Digest;
 use lode_tests::link::{Link, LinkProfile};
 use lode_tests::{pseudo_random_bytes, skip_unless, Registry};
@@ -98,11 +98,7 @@ fn downloads_share_the_rate_of_the_link() {
         })
         .collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = RegistryClient::new(RegistryOptions {
-        plain_http: true,
-        ..RegistryOptions::default()
-    })
-    .unwrap();
+    let client = registry.client();
     let direct: Reference = registry.reference("link/blobs:v1");
     let linked: Reference = format!("{}/link/blobs:v1", link.host()).parse().unwrap();
     runtime.block_on(async {

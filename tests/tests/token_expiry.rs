@@ -32,11 +32,7 @@ const READERS: usize = 4;
 /// registry's 60 s leeway not accounted for, it would take a minute more.
 const EXPIRY_BOUND: Duration = Duration::from_secs(TTL.as_secs() + 10);
 
-lode_tests::mode_tests!(token_expiry =>
-    token_expiry_standalone,
-    token_expiry_dedicated,
-    token_expiry_shared,
-);
+lode_tests::every_mode!(token_expiry);
 
 struct Fixture {
     bins: LodeBinaries,

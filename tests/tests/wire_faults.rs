@@ -24,11 +24,7 @@ const FAIL_BOUND: Duration = Duration::from_secs(2 * 3 + 3);
 /// What a cut link delivers per connection.
 const CUT_AFTER: u64 = 16 * 1024;
 
-lode_tests::mode_tests!(faults_on_the_wire =>
-    faults_on_the_wire_standalone,
-    faults_on_the_wire_dedicated,
-    faults_on_the_wire_shared,
-);
+lode_tests::every_mode!(faults_on_the_wire);
 
 struct Fixture {
     bins: LodeBinaries,

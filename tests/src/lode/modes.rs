@@ -537,25 +537,30 @@ impl Drop for ModeFsd {
     }
 }
 
-/// Declares a `#[test]` per daemon mode, each calling `$run` with its
-/// [`Mode`]: `mode_tests!(faults => faults_standalone, faults_dedicated,
-/// faults_shared);` (every behaviour of `lode-fsd` holds in every mode).
+/// Declares a `#[test]` per listed daemon mode in a module named after the
+/// test function, each calling it with its [`Mode`]:
+/// `mode_tests!(faults: dedicated => Dedicated, shared => Shared);` runs
+/// `faults::dedicated` and `faults::shared`. Use it only for what a mode
+/// cannot do (say why); [`every_mode!`] is the rule.
 #[macro_export]
 macro_rules! mode_tests {
-    ($run:ident => $standalone:ident, $dedicated:ident, $shared:ident $(,)?) => {
-        #[test]
-        fn $standalone() {
-            $run($crate::lode::Mode::Standalone);
+    ($test:ident: $($name:ident => $mode:ident),+ $(,)?) => {
+        mod $test {
+            $(
+                #[test]
+                fn $name() {
+                    super::$test($crate::lode::Mode::$mode);
+                }
+            )+
         }
+    };
+}
 
-        #[test]
-        fn $dedicated() {
-            $run($crate::lode::Mode::Dedicated);
-        }
-
-        #[test]
-        fn $shared() {
-            $run($crate::lode::Mode::Shared);
-        }
+/// [`mode_tests!`] in every mode, for each test function listed (every
+/// behaviour of `lode-fsd` holds in every mode).
+#[macro_export]
+macro_rules! every_mode {
+    ($($test:ident),+ $(,)?) => {
+        $($crate::mode_tests!($test: standalone => Standalone, dedicated => Dedicated, shared => Shared);)+
     };
 }
