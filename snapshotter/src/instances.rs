@@ -75,4 +75,8 @@ pub trait InstanceProvider: Send + Sync + 'static {
     /// A pull of `pulled` has begun: its daemon (started if need be) fetches
     /// the fronts of its data blobs while the bootstrap is on its way.
     async fn fetch_ahead(&self, pulled: &PulledImage) -> Result<(), InstanceError>;
+
+    /// The bootstrap files mounted instances serve; an error when a record
+    /// of one cannot be read (its file would look unused).
+    fn bootstraps_in_use(&self) -> Result<Vec<PathBuf>, InstanceError>;
 }

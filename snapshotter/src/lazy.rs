@@ -5,7 +5,7 @@
 //! from the registry.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::content::ContentStore;
@@ -338,6 +338,11 @@ impl LazyLayers {
             }
         });
         true
+    }
+
+    /// Where pulls fetch bootstraps to.
+    pub fn bootstraps_dir(&self) -> &Path {
+        &self.bootstraps_dir
     }
 
     /// Blob `digest` from containerd's content store, if the pull stored

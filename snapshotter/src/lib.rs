@@ -1,6 +1,7 @@
 //! Lode's containerd side: the `lode-snapshotter` proxy snapshotter (snapshot
 //! service, metadata store, daemon manager) and the `lodectl` command line.
 
+pub mod bootstraps;
 pub mod content;
 pub mod convert;
 pub mod cri;

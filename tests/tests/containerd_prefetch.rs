@@ -114,7 +114,44 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
         || taken_ahead(&sibling) == Some(sibling_fronts),
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", taken_ahead(&sibling), s.logs()));
+
+    // A bootstrap file no image names (a pull that failed after fetching
+    // it, say), old enough to be past any pull, goes with containerd's
+    // next Cleanup (after the sibling's removal); the mounted image's
+    // file, made as old, stays.
+    let bootstraps = s.snapshotter.root().join("bootstraps");
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let age = |path: &std::path::Path| {
+        std::fs::File::options()
+            .append(true)
+            .create(true)
+            .open(path)
+            .and_then(|f| f.set_modified(hour_ago))
+            .unwrap()
+    };
+    let named: Vec<_> = std::fs::read_dir(&bootstraps)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    named.iter().for_each(|p| age(p));
+    let stray = bootstraps.join("0123abcd.stray");
+    age(&stray);
     s.remove_image("ahead", &sibling);
+    wait_until(
+        Duration::from_secs(30),
+        "the stray bootstrap file to go",
+        || !stray.exists(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.snapshotter.log()));
+    let listed_file = format!("{}.", s.lode_manifest(&listed).bootstrap.hex());
+    assert!(
+        named.iter().any(|p| p.exists()
+            && p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&listed_file)),
+        "the mounted image's bootstrap file is gone: {named:?}"
+    );
 
     s.remove_image("ahead", &listed);
     s.wait_for_no_lode_mounts_or_cache();

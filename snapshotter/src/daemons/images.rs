@@ -133,24 +133,22 @@ impl InstanceProvider for DaemonManager {
         }
         tracing::info!(daemon_id = %daemon.id, mountpoint = %instance.mountpoint.display(), "instance released");
         self.clean_cache(&instance.image);
-        remove_bootstrap(&instance.image);
+        crate::bootstraps::remove(&instance.image);
         Ok(())
     }
 
     async fn fetch_ahead(&self, pulled: &PulledImage) -> Result<(), InstanceError> {
         Ok(self.ahead(pulled).await?)
     }
-}
 
-/// Removes a released instance's bootstrap file: each pull fetches one of
-/// its own (see [`crate::lazy`]), so no other instance uses it.
-fn remove_bootstrap(released: &LodeImage) {
-    let path = &released.bootstrap_path;
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(path = %path.display(), "bootstrap of released image removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => {
-            tracing::warn!(path = %path.display(), %error, "cannot remove the bootstrap of a released image")
+    fn bootstraps_in_use(&self) -> Result<Vec<PathBuf>, InstanceError> {
+        let instances = self.records.instances().map_err(DaemonError::from)?;
+        if !self.records.all_readable() {
+            return Err(DaemonError::Unreadable.into());
         }
+        Ok(instances
+            .into_iter()
+            .map(|i| i.image.bootstrap_path)
+            .collect())
     }
 }

@@ -64,6 +64,8 @@ pub enum DaemonError {
     Records(#[from] records::RecordError),
     #[error("supervisor: {0}")]
     Supervisor(#[from] lode_common::supervisor::SupervisorError),
+    #[error("daemon records unreadable or damaged")]
+    Unreadable,
 }
 
 impl DaemonError {

@@ -16,6 +16,7 @@ use containerd_snapshots::{Info, Kind};
 
 pub use error::ServiceError;
 
+use crate::bootstraps;
 use crate::content::key_namespace;
 use crate::instances::{InstanceProvider, LodeImage, PulledImage};
 use crate::lazy::{LayerKind, LazyLayers};
@@ -308,9 +309,11 @@ impl LodeSnapshotter {
     }
 
     /// Removes snapshot directories no record names (left by a crash
-    /// between making a directory and recording it, or after forgetting it).
+    /// between making a directory and recording it, or after forgetting it),
+    /// and old bootstrap files no image names ([`bootstraps::sweep`]).
     /// Runs at start and on containerd's Cleanup.
     pub async fn cleanup(&self) -> Result<(), ServiceError> {
+        self.sweep_bootstraps();
         let _exclusive = self.dirs.write().await;
         let listing = self.store.all()?;
         if !listing.damaged.is_empty() {
@@ -333,6 +336,30 @@ impl LodeSnapshotter {
             }
         }
         Ok(())
+    }
+}
+
+impl LodeSnapshotter {
+    /// Removes old bootstrap files that neither a recorded image nor a
+    /// mounted instance names; nothing while a record cannot be read.
+    fn sweep_bootstraps(&self) {
+        let named = match (self.store.images(), self.instances.bootstraps_in_use()) {
+            (Ok(images), Ok(mounted)) => images
+                .into_iter()
+                .map(|i| i.bootstrap_path)
+                .chain(mounted)
+                .collect(),
+            (Err(error), _) => {
+                tracing::warn!(%error, "image records unreadable; not removing bootstrap files");
+                return;
+            }
+            (_, Err(error)) => {
+                tracing::warn!(%error, "not removing bootstrap files");
+                return;
+            }
+        };
+        let dir = self.lazy.bootstraps_dir();
+        bootstraps::sweep(dir, &named, bootstraps::SWEEP_MIN_AGE);
     }
 }
 

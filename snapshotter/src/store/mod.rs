@@ -291,6 +291,22 @@ impl Store {
         Ok(true)
     }
 
+    /// Every recorded Lode image; an error if a record does not decode.
+    pub fn images(&self) -> Result<Vec<LodeImage>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(IMAGES).map_err(db_err)?;
+        let mut images = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let image = serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
+                key: key.value().to_string(),
+                message: e.to_string(),
+            })?;
+            images.push(image);
+        }
+        Ok(images)
+    }
+
     pub fn image(&self, bootstrap_digest: &str) -> Result<Option<LodeImage>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(IMAGES).map_err(db_err)?;

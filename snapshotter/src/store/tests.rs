@@ -137,13 +137,15 @@ fn an_image_is_recorded_with_its_snapshot_and_forgotten_with_the_last_one() {
     let image = image_layer(&store, "layer", 1);
     // A second snapshot names the same image (another pull of it).
     image_layer(&store, "again", 2);
-    assert_eq!(store.image("sha256:b1").unwrap(), Some(image));
+    assert_eq!(store.image("sha256:b1").unwrap(), Some(image.clone()));
+    assert_eq!(store.images().unwrap(), [image]);
     store.remove("layer").unwrap();
     assert!(!store.forget_image_unless_used("sha256:b1").unwrap());
     assert!(store.image("sha256:b1").unwrap().is_some(), "still used");
     store.remove("again").unwrap();
     assert!(store.forget_image_unless_used("sha256:b1").unwrap());
     assert_eq!(store.image("sha256:b1").unwrap(), None);
+    assert!(store.images().unwrap().is_empty());
 }
 
 #[test]
