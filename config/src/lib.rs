@@ -33,6 +33,12 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("daemon.config {path}: {source}")]
+    Daemon {
+        path: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
 }
 
 impl ConfigError {

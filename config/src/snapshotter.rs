@@ -152,6 +152,28 @@ impl SnapshotterConfig {
         self.root.join("metadata.redb")
     }
 
+    /// The configuration the daemons run with: `daemon.config` (or the
+    /// defaults) with what the snapshotter gives them on their command line,
+    /// checked as `lode-fsd` checks it, so that a mistake in that file shows
+    /// at the snapshotter's start rather than at a pull's.
+    pub fn daemon_config(&self) -> Result<crate::FsdConfig, ConfigError> {
+        let named = |source| match &self.daemon.config {
+            Some(path) => ConfigError::Daemon {
+                path: path.display().to_string(),
+                source: Box::new(source),
+            },
+            None => source,
+        };
+        let mut fsd = match &self.daemon.config {
+            Some(path) => crate::FsdConfig::load(path).map_err(named)?,
+            None => crate::FsdConfig::default(),
+        };
+        fsd.cache.dir = Some(self.cache_dir());
+        fsd.fuse.threads = self.daemon.threads;
+        fsd.validate().map_err(named)?;
+        Ok(fsd)
+    }
+
     /// The chunk cache directory (shared by all daemons).
     pub fn cache_dir(&self) -> PathBuf {
         self.cache
@@ -382,6 +404,33 @@ impl Default for MetricsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_daemons_configuration_is_checked_naming_its_file() {
+        let config = SnapshotterConfig::default();
+        let fsd = config.daemon_config().unwrap();
+        assert_eq!(fsd.cache.dir, Some(config.cache_dir()));
+        assert_eq!(fsd.fuse.threads, config.daemon.threads);
+
+        let path = std::env::temp_dir().join(format!("lode-fsd-{}.toml", std::process::id()));
+        std::fs::write(&path, "[cache]\nflush_interval_ms = 5\n").unwrap();
+        let config = SnapshotterConfig {
+            daemon: DaemonConfig {
+                config: Some(path.clone()),
+                ..DaemonConfig::default()
+            },
+            ..SnapshotterConfig::default()
+        };
+        let error = config.daemon_config().unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            error.contains(&path.display().to_string())
+                && error.contains("cache.flush_interval_ms"),
+            "{error}"
+        );
+        let missing = config.daemon_config().unwrap_err().to_string();
+        assert!(missing.contains(&path.display().to_string()), "{missing}");
+    }
 
     #[test]
     fn empty_file_is_the_default() {

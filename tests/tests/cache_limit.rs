@@ -14,7 +14,8 @@ use lode_tests::wait_until;
 
 /// The limit: far less than what a read of the app's 24 MiB file caches.
 const LIMIT: u64 = 1 << 20;
-/// `lode-snapshotter` spares blobs used this recently (its `IN_USE`).
+/// `lode-snapshotter` spares blobs used this recently (with the daemons'
+/// default flush interval).
 const IN_USE: Duration = Duration::from_secs(10);
 
 #[test]

@@ -16,9 +16,12 @@ use super::DaemonManager;
 use crate::instances::LodeImage;
 
 /// A blob that daemons marked used (the map file's modification time, set
-/// once per flush interval while it is read) this recently is being read:
-/// the size limit leaves it alone.
-pub const IN_USE: Duration = Duration::from_secs(10);
+/// once per flush interval while it is read) within this time is being
+/// read, and the size limit leaves it alone: 10 s, or two of the daemons'
+/// flush intervals (`cache.flush_interval_ms`) if that is longer.
+pub fn in_use(flush_interval: Duration) -> Duration {
+    Duration::from_secs(10).max(flush_interval.saturating_mul(2))
+}
 
 /// Hex digests of the data blobs a bootstrap names (empty if unreadable).
 pub fn blobs_of(bootstrap: &Path) -> HashSet<String> {
@@ -53,10 +56,15 @@ struct CachedBlob {
 
 /// Keeps the cache under `limit` bytes (0: no limit) by removing blobs,
 /// least recently used first: those no recorded image names (`referenced`),
-/// then those of mounted images not used for [`IN_USE`]. A blob being read
+/// then those of mounted images not used for `in_use` ([`in_use`]). A blob being read
 /// is never removed, so the cache may stay above the limit while readers
 /// need it all. Returns the bytes freed.
-pub fn enforce_limit(cache_dir: &Path, referenced: &HashSet<String>, limit: u64) -> u64 {
+pub fn enforce_limit(
+    cache_dir: &Path,
+    referenced: &HashSet<String>,
+    limit: u64,
+    in_use: Duration,
+) -> u64 {
     if limit == 0 {
         return 0;
     }
@@ -80,7 +88,7 @@ pub fn enforce_limit(cache_dir: &Path, referenced: &HashSet<String>, limit: u64)
     let idle = |b: &CachedBlob| {
         b.last_used
             .and_then(|t| now.duration_since(t).ok())
-            .is_none_or(|age| age >= IN_USE)
+            .is_none_or(|age| age >= in_use)
     };
     // Unreferenced blobs first, then the least recently used.
     let mut candidates: Vec<_> = blobs
@@ -177,7 +185,7 @@ impl DaemonManager {
         let Some(referenced) = self.referenced_blobs() else {
             return;
         };
-        let freed = enforce_limit(&self.config.cache_dir(), &referenced, limit);
+        let freed = enforce_limit(&self.config.cache_dir(), &referenced, limit, self.in_use);
         if freed > 0 {
             tracing::info!(
                 freed_bytes = freed,
@@ -191,6 +199,15 @@ impl DaemonManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the daemons' default flush interval (1 s) gives.
+    const IN_USE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_blob_is_in_use_for_two_flush_intervals_and_at_least_10_s() {
+        assert_eq!(in_use(Duration::from_secs(1)), IN_USE);
+        assert_eq!(in_use(Duration::from_secs(20)), Duration::from_secs(40));
+    }
 
     /// A blob's data and map files, `size` bytes of data, last used `ago`.
     fn blob(dir: &Path, hex: &str, size: usize, ago: Duration) {
@@ -222,25 +239,29 @@ mod tests {
         blob(dir.path(), "cc", 64 << 10, minutes(5)); // referenced, idle, older
         blob(dir.path(), "dd", 64 << 10, Duration::ZERO); // unreferenced, recent
         let referenced: HashSet<String> = ["aa", "bb", "cc"].map(String::from).into();
-        assert_eq!(enforce_limit(dir.path(), &referenced, 0), 0, "no limit");
         assert_eq!(
-            enforce_limit(dir.path(), &referenced, 1 << 30),
+            enforce_limit(dir.path(), &referenced, 0, IN_USE),
+            0,
+            "no limit"
+        );
+        assert_eq!(
+            enforce_limit(dir.path(), &referenced, 1 << 30, IN_USE),
             0,
             "under the limit"
         );
 
         // Room for three blobs: the unreferenced one goes.
-        let freed = enforce_limit(dir.path(), &referenced, 3 * (68 << 10) + 4096);
+        let freed = enforce_limit(dir.path(), &referenced, 3 * (68 << 10) + 4096, IN_USE);
         assert!(freed >= 64 << 10, "{freed}");
         assert_eq!(
             kept(dir.path()),
             ["aa", "aa.map", "bb", "bb.map", "cc", "cc.map"]
         );
         // Room for two: the least recently used of the idle ones.
-        enforce_limit(dir.path(), &referenced, 2 * (68 << 10) + 4096);
+        enforce_limit(dir.path(), &referenced, 2 * (68 << 10) + 4096, IN_USE);
         assert_eq!(kept(dir.path()), ["aa", "aa.map", "bb", "bb.map"]);
         // No room: the one being read stays, over the limit.
-        enforce_limit(dir.path(), &referenced, 1);
+        enforce_limit(dir.path(), &referenced, 1, IN_USE);
         assert_eq!(kept(dir.path()), ["bb", "bb.map"]);
     }
 

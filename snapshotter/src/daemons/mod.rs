@@ -66,6 +66,8 @@ pub enum DaemonError {
     Supervisor(#[from] lode_common::supervisor::SupervisorError),
     #[error("daemon records unreadable or damaged")]
     Unreadable,
+    #[error(transparent)]
+    Config(#[from] lode_config::ConfigError),
 }
 
 impl DaemonError {
@@ -105,6 +107,8 @@ pub struct DaemonManager {
     locks: DaemonLocks,
     /// One supervisor socket per supervised daemon, by daemon id.
     supervisors: std::sync::Mutex<HashMap<String, SupervisorServer>>,
+    /// A cached blob used this recently is being read ([`cache::in_use`]).
+    in_use: std::time::Duration,
     this: Weak<DaemonManager>,
 }
 
@@ -142,6 +146,8 @@ impl DaemonManager {
         ] {
             std::fs::create_dir_all(&dir).map_err(DaemonError::io(&dir))?;
         }
+        let daemons = config.daemon_config()?;
+        let flush_interval = std::time::Duration::from_millis(daemons.cache.flush_interval_ms);
         let records = Records::new(db)?;
         let manager = Arc::new_cyclic(|this| Self {
             binary: resolve_binary(&config.daemon.binary),
@@ -151,6 +157,7 @@ impl DaemonManager {
             keychain,
             locks: DaemonLocks::default(),
             supervisors: std::sync::Mutex::default(),
+            in_use: cache::in_use(flush_interval),
             this: this.clone(),
         });
         manager.recover_all().await;
