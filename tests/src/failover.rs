@@ -160,10 +160,30 @@ pub fn push_listed_image(
     repo: &str,
     prefetch: Option<&str>,
 ) -> RegistryImage {
+    push_layered_image(lodectl, registry, repo, prefetch, 1)
+}
+
+/// [`push_listed_image`] with the files dealt over `layers` layers (file
+/// `i` in layer `i % layers`), so that the Lode image has as many data
+/// blobs.
+pub fn push_layered_image(
+    lodectl: &Lodectl,
+    registry: &Registry,
+    repo: &str,
+    prefetch: Option<&str>,
+    layers: usize,
+) -> RegistryImage {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
-    OciLayoutBuilder::new()
-        .layer(Layer::gzip(image_entries()))
+    let mut dealt: Vec<Vec<TarEntry>> = vec![Vec::new(); layers.max(1)];
+    for (i, entry) in image_entries().into_iter().enumerate() {
+        dealt[i % layers.max(1)].push(entry);
+    }
+    dealt
+        .into_iter()
+        .fold(OciLayoutBuilder::new(), |builder, entries| {
+            builder.layer(Layer::gzip(entries))
+        })
         .write(&layout, TAG)
         .expect("write OCI layout");
     let source = registry.reference(&format!("{repo}:{TAG}"));

@@ -18,7 +18,7 @@ use lode_common::format::Bootstrap;
 use lode_common::image::BlobFront;
 use lode_common::Digest;
 use lode_tests::failover::{
-    file_content, file_len, file_name, push_listed_image, MountWatch, Readers, RegistryImage,
+    file_content, file_len, file_name, push_layered_image, MountWatch, Readers, RegistryImage,
     Tally, FILES,
 };
 use lode_tests::lode::{
@@ -48,6 +48,7 @@ lode_tests::every_mode!(
 // A standalone daemon has no API to be asked with (`DELETE /mount`,
 // `PUT /ahead`).
 lode_tests::mode_tests!(removed_instance_and_files_held_open: dedicated => Dedicated, shared => Shared);
+lode_tests::mode_tests!(fronts_of_two_blobs_fetched_ahead_serve_the_prefetch_list: dedicated => Dedicated, shared => Shared);
 lode_tests::mode_tests!(a_front_fetched_ahead_serves_the_prefetch_list: dedicated => Dedicated, shared => Shared);
 
 /// The reader process's entry (see [`Readers`]).
@@ -72,9 +73,14 @@ impl Fixture {
 
     /// The image converted with `prefetch`, a prefetch list's text.
     fn listed(prefetch: Option<&str>) -> Option<Self> {
+        Self::layered(prefetch, 1)
+    }
+
+    /// [`Fixture::listed`], its files dealt over `layers` layers.
+    fn layered(prefetch: Option<&str>, layers: usize) -> Option<Self> {
         let bins = lode_prerequisites()?;
         let registry = Registry::start().expect("start docker-registry");
-        let image = push_listed_image(&bins.lodectl, &registry, "modes", prefetch);
+        let image = push_layered_image(&bins.lodectl, &registry, "modes", prefetch, layers);
         let bootstrap = Bootstrap::open(&image.bootstrap).expect("open the bootstrap");
         Some(Self {
             bins,
@@ -498,8 +504,14 @@ fn the_prefetch_list_fetches_the_listed_chunks(mode: Mode) {
 /// The image converted with a list of chunks 1 and 2 of f05, then chunk 0
 /// of f02 (64 KiB chunks), and those chunks in list order.
 fn listed_fixture() -> Option<(Fixture, [ChunkLocation; 3])> {
+    layered_listed_fixture(1)
+}
+
+/// [`listed_fixture`] with the files dealt over `layers` layers: with two,
+/// f02 and f05 lie in different data blobs.
+fn layered_listed_fixture(layers: usize) -> Option<(Fixture, [ChunkLocation; 3])> {
     let list = format!("{}\t65536-196608\n{}\t0-1\n", file_name(5), file_name(2));
-    let fx = Fixture::listed(Some(&list))?;
+    let fx = Fixture::layered(Some(&list), layers)?;
     let listed = [fx.chunks(5)[1], fx.chunks(5)[2], fx.chunks(2)[0]];
     Some((fx, listed))
 }
@@ -521,11 +533,44 @@ fn assert_listed_read_back(fsd: &ModeFsd) {
 /// image, once mounted, takes its prefetch list's chunks from those bytes,
 /// verified, so the registry sends them once.
 fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
-    let Some((fx, listed)) = listed_fixture() else {
-        return;
-    };
-    let front: u64 = listed.iter().map(|c| u64::from(c.stored_size)).sum();
-    let (digest, size) = data_blobs(&fx.bootstrap).expect("data blobs")[0];
+    if let Some((fx, listed)) = listed_fixture() {
+        fronts_fetched_ahead_serve_the_prefetch_list(mode, &fx, &listed, 1);
+    }
+}
+
+/// The same with the listed chunks in two data blobs: each blob's front is
+/// fetched in a request of its own, and the prefetch takes each chunk from
+/// its own blob's bytes.
+fn fronts_of_two_blobs_fetched_ahead_serve_the_prefetch_list(mode: Mode) {
+    if let Some((fx, listed)) = layered_listed_fixture(2) {
+        assert_ne!(listed[0].blob, listed[2].blob, "f05 and f02 in two blobs");
+        fronts_fetched_ahead_serve_the_prefetch_list(mode, &fx, &listed, 2);
+    }
+}
+
+/// Asks a daemon for the fronts of the blobs holding `listed` (the list's
+/// chunks, `blobs` blobs of them), then mounts the image.
+fn fronts_fetched_ahead_serve_the_prefetch_list(
+    mode: Mode,
+    fx: &Fixture,
+    listed: &[ChunkLocation],
+    blobs: usize,
+) {
+    let fronts: Vec<BlobFront> = data_blobs(&fx.bootstrap)
+        .expect("data blobs")
+        .into_iter()
+        .filter_map(|(digest, size)| {
+            let mine = listed.iter().filter(|c| c.blob == digest);
+            let bytes: u64 = mine.map(|c| u64::from(c.stored_size)).sum();
+            (bytes > 0).then_some(BlobFront {
+                digest,
+                size,
+                bytes,
+            })
+        })
+        .collect();
+    assert_eq!(fronts.len(), blobs, "[{mode}] blobs with a front");
+    let front: u64 = fronts.iter().map(|f| f.bytes).sum();
     let (served, gets) = (fx.data_bytes_served(), fx.data_gets());
     let options = fx.image.fsd_options(None);
     let fsd = ModeFsd::start_unmounted(&fx.bins.fsd, mode, &options, false)
@@ -534,19 +579,15 @@ fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
         config: fsd.instance_config(),
         credentials: None,
         image_ref: None,
-        blobs: vec![BlobFront {
-            digest,
-            size,
-            bytes: front,
-        }],
+        blobs: fronts,
     };
     let api = fsd.api().expect("a managed daemon");
     fsd.block_on("PUT /ahead", api.ahead(&request)).unwrap();
-    wait_until(HANG_GUARD, "the front to be fetched", || {
+    wait_until(HANG_GUARD, "the fronts to be fetched", || {
         fx.data_bytes_served() - served == front
     })
     .unwrap_or_else(|e| panic!("[{mode}] {e}\n{}", fsd.log_text()));
-    assert_eq!(fx.data_gets() - gets, 1, "[{mode}] in one request");
+    assert_eq!(fx.data_gets() - gets, blobs, "[{mode}] a request per blob");
 
     fsd.mount_image().unwrap();
     wait_until(HANG_GUARD, "the listed chunks to be verified", || {
@@ -562,8 +603,8 @@ fn a_front_fetched_ahead_serves_the_prefetch_list(mode: Mode) {
     );
     assert_eq!(
         (fx.data_bytes_served() - served, fx.data_gets() - gets),
-        (front, 1),
-        "[{mode}] the registry sent the front once"
+        (front, blobs),
+        "[{mode}] the registry sent the fronts once"
     );
     assert_listed_read_back(&fsd);
 }
