@@ -16,7 +16,7 @@ use crate::instances::LodeImage;
 /// How old an unnamed bootstrap file must be to be swept: well beyond the
 /// time a pull takes from the fetch to recording the file, and beyond the
 /// two minutes an early fetch waits for its pull.
-pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(10 * 60);
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(10 * 60);
 
 /// Removes a released instance's bootstrap file: each pull fetches one of
 /// its own, so no other instance uses it.
@@ -32,8 +32,8 @@ pub fn remove(released: &LodeImage) {
 }
 
 /// Removes the files in `dir` that are not in `named` and were last
-/// modified at least `min_age` ago; returns how many.
-pub fn sweep(dir: &Path, named: &HashSet<PathBuf>, min_age: Duration) -> usize {
+/// modified at least [`SWEEP_MIN_AGE`] ago; returns how many.
+pub fn sweep(dir: &Path, named: &HashSet<PathBuf>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -47,7 +47,7 @@ pub fn sweep(dir: &Path, named: &HashSet<PathBuf>, min_age: Duration) -> usize {
             .filter(|m| m.is_file())
             .and_then(|m| m.modified().ok())
             .and_then(|modified| now.duration_since(modified).ok())
-            .is_some_and(|age| age >= min_age);
+            .is_some_and(|age| age >= SWEEP_MIN_AGE);
         if !old || named.contains(&path) {
             continue;
         }
@@ -84,9 +84,9 @@ mod tests {
         let fresh = file(dir.path(), "cc.fresh", Duration::ZERO);
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         let keep = HashSet::from([named.clone()]);
-        assert_eq!(sweep(dir.path(), &keep, SWEEP_MIN_AGE), 1);
+        assert_eq!(sweep(dir.path(), &keep), 1);
         assert!(named.exists() && fresh.exists() && dir.path().join("sub").exists());
         assert!(!stray.exists());
-        assert_eq!(sweep(&dir.path().join("missing"), &keep, SWEEP_MIN_AGE), 0);
+        assert_eq!(sweep(&dir.path().join("missing"), &keep), 0);
     }
 }

@@ -148,10 +148,10 @@ impl DaemonManager {
     /// Blobs of every recorded instance's image; `None` (logged) while a
     /// record cannot be read: its image's blobs would look unused.
     fn referenced_blobs(&self) -> Option<std::collections::HashSet<String>> {
-        let instances = match self.records.instances() {
-            Ok(instances) if self.records.all_readable() => instances,
-            _ => {
-                tracing::warn!("daemon records unreadable or damaged; not removing cached blobs");
+        let instances = match self.readable_instances() {
+            Ok(instances) => instances,
+            Err(error) => {
+                tracing::warn!(%error, "not removing cached blobs");
                 return None;
             }
         };

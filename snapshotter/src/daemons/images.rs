@@ -142,10 +142,7 @@ impl InstanceProvider for DaemonManager {
     }
 
     fn bootstraps_in_use(&self) -> Result<Vec<PathBuf>, InstanceError> {
-        let instances = self.records.instances().map_err(DaemonError::from)?;
-        if !self.records.all_readable() {
-            return Err(DaemonError::Unreadable.into());
-        }
+        let instances = self.readable_instances()?;
         Ok(instances
             .into_iter()
             .map(|i| i.image.bootstrap_path)

@@ -420,6 +420,16 @@ impl DaemonManager {
         self.launch(wanted, false).await
     }
 
+    /// Every instance record; an error while one cannot be read (what its
+    /// image uses would look unused).
+    fn readable_instances(&self) -> Result<Vec<InstanceRecord>, DaemonError> {
+        let instances = self.records.instances()?;
+        if !self.records.all_readable() {
+            return Err(DaemonError::Unreadable);
+        }
+        Ok(instances)
+    }
+
     /// Instances a daemon serves, in sequence order.
     fn instances_of(&self, daemon_id: &str) -> Result<Vec<InstanceRecord>, DaemonError> {
         Ok(self

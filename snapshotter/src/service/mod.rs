@@ -337,9 +337,7 @@ impl LodeSnapshotter {
         }
         Ok(())
     }
-}
 
-impl LodeSnapshotter {
     /// Removes old bootstrap files that neither a recorded image nor a
     /// mounted instance names; nothing while a record cannot be read.
     fn sweep_bootstraps(&self) {
@@ -358,8 +356,7 @@ impl LodeSnapshotter {
                 return;
             }
         };
-        let dir = self.lazy.bootstraps_dir();
-        bootstraps::sweep(dir, &named, bootstraps::SWEEP_MIN_AGE);
+        bootstraps::sweep(self.lazy.bootstraps_dir(), &named);
     }
 }
 

@@ -298,11 +298,7 @@ impl Store {
         let mut images = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
-            let image = serde_json::from_slice(value.value()).map_err(|e| StoreError::Corrupt {
-                key: key.value().to_string(),
-                message: e.to_string(),
-            })?;
-            images.push(image);
+            images.push(decode_image(key.value(), value.value())?);
         }
         Ok(images)
     }
@@ -312,14 +308,17 @@ impl Store {
         let table = txn.open_table(IMAGES).map_err(db_err)?;
         let value = table.get(bootstrap_digest).map_err(db_err)?;
         value
-            .map(|bytes| {
-                serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
-                    key: bootstrap_digest.to_string(),
-                    message: e.to_string(),
-                })
-            })
+            .map(|bytes| decode_image(bootstrap_digest, bytes.value()))
             .transpose()
     }
+}
+
+/// The Lode image recorded under `bootstrap_digest`.
+fn decode_image(bootstrap_digest: &str, bytes: &[u8]) -> Result<LodeImage, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: bootstrap_digest.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// The record of snapshot `key`, or NotFound.
