@@ -324,6 +324,26 @@ impl Node {
         )
     }
 
+    /// Converts `source` to `target` with the prefetch list `list` (its
+    /// text); returns the bytes of the data blobs' fronts, which it checks
+    /// are there.
+    pub fn convert_listed(&self, source: &Reference, target: &Reference, list: &str) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prefetch.list");
+        std::fs::write(&path, list).unwrap();
+        self.lodectl
+            .convert(source, target, None, Some(&path))
+            .unwrap();
+        let fronts = self
+            .lode_manifest(target)
+            .fronts
+            .iter()
+            .map(|f| f.bytes)
+            .sum();
+        assert!(fronts > 0, "{target}: no prefetch front in its manifest");
+        fronts
+    }
+
     /// The Lode image's bootstrap and data blobs.
     pub fn lode_manifest(&self, image: &Reference) -> LodeManifest {
         let client = self.registry.client();

@@ -8,7 +8,7 @@ use lode_common::contract::DEFAULT_SNAPSHOTTER_NAME as SNAPSHOTTER;
 use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{
-    rounds, scrape, sha256_hex, stack, wait_for_rounds, wait_for_total_rounds, Stack,
+    image_metric, rounds, scrape, sha256_hex, stack, wait_for_rounds, wait_for_total_rounds, Stack,
 };
 use lode_tests::{pseudo_random_bytes, wait_until};
 
@@ -351,10 +351,13 @@ fn check_recoveries(s: &Stack, kills: usize) {
     // Figures scraped from the live daemon (its counters start afresh
     // with each successor), labelled with the image the successor took over.
     assert!(
-        metrics.contains(&format!(
-            "lode_image_read_bytes_total{{image=\"{}\"}}",
-            s.app.lode
-        )) && metrics.contains("state=\"RUNNING\"} 1"),
+        image_metric(
+            &metrics,
+            "lode_image_read_bytes_total",
+            &s.app.lode.to_string()
+        )
+        .is_some()
+            && metrics.contains("state=\"RUNNING\"} 1"),
         "{metrics}"
     );
 }

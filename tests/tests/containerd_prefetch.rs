@@ -45,14 +45,8 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
         return;
     };
     let convert = |tag: &str, list: &str| {
-        let path = s.out.path().join(format!("{tag}.list"));
-        std::fs::write(&path, list).unwrap();
         let image = s.registry.reference(&format!("app:{tag}"));
-        s.lodectl
-            .convert(&s.app.plain, &image, None, Some(&path))
-            .unwrap();
-        let fronts: u64 = s.lode_manifest(&image).fronts.iter().map(|f| f.bytes).sum();
-        assert!(fronts > 0, "{image}: no prefetch front in its manifest");
+        let fronts = s.convert_listed(&s.app.plain, &image, list);
         (image, fronts)
     };
     let (listed, fronts) = convert("listed", "/data/motd\n/data/big\t0-1048576\n");

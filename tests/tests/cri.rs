@@ -175,23 +175,12 @@ fn listed_image_takes_its_list_from_pull_image(
     app: &App,
     pod: (&str, &k8s_cri::v1::PodSandboxConfig, &Path),
 ) -> (String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("prefetch.list");
     // Out of the files' order, so that the image's data layer is not the
     // one pulled before (its layers would all be there, nothing to fetch
     // ahead of the mount).
-    std::fs::write(&list, "/data/big\t1048576-2097152\n/data/motd\n").unwrap();
+    let list = "/data/big\t1048576-2097152\n/data/motd\n";
     let listed = node.registry.reference("app:listed");
-    node.lodectl
-        .convert(&app.plain, &listed, None, Some(&list))
-        .unwrap();
-    let fronts: u64 = node
-        .lode_manifest(&listed)
-        .fronts
-        .iter()
-        .map(|f| f.bytes)
-        .sum();
-    assert!(fronts > 0, "{listed}: no prefetch front in its manifest");
+    let fronts = node.convert_listed(&app.plain, &listed, list);
     let before = node.data_bytes_served(&listed);
     let image = listed.to_string();
     cri.pull(&image, None, pod.1)
