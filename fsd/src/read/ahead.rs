@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use lode_common::format::{BlobRecord, ChunkIndex};
@@ -194,13 +194,15 @@ impl Ahead {
         if queue.is_empty() {
             return Ok(());
         }
-        let asked: Vec<(Digest, Arc<Segment>)> = queue
+        // Weak: a segment served in full goes at once, bytes and all, not
+        // when its time is up.
+        let asked: Vec<(Digest, Weak<Segment>)> = queue
             .iter()
-            .map(|(b, s)| (b.digest, Arc::clone(s)))
+            .map(|(b, s)| (b.digest, Arc::downgrade(s)))
             .collect();
         info!(
             requests = queue.len(),
-            bytes = asked.iter().map(|(_, s)| s.end - s.start).sum::<u64>(),
+            bytes = queue.iter().map(|(_, s)| s.end - s.start).sum::<u64>(),
             "fetching data blob fronts ahead"
         );
         let threads = threads.clamp(1, queue.len());
@@ -215,7 +217,9 @@ impl Ahead {
         runtime.spawn(async move {
             tokio::time::sleep(KEEP).await;
             for (digest, segment) in asked {
-                this.forget(&digest, &segment);
+                if let Some(segment) = segment.upgrade() {
+                    this.forget(&digest, &segment);
+                }
             }
         });
         Ok(())

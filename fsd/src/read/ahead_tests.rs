@@ -117,10 +117,20 @@ fn a_segment_goes_once_all_its_bytes_were_served() {
     let fetching = Arc::new(CountingBackend::new(&image));
     let (backend, source) = fetched_ahead(&image, &blob, fetching, (256 << 10, 128 << 10, 1), &rt);
     let ahead = Arc::clone(&backend.ahead);
+    let segments: Vec<Weak<Segment>> = lock(&ahead.segments)
+        .values()
+        .flatten()
+        .map(Arc::downgrade)
+        .collect();
+    assert_eq!(segments.len(), 2);
     read(&backend, &blob, 0, 128 << 10);
     assert_eq!(Ahead::held(&lock(&ahead.segments)), 128 << 10);
     read(&backend, &blob, 128 << 10, 128 << 10);
     assert_eq!(Ahead::held(&lock(&ahead.segments)), 0);
+    // Their bytes go too, long before the time a front is kept for.
+    wait_until("the served segments' bytes to go", || {
+        segments.iter().all(|s| s.upgrade().is_none())
+    });
     // Asked again: from the source.
     read(&backend, &blob, 0, 64 << 10);
     assert_eq!(source.calls(), vec![(0, 64 << 10)]);
