@@ -58,6 +58,16 @@ fn err(e: impl Into<redb::Error>) -> RecordError {
     RecordError::Db(Box::new(e.into()))
 }
 
+impl crate::store::Refusal for RecordError {
+    fn from_db(error: redb::Error) -> Self {
+        err(error)
+    }
+
+    fn previous_io(&self) -> bool {
+        matches!(self, RecordError::Db(e) if matches!(**e, redb::Error::PreviousIo))
+    }
+}
+
 #[derive(Clone)]
 pub struct Records {
     db: Arc<MetaDb>,
@@ -132,23 +142,24 @@ impl Records {
         table: TableDefinition<'_, &str, &[u8]>,
     ) -> Result<(Vec<T>, Vec<String>), RecordError> {
         let name = table.to_string();
-        let txn = self.db.begin_read().map_err(err)?;
-        let table = txn.open_table(table).map_err(err)?;
-        let mut out = BTreeMap::new();
-        let mut damaged = Vec::new();
-        for entry in table.iter().map_err(err)? {
-            let (key, value) = entry.map_err(err)?;
-            match serde_json::from_slice::<T>(value.value()) {
-                Ok(record) => {
-                    out.insert(key.value().to_string(), record);
-                }
-                Err(e) => {
-                    tracing::warn!(table = %name, record = key.value(), error = %e, "record does not decode; skipped");
-                    damaged.push(key.value().to_string());
+        self.db.read(|txn| {
+            let table = txn.open_table(table).map_err(err)?;
+            let mut out = BTreeMap::new();
+            let mut damaged = Vec::new();
+            for entry in table.iter().map_err(err)? {
+                let (key, value) = entry.map_err(err)?;
+                match serde_json::from_slice::<T>(value.value()) {
+                    Ok(record) => {
+                        out.insert(key.value().to_string(), record);
+                    }
+                    Err(e) => {
+                        tracing::warn!(table = %name, record = key.value(), error = %e, "record does not decode; skipped");
+                        damaged.push(key.value().to_string());
+                    }
                 }
             }
-        }
-        Ok((out.into_values().collect(), damaged))
+            Ok((out.into_values().collect(), damaged))
+        })
     }
 
     fn put<T: Serialize>(

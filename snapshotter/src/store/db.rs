@@ -12,17 +12,37 @@ use redb::{
     TransactionError, WriteTransaction,
 };
 
+/// An error of a module using the database that may be redb's refusal
+/// after an earlier I/O error.
+pub trait Refusal {
+    fn from_db(error: redb::Error) -> Self;
+    /// redb refused for an earlier I/O error: the database must be opened
+    /// again.
+    fn previous_io(&self) -> bool;
+}
+
 pub struct MetaDb {
     path: PathBuf,
-    /// `None` only while it is being opened again.
-    db: RwLock<Option<Database>>,
+    db: RwLock<Opened>,
+}
+
+/// The database handle and how many times it was opened: callers refused
+/// by one handle at once open it again once, not each in turn (a second
+/// reopen would close the handle the first caller's transaction uses).
+struct Opened {
+    /// `None` while it cannot be opened again.
+    db: Option<Database>,
+    generation: u64,
 }
 
 impl MetaDb {
     pub fn open(path: &Path) -> Result<Arc<Self>, DatabaseError> {
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
-            db: RwLock::new(Some(Database::create(path)?)),
+            db: RwLock::new(Opened {
+                db: Some(Database::create(path)?),
+                generation: 0,
+            }),
         }))
     }
 
@@ -30,8 +50,32 @@ impl MetaDb {
         self.with_reopen(Database::begin_write)
     }
 
-    pub fn begin_read(&self) -> Result<ReadTransaction, TransactionError> {
-        self.with_reopen(Database::begin_read)
+    /// Runs `read` in a read transaction. redb fails reads after a write's
+    /// I/O error too, but only once they reach the file (pages it has not
+    /// cached), so a read refused that way runs again, once, on the
+    /// database opened again.
+    pub fn read<T, E: Refusal>(
+        &self,
+        read: impl Fn(&ReadTransaction) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let (generation, txn) = self.begin(&Database::begin_read);
+        let first = txn
+            .map_err(|e| E::from_db(e.into()))
+            .and_then(|txn| read(&txn));
+        match first {
+            Err(error) if error.previous_io() => {
+                if let Err(reopen) = self.reopen(generation) {
+                    tracing::warn!(path = %self.path.display(), error = %reopen, "cannot open the metadata store again after an I/O error");
+                    return Err(error);
+                }
+                let txn = self
+                    .begin(&Database::begin_read)
+                    .1
+                    .map_err(|e| E::from_db(e.into()))?;
+                read(&txn)
+            }
+            other => other,
+        }
     }
 
     /// Runs `begin`; if the database refuses it for an earlier I/O error,
@@ -41,37 +85,45 @@ impl MetaDb {
         &self,
         begin: impl Fn(&Database) -> Result<T, TransactionError>,
     ) -> Result<T, TransactionError> {
-        let result = self.begin(&begin);
+        let (generation, result) = self.begin(&begin);
         if !matches!(
             result,
             Err(TransactionError::Storage(StorageError::PreviousIo))
         ) {
             return result;
         }
-        if let Err(error) = self.reopen() {
+        if let Err(error) = self.reopen(generation) {
             tracing::warn!(path = %self.path.display(), %error, "cannot open the metadata store again after an I/O error");
             return result;
         }
-        tracing::info!(path = %self.path.display(), "metadata store opened again after an I/O error");
-        self.begin(&begin)
+        self.begin(&begin).1
     }
 
+    /// Runs `begin` on the current handle; also says which one that was.
     fn begin<T>(
         &self,
         begin: &impl Fn(&Database) -> Result<T, TransactionError>,
-    ) -> Result<T, TransactionError> {
-        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        match db.as_ref() {
+    ) -> (u64, Result<T, TransactionError>) {
+        let opened = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let result = match opened.db.as_ref() {
             Some(db) => begin(db),
             None => Err(TransactionError::Storage(StorageError::PreviousIo)),
-        }
+        };
+        (opened.generation, result)
     }
 
-    fn reopen(&self) -> Result<(), DatabaseError> {
-        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+    /// Opens the database again unless another caller already replaced
+    /// handle `refused` since.
+    fn reopen(&self, refused: u64) -> Result<(), DatabaseError> {
+        let mut opened = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if opened.generation != refused {
+            return Ok(());
+        }
         // The old handle must be closed before the file is opened again.
-        db.take();
-        *db = Some(Database::create(&self.path)?);
+        opened.db.take();
+        opened.db = Some(Database::create(&self.path)?);
+        opened.generation += 1;
+        tracing::info!(path = %self.path.display(), "metadata store opened again after an I/O error");
         Ok(())
     }
 }

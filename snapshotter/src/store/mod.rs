@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{ReadableTable, TableDefinition};
 
-pub use db::MetaDb;
+pub use db::{MetaDb, Refusal};
 pub use record::{SnapshotKind, SnapshotRecord};
 
 use crate::instances::LodeImage;
@@ -62,6 +62,16 @@ fn db_err(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(Box::new(error.into()))
 }
 
+impl db::Refusal for StoreError {
+    fn from_db(error: redb::Error) -> Self {
+        db_err(error)
+    }
+
+    fn previous_io(&self) -> bool {
+        matches!(self, StoreError::Db(e) if matches!(**e, redb::Error::PreviousIo))
+    }
+}
+
 /// The metadata store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -97,31 +107,33 @@ impl Store {
     }
 
     pub fn get(&self, key: &str) -> Result<SnapshotRecord, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        load(&table, key)
+        self.db.read(|txn| {
+            let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            load(&table, key)
+        })
     }
 
     /// Every snapshot, by key, and the keys of records that do not decode
     /// (each logged): a damaged record hides only itself.
     pub fn all(&self) -> Result<Listing, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-        let mut listing = Listing::default();
-        for entry in table.iter().map_err(db_err)? {
-            let (key, value) = entry.map_err(db_err)?;
-            let key = key.value().to_string();
-            match SnapshotRecord::decode(&key, value.value()) {
-                Ok(record) => {
-                    listing.records.insert(key, record);
-                }
-                Err(error) => {
-                    tracing::warn!(snapshot = %key, %error, "snapshot record does not decode; skipped");
-                    listing.damaged.push(key);
+        self.db.read(|txn| {
+            let table = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            let mut listing = Listing::default();
+            for entry in table.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                let key = key.value().to_string();
+                match SnapshotRecord::decode(&key, value.value()) {
+                    Ok(record) => {
+                        listing.records.insert(key, record);
+                    }
+                    Err(error) => {
+                        tracing::warn!(snapshot = %key, %error, "snapshot record does not decode; skipped");
+                        listing.damaged.push(key);
+                    }
                 }
             }
-        }
-        Ok(listing)
+            Ok(listing)
+        })
     }
 
     /// Allocates the id of a snapshot about to be created (its directory is
@@ -293,23 +305,25 @@ impl Store {
 
     /// Every recorded Lode image; an error if a record does not decode.
     pub fn images(&self) -> Result<Vec<LodeImage>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(IMAGES).map_err(db_err)?;
-        let mut images = Vec::new();
-        for entry in table.iter().map_err(db_err)? {
-            let (key, value) = entry.map_err(db_err)?;
-            images.push(decode_image(key.value(), value.value())?);
-        }
-        Ok(images)
+        self.db.read(|txn| {
+            let table = txn.open_table(IMAGES).map_err(db_err)?;
+            let mut images = Vec::new();
+            for entry in table.iter().map_err(db_err)? {
+                let (key, value) = entry.map_err(db_err)?;
+                images.push(decode_image(key.value(), value.value())?);
+            }
+            Ok(images)
+        })
     }
 
     pub fn image(&self, bootstrap_digest: &str) -> Result<Option<LodeImage>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let table = txn.open_table(IMAGES).map_err(db_err)?;
-        let value = table.get(bootstrap_digest).map_err(db_err)?;
-        value
-            .map(|bytes| decode_image(bootstrap_digest, bytes.value()))
-            .transpose()
+        self.db.read(|txn| {
+            let table = txn.open_table(IMAGES).map_err(db_err)?;
+            let value = table.get(bootstrap_digest).map_err(db_err)?;
+            value
+                .map(|bytes| decode_image(bootstrap_digest, bytes.value()))
+                .transpose()
+        })
     }
 }
 
