@@ -252,10 +252,10 @@ pub struct DaemonConfig {
     /// How often each daemon's API is probed, in seconds (0: never), so a
     /// hung daemon is found and replaced even when no call is due.
     pub health_interval_secs: u64,
-    /// How long a daemon started at a pull, to fetch the image's prefetch
-    /// list ahead of its bootstrap, waits for the image's instance, in
-    /// seconds. A daemon with no instance by then (the pull failed or was
-    /// abandoned) stops.
+    /// How long a dedicated daemon started at a pull, to fetch the image's
+    /// prefetch list ahead of its bootstrap, waits for the image's
+    /// instance, in seconds. One with no instance by then (the pull failed
+    /// or was abandoned) stops. The shared daemon runs with the snapshotter.
     pub ahead_wait_secs: u64,
 }
 

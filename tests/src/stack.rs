@@ -418,22 +418,38 @@ impl Node {
         chunks.iter().filter(|c| cache_durable(&cache, c)).count()
     }
 
-    /// Waits until the snapshotter serves no Lode mount and its chunk cache
+    /// Waits until the snapshotter serves no Lode image and its chunk cache
     /// and bootstraps are gone (after the last Lode image was removed): the
-    /// next pull starts from nothing.
-    pub fn wait_for_no_lode_mounts_or_cache(&self) {
+    /// next pull starts from nothing but the shared daemon, which runs with
+    /// the snapshotter.
+    pub fn wait_for_no_instances_or_cache(&self) {
         let root = self.snapshotter.root();
         let entries = |dir: &str| std::fs::read_dir(root.join(dir)).map_or(0, |d| d.count());
         wait_until(
             Duration::from_secs(30),
-            "Lode's mounts, cache and bootstraps to go",
+            "Lode's instances, cache and bootstraps to go",
             || {
-                mounts_below(&root.join("mnt")).is_empty()
+                self.instance_mounts().is_empty()
                     && entries("cache") == 0
                     && entries("bootstraps") == 0
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", self.snapshotter.log()));
+    }
+
+    /// Where Lode serves images: the dedicated daemons' mounts and the
+    /// shared daemon's instances (its own mount serves none by itself). A
+    /// shared daemon that does not answer counts as serving.
+    pub fn instance_mounts(&self) -> Vec<PathBuf> {
+        let mut found = mounts_below(&self.snapshotter.root().join("mnt"));
+        found.retain(|m| !m.ends_with("mnt/shared"));
+        if self.shared_socket().exists() {
+            match self.shared_daemon_info() {
+                Ok(info) => found.extend(info.instances.into_iter().map(|i| i.mountpoint)),
+                Err(_) => found.push(self.shared_socket()),
+            }
+        }
+        found
     }
 
     /// Removes `image` (its containers are gone) and waits until the shared

@@ -50,10 +50,7 @@ fn lode_image_runs_lazily_fetching_a_fraction_of_its_data() {
     wait_until(
         Duration::from_secs(30),
         "the image served after its pull",
-        || {
-            !s.snapshotter.daemon_pids().is_empty()
-                && !mounts_below(&s.snapshotter.root()).is_empty()
-        },
+        || !s.instance_mounts().is_empty(),
     )
     .unwrap();
     let started = Instant::now();
@@ -148,8 +145,8 @@ fn plain_images_fall_back_to_overlay_snapshots() {
         .unwrap();
     assert!(out.contains("hello from lode"), "{out}");
     assert!(
-        s.snapshotter.daemon_pids().is_empty(),
-        "plain images need no daemon"
+        s.instance_mounts().is_empty(),
+        "plain images need no instance"
     );
 }
 
@@ -322,9 +319,8 @@ fn kill_daemon(s: &Stack, nth: usize) {
         || s.snapshotter.log().matches("takeover=true").count() >= nth,
     )
     .unwrap();
-    let mounted = mounts_below(&s.snapshotter.root().join("mnt"));
     assert!(
-        !mounted.is_empty(),
+        !s.instance_mounts().is_empty(),
         "kill {nth}: the instance mount disappeared"
     );
 }
@@ -366,7 +362,7 @@ fn check_recoveries(s: &Stack, kills: usize) {
 /// and its cached chunks are gone too: the next pull starts cold.
 fn remove_image_and_its_cache(s: &Stack) {
     s.remove_image("lazy", &s.app.lode);
-    s.wait_for_no_lode_mounts_or_cache();
+    s.wait_for_no_instances_or_cache();
 }
 
 /// Data-blob bytes the registry serves to a reader of the image that runs
@@ -404,8 +400,9 @@ fn daemon_kill_with_restart_serves_new_reads() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // The first fresh start was the snapshotter's own.
     wait_until(Duration::from_secs(30), "a restarted daemon", || {
-        s.snapshotter.log().contains("takeover=false") && {
+        s.snapshotter.log().matches("takeover=false").count() == 2 && {
             let now = s.snapshotter.daemon_pids();
             now.len() == 1 && now[0] != pids[0]
         }
@@ -427,10 +424,33 @@ fn daemon_kill_with_restart_serves_new_reads() {
 }
 
 #[test]
-fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
-    let Some(s) = stack(SnapshotterOptions::default()) else {
+fn removing_containers_and_images_leaves_no_instances_or_cache_shared() {
+    removing_containers_and_images_leaves_no_instances_or_cache(SnapshotterOptions::default());
+}
+
+#[test]
+fn removing_containers_and_images_leaves_no_instances_or_cache_dedicated() {
+    removing_containers_and_images_leaves_no_instances_or_cache(SnapshotterOptions {
+        daemon_mode: "dedicated",
+        ..SnapshotterOptions::default()
+    });
+}
+
+/// Removing an image's containers and the image unmounts its instance and
+/// removes its cached blobs and bootstrap. A dedicated daemon stops with
+/// its image; the shared daemon, started with the snapshotter before any
+/// image, runs on (the same process) to serve the next pull.
+fn removing_containers_and_images_leaves_no_instances_or_cache(options: SnapshotterOptions) {
+    let shared = options.daemon_mode == "shared";
+    let Some(s) = stack(options) else {
         return;
     };
+    let idle = s.snapshotter.daemon_pids();
+    assert_eq!(
+        idle.len(),
+        usize::from(shared),
+        "daemons before any Lode image: {idle:?}"
+    );
     s.pull_lazily("lazy", &s.app.lode);
     s.run(
         "lazy",
@@ -438,7 +458,11 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
         "c1",
         "head -c 100000 /data/big > /dev/null",
     );
-    assert_eq!(s.snapshotter.daemon_pids().len(), 1);
+    let serving = s.snapshotter.daemon_pids();
+    assert_eq!(serving.len(), 1);
+    if shared {
+        assert_eq!(serving, idle, "the shared daemon serves the image");
+    }
     let count =
         |dir: &str| std::fs::read_dir(s.snapshotter.root().join(dir)).map_or(0, |d| d.count());
     let cached = || count("cache");
@@ -447,23 +471,21 @@ fn removing_containers_and_images_leaves_no_mounts_daemons_or_cache() {
     s.remove_image("lazy", &s.app.lode);
     wait_until(
         Duration::from_secs(30),
-        "the image's instance, daemon, cached blobs and bootstrap to go",
-        || {
-            s.snapshotter.daemon_pids().is_empty()
-                && mounts_below(&s.snapshotter.root()).is_empty()
-                && cached() == 0
-                && count("bootstraps") == 0
-        },
+        "the image's instance, cached blobs and bootstrap to go",
+        || s.instance_mounts().is_empty() && cached() == 0 && count("bootstraps") == 0,
     )
     .unwrap_or_else(|e| {
         panic!(
-            "{e}: mounts {:?}, cache files {}, bootstraps {}\n{}",
-            mounts_below(&s.snapshotter.root()),
+            "{e}: instances {:?}, cache files {}, bootstraps {}\n{}",
+            s.instance_mounts(),
             cached(),
             count("bootstraps"),
             s.snapshotter.log()
         )
     });
+    assert_eq!(s.snapshotter.daemon_pids(), idle, "daemons left");
+    let mounts = mounts_below(&s.snapshotter.root());
+    assert_eq!(mounts.len(), usize::from(shared), "mounts left: {mounts:?}");
     let left = s
         .containerd
         .ctr_ok("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])

@@ -2,7 +2,7 @@
 //! containerd 1.6, lode-snapshotter, one lode-fsd serving every Lode image
 //! as an instance in a subdirectory of its mount): images that come and go
 //! next to running ones, and recovery of a daemon that serves several
-//! images. Root only.
+//! images or none. Root only.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,6 +105,45 @@ struct Seen {
     seq: u32,
     root_ino: u64,
     file_ino: u64,
+}
+
+#[test]
+fn failover_of_the_idle_shared_daemon_serves_the_next_pull() {
+    idle_daemon_recovered("failover", "takeover=true");
+}
+
+#[test]
+fn restart_of_the_idle_shared_daemon_serves_the_next_pull() {
+    idle_daemon_recovered("restart", "takeover=false");
+}
+
+/// The shared daemon runs from the snapshotter's start, before any image;
+/// killed while it serves none, it is recovered by the policy like one
+/// that serves images, and the next pull's container reads from it.
+fn idle_daemon_recovered(policy: &'static str, how: &str) {
+    let Some(s) = stack(SnapshotterOptions {
+        recover_policy: policy,
+        ..SnapshotterOptions::default()
+    }) else {
+        return;
+    };
+    let idle = s.shared_daemon_info().expect("the shared daemon runs");
+    assert!(idle.instances.is_empty(), "{idle:?}");
+    let started = s.snapshotter.log().matches(how).count();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(idle.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(30), "a new shared daemon", || {
+        s.snapshotter.log().matches(how).count() > started
+            && s.shared_daemon_info().is_ok_and(|d| d.pid != idle.pid)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_eq!(s.snapshotter.daemon_pids().len(), 1);
+    s.pull_lazily("lazy", &s.app.lode);
+    let out = s.run("lazy", &s.app.lode, "after", verify_script());
+    assert_verified(&s.app, &out);
 }
 
 /// Kills a shared daemon that serves three images whose sequence numbers

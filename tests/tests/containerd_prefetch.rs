@@ -24,14 +24,15 @@ fn image_counter(metrics: &str, name: &str) -> u64 {
 /// image's daemon fetch those fronts while the bootstrap is on its way, and
 /// the image takes its prefetch list from them, so the registry sends them
 /// once, also when the image's first layer is another's, already there.
-/// A pull that fails after its first layer leaves no daemon behind.
+/// A pull that fails after its first layer leaves no daemon behind but
+/// the shared one, which runs with the snapshotter.
 #[test]
-fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_daemon_shared() {
+fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_new_daemon_shared() {
     a_pull_fetches_the_prefetch_list_ahead("shared");
 }
 
 #[test]
-fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_daemon_dedicated() {
+fn a_pull_fetches_the_prefetch_list_ahead_and_a_failed_one_leaves_no_new_daemon_dedicated() {
     a_pull_fetches_the_prefetch_list_ahead("dedicated");
 }
 
@@ -44,6 +45,7 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
     let Some(s) = stack(options) else {
         return;
     };
+    let idle = s.snapshotter.daemon_pids();
     let convert = |tag: &str, list: &str| {
         let image = s.registry.reference(&format!("app:{tag}"));
         let fronts = s.convert_listed(&s.app.plain, &image, list);
@@ -148,10 +150,12 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
     );
 
     s.remove_image("ahead", &listed);
-    s.wait_for_no_lode_mounts_or_cache();
-    wait_until(Duration::from_secs(30), "no daemon", || {
-        s.snapshotter.daemon_pids().is_empty()
-    })
+    s.wait_for_no_instances_or_cache();
+    wait_until(
+        Duration::from_secs(30),
+        "no daemon but the shared one",
+        || s.snapshotter.daemon_pids() == idle,
+    )
     .unwrap();
     let (broken, fronts) = convert("broken", "/data/big\t2097152-3145728\n");
     let bootstrap = s.lode_manifest(&broken).bootstrap;
@@ -166,8 +170,17 @@ fn a_pull_fetches_the_prefetch_list_ahead(daemon_mode: &'static str) {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     wait_until(
         Duration::from_secs(30),
-        "the daemon started for the failed pull to stop",
-        || s.snapshotter.daemon_pids().is_empty(),
+        "a daemon started for the failed pull to stop",
+        || s.snapshotter.daemon_pids() == idle && s.instance_mounts().is_empty(),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", s.snapshotter.log()));
+    if daemon_mode == "dedicated" {
+        assert!(
+            s.snapshotter
+                .log()
+                .contains("daemon stopped: the pull it was started for mounted no image"),
+            "{}",
+            s.snapshotter.log()
+        );
+    }
 }

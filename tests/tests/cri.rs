@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use k8s_cri::v1::AuthConfig;
 use lode_tests::cri::{container, host_network_pod, CriClient};
-use lode_tests::mounts::mounts_below;
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{cri_node, image_metric, private_cri_node, scrape, App, Node};
 use lode_tests::wait_until;
@@ -153,15 +152,9 @@ fn pod_runs_lode_and_plain_images_as_kubelet_drives_cri(options: SnapshotterOpti
         assert!(!cri.has_image(image).unwrap(), "{image} still there");
     }
     wait_until(TIMEOUT, "Lode to unmount the removed image", || {
-        mounts_below(&node.snapshotter.root()).is_empty()
+        node.instance_mounts().is_empty()
     })
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {:?}\n{}",
-            mounts_below(&node.snapshotter.root()),
-            node.logs()
-        )
-    });
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", node.instance_mounts(), node.logs()));
 }
 
 /// An image converted with a prefetch list, pulled as kubelet pulls it:

@@ -720,7 +720,9 @@ fn a_full_disk_fails_operations_clearly_and_loses_nothing() {
             "{status:?}"
         );
     }
-    let listed = api.list(&[]).unwrap();
+    let listed = api
+        .list(&[])
+        .unwrap_or_else(|c| panic!("{c:?} {}", snapshotter.log()));
     for key in before.iter().chain(&prepared) {
         assert!(
             listed.contains(key),

@@ -397,7 +397,7 @@ fn make_cold(node: &Node) {
     for digest in listed("content") {
         c.ctr_ok(NAMESPACE, ["content", "rm", &digest]).unwrap();
     }
-    node.wait_for_no_lode_mounts_or_cache();
+    node.wait_for_no_instances_or_cache();
     drop_page_cache();
 }
 

@@ -1,9 +1,9 @@
 //! Fetching a pulled image's prefetch list before its bootstrap arrives:
 //! at the first data blob layer the pull prepares (layers shared with
 //! images already there are skipped), the image's daemon is started if
-//! none runs, asked for the data blobs' fronts (`PUT /ahead`), and stopped
-//! again if no image is mounted in it within `daemon.ahead_wait_secs` (the
-//! pull failed).
+//! none runs and asked for the data blobs' fronts (`PUT /ahead`). A
+//! dedicated daemon started this way stops again if its image is not
+//! mounted within `daemon.ahead_wait_secs` (the pull failed).
 
 use lode_common::api::AheadRequest;
 
@@ -36,10 +36,13 @@ impl DaemonManager {
         asked.map_err(|e| DaemonError::daemon(&daemon_id, e))
     }
 
-    /// Stops `daemon` (this process of it) if it still serves no image
-    /// after `daemon.ahead_wait_secs`: it was started for a pull that never
-    /// got its instance mounted.
+    /// Stops a dedicated `daemon` (this process of it) if it still serves
+    /// no image after `daemon.ahead_wait_secs`: it was started for a pull
+    /// that never got its instance mounted.
     pub(super) fn stop_unless_used(&self, daemon: &DaemonRecord) {
+        if self.stays() {
+            return;
+        }
         let (daemon_id, pid) = (daemon.id.clone(), daemon.pid);
         let this = self.this.clone();
         let wait = self.config.daemon.ahead_wait();

@@ -1,7 +1,7 @@
 //! Serving images: an instance of an image is mounted in its daemon
 //! (started first when none runs) and recorded; on release it is
-//! unmounted, its daemon stopped if it served nothing else, and its cached
-//! blobs and bootstrap removed.
+//! unmounted, its dedicated daemon stopped, and its cached blobs and
+//! bootstrap removed.
 
 use std::path::PathBuf;
 
@@ -108,26 +108,21 @@ impl InstanceProvider for DaemonManager {
             .remove_instance(bootstrap_digest)
             .map_err(DaemonError::from)?;
         let Some(daemon) = daemon else { return Ok(()) };
-        let last = self.config.daemon_mode == DaemonMode::Dedicated
-            || !self
-                .records
-                .instances()
-                .map_err(DaemonError::from)?
-                .iter()
-                .any(|i| i.daemon_id == daemon.id);
-        if last {
-            // No instance left: the daemon goes too, and must not be recovered.
+        // A dedicated daemon served this image only: it goes too, and
+        // must not be recovered. The shared one stays.
+        let stops = !self.stays();
+        if stops {
             self.retire(&daemon)?;
         }
         if let Err(error) = self.client(&daemon).umount(&instance.mountpoint).await {
             tracing::warn!(daemon_id = %daemon.id, %error, "unmount through the daemon failed; detaching");
             process::detach_mount(instance.mountpoint.clone()).await;
-            if error.is_timeout() && !last {
-                // It serves other images too: they need it answering.
+            if error.is_timeout() && !stops {
+                // It serves other images, or will: they need it answering.
                 self.replace_hung(&daemon).await;
             }
         }
-        if last {
+        if stops {
             // A daemon that does not stop (hung) is killed.
             process::stop(&daemon, self.config.daemon.call_timeout()).await;
         }

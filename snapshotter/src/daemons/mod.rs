@@ -2,7 +2,8 @@
 //! images, and implements [`crate::instances::InstanceProvider`] on top of them.
 //!
 //! - **shared** mode: one daemon (id `shared`) with one FUSE mount at
-//!   `<root>/mnt/shared`; each image is an instance in a subdirectory.
+//!   `<root>/mnt/shared`; each image is an instance in a subdirectory. It
+//!   is started with the snapshotter and runs while no image is served.
 //! - **dedicated** mode: one daemon per image (id `d-<digest prefix>`) with
 //!   its own mount at `<root>/mnt/<digest prefix>`.
 //!
@@ -161,10 +162,39 @@ impl DaemonManager {
             this: this.clone(),
         });
         manager.recover_all().await;
+        manager.start_shared().await;
         manager.enforce_cache_limit();
         manager.watch_health();
         manager.watch_cache();
         Ok(manager)
+    }
+
+    /// In shared mode, starts the shared daemon unless it runs: it serves
+    /// for as long as the snapshotter does, images or not, so that a pull
+    /// finds it serving (a start during the pull, its binary read from
+    /// disk, is on the path to the image's first bytes). One that does not
+    /// start is logged; the first Lode image tries again.
+    async fn start_shared(&self) {
+        if !self.stays() {
+            return;
+        }
+        if !self.records.all_readable() {
+            // The shared daemon's record may be the damaged one: a second
+            // daemon must not take its mount and socket.
+            tracing::warn!("daemon records damaged; not starting the shared daemon here (its record may be the damaged one)");
+            return;
+        }
+        let wanted = self.shared_record();
+        let _held = self.locks.lock(&wanted.id).await;
+        if let Err(error) = self.serving_daemon(wanted, Recovery::Allowed).await {
+            tracing::error!(%error, "the shared daemon did not start; the first Lode image starts it");
+        }
+    }
+
+    /// Whether daemons run with no image to serve: the shared daemon does
+    /// (see [`Self::start_shared`]); a dedicated one stops with its image.
+    fn stays(&self) -> bool {
+        self.config.daemon_mode == DaemonMode::Shared
     }
 
     /// Recorded daemons with their API clients (for metrics scraping).
@@ -182,17 +212,25 @@ impl DaemonManager {
     }
 
     fn daemon_record_for(&self, image: &LodeImage) -> DaemonRecord {
-        let dirs = self.config.daemons_dir();
-        let (id, mountpoint) = match self.config.daemon_mode {
-            DaemonMode::Shared => (
-                SHARED_ID.to_string(),
-                self.config.mounts_dir().join(SHARED_ID),
-            ),
+        match self.config.daemon_mode {
+            DaemonMode::Shared => self.shared_record(),
             DaemonMode::Dedicated => {
                 let short = short_digest(&image.bootstrap_digest);
-                (format!("d-{short}"), self.config.mounts_dir().join(short))
+                self.daemon_record(format!("d-{short}"), &short)
             }
-        };
+        }
+    }
+
+    /// The shared daemon's record before it is started.
+    fn shared_record(&self) -> DaemonRecord {
+        self.daemon_record(SHARED_ID.to_string(), SHARED_ID)
+    }
+
+    /// The record of a daemon before it is started, mounted at `mount_dir`
+    /// in the mounts directory.
+    fn daemon_record(&self, id: String, mount_dir: &str) -> DaemonRecord {
+        let dirs = self.config.daemons_dir();
+        let mountpoint = self.config.mounts_dir().join(mount_dir);
         DaemonRecord {
             apisock: dirs.join(format!("{id}.sock")),
             supervisor: dirs.join(format!("{id}.supervisor")),

@@ -134,7 +134,7 @@ impl DaemonManager {
         }
         process::detach_mount(record.mountpoint.clone()).await;
         let _ = std::fs::remove_file(&record.apisock);
-        if instances.is_empty() {
+        if instances.is_empty() && !self.stays() {
             self.records.remove_daemon(&record.id)?;
             return Ok(());
         }
