@@ -3,7 +3,8 @@
 # pull onto overlayfs (`ctr image pull`, `ctr run`) against Lode (`lodectl
 # pull`, `ctr run --snapshotter lode`), with the registry on loopback and
 # behind emulated links (lan, region, far). Every start is cold: no image,
-# content, snapshot or Lode cache, and the page cache dropped. Prints per
+# content, snapshot or Lode cache, no image served (Lode's shared daemon
+# runs with the snapshotter, idle), and the page cache dropped. Prints per
 # link, image and workload the median pull and run times, their sum, its
 # ratio to overlayfs, the bytes and requests the registry served, and for
 # Lode the floor (stored bytes of the chunks read, plus the bootstrap); fails

@@ -1,8 +1,9 @@
 //! Cold container starts through containerd, side by side: containerd's own
 //! pull onto overlayfs against `lodectl pull` onto Lode, with the registry
 //! on loopback and behind emulated links ([`LinkProfile`]). Every
-//! measurement starts cold: no image, content, snapshot, Lode cache or
-//! daemon, and the page cache dropped. Prints pull, run, their sum, its
+//! measurement starts cold: no image, content, snapshot or Lode cache, no
+//! image served (the shared daemon runs with the snapshotter, idle), and
+//! the page cache dropped. Prints pull, run, their sum, its
 //! ratio to overlayfs, and the registry's requests and body bytes.
 //!
 //! By default (CI) a small busybox image is measured once on loopback and
