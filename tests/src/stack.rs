@@ -243,6 +243,26 @@ impl Node {
         )
     }
 
+    /// Waits until containerd reaches a restarted snapshotter: it redials
+    /// a proxy that went away with a back-off. `usage` reaches the
+    /// snapshotter itself (`ls` would answer from containerd's database);
+    /// an error of the snapshotter's own (a damaged record) reached it too.
+    pub fn wait_for_containerd_to_reach_snapshotter(&self, namespace: &str) {
+        wait_until(
+            Duration::from_secs(60),
+            "containerd to reach the restarted snapshotter",
+            || {
+                self.containerd
+                    .ctr(
+                        namespace,
+                        ["snapshots", "--snapshotter", SNAPSHOTTER, "usage"],
+                    )
+                    .is_ok_and(|r| r.success || !r.stderr.contains("unavailable"))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
     /// `lodectl pull` into the test namespace; returns its summary.
     pub fn pull_lazily(&self, namespace: &str, image: &Reference) -> String {
         let run = self.try_pull_lazily(namespace, image);

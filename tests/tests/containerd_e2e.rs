@@ -174,18 +174,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
         .snapshotter
         .log()
         .contains("re-attached to running daemon"));
-    // containerd redials a proxy that went away with a back-off; `usage`
-    // reaches the snapshotter itself (`ls` would answer from containerd's DB).
-    wait_until(
-        Duration::from_secs(60),
-        "containerd to reach the restarted snapshotter",
-        || {
-            s.containerd
-                .ctr("lazy", ["snapshots", "--snapshotter", SNAPSHOTTER, "usage"])
-                .is_ok_and(|r| r.success)
-        },
-    )
-    .unwrap();
+    s.wait_for_containerd_to_reach_snapshotter("lazy");
     wait_for_rounds(&log, 2);
     let out = s.run("lazy", &s.app.lode, "after", "cat /data/motd");
     assert!(out.contains("hello from lode"), "{out}");
@@ -606,8 +595,10 @@ fn doctor_checks_the_node_and_names_the_fixes() {
 
 /// A record of every table of the metadata store damaged while the
 /// snapshotter is down: it starts again, names them, detaches nothing and
-/// stops no daemon, and the running container reads on.
+/// stops no daemon, the running container reads on, and another image
+/// runs beside it.
 fn damaged_records_leave_running_containers_alone(options: SnapshotterOptions) {
+    let shared = options.daemon_mode == "shared";
     let Some(mut s) = stack(options) else {
         return;
     };
@@ -641,6 +632,31 @@ fn damaged_records_leave_running_containers_alone(options: SnapshotterOptions) {
             "{table} record {key} not named:\n{said}"
         );
     }
+    // Another image runs next to it; the shared daemon whose record was
+    // damaged serves it (recorded again), not a second daemon on its
+    // socket and mount.
+    let other = s.add_app("after-damage", 1 << 20, 31);
+    s.wait_for_containerd_to_reach_snapshotter("lazy");
+    s.pull_lazily("lazy", &other.lode);
+    let out = s.run("lazy", &other.lode, "other", "cat /data/motd");
+    assert!(out.contains(&other.motd), "{out}\n{}", s.logs());
+    let now = s.snapshotter.daemon_pids();
+    if shared {
+        assert_eq!(now, daemons, "one shared daemon\n{}", s.snapshotter.log());
+        assert!(
+            s.snapshotter.log().contains("recorded again"),
+            "{}",
+            s.snapshotter.log()
+        );
+    } else {
+        assert!(
+            now.len() == 2 && daemons.iter().all(|d| now.contains(d)),
+            "the image's own daemon next to the first: {now:?} {daemons:?}"
+        );
+    }
+    wait_for_rounds(&log, 1);
+    let (_, errors) = rounds(&log);
+    assert!(errors.is_empty(), "reader errors: {errors:?}");
 }
 
 #[test]

@@ -178,12 +178,6 @@ impl DaemonManager {
         if !self.stays() {
             return;
         }
-        if !self.records.all_readable() {
-            // The shared daemon's record may be the damaged one: a second
-            // daemon must not take its mount and socket.
-            tracing::warn!("daemon records damaged; not starting the shared daemon here (its record may be the damaged one)");
-            return;
-        }
         let wanted = self.shared_record();
         let _held = self.locks.lock(&wanted.id).await;
         if let Err(error) = self.serving_daemon(wanted, Recovery::Allowed).await {
@@ -454,6 +448,9 @@ impl DaemonManager {
                     return Ok(live);
                 }
             }
+        }
+        if let Some(adopted) = self.adopt(&wanted).await? {
+            return Ok(adopted);
         }
         self.launch(wanted, false).await
     }

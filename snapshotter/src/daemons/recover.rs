@@ -1,10 +1,12 @@
 //! What happens when a daemon dies, and when the snapshotter starts again
-//! while daemons it started earlier are still running (or are not).
+//! while daemons it started earlier are still running (or are not), even
+//! when their records are damaged.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use futures_util::StreamExt;
+use lode_common::api::DaemonClient;
 use lode_common::supervisor::SupervisorServer;
 use lode_config::RecoverPolicy;
 
@@ -247,15 +249,9 @@ impl DaemonManager {
             self.metrics.daemon_recovered("restart");
             return Ok(());
         };
-        if self.supervised() {
-            let server = SupervisorServer::bind(&record.supervisor)?;
-            self.supervisors().insert(record.id.clone(), server);
-            // The supervisor that held the descriptor died with the old
-            // snapshotter; the daemon hands it over again.
-            if let Err(error) = client.send_fd().await {
-                tracing::warn!(daemon_id = %record.id, %error, "daemon did not hand over its FUSE descriptor; failover unavailable until it does");
-            }
-        }
+        // The supervisor that held the descriptor died with the old
+        // snapshotter.
+        self.supervise_again(&record, &client).await?;
         self.watch(&record);
         tracing::info!(daemon_id = %record.id, pid = record.pid, "re-attached to running daemon");
         let mounted: HashSet<PathBuf> = info
@@ -269,6 +265,54 @@ impl DaemonManager {
             self.stop_unless_used(&record);
         }
         self.mount_missing(instances, &mounted).await;
+        Ok(())
+    }
+
+    /// A daemon that answers at `wanted`'s socket although no readable
+    /// record names it (its record is damaged) is recorded again and
+    /// watched: a second daemon would take its socket and mount from the
+    /// images it serves. The daemon's lock is held.
+    pub(super) async fn adopt(
+        &self,
+        wanted: &DaemonRecord,
+    ) -> Result<Option<DaemonRecord>, DaemonError> {
+        if !wanted.apisock.exists() {
+            return Ok(None);
+        }
+        let client = self.client(wanted);
+        let Ok(info) = client.daemon_info().await else {
+            return Ok(None);
+        };
+        if info.id != wanted.id || !process::is_live_fsd(info.pid) {
+            return Ok(None);
+        }
+        let record = DaemonRecord {
+            pid: info.pid,
+            ..wanted.clone()
+        };
+        self.records.put_daemon(&record)?;
+        self.supervise_again(&record, &client).await?;
+        self.watch(&record);
+        tracing::warn!(daemon_id = %record.id, pid = record.pid, "a daemon no readable record named answers at its socket; recorded again");
+        Ok(Some(record))
+    }
+
+    /// Binds the supervisor socket of a running daemon this process did
+    /// not start, and has the daemon hand its FUSE descriptor to it (the
+    /// supervisor that held it is gone).
+    async fn supervise_again(
+        &self,
+        record: &DaemonRecord,
+        client: &DaemonClient,
+    ) -> Result<(), DaemonError> {
+        if !self.supervised() {
+            return Ok(());
+        }
+        let server = SupervisorServer::bind(&record.supervisor)?;
+        self.supervisors().insert(record.id.clone(), server);
+        if let Err(error) = client.send_fd().await {
+            tracing::warn!(daemon_id = %record.id, %error, "daemon did not hand over its FUSE descriptor; failover unavailable until it does");
+        }
         Ok(())
     }
 
