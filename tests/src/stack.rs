@@ -246,8 +246,8 @@ impl Node {
     /// Waits until containerd reaches a restarted snapshotter: it redials
     /// a proxy that went away with a back-off. `usage` reaches the
     /// snapshotter itself (`ls` would answer from containerd's database);
-    /// an error of the snapshotter's own (a damaged record) reached it too.
-    pub fn wait_for_containerd_to_reach_snapshotter(&self, namespace: &str) {
+    /// its answer is the usage, or that a record of `corrupt` (keys) is.
+    pub fn wait_for_containerd_to_reach_snapshotter(&self, namespace: &str, corrupt: &[&str]) {
         wait_until(
             Duration::from_secs(60),
             "containerd to reach the restarted snapshotter",
@@ -257,7 +257,12 @@ impl Node {
                         namespace,
                         ["snapshots", "--snapshotter", SNAPSHOTTER, "usage"],
                     )
-                    .is_ok_and(|r| r.success || !r.stderr.contains("unavailable"))
+                    .is_ok_and(|r| {
+                        r.success
+                            || corrupt
+                                .iter()
+                                .any(|key| r.stderr.contains(&format!("corrupt record {key}")))
+                    })
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));

@@ -174,7 +174,7 @@ fn snapshotter_kill_keeps_containers_reading_and_state_intact() {
         .snapshotter
         .log()
         .contains("re-attached to running daemon"));
-    s.wait_for_containerd_to_reach_snapshotter("lazy");
+    s.wait_for_containerd_to_reach_snapshotter("lazy", &[]);
     wait_for_rounds(&log, 2);
     let out = s.run("lazy", &s.app.lode, "after", "cat /data/motd");
     assert!(out.contains("hello from lode"), "{out}");
@@ -636,7 +636,8 @@ fn damaged_records_leave_running_containers_alone(options: SnapshotterOptions) {
     // damaged serves it (recorded again), not a second daemon on its
     // socket and mount.
     let other = s.add_app("after-damage", 1 << 20, 31);
-    s.wait_for_containerd_to_reach_snapshotter("lazy");
+    let keys: Vec<&str> = damaged.iter().map(|(_, key)| key.as_str()).collect();
+    s.wait_for_containerd_to_reach_snapshotter("lazy", &keys);
     s.pull_lazily("lazy", &other.lode);
     let out = s.run("lazy", &other.lode, "other", "cat /data/motd");
     assert!(out.contains(&other.motd), "{out}\n{}", s.logs());
