@@ -13,14 +13,15 @@ use crate::instances::PulledImage;
 
 impl DaemonManager {
     /// Has the daemon that will serve `pulled` (started if none runs)
-    /// fetch its blob fronts; a daemon started for this stops unless the
-    /// image (or another) is mounted in time.
+    /// fetch its blob fronts; a dedicated daemon started for this stops
+    /// unless the image is mounted in time.
     pub(super) async fn ahead(&self, pulled: &PulledImage) -> Result<(), DaemonError> {
         let image = &pulled.image;
         let wanted = self.daemon_record_for(image);
         let daemon_id = wanted.id.clone();
         let held = self.locks.lock(&daemon_id).await;
-        let idle = self.instances_of(&daemon_id)?.is_empty();
+        // The shared daemon stays whatever it serves: no records to read.
+        let idle = !self.stays() && self.instances_of(&daemon_id)?.is_empty();
         let daemon = self.serving_daemon(wanted, Recovery::Allowed).await?;
         let request = AheadRequest {
             config: self.instance_config(image),

@@ -64,8 +64,7 @@ impl MetaDb {
             .and_then(|txn| read(&txn));
         match first {
             Err(error) if error.previous_io() => {
-                if let Err(reopen) = self.reopen(generation) {
-                    tracing::warn!(path = %self.path.display(), error = %reopen, "cannot open the metadata store again after an I/O error");
+                if !self.reopen(generation) {
                     return Err(error);
                 }
                 let txn = self
@@ -92,8 +91,7 @@ impl MetaDb {
         ) {
             return result;
         }
-        if let Err(error) = self.reopen(generation) {
-            tracing::warn!(path = %self.path.display(), %error, "cannot open the metadata store again after an I/O error");
+        if !self.reopen(generation) {
             return result;
         }
         self.begin(&begin).1
@@ -113,17 +111,26 @@ impl MetaDb {
     }
 
     /// Opens the database again unless another caller already replaced
-    /// handle `refused` since.
-    fn reopen(&self, refused: u64) -> Result<(), DatabaseError> {
+    /// handle `refused` since; whether a new handle is there (a failure
+    /// is logged).
+    fn reopen(&self, refused: u64) -> bool {
         let mut opened = self.db.write().unwrap_or_else(PoisonError::into_inner);
         if opened.generation != refused {
-            return Ok(());
+            return true;
         }
         // The old handle must be closed before the file is opened again.
         opened.db.take();
-        opened.db = Some(Database::create(&self.path)?);
-        opened.generation += 1;
-        tracing::info!(path = %self.path.display(), "metadata store opened again after an I/O error");
-        Ok(())
+        match Database::create(&self.path) {
+            Ok(db) => {
+                opened.db = Some(db);
+                opened.generation += 1;
+                tracing::info!(path = %self.path.display(), "metadata store opened again after an I/O error");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "cannot open the metadata store again after an I/O error");
+                false
+            }
+        }
     }
 }
