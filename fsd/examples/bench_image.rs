@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
+use lode_common::digest::Hasher;
 use lode_common::format::{
-    write_bootstrap, BlobIndex, BlobInfo, ChunkIndex, ChunkRecord, ImageTree, Meta, Node, NodeKind,
-    DEFAULT_CHUNK_SIZE,
+    write_bootstrap, BlobIndex, BlobInfo, ChunkHash, ChunkIndex, ChunkRecord, ImageTree, Meta,
+    Node, NodeKind, DEFAULT_CHUNK_SIZE,
 };
 use lode_common::registry::{RegistryClient, RegistryOptions};
-use lode_common::{digest::Hasher, Digest};
 use lode_fsd::read::backend::BlobSource;
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         blob.write_all(&stored)?;
         blob_hasher.update(&stored);
         chunks.push(ChunkRecord {
-            digest: Digest::of(&data),
+            digest: ChunkHash::WRITTEN.digest(&data),
             blob: BlobIndex(0),
             compressed_offset: stored_off,
             compressed_size: stored.len() as u32,

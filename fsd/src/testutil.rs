@@ -8,8 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use lode_common::format::{
-    write_bootstrap, BlobIndex, BlobInfo, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord,
-    ImageTree, Meta, Node, NodeId, NodeKind, PrefetchSpan,
+    write_bootstrap, BlobIndex, BlobInfo, BlobRecord, Bootstrap, ChunkDigest, ChunkHash,
+    ChunkIndex, ChunkRecord, ImageTree, Meta, Node, NodeId, NodeKind, PrefetchSpan,
 };
 use lode_common::Digest;
 
@@ -26,8 +26,9 @@ pub struct ImageBuilder {
     blob: Vec<u8>,
     uncompressed_len: u64,
     chunks: Vec<ChunkRecord>,
-    by_digest: HashMap<Digest, ChunkIndex>,
+    by_digest: HashMap<ChunkDigest, ChunkIndex>,
     prefetch: Vec<PrefetchSpan>,
+    hash: ChunkHash,
 }
 
 pub struct TestImage {
@@ -64,7 +65,15 @@ impl ImageBuilder {
             chunks: Vec::new(),
             by_digest: HashMap::new(),
             prefetch: Vec::new(),
+            hash: ChunkHash::WRITTEN,
         }
+    }
+
+    /// Digests the chunks added from now on with `hash` (images converted
+    /// before BLAKE3 have sha256 chunk digests).
+    pub fn chunk_hash(mut self, hash: ChunkHash) -> Self {
+        self.hash = hash;
+        self
     }
 
     /// The directory at `path` ("" is the root), created with its parents.
@@ -127,7 +136,7 @@ impl ImageBuilder {
     }
 
     fn chunk(&mut self, data: &[u8]) -> ChunkIndex {
-        let digest = Digest::of(data);
+        let digest = self.hash.digest(data);
         if let Some(&index) = self.by_digest.get(&digest) {
             return index;
         }

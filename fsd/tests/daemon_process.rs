@@ -12,8 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use lode_common::format::{
-    write_bootstrap, BlobIndex, BlobInfo, ChunkIndex, ChunkRecord, ImageTree, Meta, Node, NodeKind,
-    MIN_CHUNK_SIZE,
+    write_bootstrap, BlobIndex, BlobInfo, ChunkHash, ChunkIndex, ChunkRecord, ImageTree, Meta,
+    Node, NodeKind, MIN_CHUNK_SIZE,
 };
 use lode_common::Digest;
 use nix::sys::signal::{kill, Signal};
@@ -57,7 +57,7 @@ fn write_image(dir: &Path) -> PathBuf {
         entries.insert(b"hello".to_vec(), file);
     }
     let chunk = ChunkRecord {
-        digest: Digest::of(CONTENT),
+        digest: ChunkHash::WRITTEN.digest(CONTENT),
         blob: BlobIndex(0),
         compressed_offset: 0,
         compressed_size: CONTENT.len() as u32,

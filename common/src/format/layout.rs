@@ -21,6 +21,8 @@ pub const SECTION_ALIGN: usize = 8;
 /// Byte offsets of the header fields (see docs/format.md).
 pub const VERSION_OFFSET: usize = 8;
 pub const FLAGS_OFFSET: usize = 12;
+/// Header flag: the chunk digests are BLAKE3 (without it, sha256).
+pub const FLAG_BLAKE3_CHUNKS: u32 = 1;
 pub const CHUNK_SIZE_OFFSET: usize = 16;
 /// Byte offset of the crc32 in the header; it is hashed as four zero bytes.
 pub const CHECKSUM_OFFSET: usize = 20;

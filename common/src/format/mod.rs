@@ -13,6 +13,7 @@
 //! - [`rules`]: validity rules (names, symlink targets, xattrs, chunk geometry)
 //!   that the writer enforces and the reader checks.
 
+pub mod chunk_digest;
 pub mod layout;
 mod open;
 pub mod reader;
@@ -28,6 +29,7 @@ mod tests_corruption;
 #[cfg(test)]
 mod tests_roundtrip;
 
+pub use chunk_digest::{ChunkDigest, ChunkHash};
 pub use reader::{Bootstrap, DirEntry, Inode, InodeKind, PrefetchRange};
 pub use tree::{ImageTree, Meta, Node, NodeId, NodeKind, PrefetchSpan};
 pub use writer::{write_bootstrap, BlobInfo};
@@ -63,8 +65,8 @@ pub struct BlobIndex(pub u32);
 /// One unique chunk of file data as stored in a data blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRecord {
-    /// sha256 of the uncompressed bytes.
-    pub digest: Digest,
+    /// Digest of the uncompressed bytes, under the bootstrap's chunk hash.
+    pub digest: ChunkDigest,
     pub blob: BlobIndex,
     /// Offset of the stored (maybe compressed) bytes in the blob.
     pub compressed_offset: u64,

@@ -5,18 +5,19 @@
 use std::ops::Range;
 
 use super::layout::{
-    self, Header, Section, HEADER_SIZE, MAGIC, OLDEST_READ_VERSION, SECTION_ALIGN, SECTION_COUNT,
-    VERSION,
+    self, Header, Section, FLAG_BLAKE3_CHUNKS, HEADER_SIZE, MAGIC, OLDEST_READ_VERSION,
+    SECTION_ALIGN, SECTION_COUNT, VERSION,
 };
 use super::reader::corrupt;
 use super::rules::check_chunk_size;
-use super::FormatError;
+use super::{ChunkHash, FormatError};
 
 /// What the reader keeps from a header that passed its checks.
 pub(super) struct CheckedHeader {
     pub version: u32,
     pub chunk_size: u32,
     pub checksum: u32,
+    pub chunk_hash: ChunkHash,
     /// Byte range of each section, inside the file.
     pub sections: [Range<usize>; SECTION_COUNT],
 }
@@ -56,9 +57,14 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
             });
         }
     }
-    if header.flags != 0 {
+    if header.flags & !FLAG_BLAKE3_CHUNKS != 0 {
         return Err(corrupt(format!("unknown header flags {:#x}", header.flags)));
     }
+    let chunk_hash = if header.flags & FLAG_BLAKE3_CHUNKS != 0 {
+        ChunkHash::Blake3
+    } else {
+        ChunkHash::Sha256
+    };
     check_chunk_size(header.chunk_size)?;
     if !header.reserved_zero {
         return Err(corrupt("reserved header bytes are not zero".into()));
@@ -67,6 +73,7 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
         version: header.version,
         chunk_size: header.chunk_size,
         checksum: header.checksum,
+        chunk_hash,
         sections: check_sections(&header, bytes.len())?,
     })
 }

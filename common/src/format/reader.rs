@@ -15,7 +15,9 @@ use super::layout::{
 };
 use super::open::check_header;
 use super::rules::{chunks_for_size, name_problem, symlink_problem};
-use super::{BlobIndex, BlobRecord, ChunkIndex, ChunkRecord, FormatError, Ino};
+use super::{
+    BlobIndex, BlobRecord, ChunkDigest, ChunkHash, ChunkIndex, ChunkRecord, FormatError, Ino,
+};
 use crate::Digest;
 
 /// The type of an inode.
@@ -83,6 +85,7 @@ pub struct Bootstrap {
     version: u32,
     chunk_size: u32,
     checksum: u32,
+    chunk_hash: ChunkHash,
     /// Byte range of each section, checked to lie inside the file.
     sections: [Range<usize>; SECTION_COUNT],
 }
@@ -155,6 +158,7 @@ impl Bootstrap {
             version: checked.version,
             chunk_size: checked.chunk_size,
             checksum: checked.checksum,
+            chunk_hash: checked.chunk_hash,
             sections: checked.sections,
         };
         if b.inode_count() == 0 {
@@ -324,6 +328,11 @@ impl Bootstrap {
     /// Chunk size of the image (every chunk but a file's last has this size).
     pub fn chunk_size(&self) -> u32 {
         self.chunk_size
+    }
+
+    /// The hash of every chunk digest of the image.
+    pub fn chunk_hash(&self) -> ChunkHash {
+        self.chunk_hash
     }
 
     /// Number of inodes; valid inode numbers are `1..=inode_count()`.
@@ -516,7 +525,7 @@ impl Bootstrap {
             )));
         }
         Ok(ChunkRecord {
-            digest: Digest::from_bytes(r.digest),
+            digest: ChunkDigest::new(self.chunk_hash, r.digest),
             blob: BlobIndex(r.blob),
             compressed_offset: r.compressed_offset,
             compressed_size: r.compressed_size,

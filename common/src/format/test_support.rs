@@ -7,8 +7,8 @@ use proptest::prelude::*;
 
 use super::rules::chunk_len_at;
 use super::{
-    write_bootstrap, BlobIndex, BlobInfo, ChunkIndex, ChunkRecord, ImageTree, Meta, Node, NodeId,
-    NodeKind, PrefetchSpan, MIN_CHUNK_SIZE,
+    write_bootstrap, BlobIndex, BlobInfo, ChunkHash, ChunkIndex, ChunkRecord, ImageTree, Meta,
+    Node, NodeId, NodeKind, PrefetchSpan, MIN_CHUNK_SIZE,
 };
 use crate::Digest;
 
@@ -47,6 +47,8 @@ pub(super) struct ChunkPlanner {
     /// Existing chunks by length, to share identical chunks between files.
     by_len: HashMap<u32, (usize, usize)>,
     seed: u64,
+    /// The chunk hash, one per image: both are read.
+    hash: ChunkHash,
 }
 
 impl ChunkPlanner {
@@ -56,6 +58,11 @@ impl ChunkPlanner {
             files: Vec::new(),
             by_len: HashMap::new(),
             seed: seed | 1,
+            hash: if seed & 2 == 0 {
+                ChunkHash::Blake3
+            } else {
+                ChunkHash::Sha256
+            },
         }
     }
 
@@ -110,7 +117,7 @@ impl ChunkPlanner {
             for (i, &(len, stored, zstd, gap)) in planned.iter().enumerate() {
                 stored_at += gap;
                 chunks.push(ChunkRecord {
-                    digest: Digest::of(format!("chunk {b}/{i}").as_bytes()),
+                    digest: self.hash.digest(format!("chunk {b}/{i}").as_bytes()),
                     blob: BlobIndex(b as u32),
                     compressed_offset: stored_at,
                     compressed_size: stored,

@@ -414,7 +414,8 @@ fn version_1_bootstraps_prefetch_whole_files() {
 fn hostile_headers_are_refused_at_open() {
     let entry = |s: Section| SECTION_TABLE_OFFSET + 16 * s as usize;
     let cases: Vec<(&str, Hostile)> = vec![
-        ("flags", Hostile::new().put_header(12, &1u32.to_le_bytes())),
+        ("flags", Hostile::new().put_header(12, &2u32.to_le_bytes())),
+        ("flags", Hostile::new().put_header(12, &3u32.to_le_bytes())),
         ("reserved", Hostile::new().put_header(HEADER_SIZE - 1, &[1])),
         (
             "offset in header",

@@ -10,8 +10,9 @@ use super::test_support::{
     arb_image, dir_node, entries, file_node, insert_entry, small_image, ChunkPlanner, Image, CS,
 };
 use super::{
-    write_bootstrap, BlobIndex, BlobInfo, Bootstrap, ChunkIndex, ChunkRecord, FormatError,
-    ImageTree, Ino, InodeKind, Meta, Node, NodeId, NodeKind, PrefetchRange, PrefetchSpan,
+    write_bootstrap, BlobIndex, BlobInfo, Bootstrap, ChunkHash, ChunkIndex, ChunkRecord,
+    FormatError, ImageTree, Ino, InodeKind, Meta, Node, NodeId, NodeKind, PrefetchRange,
+    PrefetchSpan,
 };
 
 /// Expected nlink of every reachable node.
@@ -433,7 +434,7 @@ fn writer_refuses_inconsistent_input() {
 #[test]
 fn writer_refuses_chunks_out_of_blob_order() {
     let chunk = |blob| ChunkRecord {
-        digest: crate::Digest::of(&[blob as u8]),
+        digest: ChunkHash::WRITTEN.digest(&[blob as u8]),
         blob: BlobIndex(blob),
         compressed_offset: 0,
         compressed_size: 10,
@@ -584,4 +585,47 @@ fn deterministic_numbering_ignores_node_order() {
         write_bootstrap(&tree, CS, &[], &[], &[]).unwrap()
     };
     assert_eq!(build(false), build(true));
+}
+
+#[test]
+fn the_header_names_the_one_chunk_hash_of_a_bootstrap() {
+    let data = b"the bytes of a chunk";
+    let len = data.len() as u32;
+    let chunk = |hash: ChunkHash, at: u64| ChunkRecord {
+        digest: hash.digest(data),
+        blob: BlobIndex(0),
+        compressed_offset: at,
+        compressed_size: len,
+        uncompressed_offset: at,
+        uncompressed_size: len,
+        compressed: false,
+    };
+    let blobs = |count: u64| {
+        [BlobInfo {
+            digest: crate::Digest::of(b"blob"),
+            compressed_size: count * u64::from(len),
+        }]
+    };
+    let tree = ImageTree::new(Meta::default());
+    for hash in [ChunkHash::Sha256, ChunkHash::Blake3] {
+        let bytes = write_bootstrap(&tree, CS, &blobs(1), &[chunk(hash, 0)], &[]).unwrap();
+        let flags = u32::from_le_bytes(bytes[layout::FLAGS_OFFSET..][..4].try_into().unwrap());
+        assert_eq!(
+            flags & layout::FLAG_BLAKE3_CHUNKS != 0,
+            hash == ChunkHash::Blake3,
+            "{hash:?}: flags {flags:#x}"
+        );
+        let b = Bootstrap::from_bytes(bytes).unwrap();
+        assert_eq!(b.chunk_hash(), hash);
+        assert_eq!(b.chunk(ChunkIndex(0)).unwrap().digest, hash.digest(data));
+    }
+    let mixed = [
+        chunk(ChunkHash::Blake3, 0),
+        chunk(ChunkHash::Sha256, len.into()),
+    ];
+    let err = write_bootstrap(&tree, CS, &blobs(2), &mixed, &[]).unwrap_err();
+    assert!(
+        matches!(&err, FormatError::Invalid(m) if m.contains("one chunk hash")),
+        "{err:?}"
+    );
 }

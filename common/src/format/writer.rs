@@ -4,13 +4,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::layout::{
     self, align_up, DirentRecord, Header, InodeRecord, RawBlob, RawChunk, SectionEntry,
-    XattrRecord, CHUNK_FLAG_ZSTD, HEADER_SIZE, MAGIC, NSEC_PER_SEC, PERM_MASK, SECTION_COUNT,
-    VERSION,
+    XattrRecord, CHUNK_FLAG_ZSTD, FLAG_BLAKE3_CHUNKS, HEADER_SIZE, MAGIC, NSEC_PER_SEC, PERM_MASK,
+    SECTION_COUNT, VERSION,
 };
 use super::rules::{
     check_chunk_size, chunk_len_at, chunks_for_size, name_problem, symlink_problem, xattr_problem,
 };
-use super::{ChunkRecord, FormatError, ImageTree, Meta, NodeId, NodeKind, PrefetchSpan};
+use super::{ChunkHash, ChunkRecord, FormatError, ImageTree, Meta, NodeId, NodeKind, PrefetchSpan};
 use crate::Digest;
 
 /// A data blob as the converter produced it.
@@ -46,6 +46,7 @@ pub fn write_bootstrap(
 ) -> Result<Vec<u8>, FormatError> {
     check_chunk_size(chunk_size)?;
     let raw_blobs = check_chunk_table(chunk_size, blobs, chunks)?;
+    let chunk_hash = chunk_hash_of(chunks)?;
     let order = number_inodes(tree)?;
 
     let mut heap = Heap::default();
@@ -166,11 +167,15 @@ pub fn write_bootstrap(
         &prefetch_bytes,
         &heap.bytes,
     ];
-    Ok(assemble(chunk_size, &sections))
+    let flags = match chunk_hash {
+        ChunkHash::Blake3 => FLAG_BLAKE3_CHUNKS,
+        ChunkHash::Sha256 => 0,
+    };
+    Ok(assemble(chunk_size, flags, &sections))
 }
 
 /// Lays out header and sections and stamps the checksum.
-fn assemble(chunk_size: u32, sections: &[&[u8]; SECTION_COUNT]) -> Vec<u8> {
+fn assemble(chunk_size: u32, flags: u32, sections: &[&[u8]; SECTION_COUNT]) -> Vec<u8> {
     let mut table = [SectionEntry::default(); SECTION_COUNT];
     let mut pos = HEADER_SIZE;
     for (entry, data) in table.iter_mut().zip(sections) {
@@ -185,7 +190,7 @@ fn assemble(chunk_size: u32, sections: &[&[u8]; SECTION_COUNT]) -> Vec<u8> {
     let header = Header {
         magic: MAGIC,
         version: VERSION,
-        flags: 0,
+        flags,
         chunk_size,
         checksum: 0,
         file_len: file_len as u64,
@@ -291,6 +296,23 @@ fn number_inodes(tree: &ImageTree) -> Result<Numbering, FormatError> {
         }
     }
     Ok(n)
+}
+
+/// The one hash of every chunk digest (a bootstrap names one in its
+/// header); [`ChunkHash::WRITTEN`] for an image without chunks.
+fn chunk_hash_of(chunks: &[ChunkRecord]) -> Result<ChunkHash, FormatError> {
+    let Some(first) = chunks.first() else {
+        return Ok(ChunkHash::WRITTEN);
+    };
+    let hash = first.digest.hash();
+    match chunks.iter().position(|c| c.digest.hash() != hash) {
+        None => Ok(hash),
+        Some(i) => Err(invalid(format!(
+            "chunk {i} ({}): its digest is not {} as chunk 0's is; a bootstrap has one chunk hash",
+            chunks[i].digest,
+            hash.name()
+        ))),
+    }
 }
 
 /// Checks the chunk table and derives the blob records from it.

@@ -119,6 +119,7 @@ impl ErrorLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lode_common::format::ChunkHash;
     use lode_common::Digest;
     use std::time::Duration;
 
@@ -157,7 +158,7 @@ mod tests {
             ),
             (
                 FsError::Fetch(FetchError::Timeout {
-                    chunk: Digest::of(b"c"),
+                    chunk: ChunkHash::WRITTEN.digest(b"c"),
                     blob: Digest::of(b"b"),
                     deadline: Duration::from_secs(1),
                 }),

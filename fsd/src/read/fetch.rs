@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lode_common::format::{
-    BlobIndex, BlobRecord, Bootstrap, ChunkIndex, ChunkRecord, FormatError, Ino, InodeKind,
-    MAX_CHUNK_SIZE,
+    BlobIndex, BlobRecord, Bootstrap, ChunkDigest, ChunkIndex, ChunkRecord, FormatError, Ino,
+    InodeKind, MAX_CHUNK_SIZE,
 };
 use lode_common::Digest;
 use lode_config::FetchConfig;
@@ -54,20 +54,20 @@ pub enum FetchError {
     },
     #[error("chunk {chunk} of blob {blob} is corrupt: {defect}")]
     Corrupt {
-        chunk: Digest,
+        chunk: ChunkDigest,
         blob: Digest,
         defect: ChunkDefect,
     },
     #[error("chunk {chunk} of blob {blob}: not fetched within {deadline:?}")]
     Timeout {
-        chunk: Digest,
+        chunk: ChunkDigest,
         blob: Digest,
         deadline: Duration,
     },
     #[error(transparent)]
     Cache(Arc<CacheError>),
     #[error("chunk {chunk} of blob {blob}: the fetcher is shutting down")]
-    Shutdown { chunk: Digest, blob: Digest },
+    Shutdown { chunk: ChunkDigest, blob: Digest },
 }
 
 impl From<CacheError> for FetchError {

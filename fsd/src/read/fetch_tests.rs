@@ -3,6 +3,7 @@ use crate::read::backend::DirBackend;
 use crate::testutil::{
     pattern, wait_until, CountingBackend, GatedBackend, ImageBuilder, TestImage,
 };
+use lode_common::format::ChunkHash;
 
 pub(super) const CS: u32 = 64 * 1024;
 
@@ -186,7 +187,17 @@ fn bytes_taken_along_and_not_read_stay_within_their_share_of_the_bytes_read() {
 
 #[test]
 fn a_corrupt_chunk_is_an_error_counted_and_never_cached() {
-    let (image, data) = one_file(3, true);
+    for hash in [ChunkHash::Blake3, ChunkHash::Sha256] {
+        a_corrupt_chunk_is_refused(hash);
+    }
+}
+
+fn a_corrupt_chunk_is_refused(hash: ChunkHash) {
+    let data = pattern(3 * CS as usize - 100, 7);
+    let mut b = ImageBuilder::new(CS, true).chunk_hash(hash);
+    b.file("f", &data);
+    let image = b.build();
+    assert_eq!(image.bootstrap.chunk_hash(), hash);
     let mut blob = std::fs::read(image.blob_path()).unwrap();
     let pristine = blob.clone();
     // Flip a byte inside the second chunk's frame.

@@ -3,8 +3,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use lode_common::format::{ChunkRecord, MAX_CHUNK_SIZE};
-use lode_common::Digest;
+use lode_common::format::{ChunkDigest, ChunkRecord, MAX_CHUNK_SIZE};
 
 use crate::read::pools::{BufPool, ChunkBuf};
 
@@ -24,7 +23,7 @@ pub enum ChunkDefect {
     #[error("decompressed to {actual} bytes, record says {expected}")]
     Length { expected: u32, actual: usize },
     #[error("content digest is {actual}")]
-    Digest { actual: Digest },
+    Digest { actual: ChunkDigest },
 }
 
 thread_local! {
@@ -32,7 +31,7 @@ thread_local! {
 }
 
 /// Decompresses (if the record says so) into a buffer from `pool` and checks
-/// length and sha256 against the record. Decompression never produces more
+/// length and digest against the record. Decompression never produces more
 /// than the record's size, so a hostile frame cannot make us allocate more
 /// than one chunk.
 pub fn decode_chunk(
@@ -84,7 +83,7 @@ pub fn decode_chunk(
             actual: data.len(),
         });
     }
-    let actual = Digest::of(data.as_slice());
+    let actual = rec.digest.of_same_hash(data.as_slice());
     if actual != rec.digest {
         return Err(ChunkDefect::Digest { actual });
     }
@@ -94,7 +93,7 @@ pub fn decode_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lode_common::format::BlobIndex;
+    use lode_common::format::{BlobIndex, ChunkHash};
 
     const CAPACITY: usize = 64 << 10;
 
@@ -108,7 +107,7 @@ mod tests {
 
     fn record(data: &[u8], stored: &[u8], compressed: bool) -> ChunkRecord {
         ChunkRecord {
-            digest: Digest::of(data),
+            digest: ChunkHash::WRITTEN.digest(data),
             blob: BlobIndex(0),
             compressed_offset: 0,
             compressed_size: stored.len() as u32,
@@ -129,15 +128,37 @@ mod tests {
     }
 
     #[test]
-    fn rejects_wrong_content() {
+    fn rejects_wrong_content_under_either_hash() {
         let data = vec![1u8; 1000];
         let mut other = data.clone();
         other[500] = 2;
+        for hash in [ChunkHash::Blake3, ChunkHash::Sha256] {
+            let rec = ChunkRecord {
+                digest: hash.digest(&data),
+                ..record(&data, &data, false)
+            };
+            assert_eq!(decode(&rec, &data).unwrap(), data);
+            let Err(ChunkDefect::Digest { actual }) = decode(&rec, &other) else {
+                panic!("{hash:?}: other bytes passed");
+            };
+            assert_eq!(actual, hash.digest(&other));
+            // A digest of the right bytes under the other hash is refused too.
+            let swapped = ChunkRecord {
+                digest: ChunkDigest::new(
+                    match hash {
+                        ChunkHash::Blake3 => ChunkHash::Sha256,
+                        ChunkHash::Sha256 => ChunkHash::Blake3,
+                    },
+                    *rec.digest.as_bytes(),
+                ),
+                ..rec
+            };
+            assert!(matches!(
+                decode(&swapped, &data),
+                Err(ChunkDefect::Digest { .. })
+            ));
+        }
         let rec = record(&data, &data, false);
-        assert!(matches!(
-            decode(&rec, &other),
-            Err(ChunkDefect::Digest { .. })
-        ));
         assert!(matches!(
             decode(&rec, &vec![1u8; 999]),
             Err(ChunkDefect::StoredSize { .. })

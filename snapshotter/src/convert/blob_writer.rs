@@ -9,7 +9,9 @@ use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
 use lode_common::digest::Hasher;
-use lode_common::format::{BlobIndex, ChunkIndex, ChunkRecord, FormatError};
+use lode_common::format::{
+    BlobIndex, ChunkDigest, ChunkHash, ChunkIndex, ChunkRecord, FormatError,
+};
 use lode_common::Digest;
 
 use super::error::ConvertError;
@@ -18,7 +20,7 @@ use super::error::ConvertError;
 #[derive(Debug, Default)]
 pub(crate) struct ChunkTable {
     pub records: Vec<ChunkRecord>,
-    pub by_digest: HashMap<Digest, ChunkIndex>,
+    pub by_digest: HashMap<ChunkDigest, ChunkIndex>,
 }
 
 /// What the writer produced for one layer.
@@ -50,7 +52,7 @@ enum Plan {
     /// Index into the list of chunks to compress.
     New(usize),
     /// Same digest as a new chunk earlier in the batch.
-    Repeat(Digest),
+    Repeat(ChunkDigest),
 }
 
 impl BlobWriter {
@@ -110,7 +112,7 @@ impl BlobWriter {
         table: &mut ChunkTable,
         batch: Vec<Vec<u8>>,
     ) -> Result<(), ConvertError> {
-        let digests = parallel_map(&batch, self.threads, |data| Digest::of(data));
+        let digests = parallel_map(&batch, self.threads, |data| ChunkHash::WRITTEN.digest(data));
         let mut plans = Vec::with_capacity(batch.len());
         let mut fresh = Vec::new();
         let mut seen = HashSet::new();
@@ -155,7 +157,7 @@ impl BlobWriter {
         &mut self,
         table: &mut ChunkTable,
         data: &[u8],
-        digest: Digest,
+        digest: ChunkDigest,
         frame: Option<&[u8]>,
     ) -> Result<ChunkIndex, ConvertError> {
         let stored = frame.unwrap_or(data);

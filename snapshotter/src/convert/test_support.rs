@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use lode_common::format::{ImageTree, Node, NodeId, NodeKind, MIN_CHUNK_SIZE};
+use lode_common::format::{ChunkHash, ImageTree, Node, NodeId, NodeKind, MIN_CHUNK_SIZE};
 use lode_common::Digest;
 use lode_tests::{Compression, Layer, TarEntry};
 
@@ -127,7 +127,11 @@ impl Converted {
                 stored.to_vec()
             };
             assert_eq!(chunk.len(), rec.uncompressed_size as usize);
-            assert_eq!(Digest::of(&chunk), rec.digest, "chunk digest of {path}");
+            assert_eq!(
+                ChunkHash::Blake3.digest(&chunk),
+                rec.digest,
+                "chunk digest of {path}"
+            );
             out.extend(chunk);
         }
         assert_eq!(out.len() as u64, *size, "{path}");

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use super::map::MAP_HEADER_LEN;
 use super::*;
-use lode_common::format::{BlobIndex, ChunkIndex};
+use lode_common::format::{BlobIndex, ChunkHash, ChunkIndex};
 
 /// A blob of `n` chunks of `size` bytes each (the last one shorter), with
 /// deterministic content per chunk.
@@ -16,7 +16,7 @@ fn layout(n: u32, size: u32) -> (BlobRecord, Vec<ChunkRecord>, Vec<Vec<u8>>) {
         let len = if i + 1 == n { size / 2 + 1 } else { size };
         let data: Vec<u8> = (0..len).map(|j| (i * 31 + j * 7) as u8).collect();
         chunks.push(ChunkRecord {
-            digest: Digest::of(&data),
+            digest: ChunkHash::WRITTEN.digest(&data),
             blob: BlobIndex(0),
             compressed_offset: offset,
             compressed_size: len,
@@ -166,7 +166,7 @@ fn garbage_in_map_is_treated_as_empty() {
 fn map_of_another_layout_is_treated_as_empty() {
     let dir = tempfile::tempdir().unwrap();
     let (blob, mut chunks) = flushed_cache(dir.path());
-    chunks[1].digest = Digest::of(b"something else");
+    chunks[1].digest = ChunkHash::WRITTEN.digest(b"something else");
     assert_eq!(present_after_reopen(dir.path(), &blob, &chunks), 0);
 }
 
