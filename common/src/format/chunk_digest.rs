@@ -1,7 +1,7 @@
 //! Chunk digests: how a bootstrap names, and a daemon checks, a chunk's bytes.
 //!
 //! Every chunk digest of one bootstrap uses the same hash, named by the
-//! header flag [`FLAG_BLAKE3_CHUNKS`](super::layout::FLAG_BLAKE3_CHUNKS):
+//! header flag [`FLAG_BLAKE3_CHUNKS`]:
 //! BLAKE3, which the converter writes, or sha256, which bootstraps written
 //! before it use and which every build still reads. A daemon hashes each
 //! chunk it fetches; on x86-64 BLAKE3 hashes a 1 MiB chunk about 3.5 times
@@ -10,6 +10,8 @@
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};
+
+use super::layout::FLAG_BLAKE3_CHUNKS;
 
 /// The hash of a bootstrap's chunk digests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +31,23 @@ impl ChunkHash {
             ChunkHash::Blake3 => *blake3::hash(data).as_bytes(),
         };
         ChunkDigest { hash: self, bytes }
+    }
+
+    /// The hash a bootstrap header's `flags` name.
+    pub(super) fn from_header_flags(flags: u32) -> ChunkHash {
+        if flags & FLAG_BLAKE3_CHUNKS != 0 {
+            ChunkHash::Blake3
+        } else {
+            ChunkHash::Sha256
+        }
+    }
+
+    /// The header flags that name this hash.
+    pub(super) fn header_flags(self) -> u32 {
+        match self {
+            ChunkHash::Blake3 => FLAG_BLAKE3_CHUNKS,
+            ChunkHash::Sha256 => 0,
+        }
     }
 
     pub fn name(self) -> &'static str {

@@ -60,11 +60,6 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
     if header.flags & !FLAG_BLAKE3_CHUNKS != 0 {
         return Err(corrupt(format!("unknown header flags {:#x}", header.flags)));
     }
-    let chunk_hash = if header.flags & FLAG_BLAKE3_CHUNKS != 0 {
-        ChunkHash::Blake3
-    } else {
-        ChunkHash::Sha256
-    };
     check_chunk_size(header.chunk_size)?;
     if !header.reserved_zero {
         return Err(corrupt("reserved header bytes are not zero".into()));
@@ -73,7 +68,7 @@ pub(super) fn check_header(bytes: &[u8], check_crc: bool) -> Result<CheckedHeade
         version: header.version,
         chunk_size: header.chunk_size,
         checksum: header.checksum,
-        chunk_hash,
+        chunk_hash: ChunkHash::from_header_flags(header.flags),
         sections: check_sections(&header, bytes.len())?,
     })
 }

@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::layout::{
     self, align_up, DirentRecord, Header, InodeRecord, RawBlob, RawChunk, SectionEntry,
-    XattrRecord, CHUNK_FLAG_ZSTD, FLAG_BLAKE3_CHUNKS, HEADER_SIZE, MAGIC, NSEC_PER_SEC, PERM_MASK,
-    SECTION_COUNT, VERSION,
+    XattrRecord, CHUNK_FLAG_ZSTD, HEADER_SIZE, MAGIC, NSEC_PER_SEC, PERM_MASK, SECTION_COUNT,
+    VERSION,
 };
 use super::rules::{
     check_chunk_size, chunk_len_at, chunks_for_size, name_problem, symlink_problem, xattr_problem,
@@ -167,11 +167,7 @@ pub fn write_bootstrap(
         &prefetch_bytes,
         &heap.bytes,
     ];
-    let flags = match chunk_hash {
-        ChunkHash::Blake3 => FLAG_BLAKE3_CHUNKS,
-        ChunkHash::Sha256 => 0,
-    };
-    Ok(assemble(chunk_size, flags, &sections))
+    Ok(assemble(chunk_size, chunk_hash.header_flags(), &sections))
 }
 
 /// Lays out header and sections and stamps the checksum.
