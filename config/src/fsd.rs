@@ -61,7 +61,7 @@ pub struct FetchConfig {
     /// (neighbouring files): as many bytes as the link delivers in a round
     /// trip (measured from recent requests), scaled by the share of such
     /// bytes that readers went on to read; at most this, and at least
-    /// 256 KiB while that share is a half or more (less in proportion below).
+    /// 1 MiB while that share is a half or more (less in proportion below).
     pub merge_limit_bytes: u64,
     /// What misses take along is also bounded by what readers read: the
     /// bytes taken along that no reader has read (yet) stay below this

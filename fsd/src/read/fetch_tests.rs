@@ -1,3 +1,4 @@
+use super::neighbours::MIN_EXTRA;
 use super::*;
 use crate::read::backend::DirBackend;
 use crate::testutil::{
@@ -122,32 +123,34 @@ fn adjacent_missing_chunks_are_merged_up_to_the_limit() {
 
 #[test]
 fn a_miss_extends_its_request_over_the_following_chunks() {
-    let (image, data) = one_file(8, false);
+    let (image, data) = one_file(32, false);
     let backend = Arc::new(CountingBackend::new(&image));
-    let (f, _) = fetcher(&image, backend.clone(), settings(4, 0));
+    let (f, _) = fetcher(&image, backend.clone(), settings(32, 0));
     let ino = ino_of(&image, "f");
     assert_eq!(f.read(ino, 10, 100).unwrap(), data[10..110]);
     let cs = u64::from(CS);
     // Before any evidence, taken-along bytes are guessed an eighth useful:
-    // the first miss takes a quarter of the least extension (64 KiB, one
-    // chunk) along.
-    assert_eq!(backend.calls(), vec![(0, 2 * cs)]);
-    assert_eq!(
-        f.read(ino, cs + 5, 100).unwrap(),
-        data[CS as usize + 5..][..100]
-    );
+    // the first miss takes a quarter of the least extension along.
+    let along = MIN_EXTRA / 4 / cs;
+    assert!(along >= 1);
+    assert_eq!(backend.calls(), vec![(0, (1 + along) * cs)]);
+    for chunk in 1..=along {
+        let at = chunk * cs + 5;
+        assert_eq!(f.read(ino, at, 100).unwrap(), data[at as usize..][..100]);
+    }
     assert_eq!(
         backend.calls().len(),
         1,
-        "chunk 1 came with the first request"
+        "the chunks taken along came with the first request"
     );
+    let next = (1 + along) * cs;
     assert_eq!(
-        f.read(ino, 2 * cs, 100).unwrap(),
-        data[2 * CS as usize..][..100]
+        f.read(ino, next, 100).unwrap(),
+        data[next as usize..][..100]
     );
-    assert_eq!(backend.calls()[1].0, 2 * cs);
+    assert_eq!(backend.calls()[1].0, next);
     assert!(
-        backend.calls()[1].1 >= 2 * cs,
+        backend.calls()[1].1 > backend.calls()[0].1,
         "reading what was taken along grew the extension: {:?}",
         backend.calls()
     );
