@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # nydusd baseline for tests/bench/fsd-bench.sh, items (5) and (6), run by it
 # when BENCH_NYDUS_BIN_DIR names a directory with nydusd and nydus-image
-# (Dragonfly nydus, built separately; not part of this repository):
+# (Dragonfly nydus, built separately with `cargo build --release --bin nydusd
+# --bin nydus-image`, which needs cmake and libprotobuf-dev; not part of this
+# repository):
 #
 #   nydusd-walk.sh ROOTFS PORT
 #
 #   a. nydus-image create: ROOTFS -> RAFS bootstrap (local disk) + one data blob
-#      (1 MiB chunks, sha256 chunk digests, zstd)
+#      (1 MiB chunks, BLAKE3 chunk digests as Lode's and nydus-image's own
+#      default, zstd)
 #   b. push the data blob to the docker-registry on 127.0.0.1:PORT (monolithic
 #      upload); range requests are counted from its access log
 #      (NYDUS_REGISTRY_LOG, info level)
@@ -20,6 +23,7 @@
 #
 # Needs root. Binaries from $NYDUS_BIN.
 # NYDUS_FS_VERSION=6 (default) or 5; NYDUS_COMPRESSOR=zstd|lz4_block|none;
+# NYDUS_DIGESTER=blake3 (default)|sha256;
 # NYDUS_FUSE_THREADS=4 (nydusd default); NYDUS_KEEP=1 keeps the work dir;
 # NYDUS_V5_DIGEST_VALIDATE=false turns off v5's metadata digest checks (chunk
 # digests are still checked: cache.validate).
@@ -32,6 +36,7 @@ rootfs=$(realpath "$1"); port=$2
 bin=${NYDUS_BIN:?set NYDUS_BIN to the directory of nydusd and nydus-image}
 fs_version=${NYDUS_FS_VERSION:-6}
 compressor=${NYDUS_COMPRESSOR:-zstd}
+digester=${NYDUS_DIGESTER:-blake3}
 fuse_threads=${NYDUS_FUSE_THREADS:-4}
 repo=bench/nydus
 stat_file=${NYDUS_STAT_FILE:-small/d000/f000000.txt}
@@ -77,7 +82,7 @@ else
 fi
 t0=$(now)
 "$bin/nydus-image" create -t dir-rafs --fs-version "$fs_version" \
-    --chunk-size 0x100000 --digester sha256 --compressor "$compressor" "${features[@]}" \
+    --chunk-size 0x100000 --digester "$digester" --compressor "$compressor" "${features[@]}" \
     --bootstrap "$work/bootstrap" --blob-dir "$work/blobs" \
     --output-json "$work/build.json" --log-level warn "$rootfs"
 t1=$(now)
@@ -229,7 +234,7 @@ echo "cold walk, 3 rounds: nydusd ${walk_times[*]} s, CPU-s ${walk_cpus[*]}, pea
 
 cat <<REPORT
 
-== nydusd $("$bin/nydusd" --version 2>/dev/null | awk '/Version:|Git Commit:/ {printf "%s ", $NF}'), RAFS v$fs_version, $compressor, 1 MiB chunks, sha256, cache.validate=true, digest_validate=$validate_rafs, $fuse_threads FUSE threads
+== nydusd $("$bin/nydusd" --version 2>/dev/null | awk '/Version:|Git Commit:/ {printf "%s ", $NF}'), RAFS v$fs_version, $compressor, 1 MiB chunks, $digester, cache.validate=true, digest_validate=$validate_rafs, $fuse_threads FUSE threads
 (5) nydusd start to first stat       : ${t_start}s  (median of 3: ${times[*]}; bootstrap on local disk, empty blobcache;
                                         registry range GETs by then: ${startup_reqs[*]})
 (6) cold walk of the small files     : ${t_walk}s, nydusd ${walk_cpu} CPU-s, nydusd peak RSS $((rss_kib / 1024)) MiB, $reqs range requests
