@@ -330,11 +330,6 @@ impl Bootstrap {
         self.chunk_size
     }
 
-    /// The hash of every chunk digest of the image.
-    pub fn chunk_hash(&self) -> ChunkHash {
-        self.chunk_hash
-    }
-
     /// Number of inodes; valid inode numbers are `1..=inode_count()`.
     pub fn inode_count(&self) -> u64 {
         self.records(Section::Inodes)

@@ -83,7 +83,7 @@ pub fn decode_chunk(
             actual: data.len(),
         });
     }
-    let actual = rec.digest.of_same_hash(data.as_slice());
+    let actual = rec.digest.hash().digest(data.as_slice());
     if actual != rec.digest {
         return Err(ChunkDefect::Digest { actual });
     }
