@@ -28,6 +28,9 @@ pub struct KernelTuning {
     pub max_background: u16,
     /// How long the kernel may cache the shared pseudo root's answers.
     pub root_ttl: Duration,
+    /// The INIT flags a predecessor chose, for a successor that resumes its
+    /// connection: the kernel keeps them, so the successor chooses the same.
+    pub predecessor_flags: Option<u64>,
 }
 
 pub struct Adapter {

@@ -21,17 +21,32 @@ use super::ops::{StatFs, XattrReply};
 use super::table::Route;
 use crate::metrics::Fop;
 
+/// The optional capabilities asked for at INIT; an older kernel without one
+/// still works, just slower. Every listing carries its entries' attributes
+/// (readdirplus, without READDIRPLUS_AUTO, with which the kernel asks for
+/// them only in a directory's first batch): they are in memory here, and a
+/// walker that opens what it listed then sends no lookup per file.
+const CAPABILITIES: InitFlags = InitFlags::FUSE_ASYNC_READ
+    .union(InitFlags::FUSE_MAX_PAGES)
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
+    .union(InitFlags::FUSE_CACHE_SYMLINKS)
+    .union(InitFlags::FUSE_PARALLEL_DIROPS);
+
+/// Capabilities earlier versions asked for: a successor resuming such a
+/// daemon's connection chooses them again (see [`KernelTuning`]).
+///
+/// [`KernelTuning`]: super::adapter::KernelTuning
+const FORMER_CAPABILITIES: InitFlags = InitFlags::FUSE_READDIRPLUS_AUTO;
+
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Each is optional: an older kernel without one still works, just slower.
-        for cap in [
-            InitFlags::FUSE_ASYNC_READ,
-            InitFlags::FUSE_MAX_PAGES,
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-        ] {
+        let wanted = match self.tuning.predecessor_flags {
+            None => CAPABILITIES,
+            Some(chosen) => {
+                (CAPABILITIES | FORMER_CAPABILITIES) & InitFlags::from_bits_truncate(chosen)
+            }
+        };
+        for cap in wanted.iter() {
             if config.add_capabilities(cap).is_err() {
                 debug!(?cap, "kernel lacks FUSE capability");
             }

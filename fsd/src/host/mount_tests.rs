@@ -243,6 +243,59 @@ fn every_way_serves_verified_reads_with_metrics_and_fixed_inodes() {
     }
 }
 
+/// A listing carries its entries' attributes, every batch of it: a walker
+/// that opens the files it listed sends no lookup for them, only their reads.
+/// The directory takes several batches (a batch holds about 190 entries with
+/// attributes in a 32 KiB buffer).
+#[test]
+fn a_listing_answers_the_lookups_of_the_files_it_names_in_every_way() {
+    if skip() {
+        return;
+    }
+    const FILES: usize = 600;
+    let mut b = ImageBuilder::new(64 * 1024, true);
+    for i in 0..FILES {
+        b.file(&format!("dir/f{i:04}"), format!("file {i}\n").as_bytes());
+    }
+    let image = b.build();
+    for way in WAYS {
+        let s = Served::start(way);
+        assert_eq!(s.mount("app", &image, 5), Ok(ApiResponse::Empty), "{way:?}");
+        let fops = |name: &str| {
+            let Ok(ApiResponse::FsMetrics(fs)) = s.call(ApiRequest::FsMetrics { id: None }) else {
+                panic!("{way:?}: no fs metrics");
+            };
+            fs.fops.get(name).map_or(0, |c| c.count)
+        };
+        let dir = s.at("app").join("dir");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), FILES, "{way:?}");
+        let (lookups, reads) = (fops("lookup"), fops("read"));
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(
+                std::fs::read(dir.join(name)).unwrap(),
+                format!("file {i}\n").as_bytes(),
+                "{way:?}: {name:?}"
+            );
+        }
+        assert_eq!(
+            fops("lookup") - lookups,
+            0,
+            "{way:?}: lookups sent for files a listing named"
+        );
+        assert_eq!(
+            fops("read") - reads,
+            FILES as u64,
+            "{way:?}: one read per file"
+        );
+        s.stop();
+    }
+}
+
 /// How many distinct chunks `files` of `image` have, and their stored bytes.
 fn stored_chunks(image: &TestImage, files: &[&str]) -> (u64, u64) {
     use lode_common::format::{Bootstrap, Ino};

@@ -43,12 +43,15 @@ impl Host {
         config
     }
 
-    fn adapter(&self) -> Adapter {
+    /// The adapter of a new session; a successor's answers INIT as
+    /// `predecessor` (the parameters it negotiated) did.
+    fn adapter(&self, predecessor: Option<&FuseConnParams>) -> Adapter {
         Adapter::new(
             std::sync::Arc::clone(&self.table),
             KernelTuning {
                 max_background: self.options.config.fuse.max_background,
                 root_ttl: Duration::from_secs(self.options.config.fuse.entry_timeout_secs),
+                predecessor_flags: predecessor.map(|p| p.flags),
             },
         )
     }
@@ -65,7 +68,7 @@ impl Host {
         let (session, dev, params) = match predecessor {
             Some(p) => {
                 let session = takeover::start_resumed(
-                    self.adapter(),
+                    self.adapter(Some(&p.params)),
                     &p.fd,
                     &p.params,
                     self.session_config(),
@@ -79,7 +82,7 @@ impl Host {
             None => {
                 takeover::check_not_mounted(mountpoint)?;
                 let fd = mount::mount_fuse(mountpoint, &MountOptions::lode(root_mode))?;
-                match takeover::start_fresh(self.adapter(), &fd, self.session_config()) {
+                match takeover::start_fresh(self.adapter(None), &fd, self.session_config()) {
                     Ok((session, params)) => (session, fd, params),
                     Err(e) => {
                         if let Err(u) = mount::unmount(mountpoint) {

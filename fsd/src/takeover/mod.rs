@@ -13,8 +13,10 @@
 //! one end of a `SOCK_SEQPACKET` socketpair, on which we write an INIT
 //! request (the kernel's own on a fresh mount; on takeover one rebuilt from
 //! the saved parameters), and read its reply back. On a fresh mount the
-//! reply is forwarded to the kernel; on takeover it is compared with the
-//! choices the kernel saw from the first daemon (the kernel never sees the
+//! reply is forwarded to the kernel; on takeover the successor asks for the
+//! capabilities the first daemon chose, even those a newer version no
+//! longer asks for ([`crate::fs::adapter::KernelTuning`]), and its reply is
+//! compared with the choices the kernel saw (the kernel never sees the
 //! successor's reply, so both must behave alike) and dropped. Then, before
 //! the session loop starts, the real /dev/fuse descriptor is `dup3`ed over
 //! the session's descriptor number, and the session reads the kernel's
@@ -219,4 +221,86 @@ pub fn check_not_mounted(mountpoint: &Path) -> Result<(), TakeoverError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use fuser::InitFlags;
+    use lode_common::api::DaemonMode;
+
+    use super::*;
+    use crate::fs::adapter::{Adapter, KernelTuning};
+    use crate::fs::table::Table;
+
+    fn adapter(predecessor_flags: Option<u64>) -> Adapter {
+        Adapter::new(
+            Arc::new(Table::new(DaemonMode::Dedicated)),
+            KernelTuning {
+                max_background: 64,
+                root_ttl: Duration::from_secs(1),
+                predecessor_flags,
+            },
+        )
+    }
+
+    /// The parameters a daemon that follows nobody negotiates with a kernel
+    /// that offers every capability.
+    fn fresh() -> FuseConnParams {
+        let mut p = FuseConnParams {
+            major: 7,
+            minor: 45,
+            kernel_max_readahead: 131072,
+            kernel_flags: u64::from(u32::MAX) | 0xffff_ffff << 32,
+            init_unique: 2,
+            ..FuseConnParams::default()
+        };
+        let request = init::build_request(&p);
+        let (_session, reply) =
+            handshake(adapter(None), &request, fuser::Config::default()).expect("handshake");
+        init::parse_reply(&reply, &mut p).expect("INIT reply");
+        p
+    }
+
+    fn resume(predecessor_flags: Option<u64>, saved: &FuseConnParams) -> Result<(), TakeoverError> {
+        let (dev, _kernel) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        start_resumed(
+            adapter(predecessor_flags),
+            &dev,
+            saved,
+            fuser::Config::default(),
+        )
+        .map(drop)
+    }
+
+    /// A successor answers INIT as the daemon the kernel knows did, also
+    /// where that daemon is of an earlier version that chose otherwise
+    /// (readdirplus in each directory's first batch only).
+    #[test]
+    fn a_successor_chooses_the_capabilities_its_predecessor_chose() {
+        let ours = fresh();
+        let (plus, auto) = (
+            InitFlags::FUSE_DO_READDIRPLUS.bits(),
+            InitFlags::FUSE_READDIRPLUS_AUTO.bits(),
+        );
+        assert_eq!(ours.flags & (plus | auto), plus, "{:#x}", ours.flags);
+        let mut earlier = ours.clone();
+        earlier.flags |= auto;
+        for saved in [&ours, &earlier] {
+            resume(Some(saved.flags), saved)
+                .unwrap_or_else(|e| panic!("resuming {:#x}: {e}", saved.flags));
+        }
+        assert!(
+            matches!(resume(None, &earlier), Err(TakeoverError::Mismatch { .. })),
+            "a successor that chooses otherwise is refused"
+        );
+    }
 }
