@@ -10,10 +10,11 @@
 #   (3) `find -type f | xargs stat` on the mount vs on a local extraction
 #   (4) fsd peak RSS
 #   (5) mount to first stat: `lodectl mount` (bootstrap fetch, daemon start)
-#       until a stat of a file answers; median of 3
+#       until a stat of a file answers; median of BENCH_WALK_ROUNDS (5); and
+#       the same with the bootstrap already on local disk
 #   (6) a cold walk reading every small file (`find | xargs cat`) on a fresh
 #       mount: time, fsd CPU-seconds, peak RSS and range requests, medians
-#       of 3; local disk for reference
+#       of BENCH_WALK_ROUNDS; local disk for reference
 #
 # Needs root (FUSE mount, drop_caches) and release binaries
 # (`cargo build --release --workspace --bins`). Sizes can be lowered for a
@@ -23,12 +24,13 @@
 # BENCH_FSD_CONFIG=FILE runs fsd with that configuration.
 # BENCH_NYDUS_BIN_DIR=DIR (nydusd and nydus-image built from Dragonfly nydus)
 # also runs (5) and (6) with nydusd on the same files and registry
-# (tests/bench/nydusd-walk.sh).
+# (tests/bench/nydusd-walk.sh), a nydusd round right after each of fsd's.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 big_mib=${BENCH_BIG_MIB:-1024}
 small_files=${BENCH_SMALL_FILES:-20000}
+walk_rounds=${BENCH_WALK_ROUNDS:-5}
 bin=${LODE_BIN_DIR:-target/release}
 for b in lodectl lode-fsd; do
     [[ -x $bin/$b ]] || { echo "missing $bin/$b: run cargo build --release --workspace --bins" >&2; exit 1; }
@@ -143,7 +145,9 @@ warm_memory() {
     dd if=/dev/zero of=/dev/shm/lode-bench-warm bs=1M count=$((big_mib * 4)) status=none
     rm -f /dev/shm/lode-bench-warm
 }
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(float(a) for a in sys.argv[1:]):.2f}')" "$@"; }
+median() { python3 -c "import statistics, sys; print(f'{statistics.median(float(a) for a in sys.argv[1:]):.3f}')" "$@"; }
+# The median of counts, as a count (or half way between two).
+count_median() { python3 -c "import statistics, sys; print(f'{statistics.median(int(a) for a in sys.argv[1:]):g}')" "$@"; }
 
 # One cold measurement: curl of the blob, then fsd with an empty cache.
 # `disk`: the page cache is dropped before each, so the registry reads the
@@ -187,7 +191,7 @@ for _ in $(seq "$cold_runs"); do
 done
 cold_ratio=$(median "${disk_ratios[@]}")
 memory_ratio=$(median "${memory_ratios[@]}")
-echo "median: registry from disk: fsd $(median "${disk_fsd[@]}") MiB/s, curl $(median "${disk_curl[@]}") MiB/s"
+echo "median: registry from disk: fsd $(count_median "${disk_fsd[@]}") MiB/s, curl $(count_median "${disk_curl[@]}") MiB/s"
 
 echo "== (2) warm re-read vs local disk"
 drop_caches
@@ -215,24 +219,48 @@ echo "fsd: ${t_stat_fsd}s, local: ${t_stat_local}s"
 
 rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")
 
-echo "== (5) mount to first stat, (6) cold walk of the small files"
+echo "== (5) mount to first stat, (6) cold walk of the small files, $walk_rounds rounds"
+# With BENCH_NYDUS_BIN_DIR, nydusd's round follows fsd's in each round
+# (tests/bench/nydusd-walk.sh), on the same files and registry.
+nydus() {
+    NYDUS_BIN=$BENCH_NYDUS_BIN_DIR NYDUS_REGISTRY_LOG=$work/registry.log \
+        tests/bench/nydusd-walk.sh "$@"
+}
+if [[ -n ${BENCH_NYDUS_BIN_DIR:-} ]]; then
+    nydus prepare "$rootfs" "$port" "$work/nydus"
+fi
 # A fresh mount each time (the previous one and the cache removed first,
-# untimed), then one stat.
+# untimed), then one stat (`[[ -e ]]`, as nydusd-walk.sh polls: no process
+# started).
 first_stat() {
     mount_now
-    stat "$work/mnt/small/d000/f000000.txt" > /dev/null
+    [[ -e $work/mnt/small/d000/f000000.txt ]] || { echo "the mount does not show the files" >&2; exit 1; }
 }
-mount_times=()
-for _ in 1 2 3; do
+# The same with the bootstrap already on local disk, as nydusd's is:
+# everything else in the cache removed (`lodectl mount` still resolves the
+# image's manifest).
+unmount_keep_bootstrap() {
+    "$bin/lodectl" umount --state-dir "$work/state" "$work/mnt" 2>/dev/null || true
+    find "$work/cache" -mindepth 1 -maxdepth 1 ! -name bootstraps -exec rm -rf {} +
+}
+mount_times=(); local_mount_times=(); nydus_starts=(); nydus_start_reqs=()
+for _ in $(seq "$walk_rounds"); do
     unmount_and_clear
     mount_times+=("$(timed first_stat)")
+    unmount_keep_bootstrap
+    local_mount_times+=("$(timed first_stat)")
+    if [[ -n ${BENCH_NYDUS_BIN_DIR:-} ]]; then
+        unmount_and_clear
+        read -r t reqs < <(nydus start "$work/nydus")
+        nydus_starts+=("$t"); nydus_start_reqs+=("$reqs")
+    fi
 done
-t_mount=$(median "${mount_times[@]}")
 # The walk reads every small file once, cold: empty cache, page cache dropped.
 walk() { (cd "$1/small" && find . -type f -print0 | xargs -0 cat > /dev/null); }
 ranges() { grep -c '" 206 ' "$work/registry.log" || true; }
 walk_times=(); walk_cpus=(); walk_rss=(); walk_reqs=(); local_times=()
-for round in 1 2 3; do
+nydus_times=(); nydus_cpus=(); nydus_rss=(); nydus_reqs=()
+for round in $(seq "$walk_rounds"); do
     mount_fresh
     drop_caches
     if [[ -n ${BENCH_PROFILE:-} && $round == 1 ]]; then
@@ -250,22 +278,37 @@ for round in 1 2 3; do
     fi
     walk_rss+=("$(awk '/VmHWM/ {print $2}' "/proc/$fsd_pid/status")")
     walk_cpus+=("$(python3 -c "print(f'{$fsd_cpu1 - $fsd_cpu0:.2f}')")")
+    if [[ -n ${BENCH_NYDUS_BIN_DIR:-} ]]; then
+        unmount_and_clear
+        read -r t cpu rss reqs nydus_cache_kib < <(nydus walk "$work/nydus")
+        nydus_times+=("$t"); nydus_cpus+=("$cpu"); nydus_rss+=("$rss"); nydus_reqs+=("$reqs")
+    fi
     drop_caches
     local_times+=("$(timed walk "$rootfs")")
 done
+t_mount=$(median "${mount_times[@]}")
+t_mount_local=$(median "${local_mount_times[@]}")
 t_walk=$(median "${walk_times[@]}")
 walk_cpu=$(median "${walk_cpus[@]}")
-walk_ranges=$(median "${walk_reqs[@]}")
+walk_ranges=$(count_median "${walk_reqs[@]}")
 walk_rss_kib=$(printf '%s\n' "${walk_rss[@]}" | sort -n | tail -1)
 t_walk_local=$(median "${local_times[@]}")
-echo "mount to first stat: ${t_mount}s (median of 3: ${mount_times[*]})"
-echo "cold walk, 3 rounds: fsd ${walk_times[*]} s, fsd CPU-s ${walk_cpus[*]}, peak RSS KiB ${walk_rss[*]}, range requests ${walk_reqs[*]}; local ${local_times[*]} s"
+echo "mount to first stat: ${t_mount}s (median of $walk_rounds: ${mount_times[*]}); bootstrap on local disk: ${t_mount_local}s (${local_mount_times[*]})"
+echo "cold walk: fsd ${walk_times[*]} s, fsd CPU-s ${walk_cpus[*]}, peak RSS KiB ${walk_rss[*]}, range requests ${walk_reqs[*]}; local ${local_times[*]} s"
 
 nydus_report=
 if [[ -n ${BENCH_NYDUS_BIN_DIR:-} ]]; then
-    echo "== (5) and (6) with nydusd, same files, same registry"
-    NYDUS_BIN=$BENCH_NYDUS_BIN_DIR NYDUS_REGISTRY_LOG=$work/registry.log tests/bench/nydusd-walk.sh "$rootfs" "$port" | tee "$work/nydus.txt"
-    nydus_report=$(sed -n '/^== nydusd/,$p' "$work/nydus.txt")
+    echo "nydusd start to first stat: ${nydus_starts[*]} s, range requests ${nydus_start_reqs[*]}"
+    echo "cold walk: nydusd ${nydus_times[*]} s, CPU-s ${nydus_cpus[*]}, peak RSS KiB ${nydus_rss[*]}, range requests ${nydus_reqs[*]}"
+    # Rounds in which fsd took less time than nydusd right after it.
+    below() {
+        python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); print(sum(float(x) < float(y) for x, y in zip(a, b)))" "$1" "$2"
+    }
+    nydus_rss_kib=$(printf '%s\n' "${nydus_rss[@]}" | sort -n | tail -1)
+    nydus_report="== nydusd: $(cat "$work/nydus/setup.txt")
+(5) nydusd start to first stat       : $(median "${nydus_starts[@]}")s  (bootstrap on local disk, empty blobcache; range requests by then: $(count_median "${nydus_start_reqs[@]}"))
+(6) cold walk of the small files     : $(median "${nydus_times[@]}")s, $(median "${nydus_cpus[@]}") CPU-s, peak RSS $((nydus_rss_kib / 1024)) MiB, $(count_median "${nydus_reqs[@]}") range requests  (blobcache after a walk: $((nydus_cache_kib / 1024)) MiB)
+nydusd / fsd (time)                  : (5) $(ratio "$(median "${nydus_starts[@]}")" "$t_mount"), fsd faster in $(below "${mount_times[*]}" "${nydus_starts[*]}") of $walk_rounds rounds; both bootstraps on local disk: $(ratio "$(median "${nydus_starts[@]}")" "$t_mount_local"), fsd faster in $(below "${local_mount_times[*]}" "${nydus_starts[*]}") of $walk_rounds; (6) $(ratio "$(median "${nydus_times[@]}")" "$t_walk"), fsd faster in $(below "${walk_times[*]}" "${nydus_times[*]}") of $walk_rounds rounds (each nydusd round right after fsd's)"
 fi
 
 cat <<REPORT
@@ -277,8 +320,9 @@ cat <<REPORT
     warm re-read, page cache hot           : $hot_ratio
 (3) stat of all files, warm                : $stat_ratio  (goal >= 0.5)
 (4) fsd peak RSS                           : $((rss_kib / 1024)) MiB
-(5) mount to first stat                    : ${t_mount}s  (bootstrap fetched from the registry)
-(6) cold walk of the small files           : ${t_walk}s, ${walk_cpu} CPU-s, peak RSS $((walk_rss_kib / 1024)) MiB, $walk_ranges range requests  (medians of 3, RSS the highest; local disk, page cache dropped: ${t_walk_local}s)
+(5) mount to first stat                    : ${t_mount}s  (bootstrap fetched from the registry; median of $walk_rounds)
+    the same, bootstrap on local disk       : ${t_mount_local}s
+(6) cold walk of the small files           : ${t_walk}s, ${walk_cpu} CPU-s, peak RSS $((walk_rss_kib / 1024)) MiB, $walk_ranges range requests  (medians of $walk_rounds, RSS the highest; local disk, page cache dropped: ${t_walk_local}s)
 ${nydus_report:+
 $nydus_report}
 REPORT
