@@ -214,6 +214,11 @@ fn a_front_is_fetched_nicer_than_the_daemon_until_an_instance_takes_from_it() {
     });
     gated.open();
     reader.join().unwrap();
+    // The reader may have its bytes before the request records its thread's
+    // niceness after handing them over.
+    wait_until("the request to hand over bytes", || {
+        !gated.nices().is_empty()
+    });
     let base = crate::read::workers::thread_nice();
     assert_eq!(gated.nices(), vec![(0, base + 10, base)]);
 }

@@ -213,6 +213,10 @@ fn a_reader_of_a_queued_prefetch_request_does_not_wait_for_the_ones_before_it() 
         c: (c_start, _),
     } = prefetch_with_c_held(&["c", "a"], one_background_worker());
     let (a_start, _) = file_range(&image, "a");
+    // The list is queued on a thread of its own: a's request too, before a is read.
+    wait_until("a's request to be queued", || {
+        metrics.snapshot().prefetch_requests == 2
+    });
     let data = f.read(ino_of(&image, "a"), 0, 2 * CS).unwrap();
     assert_eq!(data, pattern(2 * CS as usize, 0));
     assert_eq!(
