@@ -104,6 +104,14 @@ impl Transport {
     /// in pieces as they arrive. A transient failure resumes the request at
     /// the first byte `sink` has not had, so no byte reaches it twice; after
     /// an error `sink` may have had a prefix of the range.
+    ///
+    /// A host that answers with the whole blob (200, the Range header
+    /// ignored) has the range read out of it: the bytes before it are
+    /// passed over and the connection is dropped after it. A pull-through
+    /// cache (`docker-registry` with `proxy.remoteurl`) answers so for a
+    /// blob it has not cached yet, while it fetches it, and with ranges
+    /// once it has: refusing would fail the first reads of every blob
+    /// behind such a mirror, or send them past it.
     pub(crate) async fn pull_blob_range_with(
         &self,
         reference: &Reference,
@@ -150,21 +158,31 @@ impl Transport {
                 .map_err(|_| AttemptError::Timeout)??;
             let mut response =
                 expect_status(response, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK]).await?;
-            if response.status() == StatusCode::OK {
-                // A 200 carries the whole blob: acceptable only if that is the range.
-                if !(start == 0 && response.content_length() == Some(len)) {
-                    return Err(refused(
-                        "registry ignored the Range header (HTTP 200 with the whole blob)"
-                            .to_owned(),
-                    ));
+            let remaining = len - received;
+            // Body bytes before the range: all of them in a whole blob.
+            let mut before = 0;
+            let whole = response.status() == StatusCode::OK;
+            if whole {
+                if let Some(size) = response.content_length().filter(|n| *n <= last) {
+                    return Err(AttemptError::Fatal(short(
+                        received.saturating_add(size.saturating_sub(start)),
+                    )));
+                }
+                before = start;
+                if start > 0 {
+                    tracing::warn!(
+                        host = %reference.registry,
+                        blob = %digest,
+                        passed_over = start,
+                        "host answered a range request with the whole blob (a pull-through \
+                         cache that has not cached it yet?): reading the range out of it"
+                    );
                 }
             } else if !resumes_at(&response, start) {
                 return Err(refused(format!(
                     "registry answered a request for bytes {start}-{last} with another range"
                 )));
-            }
-            let remaining = len - received;
-            if let Some(announced) = response.content_length().filter(|n| *n != remaining) {
+            } else if let Some(announced) = response.content_length().filter(|n| *n != remaining) {
                 return Err(AttemptError::Fatal(short(
                     received.saturating_add(announced),
                 )));
@@ -173,12 +191,26 @@ impl Transport {
                 .await
                 .map_err(|_| AttemptError::Timeout)??
             {
+                let skip = before.min(piece.len() as u64);
+                before -= skip;
+                let mut piece = &piece[skip as usize..];
+                if whole {
+                    // The rest of the blob is not wanted.
+                    let wanted = usize::try_from(len - received).unwrap_or(usize::MAX);
+                    piece = &piece[..piece.len().min(wanted)];
+                }
+                if piece.is_empty() {
+                    continue;
+                }
                 let total = received.saturating_add(piece.len() as u64);
                 if total > len {
                     return Err(AttemptError::Fatal(short(total)));
                 }
-                sink(&piece);
+                sink(piece);
                 received = total;
+                if whole && received == len {
+                    break;
+                }
             }
             if received != len {
                 return Err(AttemptError::Fatal(short(received)));
