@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
+use lode_common::image::LodeManifest;
 use lode_common::registry::Reference;
 use lode_common::Digest;
 use lode_tests::cri::{host_network_pod, CriClient};
 use lode_tests::snapshotter::SnapshotterOptions;
-use lode_tests::stack::cri_node;
+use lode_tests::stack::{cri_node, App, Node};
 use lode_tests::{wait_until, Registry};
 
 /// Range and blob requests Lode sent to `registry` for `digest` (a mirror
@@ -25,6 +26,19 @@ fn lode_requests(registry: &Registry, digest: &Digest) -> usize {
         .iter()
         .filter(|e| e.user_agent.starts_with("lode/"))
         .count()
+}
+
+/// What `registry` answered Lode's reads of `blobs` with: (whole blobs,
+/// ranges).
+fn lode_answers(registry: &Registry, blobs: &[Digest]) -> (usize, usize) {
+    let answers: Vec<u16> = blobs
+        .iter()
+        .flat_map(|d| registry.requests_for(&d.to_string()))
+        .filter(|e| e.user_agent.starts_with("lode/") && e.method == "GET")
+        .map(|e| e.status)
+        .collect();
+    let count = |status| answers.iter().filter(|s| **s == status).count();
+    (count(200), count(206))
 }
 
 /// Pulls `blobs` of `image` through `mirror`, as other nodes would have:
@@ -41,72 +55,113 @@ fn warm(mirror: &Registry, image: &Reference, blobs: &[Digest]) {
     }
 }
 
+/// A container of a new image (`/data/big`: 24 MiB), pulled and started
+/// through CRI with a pull-through mirror in `hosts.toml`.
+struct Mirrored {
+    node: Node,
+    mirror: Registry,
+    app: App,
+    manifest: LodeManifest,
+    cri: CriClient,
+    container: String,
+    /// Lode's requests for the data blobs the registry had logged before
+    /// the pull (the mirror's warming, forwarded with Lode's user agent).
+    registry_before_pull: usize,
+    _logs: tempfile::TempDir,
+}
+
+impl Mirrored {
+    /// `None` when the node cannot run (printed why). `warm_mirror`: the
+    /// mirror has the image's data blobs before the pull.
+    fn start(mode: &'static str, name: &str, warm_mirror: bool) -> Option<Self> {
+        let node = cri_node(SnapshotterOptions {
+            daemon_mode: mode,
+            ..SnapshotterOptions::default()
+        })?;
+        let mirror = Registry::start_mirror_of(&node.registry).unwrap();
+        node.use_mirrors(&[mirror.host()]);
+        let app = node.add_app(name, 24 << 20, 17);
+        let manifest = node.lode_manifest(&app.lode);
+        if warm_mirror {
+            warm(&mirror, &app.lode, &manifest.data_blobs);
+        }
+        let registry_before_pull = data_requests(&node.registry, &manifest);
+        let logs = tempfile::tempdir_in("/var/tmp").unwrap();
+        let cri = CriClient::connect(node.containerd.socket()).unwrap();
+        let pod = host_network_pod(name, logs.path());
+        let pod_id = cri
+            .run_pod(&pod)
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
+        let image = app.lode.to_string();
+        cri.pull(&image, None, &pod)
+            .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
+        let container = cri
+            .start_idle(&pod_id, "reader", &image, &pod)
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+        Some(Self {
+            node,
+            mirror,
+            app,
+            manifest,
+            cri,
+            container,
+            registry_before_pull,
+            _logs: logs,
+        })
+    }
+
+    /// Reads 64 KiB of `/data/big` at `offset` in the container, checking
+    /// the bytes.
+    fn check_big_at(&self, offset: u64) {
+        let expected = self.app.big_range_sha256(offset, 65536);
+        let got = self
+            .cri
+            .sha256_of_range(&self.container, "/data/big", offset, 65536)
+            .unwrap_or_else(|e| panic!("read at {offset}: {e}\n{}", self.node.logs()));
+        assert!(got.contains(&expected), "bytes at {offset}: {got}");
+    }
+
+    /// Lode's requests for the image's data blobs that `registry` logged.
+    fn data_requests(&self, registry: &Registry) -> usize {
+        data_requests(registry, &self.manifest)
+    }
+}
+
+fn data_requests(registry: &Registry, manifest: &LodeManifest) -> usize {
+    manifest
+        .data_blobs
+        .iter()
+        .map(|d| lode_requests(registry, d))
+        .sum()
+}
+
 fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'static str) {
-    let Some(node) = cri_node(SnapshotterOptions {
-        daemon_mode: mode,
-        ..SnapshotterOptions::default()
-    }) else {
+    let Some(m) = Mirrored::start(mode, "mirrored", true) else {
         return;
     };
-    let mirror = Registry::start_mirror_of(&node.registry).unwrap();
-    node.use_mirrors(&[mirror.host()]);
-    let app = node.add_app("mirrored", 24 << 20, 17);
-    let manifest = node.lode_manifest(&app.lode);
-    warm(&mirror, &app.lode, &manifest.data_blobs);
-    let data = &manifest.data_blobs;
-    let from = |registry: &Registry| {
-        data.iter()
-            .map(|d| lode_requests(registry, d))
-            .sum::<usize>()
-    };
-    let warming = from(&node.registry);
-
-    let logs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let cri = CriClient::connect(node.containerd.socket()).unwrap();
-    let pod = host_network_pod("mirrored", logs.path());
-    let pod_id = cri
-        .run_pod(&pod)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
-    let lode = app.lode.to_string();
-    cri.pull(&lode, None, &pod)
-        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
     assert!(
-        lode_requests(&mirror, &manifest.bootstrap) > 0,
+        lode_requests(&m.mirror, &m.manifest.bootstrap) > 0,
         "Lode fetched the bootstrap through the mirror"
     );
-
-    let sleeper = cri
-        .start_idle(&pod_id, "reader", &lode, &pod)
-        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
-    let head = app.big_range_sha256(0, 65536);
-    assert!(cri
-        .sha256_of_range(&sleeper, "/data/big", 0, 65536)
-        .unwrap()
-        .contains(&head));
-    assert!(from(&mirror) > 0, "the daemon read through the mirror");
+    let warming = m.registry_before_pull;
+    m.check_big_at(0);
+    assert!(
+        m.data_requests(&m.mirror) > 0,
+        "the daemon read through the mirror"
+    );
     assert_eq!(
-        from(&node.registry),
+        m.data_requests(&m.node.registry),
         warming,
         "and the mirror had the data: the registry served none"
     );
 
     // The mirror dies while the container runs: its reads go on from the
     // registry, without an error.
-    mirror.stop();
-    let tail = app.big_size - 65536;
-    let expected = app.big_range_sha256(tail, 65536);
-    assert!(cri
-        .sha256_of_range(&sleeper, "/data/big", tail, 65536)
-        .unwrap()
-        .contains(&expected));
-    let middle = app.big_size / 2;
-    let expected = app.big_range_sha256(middle, 65536);
-    assert!(cri
-        .sha256_of_range(&sleeper, "/data/big", middle, 65536)
-        .unwrap()
-        .contains(&expected));
+    m.mirror.stop();
+    m.check_big_at(m.app.big_size - 65536);
+    m.check_big_at(m.app.big_size / 2);
     assert!(
-        from(&node.registry) > warming,
+        m.data_requests(&m.node.registry) > warming,
         "the registry served what the mirror could not"
     );
 }
@@ -121,63 +176,28 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies_dedicated() {
     reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies("dedicated");
 }
 
-/// What `registry` answered Lode for `blobs`: (whole blobs, ranges).
-fn lode_answers(registry: &Registry, blobs: &[Digest]) -> (usize, usize) {
-    let answers: Vec<u16> = blobs
-        .iter()
-        .flat_map(|d| registry.requests_for(&d.to_string()))
-        .filter(|e| e.user_agent.starts_with("lode/") && e.method == "GET")
-        .map(|e| e.status)
-        .collect();
-    let count = |status| answers.iter().filter(|s| **s == status).count();
-    (count(200), count(206))
-}
-
 fn a_first_start_reads_through_a_cold_mirror(mode: &'static str) {
-    let Some(node) = cri_node(SnapshotterOptions {
-        daemon_mode: mode,
-        ..SnapshotterOptions::default()
-    }) else {
+    let Some(m) = Mirrored::start(mode, "cold-mirror", false) else {
         return;
     };
-    let mirror = Registry::start_mirror_of(&node.registry).unwrap();
-    node.use_mirrors(&[mirror.host()]);
-    let app = node.add_app("cold-mirror", 24 << 20, 29);
-    let data = node.lode_manifest(&app.lode).data_blobs;
-
-    let logs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let cri = CriClient::connect(node.containerd.socket()).unwrap();
-    let pod = host_network_pod("cold-mirror", logs.path());
-    let pod_id = cri
-        .run_pod(&pod)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.logs()));
-    let lode = app.lode.to_string();
-    cri.pull(&lode, None, &pod)
-        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", node.logs()));
-    let sleeper = cri
-        .start_idle(&pod_id, "reader", &lode, &pod)
-        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
     // From the end first: the cold mirror's whole blob has all the rest
     // before the range.
-    for offset in [app.big_size - 65536, 0, app.big_size / 2] {
-        let expected = app.big_range_sha256(offset, 65536);
-        let got = cri
-            .sha256_of_range(&sleeper, "/data/big", offset, 65536)
-            .unwrap_or_else(|e| panic!("read at {offset}: {e}\n{}", node.logs()));
-        assert!(got.contains(&expected), "bytes at {offset}: {got}");
+    for offset in [m.app.big_size - 65536, 0, m.app.big_size / 2] {
+        m.check_big_at(offset);
     }
+    let data = &m.manifest.data_blobs;
     // The mirror logs a whole blob's answer once it has sent it all, which
     // is after Lode has taken its range and closed the connection.
     wait_until(
         Duration::from_secs(30),
         "the cold mirror to log a range request answered with a whole blob",
-        || lode_answers(&mirror, &data).0 > 0,
+        || lode_answers(&m.mirror, data).0 > 0,
     )
     .unwrap();
     // The registry served the mirror the blobs (with Lode's user agent,
     // whole) and Lode no range of its own.
-    let (_, ranges) = lode_answers(&node.registry, &data);
-    assert_eq!(ranges, 0, "Lode read past the mirror\n{}", node.logs());
+    let (_, ranges) = lode_answers(&m.node.registry, data);
+    assert_eq!(ranges, 0, "Lode read past the mirror\n{}", m.node.logs());
 }
 
 #[test]

@@ -108,8 +108,13 @@ fn read_ok(fsd: &ModeFsd, files: &[u64], when: &str) -> Vec<Duration> {
             let (result, took) = reader.join().unwrap_or_else(|_| {
                 panic!("[{mode}] {when}: the reader of {} failed", file_name(file))
             });
-            let data =
-                result.unwrap_or_else(|e| panic!("[{mode}] {when}, {}: {e}", file_name(file)));
+            let data = result.unwrap_or_else(|e| {
+                panic!(
+                    "[{mode}] {when}, {}: {e}\nthe daemon's log:\n{}",
+                    file_name(file),
+                    fsd.log_text()
+                )
+            });
             assert!(
                 data == file_content(file),
                 "[{mode}] {when}, {}: wrong bytes",
