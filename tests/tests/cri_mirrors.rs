@@ -120,13 +120,9 @@ impl Mirrored {
             .unwrap_or_else(|e| panic!("read at {offset}: {e}\n{}", self.node.logs()));
         assert!(got.contains(&expected), "bytes at {offset}: {got}");
     }
-
-    /// Lode's requests for the image's data blobs that `registry` logged.
-    fn data_requests(&self, registry: &Registry) -> usize {
-        data_requests(registry, &self.manifest)
-    }
 }
 
+/// Lode's requests for `manifest`'s data blobs that `registry` logged.
 fn data_requests(registry: &Registry, manifest: &LodeManifest) -> usize {
     manifest
         .data_blobs
@@ -146,11 +142,11 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
     let warming = m.registry_before_pull;
     m.check_big_at(0);
     assert!(
-        m.data_requests(&m.mirror) > 0,
+        data_requests(&m.mirror, &m.manifest) > 0,
         "the daemon read through the mirror"
     );
     assert_eq!(
-        m.data_requests(&m.node.registry),
+        data_requests(&m.node.registry, &m.manifest),
         warming,
         "and the mirror had the data: the registry served none"
     );
@@ -161,7 +157,7 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'stati
     m.check_big_at(m.app.big_size - 65536);
     m.check_big_at(m.app.big_size / 2);
     assert!(
-        m.data_requests(&m.node.registry) > warming,
+        data_requests(&m.node.registry, &m.manifest) > warming,
         "the registry served what the mirror could not"
     );
 }

@@ -253,7 +253,7 @@ mod tests {
             major: 7,
             minor: 45,
             kernel_max_readahead: 131072,
-            kernel_flags: u64::from(u32::MAX) | 0xffff_ffff << 32,
+            kernel_flags: u64::MAX,
             init_unique: 2,
             ..FuseConnParams::default()
         };
