@@ -19,11 +19,17 @@ pub struct LodeImage {
     pub blob_source: String,
     /// Whether that registry is reached over plain HTTP.
     pub plain_http: bool,
-    /// Where the data blobs are fetched from, in order, request by request
-    /// (mirrors, then the registry); empty in records of earlier versions:
-    /// the registry alone.
-    #[serde(default)]
-    pub hosts: Vec<lode_common::registry::RegistryHost>,
+    // The hosts the blobs are fetched from are resolved at each mount
+    // (`crate::hosts`), not recorded; records of earlier versions hold
+    // them as `hosts`, which reading ignores.
+}
+
+impl LodeImage {
+    /// The registry of a `registry://` blob source.
+    pub fn registry(&self) -> Option<&str> {
+        let rest = self.blob_source.strip_prefix("registry://")?;
+        rest.split_once('/').map(|(host, _)| host)
+    }
 }
 
 /// An image being pulled whose data blobs begin with its prefetch list's
@@ -45,7 +51,6 @@ pub(crate) fn test_image(bootstrap_digest: &str) -> LodeImage {
         image_ref: "r".into(),
         blob_source: "registry://h/r".into(),
         plain_http: true,
-        hosts: Vec::new(),
     }
 }
 

@@ -15,8 +15,8 @@ use lode_common::contract::{
 };
 use lode_common::image::{self, ImageError, LodeManifest};
 use lode_common::registry::{
-    hosts_for, Capability, Credentials, HostClients, HostsError, Reference, RegistryError,
-    RegistryHost, RegistryOptions, MAX_MANIFEST_SIZE,
+    Capability, Credentials, HostClients, HostsError, Reference, RegistryError, RegistryHost,
+    RegistryOptions, MAX_MANIFEST_SIZE,
 };
 use lode_common::Digest;
 use lode_config::SnapshotterRegistryConfig;
@@ -171,34 +171,9 @@ impl LazyLayers {
         }
     }
 
-    /// Where `reference`'s content is fetched from, in order: the
-    /// `[[registry.mirrors]]` of its registry, then what containerd's
-    /// `hosts.toml` for it says (`registry.config_path`), which ends with
-    /// the registry itself.
-    fn hosts(&self, reference: &Reference) -> Result<Vec<RegistryHost>, LazyError> {
-        let plain = |host: &str| {
-            let bare = host.rsplit_once(':').map_or(host, |(name, _)| name);
-            self.registry.is_plain_http(bare) || self.registry.is_plain_http(host)
-        };
-        let mut hosts: Vec<RegistryHost> = self
-            .registry
-            .mirrors
-            .iter()
-            .filter(|m| m.host == reference.registry)
-            .flat_map(|m| m.endpoints.iter())
-            .map(|endpoint| RegistryHost::origin(endpoint, plain(endpoint)))
-            .collect();
-        let own = plain(&reference.registry);
-        match &self.registry.config_path {
-            Some(dir) => hosts.extend(hosts_for(dir, &reference.registry, own)?),
-            None => hosts.push(RegistryHost::origin(&reference.registry, own)),
-        }
-        Ok(hosts)
-    }
-
     fn clients(&self, reference: &Reference) -> Result<Arc<HostClients>, LazyError> {
         let given = self.keychain.get(reference);
-        let hosts = self.hosts(reference)?;
+        let hosts = crate::hosts::resolve(&self.registry, &reference.registry)?;
         let key = (reference.registry.clone(), hosts.clone(), given.clone());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(found) = clients.get(&key).filter(|c| c.credentials_current()) {
@@ -294,7 +269,6 @@ impl LazyLayers {
                 .unwrap_or_else(|| reference.to_string()),
             blob_source: format!("registry://{}/{}", reference.registry, reference.repository),
             plain_http: self.registry.is_plain_http(reference.host()),
-            hosts: self.hosts(reference)?,
         })
     }
 
@@ -445,62 +419,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn mirrors_come_before_their_registry() {
-        let registry = SnapshotterRegistryConfig {
-            mirrors: vec![lode_config::MirrorConfig {
-                host: "docker.io".into(),
-                endpoints: vec!["mirror.local:5000".into()],
-            }],
-            ..Default::default()
-        };
-        let lazy = lazy(registry);
-        let hosts: Vec<String> = lazy
-            .hosts(&"docker.io/library/app:v1".parse().unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|h| h.host)
-            .collect();
-        assert_eq!(hosts, ["mirror.local:5000", "docker.io"]);
-        let other = lazy.hosts(&"quay.io/app:v1".parse().unwrap()).unwrap();
-        assert_eq!(other.len(), 1);
-    }
-
-    #[test]
-    fn containerd_hosts_files_follow_the_mirrors_table() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("reg.io")).unwrap();
-        std::fs::write(
-            dir.path().join("reg.io/hosts.toml"),
-            "server = \"https://reg.io\"\n[host.\"http://cache.local:5000\"]\n",
-        )
-        .unwrap();
-        let registry = SnapshotterRegistryConfig {
-            mirrors: vec![lode_config::MirrorConfig {
-                host: "reg.io".into(),
-                endpoints: vec!["first.local".into()],
-            }],
-            config_path: Some(dir.path().to_owned()),
-            ..Default::default()
-        };
-        let lazy = lazy(registry);
-        let hosts = lazy.hosts(&"reg.io/app:v1".parse().unwrap()).unwrap();
-        let names: Vec<(&str, bool)> = hosts
-            .iter()
-            .map(|h| (h.host.as_str(), h.plain_http))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("first.local", false),
-                ("cache.local:5000", true),
-                ("reg.io", false)
-            ]
-        );
-        let elsewhere = lazy.hosts(&"quay.io/app:v1".parse().unwrap()).unwrap();
-        assert_eq!(elsewhere, vec![RegistryHost::origin("quay.io", false)]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod ctl;
 pub mod daemons;
 pub mod doctor;
+pub mod hosts;
 pub mod instances;
 pub mod lazy;
 pub mod localmount;

@@ -55,11 +55,12 @@ pub struct CriOptions {
 
 /// Writes `<hosts_dir>/<registry>/hosts.toml` as a node's administrator
 /// would for a registry served over plain HTTP, with `mirrors` (`host:port`,
-/// plain HTTP) tried before it.
+/// plain HTTP) tried before it, each sent `mirror_headers` (`header.NAME`).
 pub fn write_hosts_toml(
     hosts_dir: &Path,
     registry: &str,
     mirrors: &[String],
+    mirror_headers: &[(&str, &str)],
 ) -> Result<(), KitError> {
     let dir = hosts_dir.join(registry);
     std::fs::create_dir_all(&dir).map_err(KitError::io(dir.display().to_string()))?;
@@ -68,6 +69,11 @@ pub fn write_hosts_toml(
         hosts.push_str(&format!(
             "\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ));
+        if host != registry {
+            for (name, value) in mirror_headers {
+                hosts.push_str(&format!("  header.{name} = {value:?}\n"));
+            }
+        }
     }
     let path = dir.join("hosts.toml");
     std::fs::write(&path, hosts).map_err(KitError::io(path.display().to_string()))

@@ -1,6 +1,7 @@
 //! An emulated network link on loopback: a TCP proxy between clients and one
 //! upstream server that adds a round-trip delay and limits the bandwidth of
-//! each direction, and counts connections, HTTP requests and bytes.
+//! each direction, and counts connections, HTTP requests and bytes (and
+//! keeps the requests' heads).
 //!
 //! This kernel has no `netem`, so delay cannot come from `tc`. The proxy
 //! models a link as two one-way pipes, one per direction, shared by every
@@ -23,6 +24,7 @@
 //! one way until it is cleared: cut connections, stalls, flipped bytes,
 //! server errors.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,8 @@ const READ_SIZE: usize = 64 * 1024;
 pub const IN_FLIGHT_CHUNKS: usize = 512;
 /// The shortest queue a pipe holds, in sending time.
 const MIN_QUEUE: Duration = Duration::from_millis(2);
+/// Request heads kept, the latest.
+const HEADS_KEPT: usize = 4096;
 
 /// Round trip and bandwidth of an emulated link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,10 +205,27 @@ struct Shared {
     up: Pipe,
     down: Pipe,
     counters: Counters,
+    /// The latest request heads, oldest first.
+    heads: Mutex<VecDeque<String>>,
     fault: watch::Sender<Option<Fault>>,
 }
 
 impl Shared {
+    /// Counts and keeps the request heads `requests` has completed.
+    fn record_requests(&self, requests: &mut RequestCounter) {
+        let done = std::mem::take(&mut requests.done);
+        self.counters
+            .requests
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        for head in done {
+            if heads.len() == HEADS_KEPT {
+                heads.pop_front();
+            }
+            heads.push_back(head);
+        }
+    }
+
     fn fault(&self) -> Option<Fault> {
         *self.fault.borrow()
     }
@@ -243,6 +264,7 @@ impl Link {
             up: Pipe::new(),
             down: Pipe::new(),
             counters: Counters::default(),
+            heads: Mutex::default(),
             fault: watch::Sender::new(None),
         });
         runtime.spawn(accept_loop(listener, shared.clone()));
@@ -275,6 +297,13 @@ impl Link {
             bytes_down: c.bytes_down.load(Ordering::Relaxed),
             faults: c.faults.load(Ordering::Relaxed),
         }
+    }
+
+    /// The heads of the latest requests sent towards the server (up to
+    /// 4096), oldest first, as the clients wrote them.
+    pub fn request_heads(&self) -> Vec<String> {
+        let heads = self.shared.heads.lock().unwrap_or_else(|e| e.into_inner());
+        heads.iter().cloned().collect()
     }
 
     /// Breaks the traffic in the way `fault` says from now on, or (`None`)
@@ -353,7 +382,7 @@ async fn answer_503(mut client: TcpStream, shared: &Shared) {
             Ok(_) => {}
         }
     }
-    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+    shared.record_requests(&mut requests);
     shared.count_fault();
     let _ = client
         .write_all(
@@ -429,8 +458,8 @@ async fn relay(
                 let counters = &shared.counters;
                 let (pipe, bytes) = match direction {
                     Direction::Up => {
-                        let heads = requests.feed(&buf);
-                        counters.requests.fetch_add(heads, Ordering::Relaxed);
+                        requests.feed(&buf);
+                        shared.record_requests(&mut requests);
                         (&shared.up, &counters.bytes_up)
                     }
                     Direction::Down => (&shared.down, &counters.bytes_down),
@@ -457,15 +486,17 @@ async fn relay(
     tokio::join!(reader, writer);
 }
 
-/// Counts HTTP/1 request heads in a client's byte stream: a head ends at an
+/// Finds HTTP/1 request heads in a client's byte stream: a head ends at an
 /// empty line, and a `Content-Length` body after it is skipped. A chunked
-/// request body (uploads; a pull never sends one) stops the counting for the
+/// request body (uploads; a pull never sends one) stops the search for the
 /// rest of the connection.
 #[derive(Default)]
 struct RequestCounter {
     head: Vec<u8>,
     body_left: u64,
     lost: bool,
+    /// The heads found and not yet taken.
+    done: Vec<String>,
 }
 
 /// Longest head kept while looking for its end.
@@ -497,6 +528,7 @@ impl RequestCounter {
                 Some(length) => self.body_left = length,
                 None => self.lost = true,
             }
+            self.done.push(String::from_utf8_lossy(&head).into_owned());
             // What followed the head is the body and further requests.
             return heads + self.feed(&rest);
         }
@@ -563,6 +595,18 @@ mod tests {
         );
         assert_eq!(c.feed(b"1234GET / HTTP/1.1\r\n\r\n"), 1);
         assert!(!c.lost);
+        let lines: Vec<&str> = c.done.iter().map(|h| h.lines().next().unwrap()).collect();
+        assert_eq!(
+            lines,
+            [
+                "GET /v2/ HTTP/1.1",
+                "HEAD /v2/x HTTP/1.1",
+                "GET /y HTTP/1.1",
+                "PUT /z HTTP/1.1",
+                "GET / HTTP/1.1"
+            ]
+        );
+        assert_eq!(c.done[0], "GET /v2/ HTTP/1.1\r\nHost: a\r\n\r\n");
     }
 
     #[test]

@@ -127,7 +127,7 @@ fn start_node(
     });
     let hosts_dir = cri.then(|| {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        write_hosts_toml(dir.path(), &registry.host(), &[]).unwrap();
+        write_hosts_toml(dir.path(), &registry.host(), &[], &[]).unwrap();
         options.registry_config_path = Some(dir.path().to_owned());
         dir
     });
@@ -222,10 +222,11 @@ fn build_app(
 
 impl Node {
     /// Makes containerd and Lode fetch the node registry's content from
-    /// `mirrors` first (its `hosts.toml`, read at the next pull).
-    pub fn use_mirrors(&self, mirrors: &[String]) {
+    /// `mirrors` first (its `hosts.toml`, read at the next pull), sending
+    /// them `headers`.
+    pub fn use_mirrors(&self, mirrors: &[String], headers: &[(&str, &str)]) {
         let dir = self.hosts_dir.as_ref().expect("a CRI node");
-        write_hosts_toml(dir.path(), &self.registry.host(), mirrors).unwrap();
+        write_hosts_toml(dir.path(), &self.registry.host(), mirrors, headers).unwrap();
     }
 
     /// Builds, pushes and converts another image named `name`, whose

@@ -6,6 +6,10 @@
 //! Such a cache answers a range request for a blob it has not cached yet
 //! with the whole blob (200) while it fetches it, and with ranges once it
 //! has: a first start behind a cold cache reads through it all the same.
+//!
+//! A mirror that wants a header (a token, say) gets it from `hosts.toml`
+//! with every request, and the value stays out of the snapshotter's
+//! records and logs.
 
 use std::time::Duration;
 
@@ -13,6 +17,7 @@ use lode_common::image::LodeManifest;
 use lode_common::registry::Reference;
 use lode_common::Digest;
 use lode_tests::cri::{host_network_pod, CriClient};
+use lode_tests::link::{Link, LinkProfile};
 use lode_tests::snapshotter::SnapshotterOptions;
 use lode_tests::stack::{cri_node, App, Node};
 use lode_tests::{wait_until, Registry};
@@ -64,6 +69,9 @@ struct Mirrored {
     manifest: LodeManifest,
     cri: CriClient,
     container: String,
+    /// What stands between the node and the mirror when `hosts.toml` gives
+    /// the mirror a header: it keeps the requests' heads.
+    link: Option<Link>,
     /// Lode's requests for the data blobs the registry had logged before
     /// the pull (the mirror's warming, forwarded with Lode's user agent).
     registry_before_pull: usize,
@@ -72,14 +80,28 @@ struct Mirrored {
 
 impl Mirrored {
     /// `None` when the node cannot run (printed why). `warm_mirror`: the
-    /// mirror has the image's data blobs before the pull.
-    fn start(mode: &'static str, name: &str, warm_mirror: bool) -> Option<Self> {
+    /// mirror has the image's data blobs before the pull. `header`: the
+    /// mirror's `hosts.toml` entry gives it this header, and the node
+    /// reaches it through a link.
+    fn start(
+        mode: &'static str,
+        name: &str,
+        warm_mirror: bool,
+        header: Option<(&str, &str)>,
+    ) -> Option<Self> {
         let node = cri_node(SnapshotterOptions {
             daemon_mode: mode,
             ..SnapshotterOptions::default()
         })?;
         let mirror = Registry::start_mirror_of(&node.registry).unwrap();
-        node.use_mirrors(&[mirror.host()]);
+        let link = header.map(|_| {
+            let addr = format!("127.0.0.1:{}", mirror.port()).parse().unwrap();
+            Link::start(addr, LinkProfile::LAN).unwrap()
+        });
+        match (&link, header) {
+            (Some(link), Some(header)) => node.use_mirrors(&[link.host()], &[header]),
+            _ => node.use_mirrors(&[mirror.host()], &[]),
+        }
         let app = node.add_app(name, 24 << 20, 17);
         let manifest = node.lode_manifest(&app.lode);
         if warm_mirror {
@@ -105,6 +127,7 @@ impl Mirrored {
             manifest,
             cri,
             container,
+            link,
             registry_before_pull,
             _logs: logs,
         })
@@ -132,7 +155,7 @@ fn data_requests(registry: &Registry, manifest: &LodeManifest) -> usize {
 }
 
 fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies(mode: &'static str) {
-    let Some(m) = Mirrored::start(mode, "mirrored", true) else {
+    let Some(m) = Mirrored::start(mode, "mirrored", true, None) else {
         return;
     };
     assert!(
@@ -173,7 +196,7 @@ fn reads_go_through_the_mirror_and_on_to_the_registry_when_it_dies_dedicated() {
 }
 
 fn a_first_start_reads_through_a_cold_mirror(mode: &'static str) {
-    let Some(m) = Mirrored::start(mode, "cold-mirror", false) else {
+    let Some(m) = Mirrored::start(mode, "cold-mirror", false, None) else {
         return;
     };
     // From the end first: the cold mirror's whole blob has all the rest
@@ -204,4 +227,122 @@ fn a_first_start_reads_through_a_cold_mirror_shared() {
 #[test]
 fn a_first_start_reads_through_a_cold_mirror_dedicated() {
     a_first_start_reads_through_a_cold_mirror("dedicated");
+}
+
+/// A header as a mirror that wants a token would have it in `hosts.toml`.
+const MIRROR_HEADER: (&str, &str) = ("x-mirror-token", "mirror-token-5d1e0c7a");
+
+/// The value of header `name` in a request head, if it has one.
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The files under `dir` on its own file system (the mounts under it are
+/// not the snapshotter's records).
+fn files_on_one_fs(dir: &std::path::Path, dev: u64, found: &mut Vec<std::path::PathBuf>) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            files_on_one_fs(&entry.path(), dev, found);
+        } else if meta.is_file() {
+            found.push(entry.path());
+        }
+    }
+}
+
+fn a_mirror_gets_the_header_its_hosts_toml_gives_it(mode: &'static str) {
+    let Some(m) = Mirrored::start(mode, "header-mirror", true, Some(MIRROR_HEADER)) else {
+        return;
+    };
+    m.check_big_at(0);
+    m.check_big_at(m.app.big_size / 2);
+    let (name, value) = MIRROR_HEADER;
+    let heads = m.link.as_ref().unwrap().request_heads();
+    let of = |agent: &str| -> Vec<&String> {
+        heads
+            .iter()
+            .filter(|h| header_value(h, "user-agent").is_some_and(|a| a.starts_with(agent)))
+            .collect()
+    };
+    let lode = of("lode/");
+    let bootstrap = m.manifest.bootstrap.to_string();
+    let data: Vec<String> = m
+        .manifest
+        .data_blobs
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    assert!(
+        lode.iter()
+            .any(|h| h.lines().next().unwrap().contains(&bootstrap)),
+        "the snapshotter fetched the bootstrap through the mirror: {lode:#?}"
+    );
+    assert!(
+        lode.iter().any(|h| header_value(h, "range").is_some()
+            && data
+                .iter()
+                .any(|d| h.lines().next().unwrap().contains(d.as_str()))),
+        "the daemon read data through the mirror: {lode:#?}"
+    );
+    for head in &lode {
+        assert_eq!(
+            header_value(head, name),
+            Some(value),
+            "Lode's request {head}"
+        );
+    }
+    // The file is containerd's too: it sent the header as well.
+    assert!(
+        of("containerd/")
+            .iter()
+            .any(|h| header_value(h, name) == Some(value)),
+        "containerd sent the header too: {heads:#?}"
+    );
+
+    // Neither recorded nor logged.
+    let root = m.node.snapshotter.root();
+    let dev = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&root).unwrap().dev()
+    };
+    let mut files = Vec::new();
+    files_on_one_fs(&root, dev, &mut files);
+    assert!(
+        files.iter().any(|f| f.ends_with("metadata.redb")),
+        "the snapshotter's records are among {files:?}"
+    );
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        assert!(
+            !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+            "{} holds the mirror's header",
+            file.display()
+        );
+    }
+    assert!(
+        !m.node.logs().contains(value),
+        "a log holds the mirror's header"
+    );
+}
+
+#[test]
+fn a_mirror_gets_the_header_its_hosts_toml_gives_it_shared() {
+    a_mirror_gets_the_header_its_hosts_toml_gives_it("shared");
+}
+
+#[test]
+fn a_mirror_gets_the_header_its_hosts_toml_gives_it_dedicated() {
+    a_mirror_gets_the_header_its_hosts_toml_gives_it("dedicated");
 }

@@ -22,8 +22,9 @@ use super::{Reference, RegistryClient, RegistryError, RegistryOptions, TlsOption
 /// How long a host that failed at the transport level is passed over.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
-/// One host to fetch a registry's content from.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One host to fetch a registry's content from. Its header values may be
+/// credentials: `Debug` shows their names only.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryHost {
     /// `host[:port]`.
@@ -48,6 +49,26 @@ pub struct RegistryHost {
     /// Certificate authorities (PEM files) trusted besides the system's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for RegistryHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: BTreeMap<&str, &str> = self
+            .headers
+            .keys()
+            .map(|name| (name.as_str(), "<redacted>"))
+            .collect();
+        f.debug_struct("RegistryHost")
+            .field("host", &self.host)
+            .field("plain_http", &self.plain_http)
+            .field("resolve", &self.resolve)
+            .field("pull", &self.pull)
+            .field("headers", &headers)
+            .field("https", &self.https)
+            .field("skip_verify", &self.skip_verify)
+            .field("ca", &self.ca)
+            .finish()
+    }
 }
 
 impl RegistryHost {
@@ -402,6 +423,20 @@ server = "https://reg.io"
         assert_eq!(found[0].headers["x-list"], "a, b");
         assert!(found[2].resolve && found[2].pull);
         assert!(!found[0].https && found[1].https && found[2].https);
+    }
+
+    #[test]
+    fn header_values_stay_out_of_debug_output() {
+        let found = hosts(
+            r#"
+[host."http://mirror:5000"]
+  header = { authorization = "Bearer secret-token" }
+"#,
+        )
+        .unwrap();
+        let shown = format!("{found:?}");
+        assert!(shown.contains("authorization"), "{shown}");
+        assert!(!shown.contains("secret-token"), "{shown}");
     }
 
     #[test]

@@ -365,12 +365,24 @@ impl DaemonManager {
         }
     }
 
+    /// The image's source and the hosts to fetch it from as the
+    /// configuration says now (see `crate::hosts`). A `hosts.toml` that
+    /// cannot be read leaves the registry alone, so that an image already
+    /// pulled keeps being served; the next pull fails with the same error.
     fn instance_config(&self, image: &LodeImage) -> InstanceConfig {
+        let hosts = match image.registry() {
+            None => Vec::new(),
+            Some(registry) => crate::hosts::resolve(&self.config.registry, registry)
+                .unwrap_or_else(|error| {
+                    tracing::warn!(image = %image.image_ref, %error, "fetching from the registry alone");
+                    Vec::new()
+                }),
+        };
         InstanceConfig {
             blob_source: image.blob_source.clone(),
             plain_http: image.plain_http,
             docker_config: self.config.registry.docker_config.clone(),
-            hosts: image.hosts.clone(),
+            hosts,
         }
     }
 
