@@ -85,3 +85,28 @@ pub trait InstanceProvider: Send + Sync + 'static {
     /// of one cannot be read (its file would look unused).
     fn bootstraps_in_use(&self) -> Result<Vec<PathBuf>, InstanceError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_is_the_blob_sources_host() {
+        let mut image = test_image("sha256:b");
+        image.blob_source = "registry://reg.io:5000/team/app".into();
+        assert_eq!(image.registry(), Some("reg.io:5000"));
+        image.blob_source = "dir:///var/lib/blobs".into();
+        assert_eq!(image.registry(), None);
+    }
+
+    #[test]
+    fn records_of_earlier_versions_read_without_their_hosts() {
+        let earlier = r#"{"bootstrap_digest":"sha256:b","bootstrap_path":"/b","image_ref":"r",
+            "blob_source":"registry://h/r","plain_http":true,
+            "hosts":[{"host":"m:5000","resolve":true,"pull":true,"headers":{"x-token":"t"}}]}"#;
+        let image: LodeImage = serde_json::from_str(earlier).unwrap();
+        assert_eq!(image, test_image("sha256:b"));
+        let written = serde_json::to_string(&image).unwrap();
+        assert!(!written.contains("x-token"), "{written}");
+    }
+}
