@@ -22,9 +22,8 @@ use super::{Reference, RegistryClient, RegistryError, RegistryOptions, TlsOption
 /// How long a host that failed at the transport level is passed over.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
-/// One host to fetch a registry's content from. Its header values may be
-/// credentials: `Debug` shows their names only.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One host to fetch a registry's content from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryHost {
     /// `host[:port]`.
@@ -38,7 +37,7 @@ pub struct RegistryHost {
     pub pull: bool,
     /// Extra request headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    pub headers: HostHeaders,
     /// Named `https://` (or without a scheme) in a `hosts.toml`: HTTPS even
     /// on loopback.
     #[serde(default)]
@@ -51,22 +50,24 @@ pub struct RegistryHost {
     pub ca: Vec<PathBuf>,
 }
 
-impl std::fmt::Debug for RegistryHost {
+/// A host's extra request headers (a `hosts.toml`'s `header`), by name.
+/// Their values may be credentials (a mirror's token): `Debug` shows the
+/// names only.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HostHeaders(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for HostHeaders {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for HostHeaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let headers: BTreeMap<&str, &str> = self
-            .headers
-            .keys()
-            .map(|name| (name.as_str(), "<redacted>"))
-            .collect();
-        f.debug_struct("RegistryHost")
-            .field("host", &self.host)
-            .field("plain_http", &self.plain_http)
-            .field("resolve", &self.resolve)
-            .field("pull", &self.pull)
-            .field("headers", &headers)
-            .field("https", &self.https)
-            .field("skip_verify", &self.skip_verify)
-            .field("ca", &self.ca)
+        f.debug_map()
+            .entries(self.0.keys().map(|name| (name, "<redacted>")))
             .finish()
     }
 }
@@ -79,7 +80,7 @@ impl RegistryHost {
             plain_http,
             resolve: true,
             pull: true,
-            headers: BTreeMap::new(),
+            headers: HostHeaders::default(),
             https: false,
             skip_verify: false,
             ca: Vec::new(),
@@ -204,7 +205,7 @@ pub fn parse_hosts(
                     .join(", "),
                 _ => return Err(bad(format!("header {name}: not text"))),
             };
-            host.headers.insert(name, value);
+            host.headers.0.insert(name, value);
         }
         hosts.push(host);
     }
@@ -305,7 +306,7 @@ impl HostClients {
                 let client = RegistryClient::new(RegistryOptions {
                     plain_http: options.plain_http || host.plain_http,
                     max_retries: if i == last { options.max_retries } else { 0 },
-                    headers: host.headers.clone().into_iter().collect(),
+                    headers: host.headers.clone(),
                     tls: TlsOptions {
                         ca: host.ca.clone(),
                         skip_verify: host.skip_verify,
@@ -434,9 +435,14 @@ server = "https://reg.io"
 "#,
         )
         .unwrap();
-        let shown = format!("{found:?}");
-        assert!(shown.contains("authorization"), "{shown}");
-        assert!(!shown.contains("secret-token"), "{shown}");
+        let options = RegistryOptions {
+            headers: found[0].headers.clone(),
+            ..RegistryOptions::default()
+        };
+        for shown in [format!("{found:?}"), format!("{options:?}")] {
+            assert!(shown.contains("authorization"), "{shown}");
+            assert!(!shown.contains("secret-token"), "{shown}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod transport;
 pub use auth::Challenge;
 pub use credentials::{CredentialStore, Credentials};
 pub use hosts::{
-    hosts_for, parse_hosts, Attempt, Capability, HostClients, HostsError, RegistryHost,
+    hosts_for, parse_hosts, Attempt, Capability, HostClients, HostHeaders, HostsError, RegistryHost,
 };
 pub use pull::{media_type_from_body, MAX_MANIFEST_SIZE};
 pub use reference::{Reference, ReferenceError};
@@ -55,7 +55,7 @@ pub struct RegistryOptions {
     /// pull's); used for those registries instead of the docker config's.
     pub credentials: HashMap<String, Credentials>,
     /// Headers sent with every request (a `hosts.toml` host's `header`).
-    pub headers: Vec<(String, String)>,
+    pub headers: HostHeaders,
     /// How certificates are checked.
     pub tls: TlsOptions,
 }
@@ -68,7 +68,7 @@ impl Default for RegistryOptions {
             max_retries: 3,
             docker_config: None,
             credentials: HashMap::new(),
-            headers: Vec::new(),
+            headers: HostHeaders::default(),
             tls: TlsOptions::default(),
         }
     }

@@ -251,11 +251,13 @@ impl Transport {
         let tls = super::tls::client_config(&options.tls)
             .map_err(|e| format!("cannot set up TLS for the HTTP client: {e}"))?;
         let mut headers = reqwest::header::HeaderMap::new();
-        for (name, value) in &options.headers {
+        for (name, value) in options.headers.iter() {
             let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| format!("header {name:?}: {e}"))?;
-            let value = reqwest::header::HeaderValue::from_str(value)
+            let mut value = reqwest::header::HeaderValue::from_str(value)
                 .map_err(|e| format!("header {name}: {e}"))?;
+            // A host's headers may be credentials (a mirror's token).
+            value.set_sensitive(true);
             headers.append(name, value);
         }
         let http = reqwest::Client::builder()
