@@ -213,6 +213,9 @@ struct Shared {
 impl Shared {
     /// Counts and keeps the request heads `requests` has completed.
     fn record_requests(&self, requests: &mut RequestCounter) {
+        if requests.done.is_empty() {
+            return;
+        }
         let done = std::mem::take(&mut requests.done);
         self.counters
             .requests

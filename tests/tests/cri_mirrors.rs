@@ -94,14 +94,9 @@ impl Mirrored {
             ..SnapshotterOptions::default()
         })?;
         let mirror = Registry::start_mirror_of(&node.registry).unwrap();
-        let link = header.map(|_| {
-            let addr = format!("127.0.0.1:{}", mirror.port()).parse().unwrap();
-            Link::start(addr, LinkProfile::LAN).unwrap()
-        });
-        match (&link, header) {
-            (Some(link), Some(header)) => node.use_mirrors(&[link.host()], &[header]),
-            _ => node.use_mirrors(&[mirror.host()], &[]),
-        }
+        let link = header.map(|_| Link::start(mirror.addr(), LinkProfile::LAN).unwrap());
+        let host = link.as_ref().map_or_else(|| mirror.host(), Link::host);
+        node.use_mirrors(&[host], header.as_slice());
         let app = node.add_app(name, 24 << 20, 17);
         let manifest = node.lode_manifest(&app.lode);
         if warm_mirror {

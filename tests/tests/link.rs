@@ -18,8 +18,7 @@ fn linked_registry(profile: LinkProfile) -> Option<(Registry, Link)> {
         return None;
     }
     let registry = Registry::start().expect("start docker-registry");
-    let upstream = format!("127.0.0.1:{}", registry.port()).parse().unwrap();
-    let link = Link::start(upstream, profile).unwrap();
+    let link = Link::start(registry.addr(), profile).unwrap();
     Some((registry, link))
 }
 

@@ -152,9 +152,7 @@ fn cold_starts_side_by_side() {
             workload.prefetched = Some(list);
         }
     }
-    let registry_addr = format!("127.0.0.1:{}", node.registry.port())
-        .parse()
-        .unwrap();
+    let registry_addr = node.registry.addr();
     let mut report = Vec::new();
     for profile in &profiles {
         let link = match profile.as_str() {

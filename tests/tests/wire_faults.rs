@@ -39,8 +39,7 @@ impl Fixture {
         let bins = lode_prerequisites()?;
         let registry = Registry::start().expect("start docker-registry");
         let image = push_image(&bins.lodectl, &registry, "wire");
-        let upstream = format!("127.0.0.1:{}", registry.port()).parse().unwrap();
-        let link = Link::start(upstream, LinkProfile::LAN).expect("start the link");
+        let link = Link::start(registry.addr(), LinkProfile::LAN).expect("start the link");
         Some(Self {
             bins,
             _registry: registry,
